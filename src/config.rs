@@ -1,0 +1,489 @@
+//! The configuration file (TOML), read and validated once at start-up.
+//!
+//! Keys named in DESIGN.md keep their names; every other key has a default,
+//! given here as a named constant. Relative paths are resolved against the
+//! directory of the configuration file, so a config and its spool can move
+//! together. Validation reports every problem at once, each with its fix.
+//!
+//! ```toml
+//! [postgres]
+//! conninfo = "host=/var/run/postgresql user=walsafe"
+//! slot = "walsafe"
+//! application_name = "walsafe"     # for synchronous_standby_names
+//!
+//! [spool]
+//! dir = "/var/lib/walsafe/spool"
+//!
+//! [repository]
+//! url = "file:///var/backups/walsafe"
+//! key_file = "/etc/walsafe/repository.key"
+//! compression = "zstd"
+//! compression_level = 1
+//! retries = 8
+//! [repository.options]              # passed to object_store, e.g.
+//! aws_endpoint = "http://127.0.0.1:9000"
+//!
+//! [archive]
+//! partial_interval = "200ms"
+//! ack = "local"                     # or "remote"
+//! upload_concurrency = 2
+//!
+//! [fetch]
+//! prefetch = 8
+//! dir = "/var/lib/walsafe/prefetch"
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9851"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the configuration is read from when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/walsafe/walsafe.toml";
+/// Physical replication slot name when none is configured.
+pub const DEFAULT_SLOT: &str = "walsafe";
+/// `application_name` walsafe announces (name it in `synchronous_standby_names`).
+pub const DEFAULT_APPLICATION_NAME: &str = "walsafe";
+/// Interval between uploads of a still-filling segment's new bytes.
+pub const DEFAULT_PARTIAL_INTERVAL: Duration = Duration::from_millis(200);
+/// zstd level: 1 keeps pace with PostgreSQL's WAL rate on one core.
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+/// Uploads in flight at once.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 2;
+/// Attempts per storage operation before giving up (wal-fetch) or alarming (agent).
+pub const DEFAULT_RETRIES: u32 = 8;
+/// Segments wal-fetch downloads ahead of recovery.
+pub const DEFAULT_PREFETCH: usize = 8;
+/// Metrics endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9851";
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Path the configuration was read from.
+    pub path: PathBuf,
+    pub postgres: PostgresConfig,
+    pub spool: SpoolConfig,
+    pub repository: RepositoryConfig,
+    pub archive: ArchiveConfig,
+    pub fetch: FetchConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// libpq-style connection string (key=value or postgres:// URL).
+    pub conninfo: String,
+    /// Physical replication slot; created when missing.
+    pub slot: String,
+    /// `application_name` of the replication connection.
+    pub application_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// Directory of spooled WAL; one agent per directory.
+    pub dir: PathBuf,
+}
+
+/// Compression of repository objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct RepositoryConfig {
+    /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
+    pub url: String,
+    /// Repository key; `None` = no encryption (a checksum still guards integrity).
+    pub key_file: Option<PathBuf>,
+    pub compression: Compression,
+    pub compression_level: i32,
+    /// Extra `object_store` options (`aws_endpoint`, `aws_region`, ...).
+    pub options: BTreeMap<String, String>,
+    /// Attempts per storage operation.
+    pub retries: u32,
+}
+
+/// When the flush position reported to PostgreSQL may advance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Once WAL is fsynced in the spool.
+    Local,
+    /// Once WAL is stored in the repository.
+    Remote,
+}
+
+#[derive(Debug, Clone)]
+pub struct ArchiveConfig {
+    pub partial_interval: Duration,
+    pub ack: AckMode,
+    pub upload_concurrency: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Segments to download ahead; 0 disables prefetch.
+    pub prefetch: usize,
+    /// Where prefetched segments wait; default `<spool.dir>/prefetch`.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// `None` when `listen = ""` (metrics off).
+    pub listen: Option<SocketAddr>,
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    postgres: Option<RawPostgres>,
+    spool: Option<RawSpool>,
+    repository: Option<RawRepository>,
+    #[serde(default)]
+    archive: RawArchive,
+    #[serde(default)]
+    fetch: RawFetch,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    conninfo: Option<String>,
+    slot: Option<String>,
+    application_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    url: Option<String>,
+    key_file: Option<PathBuf>,
+    compression: Option<Compression>,
+    compression_level: Option<i32>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+    retries: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawArchive {
+    partial_interval: Option<String>,
+    ack: Option<AckMode>,
+    upload_concurrency: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFetch {
+    prefetch: Option<usize>,
+    dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error(
+        "cannot read configuration file {path}: {source}; pass --config FILE or set WALSAFE_CONFIG"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys.
+    #[error("configuration file {path} is not valid: {message}")]
+    Syntax { path: PathBuf, message: String },
+    /// The values are wrong; every problem is listed.
+    #[error("configuration file {path} has {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl Config {
+    /// Reads and validates the configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at line {})", line_of(text, s.start)))
+                    .unwrap_or_default(),
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let mut problems = Vec::new();
+
+        let pg = raw.postgres;
+        let conninfo = pg.as_ref().and_then(|p| p.conninfo.clone());
+        let conninfo = match conninfo {
+            Some(c) => {
+                if let Err(e) = c.parse::<tokio_postgres::Config>() {
+                    problems.push(format!(
+                        "[postgres] conninfo is not a valid connection string ({e}); use libpq form, e.g. \"host=/var/run/postgresql user=walsafe\""
+                    ));
+                }
+                c
+            }
+            None => {
+                problems.push("[postgres] conninfo is missing; add e.g. conninfo = \"host=/var/run/postgresql user=walsafe\"".into());
+                String::new()
+            }
+        };
+        let slot = pg
+            .as_ref()
+            .and_then(|p| p.slot.clone())
+            .unwrap_or_else(|| DEFAULT_SLOT.to_string());
+        if slot.is_empty()
+            || slot.len() > 63
+            || !slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            problems.push(format!(
+                "[postgres] slot \"{slot}\" is not a valid slot name; use up to 63 lower-case letters, digits and underscores"
+            ));
+        }
+        let application_name = pg
+            .as_ref()
+            .and_then(|p| p.application_name.clone())
+            .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_string());
+
+        let spool_dir = match raw.spool.and_then(|s| s.dir) {
+            Some(d) => resolve(d),
+            None => {
+                problems.push(
+                    "[spool] dir is missing; add e.g. dir = \"/var/lib/walsafe/spool\"".into(),
+                );
+                PathBuf::new()
+            }
+        };
+
+        let repo = raw.repository;
+        let url = match repo.as_ref().and_then(|r| r.url.clone()) {
+            Some(u) => {
+                if let Err(e) = crate::repository::store::check_url(&u) {
+                    problems.push(format!("[repository] url: {e}"));
+                }
+                u
+            }
+            None => {
+                problems.push("[repository] url is missing; add e.g. url = \"file:///var/backups/walsafe\" or \"s3://bucket/prefix\"".into());
+                String::new()
+            }
+        };
+        let key_file = repo.as_ref().and_then(|r| r.key_file.clone()).map(resolve);
+        let compression = repo
+            .as_ref()
+            .and_then(|r| r.compression)
+            .unwrap_or(Compression::Zstd);
+        let compression_level = repo
+            .as_ref()
+            .and_then(|r| r.compression_level)
+            .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
+        if !(1..=19).contains(&compression_level) {
+            problems.push(format!(
+                "[repository] compression_level = {compression_level} is out of range; use 1 (fast) to 19 (small)"
+            ));
+        }
+        let options = repo.as_ref().map(|r| r.options.clone()).unwrap_or_default();
+        let retries = repo
+            .as_ref()
+            .and_then(|r| r.retries)
+            .unwrap_or(DEFAULT_RETRIES);
+        if retries == 0 {
+            problems.push("[repository] retries must be at least 1".into());
+        }
+
+        let partial_interval = match raw.archive.partial_interval {
+            Some(s) => match humantime::parse_duration(&s) {
+                Ok(d) if d >= Duration::from_millis(10) => d,
+                Ok(_) => {
+                    problems.push(format!(
+                        "[archive] partial_interval = \"{s}\" is too short; use at least \"10ms\""
+                    ));
+                    DEFAULT_PARTIAL_INTERVAL
+                }
+                Err(e) => {
+                    problems.push(format!(
+                        "[archive] partial_interval = \"{s}\" is not a duration ({e}); write e.g. \"200ms\" or \"1s\""
+                    ));
+                    DEFAULT_PARTIAL_INTERVAL
+                }
+            },
+            None => DEFAULT_PARTIAL_INTERVAL,
+        };
+        let upload_concurrency = raw
+            .archive
+            .upload_concurrency
+            .unwrap_or(DEFAULT_UPLOAD_CONCURRENCY);
+        if !(1..=64).contains(&upload_concurrency) {
+            problems.push(format!(
+                "[archive] upload_concurrency = {upload_concurrency} is out of range; use 1 to 64"
+            ));
+        }
+
+        let fetch_dir = raw
+            .fetch
+            .dir
+            .map(resolve)
+            .unwrap_or_else(|| spool_dir.join("prefetch"));
+
+        let listen = match raw.metrics.listen.as_deref() {
+            Some("") => None,
+            Some(s) => match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    problems.push(format!(
+                        "[metrics] listen = \"{s}\" is not an address; write e.g. \"127.0.0.1:9851\", or \"\" to turn metrics off"
+                    ));
+                    None
+                }
+            },
+            None => Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+        };
+
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            postgres: PostgresConfig {
+                conninfo,
+                slot,
+                application_name,
+            },
+            spool: SpoolConfig { dir: spool_dir },
+            repository: RepositoryConfig {
+                url,
+                key_file,
+                compression,
+                compression_level,
+                options,
+                retries,
+            },
+            archive: ArchiveConfig {
+                partial_interval,
+                ack: raw.archive.ack.unwrap_or(AckMode::Local),
+                upload_concurrency,
+            },
+            fetch: FetchConfig {
+                prefetch: raw.fetch.prefetch.unwrap_or(DEFAULT_PREFETCH),
+                dir: fetch_dir,
+            },
+            metrics: MetricsConfig { listen },
+        })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[postgres]
+conninfo = "host=/tmp user=walsafe"
+[spool]
+dir = "spool"
+[repository]
+url = "file:///tmp/repo"
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse(GOOD, Path::new("/etc/walsafe/w.toml")).unwrap();
+        assert_eq!(c.spool.dir, PathBuf::from("/etc/walsafe/spool"));
+        assert_eq!(c.postgres.slot, DEFAULT_SLOT);
+        assert_eq!(c.archive.partial_interval, DEFAULT_PARTIAL_INTERVAL);
+        assert_eq!(c.archive.ack, AckMode::Local);
+        assert_eq!(c.repository.compression, Compression::Zstd);
+        assert_eq!(c.fetch.dir, PathBuf::from("/etc/walsafe/spool/prefetch"));
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9851".parse().unwrap()));
+    }
+
+    #[test]
+    fn all_problems_reported_at_once() {
+        let text = r#"
+[postgres]
+slot = "Bad-Slot"
+[repository]
+url = "ftp://x"
+compression_level = 40
+[archive]
+partial_interval = "soon"
+"#;
+        let e = Config::parse(text, Path::new("w.toml"))
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "conninfo is missing",
+            "slot \"Bad-Slot\"",
+            "[spool] dir is missing",
+            "[repository] url",
+            "compression_level = 40",
+            "partial_interval = \"soon\"",
+        ] {
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let e = Config::parse(
+            "[postgres]\nconninfo='host=x'\nslto='a'\n",
+            Path::new("w.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("slto") && e.contains("line 3"), "{e}");
+    }
+}

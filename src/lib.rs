@@ -1,0 +1,27 @@
+//! walsafe: PostgreSQL WAL, streamed over the replication protocol into a
+//! crash-safe local spool and on to object storage with sub-second RPO.
+//!
+//! The data's path, module by module:
+//!
+//! ```text
+//! pg::replication ─▶ receive ─▶ spool ─▶ upload ─▶ repository ─▶ fetch
+//!   (protocol)      (loop,      (local   (chunks,   (layout,      (restore_command,
+//!                    acks)       WAL)     segments)  envelope,     prefetch)
+//!                                                    store)
+//! ```
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod durable;
+pub mod fetch;
+pub mod metrics;
+pub mod pg;
+pub mod positions;
+pub mod push;
+pub mod receive;
+pub mod repository;
+pub mod spool;
+pub mod upload;
+pub mod verify;

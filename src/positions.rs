@@ -1,0 +1,130 @@
+//! The pipeline's positions, shared between tasks and read by metrics and
+//! status.
+//!
+//! Each position is an end-of-WAL byte address on the current timeline, and
+//! they are ordered: `archived ≤ flushed ≤ written ≤ received ≤ server`.
+//!
+//! * `server`:   the end of WAL the server has told us about (keepalive or
+//!   XLogData header). Nothing is promised about it.
+//! * `received`: the end of WAL read from the socket.
+//! * `written`:  the end of WAL handed to the spool files (page cache; lost
+//!   on a power cut).
+//! * `flushed`:  the end of WAL fsynced in the spool. Survives any crash.
+//!   The only position that may be reported as `flush` to PostgreSQL in ack
+//!   mode `local`.
+//! * `archived`: the end of WAL contiguously stored in the repository, from
+//!   the point where this agent began. The only position that may be
+//!   reported as `flush` in ack mode `remote`.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::pg::{Lsn, TimelineId};
+
+/// Shared positions; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Positions(Arc<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    server: AtomicU64,
+    received: AtomicU64,
+    written: AtomicU64,
+    flushed: AtomicU64,
+    archived: AtomicU64,
+    timeline: AtomicU32,
+    /// Unix time (ms) of the oldest flushed WAL not yet archived; 0 when caught up.
+    oldest_unarchived_ms: AtomicU64,
+    /// Unix time (ms) when `archived` last advanced.
+    last_archived_ms: AtomicU64,
+}
+
+macro_rules! position {
+    ($get:ident, $set:ident, $field:ident) => {
+        #[doc = concat!("Current `", stringify!($field), "` position.")]
+        pub fn $get(&self) -> Lsn {
+            Lsn(self.0.$field.load(Ordering::Acquire))
+        }
+        #[doc = concat!("Advances `", stringify!($field), "`; never moves it backwards.")]
+        pub fn $set(&self, lsn: Lsn) {
+            self.0.$field.fetch_max(lsn.0, Ordering::AcqRel);
+        }
+    };
+}
+
+impl Positions {
+    position!(server, set_server, server);
+    position!(received, set_received, received);
+    position!(written, set_written, written);
+    position!(flushed, set_flushed, flushed);
+    position!(archived, set_archived, archived);
+
+    /// Resets every position to `lsn` (start of streaming or a timeline
+    /// switch), where moving backwards is legitimate.
+    pub fn reset(&self, timeline: TimelineId, lsn: Lsn) {
+        for a in [
+            &self.0.received,
+            &self.0.written,
+            &self.0.flushed,
+            &self.0.archived,
+        ] {
+            a.store(lsn.0, Ordering::Release);
+        }
+        self.0.server.fetch_max(lsn.0, Ordering::AcqRel);
+        self.0.timeline.store(timeline.0, Ordering::Release);
+    }
+
+    /// Timeline being streamed (0 before the first connection).
+    pub fn timeline(&self) -> TimelineId {
+        TimelineId(self.0.timeline.load(Ordering::Acquire))
+    }
+
+    /// Records the timeline being streamed.
+    pub fn set_timeline(&self, t: TimelineId) {
+        self.0.timeline.store(t.0, Ordering::Release);
+    }
+
+    /// Unix ms of the oldest WAL flushed but not archived (0 = none).
+    pub fn oldest_unarchived_ms(&self) -> u64 {
+        self.0.oldest_unarchived_ms.load(Ordering::Acquire)
+    }
+
+    /// Sets the age marker of the oldest unarchived WAL (0 = caught up).
+    pub fn set_oldest_unarchived_ms(&self, ms: u64) {
+        self.0.oldest_unarchived_ms.store(ms, Ordering::Release);
+    }
+
+    /// Unix ms when `archived` last advanced (0 = never).
+    pub fn last_archived_ms(&self) -> u64 {
+        self.0.last_archived_ms.load(Ordering::Acquire)
+    }
+
+    /// Records that `archived` advanced now.
+    pub fn touch_archived(&self) {
+        self.0.last_archived_ms.store(now_ms(), Ordering::Release);
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_only_advance_except_on_reset() {
+        let p = Positions::default();
+        p.set_flushed(Lsn(100));
+        p.set_flushed(Lsn(50));
+        assert_eq!(p.flushed(), Lsn(100));
+        p.reset(TimelineId(2), Lsn(10));
+        assert_eq!(p.flushed(), Lsn(10));
+        assert_eq!(p.timeline(), TimelineId(2));
+    }
+}

@@ -1,0 +1,2 @@
+//! The repository: object layout, envelope and store.
+pub mod store;
