@@ -1,1 +1,204 @@
-//! (being written)
+//! Command line: `walsafe [--config FILE] <command>`.
+//!
+//! Each subcommand maps to one module; this file only parses and
+//! dispatches, and owns the exit-code contract:
+//!
+//! | command      | exit codes |
+//! | ------------ | ---------- |
+//! | `wal-fetch`  | 0 restored, 1 not in the archive, 126 anything else (PostgreSQL then aborts recovery rather than promote early) |
+//! | `wal-verify` | 0 no gap, 1 gaps, 2 error |
+//! | others       | 0 success, 1 failure |
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+
+/// Exit code of `wal-fetch` when the file is not in the archive.
+pub const EXIT_NOT_FOUND: u8 = 1;
+/// Exit code of `wal-fetch` for anything that must abort recovery
+/// (PostgreSQL treats exit codes above 125 as fatal).
+pub const EXIT_FATAL: u8 = 126;
+
+/// Streams PostgreSQL WAL into a crash-safe spool and on to object storage.
+#[derive(Debug, Parser)]
+#[command(name = "walsafe", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "WALSAFE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+
+    /// Log format: plain text for journald, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: stream WAL, spool it, upload it, serve metrics.
+    Run,
+    /// Restore one WAL file from the repository (restore_command = 'walsafe wal-fetch %f %p').
+    WalFetch {
+        /// WAL file name PostgreSQL asks for (%f).
+        name: String,
+        /// Where to write it (%p).
+        dest: PathBuf,
+    },
+    /// Store one WAL file in the repository (archive_command = 'walsafe wal-push %p').
+    WalPush {
+        /// Path of the WAL file (%p).
+        path: PathBuf,
+    },
+    /// Write a new repository key to FILE (mode 0600; never overwrites).
+    Keygen {
+        /// Where to write the key.
+        file: PathBuf,
+    },
+    /// Report every gap in the repository's WAL, per timeline.
+    WalVerify {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Quick start: archive a throwaway cluster, then restore it to a point in time.
+    Demo {
+        /// Directory for the demo's cluster, spool and repository.
+        #[arg(long, default_value = "./walsafe-demo")]
+        dir: PathBuf,
+        /// Keep the directory afterwards instead of removing it.
+        #[arg(long)]
+        keep: bool,
+        /// How long the write workload runs.
+        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+    },
+    /// Download segments following NAME into the prefetch directory (started by wal-fetch).
+    #[command(hide = true)]
+    WalPrefetch {
+        /// The segment recovery just received.
+        name: String,
+    },
+}
+
+/// Parses arguments and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::durable::init_from_env();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::WalFetch { ref name, ref dest } => {
+            // A panic must never look like "not in the archive" (exit 1 would
+            // let PostgreSQL end recovery early): make it fatal.
+            std::panic::set_hook(Box::new(|info| {
+                eprintln!("walsafe wal-fetch: internal error: {info}");
+                std::process::exit(i32::from(EXIT_FATAL));
+            }));
+            let cfg = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("walsafe wal-fetch: {e}");
+                    return ExitCode::from(EXIT_FATAL);
+                }
+            };
+            runtime(|| crate::fetch::wal_fetch_command(cfg, name.clone(), dest.clone()))
+        }
+        Command::Keygen { ref file } => report(crate::repository::key::write_key_file(file).map(|id| {
+            println!(
+                "wrote a new repository key to {} (key id {id}); keep a copy somewhere safe: without it the repository cannot be read",
+                file.display()
+            );
+        }).map_err(anyhow::Error::from)),
+        Command::Demo { ref dir, keep, duration } => {
+            let dir = dir.clone();
+            runtime(move || async move { report(crate::demo::run(&dir, keep, duration).await) })
+        }
+        _ => {
+            let cfg = match Config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("walsafe: {e}");
+                    return ExitCode::from(if matches!(cli.command, Command::WalVerify { .. }) { 2 } else { 1 });
+                }
+            };
+            match cli.command {
+                Command::Run => runtime(|| async move { report(crate::agent::run(cfg).await) }),
+                Command::WalPush { path } => {
+                    runtime(|| async move { report(crate::push::wal_push(&cfg, &path).await) })
+                }
+                Command::WalVerify { json } => runtime(|| crate::verify::command(cfg, json)),
+                Command::WalPrefetch { name } => {
+                    runtime(|| async move { report(crate::fetch::prefetch(&cfg, &name).await) })
+                }
+                Command::WalFetch { .. } | Command::Keygen { .. } | Command::Demo { .. } => {
+                    unreachable!("handled above")
+                }
+            }
+        }
+    }
+}
+
+fn runtime<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(f())
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("walsafe: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WALSAFE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fetch_takes_name_and_dest() {
+        let c = Cli::try_parse_from(["walsafe", "--config", "x.toml", "wal-fetch", "00000002.history", "pg_wal/RECOVERYHISTORY"]).unwrap();
+        assert!(matches!(c.command, Command::WalFetch { .. }));
+        assert_eq!(c.config, PathBuf::from("x.toml"));
+    }
+}

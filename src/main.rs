@@ -1,1 +1,4 @@
-fn main() {}
+//! The `walsafe` binary; everything lives in the library.
+fn main() -> std::process::ExitCode {
+    walsafe::cli::main()
+}

@@ -1,23 +1,129 @@
 //! Metric names and recording helpers, all in one place.
 //!
 //! Every metric walsafe exports is named here with the `walsafe_` prefix and
-//! its unit in the name, and described once in [`describe`].
+//! its unit in the name, and described once in [`describe`]. Positions are
+//! gauges refreshed from [`Positions`] by [`refresh_positions`] once a
+//! second and on scrape; counters and histograms are recorded where the
+//! event happens. Served by `metrics-exporter-prometheus` at
+//! `http://<[metrics] listen>/metrics`.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Histogram of spool fsync durations.
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+
+use crate::positions::{now_ms, Positions};
+use crate::upload::Kind;
+
+pub const SERVER_LSN_BYTES: &str = "walsafe_server_lsn_bytes";
+pub const RECEIVED_LSN_BYTES: &str = "walsafe_received_lsn_bytes";
+pub const FLUSHED_LSN_BYTES: &str = "walsafe_flushed_lsn_bytes";
+pub const ARCHIVED_LSN_BYTES: &str = "walsafe_archived_lsn_bytes";
+pub const ARCHIVE_LAG_BYTES: &str = "walsafe_archive_lag_bytes";
+pub const ARCHIVE_LAG_SECONDS: &str = "walsafe_archive_lag_seconds";
+pub const TIMELINE: &str = "walsafe_timeline";
+pub const REPLICATION_CONNECTED: &str = "walsafe_replication_connected";
+pub const LAST_ARCHIVED_TIMESTAMP_SECONDS: &str = "walsafe_last_archived_timestamp_seconds";
+pub const UPLOADS_TOTAL: &str = "walsafe_uploads_total";
+pub const UPLOAD_CONFLICTS_TOTAL: &str = "walsafe_upload_conflicts_total";
+pub const UPLOAD_DURATION_SECONDS: &str = "walsafe_upload_duration_seconds";
 pub const FSYNC_DURATION_SECONDS: &str = "walsafe_fsync_duration_seconds";
+pub const RECONNECTS_TOTAL: &str = "walsafe_reconnects_total";
+
+/// Buckets for fsync latency: 1 ms … 30 s.
+const FSYNC_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Buckets for uploads: 5 ms … 60 s.
+const UPLOAD_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Installs the Prometheus exporter on `listen` and describes every metric.
+pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(Matcher::Full(FSYNC_DURATION_SECONDS.into()), FSYNC_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(UPLOAD_DURATION_SECONDS.into()), UPLOAD_BUCKETS)?
+        .install()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot serve metrics on {listen}: {e}; is another walsafe running? set [metrics] listen to a free address, or \"\" to turn metrics off"
+            )
+        })?;
+    describe();
+    Ok(())
+}
+
+/// Describes every metric (after the recorder is installed).
+pub fn describe() {
+    describe_gauge!(SERVER_LSN_BYTES, Unit::Bytes, "Latest server WAL end seen (keepalive or XLogData)");
+    describe_gauge!(RECEIVED_LSN_BYTES, Unit::Bytes, "End of WAL received");
+    describe_gauge!(FLUSHED_LSN_BYTES, Unit::Bytes, "End of WAL fsynced in the spool");
+    describe_gauge!(ARCHIVED_LSN_BYTES, Unit::Bytes, "End of WAL contiguously stored in the repository");
+    describe_gauge!(ARCHIVE_LAG_BYTES, Unit::Bytes, "Server WAL end minus archived position");
+    describe_gauge!(ARCHIVE_LAG_SECONDS, Unit::Seconds, "Age of the oldest WAL not yet stored (0 when caught up): the live RPO");
+    describe_gauge!(TIMELINE, "Timeline being streamed");
+    describe_gauge!(REPLICATION_CONNECTED, "1 while streaming from PostgreSQL");
+    describe_gauge!(LAST_ARCHIVED_TIMESTAMP_SECONDS, Unit::Seconds, "Unix time when the repository last advanced");
+    describe_counter!(UPLOADS_TOTAL, "Uploads by kind (segment, chunk, history, partial) and result (ok, error)");
+    describe_counter!(UPLOAD_CONFLICTS_TOTAL, "Uploads refused because different content exists under the same name");
+    describe_histogram!(UPLOAD_DURATION_SECONDS, Unit::Seconds, "Duration of one upload, by kind");
+    describe_histogram!(FSYNC_DURATION_SECONDS, Unit::Seconds, "Duration of spool fsyncs");
+    describe_counter!(RECONNECTS_TOTAL, "Replication reconnects");
+}
+
+/// Copies the shared positions into their gauges.
+pub fn refresh_positions(p: &Positions) {
+    let server = p.server();
+    let archived = p.archived();
+    gauge!(SERVER_LSN_BYTES).set(server.0 as f64);
+    gauge!(RECEIVED_LSN_BYTES).set(p.received().0 as f64);
+    gauge!(FLUSHED_LSN_BYTES).set(p.flushed().0 as f64);
+    gauge!(ARCHIVED_LSN_BYTES).set(archived.0 as f64);
+    gauge!(ARCHIVE_LAG_BYTES).set(server.bytes_after(archived) as f64);
+    let oldest = p.oldest_unarchived_ms();
+    let lag = if oldest == 0 {
+        0.0
+    } else {
+        now_ms().saturating_sub(oldest) as f64 / 1000.0
+    };
+    gauge!(ARCHIVE_LAG_SECONDS).set(lag);
+    gauge!(TIMELINE).set(f64::from(p.timeline().0));
+    let last = p.last_archived_ms();
+    if last > 0 {
+        gauge!(LAST_ARCHIVED_TIMESTAMP_SECONDS).set(last as f64 / 1000.0);
+    }
+}
 
 /// Records one fsync's duration.
 pub fn observe_fsync(d: Duration) {
-    metrics::histogram!(FSYNC_DURATION_SECONDS).record(d.as_secs_f64());
+    histogram!(FSYNC_DURATION_SECONDS).record(d.as_secs_f64());
 }
 
-/// Describes every metric (call once, after installing the recorder).
-pub fn describe() {
-    metrics::describe_histogram!(
-        FSYNC_DURATION_SECONDS,
-        metrics::Unit::Seconds,
-        "Duration of spool fsyncs"
-    );
+/// Records whether the replication connection is streaming.
+pub fn set_connected(connected: bool) {
+    gauge!(REPLICATION_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+}
+
+/// Counts a replication reconnect.
+pub fn reconnect() {
+    counter!(RECONNECTS_TOTAL).increment(1);
+}
+
+/// Counts one upload's result.
+pub fn upload_result(kind: Kind, ok: bool) {
+    counter!(UPLOADS_TOTAL, "kind" => kind.label(), "result" => if ok { "ok" } else { "error" })
+        .increment(1);
+}
+
+/// Records one upload's duration.
+pub fn upload_duration(kind: Kind, d: Duration) {
+    histogram!(UPLOAD_DURATION_SECONDS, "kind" => kind.label()).record(d.as_secs_f64());
+}
+
+/// Counts a create-only conflict (different content under the same name).
+pub fn conflict() {
+    counter!(UPLOAD_CONFLICTS_TOTAL).increment(1);
 }

@@ -57,7 +57,14 @@ impl Positions {
     position!(received, set_received, received);
     position!(written, set_written, written);
     position!(flushed, set_flushed, flushed);
-    position!(archived, set_archived, archived);
+    position!(archived, advance_archived, archived);
+
+    /// Sets `archived` as the uploader computed it. The uploader is its only
+    /// writer; it can be lower than before only at start-up, when segments
+    /// recovered from the spool are still to be stored.
+    pub fn set_archived(&self, lsn: Lsn) {
+        self.0.archived.store(lsn.0, Ordering::Release);
+    }
 
     /// Resets every position to `lsn` (start of streaming or a timeline
     /// switch), where moving backwards is legitimate.

@@ -1,1 +1,491 @@
-//! (being written)
+//! upload: durable WAL from the spool to the repository, continuously.
+//!
+//! The uploader never touches WAL that is not fsynced: it learns what is
+//! durable only from [`SpoolEvent`]s sent after each fsync batch, and reads
+//! the bytes back from the spool files.
+//!
+//! What it ships:
+//!
+//! * **complete segments**, one object each (`wal/<name>`), up to
+//!   `upload_concurrency` at a time. A segment file leaves the spool only
+//!   after its object is stored (or found already stored with the same
+//!   content); then the segment's chunk objects are deleted.
+//! * **chunks** of the segment still filling: every `partial_interval`, the
+//!   bytes fsynced since the last chunk (`chunks/<name>/<start>-<end>`), one
+//!   chunk upload at a time so that a segment's chunks are contiguous from
+//!   offset 0. After a restart the first chunk starts again at offset 0;
+//!   overlapping chunks hold identical bytes and `wal-fetch` checks that.
+//! * **closed partial segments** (the last segment of a timeline that
+//!   ended), as `wal/<name>.partial`, PostgreSQL's own convention.
+//! * **timeline history files**, as `wal/<TLI>.history`.
+//!
+//! A failed upload is retried by the store (capped exponential backoff
+//! with jitter), then re-queued here after [`REQUEUE_DELAY`]; it is never
+//! dropped. An object that exists with *different* content is a conflict
+//! (DESIGN rule 3): the local copy is kept, the error is logged and
+//! counted, and the segment is not retried until restart.
+//!
+//! `archived` is the end of contiguously stored WAL: the start of the
+//! oldest segment not yet stored, or the end of the chunks stored for the
+//! filling segment, or the flushed end when nothing is pending.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::pg::walfile::history_file_name;
+use crate::pg::{Lsn, SegmentName, TimelineId};
+use crate::positions::{now_ms, Positions};
+use crate::receive::SpoolEvent;
+use crate::repository::{PutOutcome, Repository, RepositoryError};
+use crate::spool::{Recovered, Spool};
+
+/// Wait before re-queueing an upload whose retries were exhausted.
+pub const REQUEUE_DELAY: Duration = Duration::from_secs(5);
+/// How long shutdown waits for in-flight uploads.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Kind of object, as counted in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Segment,
+    Chunk,
+    History,
+    Partial,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Segment => "segment",
+            Kind::Chunk => "chunk",
+            Kind::History => "history",
+            Kind::Partial => "partial",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Job {
+    Segment(SegmentName),
+    Closed(SegmentName),
+    History(TimelineId),
+    Chunk {
+        seg: SegmentName,
+        start: u64,
+        end: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Queued,
+    InFlight,
+    Waiting,
+    Conflict,
+}
+
+/// The segment still filling.
+#[derive(Debug, Clone, Copy)]
+struct Filling {
+    seg: SegmentName,
+    /// Offset up to which the spool is fsynced.
+    flushed: u64,
+    chunk_in_flight: bool,
+}
+
+/// The uploader task's state.
+pub struct Uploader {
+    repo: Arc<Repository>,
+    spool: Arc<Spool>,
+    positions: Positions,
+    segment_size: u64,
+    interval: Duration,
+    concurrency: usize,
+    jobs: BTreeMap<Job, State>,
+    filling: Option<Filling>,
+    /// Per segment not yet stored whole: the offset up to which its chunks are stored.
+    chunked: BTreeMap<SegmentName, u64>,
+    flushed: Lsn,
+    /// (flushed position, unix ms when it became durable), oldest first.
+    durable_times: VecDeque<(Lsn, u64)>,
+    archived_tx: watch::Sender<Lsn>,
+    last_chunk: Instant,
+}
+
+impl Uploader {
+    /// Prepares the uploader with what the spool recovered at start-up.
+    /// `resume` is where streaming restarts (the filling segment, if any, is
+    /// re-streamed from there and must not be treated as closed).
+    pub fn new(
+        repo: Arc<Repository>,
+        spool: Arc<Spool>,
+        positions: Positions,
+        recovered: &Recovered,
+        resume: Lsn,
+        interval: Duration,
+        concurrency: usize,
+    ) -> (Self, watch::Receiver<Lsn>) {
+        let segment_size = spool.segment_size();
+        let mut jobs = BTreeMap::new();
+        for s in &recovered.complete {
+            jobs.insert(Job::Segment(*s), State::Queued);
+        }
+        let reopened = recovered.resume.map(|(t, l)| SegmentName::containing(t, l, segment_size));
+        for p in &recovered.partials {
+            if Some(*p) != reopened {
+                jobs.insert(Job::Closed(*p), State::Queued);
+            }
+        }
+        for t in &recovered.histories {
+            jobs.insert(Job::History(*t), State::Queued);
+        }
+        let (archived_tx, archived_rx) = watch::channel(resume);
+        let u = Uploader {
+            repo,
+            spool,
+            positions,
+            segment_size,
+            interval,
+            concurrency,
+            jobs,
+            filling: None,
+            chunked: BTreeMap::new(),
+            flushed: resume,
+            durable_times: VecDeque::new(),
+            archived_tx,
+            last_chunk: Instant::now(),
+        };
+        (u, archived_rx)
+    }
+
+    /// Runs until `cancel` fires and in-flight uploads have finished (or
+    /// [`SHUTDOWN_GRACE`] passed); whatever is not stored stays in the spool
+    /// for the next start.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<SpoolEvent>,
+        cancel: CancellationToken,
+    ) {
+        let mut tasks: JoinSet<(Job, Result<PutOutcome, anyhow::Error>)> = JoinSet::new();
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_tick = tokio::time::interval(REQUEUE_DELAY);
+        self.spawn_cleanup();
+        loop {
+            self.start_jobs(&mut tasks);
+            self.publish();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => break,
+                },
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
+                    Ok((job, result)) => self.on_done(job, result),
+                    Err(e) => error!("upload task failed: {e}"),
+                },
+                _ = tick.tick() => self.maybe_chunk(),
+                _ = retry_tick.tick() => {
+                    for st in self.jobs.values_mut() {
+                        if *st == State::Waiting { *st = State::Queued; }
+                    }
+                }
+            }
+        }
+        // Shutdown: no new uploads; let those in flight finish, bounded.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while !tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(Ok((job, result)))) => self.on_done(job, result),
+                Ok(Some(Err(e))) => error!("upload task failed: {e}"),
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(
+                        "{} upload(s) still running after {:?}; they resume at next start",
+                        tasks.len(),
+                        SHUTDOWN_GRACE
+                    );
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn on_event(&mut self, ev: SpoolEvent) {
+        match ev {
+            SpoolEvent::Flushed {
+                timeline,
+                flushed,
+                completed,
+            } => {
+                for s in completed {
+                    self.jobs.entry(Job::Segment(s)).or_insert(State::Queued);
+                    if self.filling.is_some_and(|f| f.seg == s) {
+                        self.filling = None;
+                    }
+                }
+                if flushed > self.flushed {
+                    self.durable_times.push_back((flushed, now_ms()));
+                }
+                self.flushed = self.flushed.max(flushed);
+                let off = flushed.segment_offset(self.segment_size);
+                if off > 0 {
+                    let seg = SegmentName::containing(timeline, flushed, self.segment_size);
+                    match &mut self.filling {
+                        Some(f) if f.seg == seg => f.flushed = f.flushed.max(off),
+                        _ => {
+                            self.filling = Some(Filling {
+                                seg,
+                                flushed: off,
+                                chunk_in_flight: false,
+                            })
+                        }
+                    }
+                }
+            }
+            SpoolEvent::TimelineEnded { closed, next } => {
+                info!(next = %next, closed = ?closed.map(|c| c.file_name(self.segment_size)), "timeline ended");
+                if let Some(c) = closed {
+                    self.jobs.insert(Job::Closed(c), State::Queued);
+                    if self.filling.is_some_and(|f| f.seg == c) {
+                        self.filling = None;
+                    }
+                }
+            }
+            SpoolEvent::History(t) => {
+                self.jobs.insert(Job::History(t), State::Queued);
+            }
+        }
+    }
+
+    /// Starts the next chunk upload if `partial_interval` has passed and
+    /// there are new durable bytes in the filling segment.
+    fn maybe_chunk(&mut self) {
+        let Some(f) = &mut self.filling else { return };
+        let stored = self.chunked.get(&f.seg).copied().unwrap_or(0);
+        if f.chunk_in_flight || f.flushed <= stored || self.last_chunk.elapsed() < self.interval / 2 {
+            return;
+        }
+        let job = Job::Chunk {
+            seg: f.seg,
+            start: stored,
+            end: f.flushed,
+        };
+        f.chunk_in_flight = true;
+        self.last_chunk = Instant::now();
+        self.jobs.insert(job, State::Queued);
+    }
+
+    fn start_jobs(&mut self, tasks: &mut JoinSet<(Job, Result<PutOutcome, anyhow::Error>)>) {
+        let in_flight_bulk = self
+            .jobs
+            .iter()
+            .filter(|(j, s)| **s == State::InFlight && !matches!(j, Job::Chunk { .. }))
+            .count();
+        let mut budget = self.concurrency.saturating_sub(in_flight_bulk);
+        // Chunks first: they carry the RPO. They do not count against the budget.
+        let queued: Vec<Job> = self
+            .jobs
+            .iter()
+            .filter(|(_, s)| **s == State::Queued)
+            .map(|(j, _)| *j)
+            .collect();
+        for job in queued {
+            let is_chunk = matches!(job, Job::Chunk { .. });
+            if !is_chunk {
+                if budget == 0 {
+                    continue;
+                }
+                budget -= 1;
+            }
+            self.jobs.insert(job, State::InFlight);
+            let repo = self.repo.clone();
+            let spool = self.spool.clone();
+            let seg_size = self.segment_size;
+            tasks.spawn(async move {
+                let r = upload_one(&repo, &spool, seg_size, job).await;
+                (job, r)
+            });
+        }
+    }
+
+    fn on_done(&mut self, job: Job, result: Result<PutOutcome, anyhow::Error>) {
+        let kind = match job {
+            Job::Segment(_) => Kind::Segment,
+            Job::Closed(_) => Kind::Partial,
+            Job::History(_) => Kind::History,
+            Job::Chunk { .. } => Kind::Chunk,
+        };
+        crate::metrics::upload_result(kind, result.is_ok());
+        match result {
+            Ok(outcome) => {
+                debug!(?job, ?outcome, "stored");
+                self.jobs.remove(&job);
+                match job {
+                    Job::Chunk { seg, end, .. } => {
+                        let stored = self.chunked.entry(seg).or_insert(0);
+                        *stored = (*stored).max(end);
+                        if let Some(f) = &mut self.filling {
+                            if f.seg == seg {
+                                f.chunk_in_flight = false;
+                            }
+                        }
+                    }
+                    Job::Segment(seg) | Job::Closed(seg) => {
+                        self.chunked.remove(&seg);
+                        self.after_segment_stored(seg);
+                    }
+                    Job::History(_) => {}
+                }
+                self.positions.touch_archived();
+            }
+            Err(e) => {
+                let conflict = e
+                    .downcast_ref::<RepositoryError>()
+                    .is_some_and(|r| matches!(r, RepositoryError::Conflict { .. }));
+                if conflict {
+                    error!("{e:#}; the local copy is kept in the spool and this object will not be retried until restart");
+                    crate::metrics::conflict();
+                    self.jobs.insert(job, State::Conflict);
+                } else {
+                    warn!("upload of {job:?} failed, will retry: {e:#}");
+                    self.jobs.insert(job, State::Waiting);
+                }
+                if let Job::Chunk { seg, .. } = job {
+                    self.jobs.remove(&job);
+                    if let Some(f) = &mut self.filling {
+                        if f.seg == seg {
+                            f.chunk_in_flight = false;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A complete or closed segment is stored: its chunks go, in the background.
+    fn after_segment_stored(&self, seg: SegmentName) {
+        let repo = self.repo.clone();
+        let name = seg.file_name(self.segment_size);
+        tokio::spawn(async move {
+            if let Err(e) = repo.delete_chunks(&name).await {
+                warn!("could not delete the chunks of {name} (they are removed at next start): {e:#}");
+            }
+        });
+    }
+
+    /// At start-up: chunks of segments whose full object is already stored
+    /// (a crash between storing and deleting) are removed.
+    fn spawn_cleanup(&self) {
+        let repo = self.repo.clone();
+        tokio::spawn(async move {
+            let r: anyhow::Result<()> = async {
+                let stored: BTreeSet<String> = repo.list_wal().await?.into_iter().collect();
+                for seg in repo.list_chunked_segments().await? {
+                    if stored.contains(&seg) || stored.contains(&format!("{seg}.partial")) {
+                        repo.delete_chunks(&seg).await?;
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = r {
+                warn!("start-up cleanup of superseded chunks failed: {e:#}");
+            }
+        });
+    }
+
+    /// The end of contiguously stored WAL.
+    fn archived(&self) -> Lsn {
+        let mut archived = self.flushed;
+        let stored_end = |s: &SegmentName| {
+            s.start_lsn(self.segment_size)
+                .add(self.chunked.get(s).copied().unwrap_or(0))
+        };
+        for job in self.jobs.keys() {
+            let end = match job {
+                Job::Segment(s) | Job::Closed(s) => stored_end(s),
+                Job::Chunk { seg, .. } => stored_end(seg),
+                Job::History(_) => continue,
+            };
+            archived = archived.min(end);
+        }
+        if let Some(f) = &self.filling {
+            archived = archived.min(stored_end(&f.seg));
+        }
+        archived
+    }
+
+    fn publish(&mut self) {
+        let archived = self.archived();
+        self.positions.set_archived(archived);
+        self.archived_tx.send_if_modified(|a| {
+            let changed = *a != archived;
+            *a = archived;
+            changed
+        });
+        while self
+            .durable_times
+            .front()
+            .is_some_and(|(lsn, _)| *lsn <= archived)
+        {
+            self.durable_times.pop_front();
+        }
+        self.positions
+            .set_oldest_unarchived_ms(self.durable_times.front().map_or(0, |(_, t)| *t));
+    }
+}
+
+async fn upload_one(
+    repo: &Repository,
+    spool: &Arc<Spool>,
+    segment_size: u64,
+    job: Job,
+) -> anyhow::Result<PutOutcome> {
+    let started = Instant::now();
+    let read = |f: Box<dyn FnOnce(&Spool) -> std::io::Result<Vec<u8>> + Send>| {
+        let spool = spool.clone();
+        async move { tokio::task::spawn_blocking(move || f(&spool)).await? }
+    };
+    let (kind, outcome) = match job {
+        Job::Segment(seg) => {
+            let data = read(Box::new(move |s| s.read_complete(seg))).await?;
+            let name = seg.file_name(segment_size);
+            let o = repo.put_wal(&name, Bytes::from(data)).await?;
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.remove_complete(seg)).await??;
+            (Kind::Segment, o)
+        }
+        Job::Closed(seg) => {
+            let data = read(Box::new(move |s| s.read_range(seg, 0, segment_size))).await?;
+            let name = format!("{}.partial", seg.file_name(segment_size));
+            let o = repo.put_wal(&name, Bytes::from(data)).await?;
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.remove_partial(seg)).await??;
+            (Kind::Partial, o)
+        }
+        Job::History(t) => {
+            let data = read(Box::new(move |s| s.read_history(t))).await?;
+            let o = repo.put_wal(&history_file_name(t), Bytes::from(data)).await?;
+            (Kind::History, o)
+        }
+        Job::Chunk { seg, start, end } => {
+            let data = read(Box::new(move |s| s.read_range(seg, start, end))).await?;
+            let o = repo
+                .put_chunk(&seg.file_name(segment_size), start, Bytes::from(data))
+                .await?;
+            (Kind::Chunk, o)
+        }
+    };
+    crate::metrics::upload_duration(kind, started.elapsed());
+    Ok(outcome)
+}
