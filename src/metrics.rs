@@ -13,7 +13,27 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 
 use crate::positions::{now_ms, Positions};
-use crate::upload::Kind;
+
+/// Kind of uploaded object, as labelled in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Segment,
+    Chunk,
+    History,
+    Partial,
+}
+
+impl Kind {
+    /// The `kind` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Segment => "segment",
+            Kind::Chunk => "chunk",
+            Kind::History => "history",
+            Kind::Partial => "partial",
+        }
+    }
+}
 
 pub const SERVER_LSN_BYTES: &str = "walsafe_server_lsn_bytes";
 pub const RECEIVED_LSN_BYTES: &str = "walsafe_received_lsn_bytes";

@@ -41,6 +41,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::pg::walfile::history_file_name;
 use crate::pg::{Lsn, SegmentName, TimelineId};
+use crate::metrics::Kind;
 use crate::positions::{now_ms, Positions};
 use crate::receive::SpoolEvent;
 use crate::repository::{PutOutcome, Repository, RepositoryError};
@@ -51,25 +52,6 @@ pub const REQUEUE_DELAY: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight uploads.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
-/// Kind of object, as counted in metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Segment,
-    Chunk,
-    History,
-    Partial,
-}
-
-impl Kind {
-    pub fn label(self) -> &'static str {
-        match self {
-            Kind::Segment => "segment",
-            Kind::Chunk => "chunk",
-            Kind::History => "history",
-            Kind::Partial => "partial",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Job {
