@@ -1,1 +1,310 @@
-//! (being written)
+//! agent: `walsafe run`, the long-running service.
+//!
+//! Start-up order matters for safety:
+//!
+//! 1. open the repository (and key) — a bad URL or key fails before
+//!    anything is streamed;
+//! 2. connect, `IDENTIFY_SYSTEM`, learn the segment size and version;
+//! 3. pin the repository to this cluster (refuse a stranger, rule 5);
+//! 4. open the spool (lock, recover what is durable);
+//! 5. choose where to stream from: the spool first (re-streaming the
+//!    filling segment from its start), else the slot's restart position,
+//!    else a new slot's reserved position — always a segment start;
+//! 6. start the spool writer thread, the uploader, the metrics refresher,
+//!    then the receive loop, which reconnects on retryable errors and
+//!    resumes at the end of what it queued to the spool.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop reading, send a last status update,
+//! let the writer write and fsync everything queued, let in-flight
+//! uploads finish (bounded), exit 0. Whatever is not uploaded stays in the
+//! spool and is shipped at next start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::pg::page::ClusterIdentity;
+use crate::pg::replication::{ReplError, ReplicationConnection};
+use crate::pg::{Lsn, TimelineId, WAL_BLOCK_SIZE};
+use crate::positions::Positions;
+use crate::receive::{Receiver, SpoolWriterHandle, StreamEnd};
+use crate::repository::{ClusterIdentity as RepoIdentity, Repository};
+use crate::spool::{Recovered, Spool};
+use crate::upload::Uploader;
+
+/// First wait before reconnecting; doubles up to [`RECONNECT_MAX`].
+pub const RECONNECT_MIN: Duration = Duration::from_millis(200);
+/// Longest wait between reconnect attempts.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
+/// What the server told us at connection.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub system_identifier: u64,
+    pub timeline: TimelineId,
+    pub xlogpos: Lsn,
+    pub segment_size: u64,
+    pub version_num: u32,
+}
+
+/// Connects and identifies the server.
+pub async fn connect(cfg: &Config) -> anyhow::Result<(ReplicationConnection, ServerInfo)> {
+    let mut conn =
+        ReplicationConnection::connect(&cfg.postgres.conninfo, &cfg.postgres.application_name)
+            .await?;
+    let id = conn.identify_system().await?;
+    let segment_size = conn.segment_size().await?;
+    let info = ServerInfo {
+        system_identifier: id.systemid,
+        timeline: id.timeline,
+        xlogpos: id.xlogpos,
+        segment_size,
+        version_num: conn.server_version_num(),
+    };
+    Ok((conn, info))
+}
+
+fn is_retryable(e: &anyhow::Error) -> bool {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<ReplError>())
+        .is_some_and(ReplError::is_retryable)
+}
+
+/// `walsafe run`.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    if let Some(listen) = cfg.metrics.listen {
+        crate::metrics::install(listen)?;
+    }
+    let repo = Arc::new(
+        Repository::open(&cfg.repository)
+            .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?,
+    );
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+
+    let (mut conn, server) = connect_until_ready(&cfg, &cancel).await?;
+    info!(
+        system_identifier = server.system_identifier,
+        timeline = %server.timeline,
+        segment_size = server.segment_size,
+        version = server.version_num,
+        "connected"
+    );
+    repo.pin(&RepoIdentity {
+        system_identifier: server.system_identifier,
+        pg_version_num: server.version_num,
+        segment_size: server.segment_size,
+    })
+    .await?;
+    let identity = ClusterIdentity {
+        system_identifier: server.system_identifier,
+        segment_size: server.segment_size,
+        block_size: WAL_BLOCK_SIZE,
+    };
+
+    let dir = cfg.spool.dir.clone();
+    let seg = server.segment_size;
+    let (spool, recovered) = tokio::task::spawn_blocking(move || Spool::open(&dir, seg))
+        .await?
+        .with_context(|| format!("cannot open the spool {}", cfg.spool.dir.display()))?;
+    let spool = Arc::new(spool);
+    let (timeline, start) = start_position(&cfg, &mut conn, &server, &recovered).await?;
+    info!(%timeline, %start, "streaming starts here");
+
+    let positions = Positions::default();
+    positions.reset(timeline, start);
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let writer =
+        SpoolWriterHandle::start(spool.writer(), timeline, events_tx.clone(), positions.clone());
+    let (uploader, archived) = Uploader::new(
+        repo.clone(),
+        spool.clone(),
+        positions.clone(),
+        &recovered,
+        start,
+        cfg.archive.partial_interval,
+        cfg.archive.upload_concurrency,
+    );
+    let upload_cancel = CancellationToken::new();
+    let upload_task = tokio::spawn(uploader.run(events_rx, upload_cancel.clone()));
+    let refresher = {
+        let p = positions.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_millis(500));
+            while !c.is_cancelled() {
+                crate::metrics::refresh_positions(&p);
+                tokio::select! { _ = t.tick() => {}, _ = c.cancelled() => {} }
+            }
+        })
+    };
+
+    let mut receiver = Receiver {
+        cfg: &cfg,
+        identity,
+        spool: spool.clone(),
+        writer: &writer,
+        positions: positions.clone(),
+        archived,
+        events: events_tx,
+        cancel: cancel.clone(),
+    };
+    // Histories of every timeline up to the current one (recovery probes them in order).
+    for t in 2..=timeline.0 {
+        if let Err(e) = receiver.fetch_history(&mut conn, TimelineId(t)).await {
+            warn!("could not fetch the history file of timeline {t}: {e:#}");
+        }
+    }
+
+    let mut conn = Some(conn);
+    let mut backoff = RECONNECT_MIN;
+    let (mut tli, mut from) = (timeline, start);
+    let outcome: anyhow::Result<()> = loop {
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match connect(&cfg).await {
+                Ok((c, info)) => {
+                    if info.system_identifier != server.system_identifier {
+                        break Err(anyhow!(
+                            "after reconnecting, the server is database system {} instead of {}; [postgres] conninfo now reaches another cluster",
+                            info.system_identifier,
+                            server.system_identifier
+                        ));
+                    }
+                    info!("reconnected");
+                    backoff = RECONNECT_MIN;
+                    c
+                }
+                Err(e) if is_retryable(&e) => {
+                    warn!("cannot reconnect yet: {e:#}");
+                    if sleep_or_cancel(&cancel, &mut backoff).await {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                Err(e) => break Err(e),
+            },
+        };
+        match receiver.stream(c, tli, from).await {
+            Ok(StreamEnd::Cancelled) => break Ok(()),
+            Ok(StreamEnd::ServerStopped) => {
+                warn!("the server ended streaming (shutting down?); reconnecting");
+            }
+            Err(e) if is_retryable(&e) => warn!("replication interrupted: {e:#}; reconnecting"),
+            Err(e) => break Err(e),
+        }
+        crate::metrics::reconnect();
+        tli = positions.timeline();
+        from = positions.received();
+        if sleep_or_cancel(&cancel, &mut backoff).await {
+            break Ok(());
+        }
+    };
+    if let Err(e) = &outcome {
+        error!("{e:#}");
+    }
+    // Orderly shutdown: spool first (fsync what is queued), then uploads.
+    cancel.cancel();
+    let writer_result = writer.finish().await;
+    upload_cancel.cancel();
+    let _ = upload_task.await;
+    let _ = refresher.await;
+    crate::metrics::refresh_positions(&positions);
+    info!(
+        flushed = %positions.flushed(),
+        archived = %positions.archived(),
+        "stopped"
+    );
+    outcome?;
+    writer_result
+}
+
+/// Sleeps `backoff` (then doubles it), returning true if cancelled meanwhile.
+async fn sleep_or_cancel(cancel: &CancellationToken, backoff: &mut Duration) -> bool {
+    let d = *backoff;
+    *backoff = (*backoff * 2).min(RECONNECT_MAX);
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = cancel.cancelled() => true,
+    }
+}
+
+async fn connect_until_ready(
+    cfg: &Config,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(ReplicationConnection, ServerInfo)> {
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        match connect(cfg).await {
+            Ok(r) => return Ok(r),
+            Err(e) if is_retryable(&e) => {
+                warn!("cannot connect yet: {e:#}");
+                if sleep_or_cancel(cancel, &mut backoff).await {
+                    bail!("stopped before the first connection");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Spool first, then the slot's restart position, then a new slot's.
+async fn start_position(
+    cfg: &Config,
+    conn: &mut ReplicationConnection,
+    server: &ServerInfo,
+    recovered: &Recovered,
+) -> anyhow::Result<(TimelineId, Lsn)> {
+    let slot = &cfg.postgres.slot;
+    let seg = server.segment_size;
+    let existing = conn
+        .read_replication_slot(slot)
+        .await
+        .with_context(|| format!("cannot read replication slot \"{slot}\""))?;
+    let slot_start = match existing {
+        Some(pos) => pos
+            .restart_lsn
+            .map(|l| (pos.restart_tli.unwrap_or(server.timeline), l.segment_start(seg))),
+        None => {
+            let reserved = conn
+                .create_physical_slot(slot)
+                .await
+                .with_context(|| format!("cannot create replication slot \"{slot}\""))?;
+            info!(%slot, %reserved, "created the replication slot");
+            let at = if reserved == Lsn::INVALID { server.xlogpos } else { reserved };
+            Some((server.timeline, at.segment_start(seg)))
+        }
+    };
+    if let Some((t, l)) = recovered.resume {
+        if t > server.timeline {
+            bail!(
+                "the spool {} holds WAL of timeline {t}, but the server is on timeline {}; is [postgres] conninfo pointing at the right server?",
+                cfg.spool.dir.display(),
+                server.timeline
+            );
+        }
+        return Ok((t, l));
+    }
+    Ok(slot_start.unwrap_or((server.timeline, server.xlogpos.segment_start(seg))))
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+}

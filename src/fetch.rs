@@ -1,1 +1,345 @@
-//! (being written)
+//! fetch: `walsafe wal-fetch NAME DEST`, PostgreSQL's `restore_command`.
+//!
+//! Contract with PostgreSQL (DESIGN rule 4):
+//!
+//! * exit 0: DEST holds the complete, verified file (temp file, fsync,
+//!   rename: recovery never sees a torn file);
+//! * exit 1: the file is not in the archive — PostgreSQL's normal
+//!   end-of-archive probe;
+//! * exit 126: anything else (corrupt, tampered or swapped object, wrong
+//!   key, a gap inside a chunked segment, storage unreachable after
+//!   retries, bad configuration, even a panic). PostgreSQL treats exit
+//!   codes above 125 as fatal and stops recovery instead of promoting with
+//!   lost WAL.
+//!
+//! Where a segment is looked for, in order:
+//!
+//! 1. the prefetch directory (`[fetch] dir`), which holds *raw repository
+//!    objects*, so they are authenticated and checksummed exactly like a
+//!    download; a bad prefetched file is discarded and fetched again;
+//! 2. `wal/<name>` — the complete segment;
+//! 3. `wal/<name>.partial` — the closed last segment of an ended timeline;
+//! 4. `chunks/<name>/…` — a segment that was still filling when the
+//!    primary died: chunks are assembled from offset 0 (overlaps must hold
+//!    identical bytes) and the rest is zero-filled, which recovery reads as
+//!    the end of WAL. A chunk set that does not start at 0 or has a hole is
+//!    a gap: fatal, never silently shortened.
+//!
+//! Every segment is also checked page by page against the repository's
+//! pinned cluster before it is written.
+//!
+//! After a segment is served, a detached `walsafe wal-prefetch NAME`
+//! downloads the next `[fetch] prefetch` segments, so that replay does not
+//! pay a storage round trip per segment.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context};
+use futures::{StreamExt, TryStreamExt};
+use tracing::{debug, warn};
+
+use crate::cli::{EXIT_FATAL, EXIT_NOT_FOUND};
+use crate::config::Config;
+use crate::pg::page::{validate_segment, ClusterIdentity};
+use crate::pg::walfile::{classify, NameKind};
+use crate::pg::{SegmentName, WAL_BLOCK_SIZE};
+use crate::repository::descriptor::Descriptor;
+use crate::repository::Repository;
+
+/// Chunk downloads in flight while assembling a segment.
+const CHUNK_FETCH_CONCURRENCY: usize = 8;
+/// Name of the lock that keeps one prefetcher per prefetch directory.
+const PREFETCH_LOCK: &str = ".prefetch.lock";
+
+/// What `wal-fetch` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fetched {
+    Restored,
+    NotFound,
+}
+
+/// `walsafe wal-fetch NAME DEST`, mapped to PostgreSQL's exit codes.
+pub async fn wal_fetch_command(cfg: Config, name: String, dest: PathBuf) -> ExitCode {
+    match wal_fetch(&cfg, &name, &dest).await {
+        Ok(Fetched::Restored) => {
+            if cfg.fetch.prefetch > 0 && classify(&name) == Some(NameKind::Segment) {
+                spawn_prefetcher(&cfg, &name);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Fetched::NotFound) => {
+            eprintln!("walsafe wal-fetch: {name} is not in the archive");
+            ExitCode::from(EXIT_NOT_FOUND)
+        }
+        Err(e) => {
+            eprintln!("walsafe wal-fetch: FATAL: {name}: {e:#}; recovery must stop here: fix the cause and start the server again");
+            ExitCode::from(EXIT_FATAL)
+        }
+    }
+}
+
+/// Restores `name` into `dest`. `Err` means recovery must abort.
+pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
+    let Some(kind) = classify(name) else {
+        // Names walsafe never stores (e.g. backup history files): honestly absent.
+        debug!("{name} is not a WAL segment or history file name");
+        return Ok(Fetched::NotFound);
+    };
+    if kind == NameKind::Partial {
+        return Ok(Fetched::NotFound);
+    }
+    let repo = Repository::open(&cfg.repository)
+        .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
+    let descriptor = repo.descriptor().await?.ok_or_else(|| {
+        anyhow!(
+            "there is no walsafe repository at {} (no descriptor); check [repository] url in {}",
+            cfg.repository.url,
+            cfg.path.display()
+        )
+    })?;
+    let data = match kind {
+        NameKind::History(_) => repo.get_wal(name).await?,
+        NameKind::Segment => fetch_segment(cfg, &repo, &descriptor, name).await?,
+        NameKind::Partial => None,
+    };
+    let Some(data) = data else {
+        return Ok(Fetched::NotFound);
+    };
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::durable::write_atomically(&dest, &data, 0o600))
+        .await?
+        .with_context(|| format!("cannot write the restored file to {name}"))?;
+    Ok(Fetched::Restored)
+}
+
+fn identity(d: &Descriptor) -> ClusterIdentity {
+    ClusterIdentity {
+        system_identifier: d.system_identifier,
+        segment_size: d.segment_size,
+        block_size: WAL_BLOCK_SIZE,
+    }
+}
+
+async fn fetch_segment(
+    cfg: &Config,
+    repo: &Repository,
+    d: &Descriptor,
+    name: &str,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let seg = SegmentName::parse(name, d.segment_size).ok_or_else(|| {
+        anyhow!(
+            "{name} is not a valid segment name for {} MiB segments",
+            d.segment_size >> 20
+        )
+    })?;
+    let data = match from_prefetch(cfg, repo, name).await {
+        Some(data) => Some(data),
+        None => match repo.get_wal(name).await? {
+            Some(data) => Some(data),
+            None => match repo.get_wal(&format!("{name}.partial")).await? {
+                Some(data) => Some(data),
+                None => assemble_chunks(repo, name, d.segment_size).await?,
+            },
+        },
+    };
+    let Some(data) = data else { return Ok(None) };
+    if data.len() as u64 != d.segment_size {
+        bail!(
+            "the archived {name} holds {} bytes, not the repository's segment size {}",
+            data.len(),
+            d.segment_size
+        );
+    }
+    let ident = identity(d);
+    let data = tokio::task::spawn_blocking(move || {
+        validate_segment(&ident, seg, &data).map(|()| data)
+    })
+    .await?
+    .with_context(|| format!("the archived {name} is not valid WAL of this cluster"))?;
+    Ok(Some(data))
+}
+
+/// A prefetched raw object, decoded and verified; `None` when absent or bad.
+async fn from_prefetch(cfg: &Config, repo: &Repository, name: &str) -> Option<Vec<u8>> {
+    let path = cfg.fetch.dir.join(name);
+    let raw = tokio::fs::read(&path).await.ok()?;
+    let _ = tokio::fs::remove_file(&path).await;
+    match repo.decode_wal(name, raw.into()).await {
+        Ok(data) => Some(data),
+        Err(e) => {
+            warn!("discarding prefetched {name}: {e:#}; fetching it from the repository");
+            None
+        }
+    }
+}
+
+/// Assembles a segment from its chunks (see the module doc). `None` when
+/// the segment has no chunks at all.
+pub async fn assemble_chunks(
+    repo: &Repository,
+    name: &str,
+    segment_size: u64,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    // A chunk listed and then gone means the complete segment was stored and
+    // its chunks deleted meanwhile: look again, once.
+    for attempt in 0..2 {
+        if attempt > 0 {
+            if let Some(full) = repo.get_wal(name).await? {
+                return Ok(Some(full));
+            }
+        }
+        let mut chunks = repo.list_chunks(name).await?;
+        if chunks.is_empty() {
+            return Ok(None);
+        }
+        let plan = plan_chunks(&mut chunks, name)?;
+        let parts: Vec<Option<Vec<u8>>> = futures::stream::iter(plan.iter().copied())
+            .map(|(s, e)| repo.get_chunk(name, s, e))
+            .buffered(CHUNK_FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        if parts.iter().any(Option::is_none) {
+            continue;
+        }
+        let mut buf = vec![0u8; segment_size as usize];
+        let mut pos = 0u64;
+        for ((start, end), part) in plan.iter().zip(parts) {
+            let part = part.expect("checked above");
+            if part.len() as u64 != end - start || *end > segment_size {
+                bail!("chunk {start:08X}-{end:08X} of {name} holds {} bytes", part.len());
+            }
+            let overlap = (pos - start) as usize;
+            if buf[*start as usize..pos as usize] != part[..overlap] {
+                bail!("overlapping chunks of {name} disagree at {start:08X}-{pos:08X}: the repository holds two different versions of this WAL");
+            }
+            buf[pos as usize..*end as usize].copy_from_slice(&part[overlap..]);
+            pos = *end;
+        }
+        debug!("assembled {name} from {} chunk(s), {pos} bytes of WAL", plan.len());
+        return Ok(Some(buf));
+    }
+    bail!("the chunks of {name} kept changing while it was being read; try again")
+}
+
+/// Picks chunks covering [0, end) greedily; errors on a missing start or a hole.
+fn plan_chunks(chunks: &mut [(u64, u64)], name: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+    chunks.sort_unstable();
+    let mut plan = Vec::new();
+    let mut pos = 0u64;
+    loop {
+        let best = chunks
+            .iter()
+            .filter(|(s, e)| *s <= pos && *e > pos)
+            .max_by_key(|(_, e)| *e)
+            .copied();
+        match best {
+            Some(c) => {
+                plan.push(c);
+                pos = c.1;
+            }
+            None => break,
+        }
+    }
+    if plan.is_empty() {
+        bail!(
+            "the chunks of {name} do not start at offset 0 (first at {:08X}): WAL at the start of this segment is missing from the repository",
+            chunks[0].0
+        );
+    }
+    if let Some((s, _)) = chunks.iter().find(|(s, _)| *s > pos) {
+        bail!("the chunks of {name} have a hole from {pos:08X} to {s:08X}: WAL is missing from the repository");
+    }
+    Ok(plan)
+}
+
+fn spawn_prefetcher(cfg: &Config, name: &str) {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else { return };
+    let r = std::process::Command::new(exe)
+        .arg("--config")
+        .arg(&cfg.path)
+        .arg("wal-prefetch")
+        .arg(name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Err(e) = r {
+        debug!("could not start the prefetcher: {e}");
+    }
+}
+
+/// `walsafe wal-prefetch NAME`: downloads the raw objects of the segments
+/// after NAME into the prefetch directory, and drops those at or before it.
+/// One prefetcher per directory at a time (lock file); a second just exits.
+pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
+    let dir = &cfg.fetch.dir;
+    crate::durable::create_dir_all_durably(dir)
+        .with_context(|| format!("cannot create the prefetch directory {}", dir.display()))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(PREFETCH_LOCK))?;
+    if !fs4::fs_std::FileExt::try_lock_exclusive(&lock)? {
+        return Ok(());
+    }
+    let repo = Repository::open(&cfg.repository)?;
+    let d = repo
+        .descriptor()
+        .await?
+        .ok_or_else(|| anyhow!("no repository at {}", cfg.repository.url))?;
+    let seg = SegmentName::parse(name, d.segment_size)
+        .ok_or_else(|| anyhow!("{name} is not a segment name"))?;
+    // Drop what recovery has passed.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(s) = SegmentName::parse(&n, d.segment_size) {
+                if s.segno <= seg.segno {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    let mut next = seg;
+    for _ in 0..cfg.fetch.prefetch {
+        next = next.next();
+        let n = next.file_name(d.segment_size);
+        let path = dir.join(&n);
+        if path.exists() {
+            continue;
+        }
+        match repo.get_wal_object(&n).await? {
+            Some(raw) => {
+                let p = path.clone();
+                tokio::task::spawn_blocking(move || crate::durable::write_atomically(&p, &raw, 0o600))
+                    .await??;
+            }
+            None => break,
+        }
+    }
+    drop(lock);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_picks_longest_contiguous_cover() {
+        let mut c = vec![(0, 10), (10, 20), (0, 15), (20, 30)];
+        assert_eq!(plan_chunks(&mut c, "x").unwrap(), vec![(0, 15), (10, 20), (20, 30)]);
+    }
+
+    #[test]
+    fn plan_refuses_missing_start_and_holes() {
+        let e = plan_chunks(&mut [(8, 10)], "X").unwrap_err().to_string();
+        assert!(e.contains("do not start at offset 0"), "{e}");
+        let e = plan_chunks(&mut [(0, 10), (12, 20)], "X").unwrap_err().to_string();
+        assert!(e.contains("hole from 0000000A to 0000000C"), "{e}");
+    }
+}
