@@ -2,6 +2,7 @@
 //! [`walfile`]), WAL page headers ([`page`]), the replication protocol
 //! client ([`replication`]) and the ordinary SQL connection ([`sql`]).
 
+pub mod conninfo;
 pub mod lsn;
 pub mod page;
 pub mod replication;
