@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# walsafe's test suite, from a fresh machine: installs what is missing
+# (PostgreSQL from the distribution, moto's S3 server from PyPI), builds,
+# and runs every test against real servers on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null 2>&1; then
+    echo "==> installing PostgreSQL from the distribution"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+if ! python3 -c "import moto.server, flask" >/dev/null 2>&1; then
+    echo "==> installing moto[server] (S3 server for the tests)"
+    python3 -m pip install --quiet 'moto[server]'
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "==> installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+# Tests talk to loopback only; never let a cloud SDK look for credentials elsewhere.
+export AWS_EC2_METADATA_DISABLED=true
+
+cargo build --all-targets --locked 2>&1 | tail -n 3
+cargo nextest run --locked --no-fail-fast "$@"
