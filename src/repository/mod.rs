@@ -1,2 +1,755 @@
-//! The repository: object layout, envelope and store.
+//! The repository: where WAL ends up, and the only way walsafe reads it back.
+//!
+//! ```text
+//! Repository ── layout (which key)      walsafe.repo, wal/<name>, chunks/<segment>/<start>-<end>
+//!            ── envelope (which bytes)  header + zstd + AES-256-GCM STREAM (or SHA-256 trailer)
+//!            ── key                     the master key, its id
+//!            ── descriptor              pins the repository to one cluster
+//!            ── store                   object_store: file://, s3://, gs://, az://; create-only; retries
+//! ```
+//!
+//! # Invariants (DESIGN.md rules 3, 4 and 5)
+//!
+//! * **Never overwrite different WAL.** Every object is written create-only.
+//!   When the name is taken, the stored object is fetched, verified and
+//!   compared: the same plaintext is success ([`PutOutcome::AlreadyStored`]);
+//!   anything else is [`RepositoryError::Conflict`] (or
+//!   [`RepositoryError::ExistingUnreadable`]) and the caller keeps its local
+//!   copy and raises an alarm.
+//! * **Never return unverified WAL.** [`Repository::get_wal`] and
+//!   [`Repository::get_chunk`] return plaintext only after the envelope
+//!   authenticated (with a key) or checksummed (without) it under the
+//!   expected name. A missing object is `Ok(None)`, never an error; every
+//!   error is something recovery must stop on (see [`ErrorClass`]).
+//! * **Never archive a stranger's WAL.** [`Repository::pin`] creates
+//!   `walsafe.repo` for the first cluster and refuses any other system
+//!   identifier, segment size, major version or key afterwards.
+//! * **Bounded CPU.** Compression and encryption run on the blocking pool,
+//!   at most [`CPU_PERMITS`] at once across the process, so walsafe never
+//!   takes more than about two cores from the database.
+
+pub mod descriptor;
+pub mod envelope;
+pub mod key;
+pub mod layout;
 pub mod store;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+pub use descriptor::{ClusterIdentity, Descriptor, DescriptorError};
+pub use envelope::EnvelopeError;
+pub use key::{Key, KeyError};
+pub use layout::LayoutError;
+pub use store::{PutResult, Store, StoreError};
+
+use crate::config::{Compression, RepositoryConfig};
+
+/// Envelope encode/decode jobs running at once, process-wide.
+pub const CPU_PERMITS: usize = 2;
+static CPU: Semaphore = Semaphore::const_new(CPU_PERMITS);
+
+/// Outcome of storing WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Newly stored.
+    Stored,
+    /// The identical plaintext was already stored under that name.
+    AlreadyStored,
+}
+
+/// How callers (wal-fetch's exit code, the agent's alarms) treat an error.
+/// `wal-fetch` exits ≥ 126 for every class: only `Ok(None)` means "not in
+/// the archive" (exit 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The repository's content cannot be trusted or does not belong to
+    /// us: integrity or authentication failure, wrong or missing key,
+    /// tampering, conflicting content, another cluster's repository.
+    Corrupt,
+    /// Storage could not be used (unreachable after retries, permission
+    /// denied, bucket missing, misconfigured).
+    Unavailable,
+    /// The request or local set-up is wrong: an invalid name, an unreadable
+    /// key file, an internal failure.
+    Invalid,
+}
+
+/// Why a repository operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    /// The storage layer failed (after its retries, where retryable).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The key file could not be loaded.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A name is not a valid WAL, segment or chunk name.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A stored object failed verification; it must not be used.
+    #[error("repository {url}: object {key} cannot be used: {source}")]
+    Envelope {
+        url: String,
+        key: String,
+        source: EnvelopeError,
+    },
+    /// A different object already exists under the name: never overwritten.
+    #[error("repository {url} already holds a different {name} at {key} ({detail}); walsafe never overwrites WAL, so the local copy is kept. Is another cluster, or a diverged timeline, writing to this repository? Investigate before deleting anything")]
+    Conflict {
+        url: String,
+        name: String,
+        key: String,
+        detail: String,
+    },
+    /// An object exists under the name but cannot be read back to compare.
+    #[error("repository {url} already holds an object at {key} that cannot be verified ({source}); walsafe will not overwrite it. If it is damaged, move it aside and the local copy will be uploaded again")]
+    ExistingUnreadable {
+        url: String,
+        key: String,
+        source: EnvelopeError,
+    },
+    /// `walsafe.repo` is unreadable or from a newer walsafe.
+    #[error("repository {url}: {source}")]
+    DescriptorInvalid {
+        url: String,
+        source: DescriptorError,
+    },
+    /// `walsafe.repo`'s HMAC does not verify under the configured key.
+    #[error("repository {url}: walsafe.repo fails its integrity check under key {key_id}: it was modified without the key; do not use this repository until you know who changed it")]
+    DescriptorTampered { url: String, key_id: String },
+    /// The repository belongs to another cluster.
+    #[error("repository {url} belongs to the cluster with system identifier {repository}, but this cluster's system identifier is {cluster}; walsafe refuses to mix two clusters' WAL. Give this cluster its own repository (another URL or prefix)")]
+    ClusterMismatch {
+        url: String,
+        repository: u64,
+        cluster: u64,
+    },
+    /// The repository holds WAL of another segment size.
+    #[error("repository {url} holds WAL with {repository}-byte segments, but this cluster uses {cluster}-byte segments; use another URL or prefix")]
+    SegmentSizeMismatch {
+        url: String,
+        repository: u64,
+        cluster: u64,
+    },
+    /// The repository holds WAL of another PostgreSQL major version.
+    #[error("repository {url} holds WAL of PostgreSQL {repository}, but this cluster runs {cluster}; after a major upgrade start a new repository (another URL or prefix)")]
+    VersionMismatch {
+        url: String,
+        repository: u32,
+        cluster: u32,
+    },
+    /// The repository is encrypted and no key is configured.
+    #[error("repository {url} is encrypted with key id {key_id}, but no key_file is configured; set [repository] key_file to that key")]
+    KeyMissing { url: String, key_id: String },
+    /// The configured key is not the repository's key.
+    #[error("repository {url} is encrypted with key id {repository}, but the configured key has id {configured}; configure the repository's key file")]
+    KeyMismatch {
+        url: String,
+        repository: String,
+        configured: String,
+    },
+    /// A key is configured for an unencrypted repository.
+    #[error("repository {url} is not encrypted, but a key (id {configured}) is configured; remove key_file, or start an encrypted repository at another URL or prefix")]
+    KeyUnexpected { url: String, configured: String },
+    /// The plaintext is larger than any WAL file.
+    #[error("{name} is {len} bytes, more than the {limit}-byte limit of a repository object")]
+    TooLarge { name: String, len: u64, limit: u64 },
+    /// A background task failed (panicked or was cancelled).
+    #[error("internal error while {what}: {message}")]
+    Internal { what: String, message: String },
+}
+
+impl RepositoryError {
+    /// The class callers map to exit codes and alarms.
+    pub fn class(&self) -> ErrorClass {
+        use RepositoryError::*;
+        match self {
+            Store(_) => ErrorClass::Unavailable,
+            Envelope { .. }
+            | Conflict { .. }
+            | ExistingUnreadable { .. }
+            | DescriptorInvalid { .. }
+            | DescriptorTampered { .. }
+            | ClusterMismatch { .. }
+            | SegmentSizeMismatch { .. }
+            | VersionMismatch { .. }
+            | KeyMissing { .. }
+            | KeyMismatch { .. }
+            | KeyUnexpected { .. } => ErrorClass::Corrupt,
+            Key(_) | Layout(_) | TooLarge { .. } | Internal { .. } => ErrorClass::Invalid,
+        }
+    }
+
+    /// True when trying again later may succeed (storage trouble only).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            RepositoryError::Store(StoreError::Unreachable { .. } | StoreError::Transient { .. })
+        )
+    }
+}
+
+/// A repository: a store, the key and the compression settings.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    store: Store,
+    key: Option<Arc<Key>>,
+    compression: Compression,
+    level: i32,
+}
+
+fn compression_name(c: Compression) -> &'static str {
+    match c {
+        Compression::Zstd => "zstd",
+        Compression::None => "none",
+    }
+}
+
+impl Repository {
+    /// Opens the repository of a configuration: the store (no network yet)
+    /// and the key file, if any.
+    pub fn open(cfg: &RepositoryConfig) -> Result<Repository, RepositoryError> {
+        let store = Store::open(&cfg.url, &cfg.options, cfg.retries)?;
+        let key = match &cfg.key_file {
+            Some(p) => Some(key::load_key_file(p)?),
+            None => None,
+        };
+        Ok(Repository::from_parts(
+            store,
+            key,
+            cfg.compression,
+            cfg.compression_level,
+        ))
+    }
+
+    /// A repository from its parts (tests, tools).
+    pub fn from_parts(
+        store: Store,
+        key: Option<Key>,
+        compression: Compression,
+        level: i32,
+    ) -> Repository {
+        Repository {
+            store,
+            key: key.map(Arc::new),
+            compression,
+            level,
+        }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The repository URL, for messages.
+    pub fn url(&self) -> &str {
+        self.store.url()
+    }
+
+    /// The configured key's id (hex), if a key is configured.
+    pub fn key_id(&self) -> Option<String> {
+        self.key.as_deref().map(Key::key_id_hex)
+    }
+
+    fn url_s(&self) -> String {
+        self.store.url().to_string()
+    }
+
+    /// Encodes on the blocking pool, within the CPU budget.
+    pub async fn encode(&self, name: &str, plaintext: Bytes) -> Result<Bytes, RepositoryError> {
+        if plaintext.len() as u64 > envelope::MAX_PLAIN_LEN {
+            return Err(RepositoryError::TooLarge {
+                name: name.to_string(),
+                len: plaintext.len() as u64,
+                limit: envelope::MAX_PLAIN_LEN,
+            });
+        }
+        let _permit = CPU
+            .acquire()
+            .await
+            .expect("the CPU semaphore is never closed");
+        let (name_owned, key, c, level) = (
+            name.to_string(),
+            self.key.clone(),
+            self.compression,
+            self.level,
+        );
+        tokio::task::spawn_blocking(move || {
+            Bytes::from(envelope::encode(
+                &name_owned,
+                &plaintext,
+                c,
+                level,
+                key.as_deref(),
+            ))
+        })
+        .await
+        .map_err(|e| RepositoryError::Internal {
+            what: format!("encoding {name}"),
+            message: e.to_string(),
+        })
+    }
+
+    /// Verifies and decodes on the blocking pool, within the CPU budget.
+    async fn decode(
+        &self,
+        name: &str,
+        object: Bytes,
+    ) -> Result<Result<Vec<u8>, EnvelopeError>, RepositoryError> {
+        let _permit = CPU
+            .acquire()
+            .await
+            .expect("the CPU semaphore is never closed");
+        let (name_owned, key) = (name.to_string(), self.key.clone());
+        tokio::task::spawn_blocking(move || envelope::decode(&name_owned, &object, key.as_deref()))
+            .await
+            .map_err(|e| RepositoryError::Internal {
+                what: format!("decoding {name}"),
+                message: e.to_string(),
+            })
+    }
+
+    /// Create-only write of `plaintext` as object `key` named `name`.
+    async fn put_object(
+        &self,
+        key: &str,
+        name: &str,
+        plaintext: Bytes,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let encoded = self.encode(name, plaintext.clone()).await?;
+        // The existing object can vanish between our put and our get (a
+        // chunk deleted once its segment is stored); then put again.
+        for _ in 0..3 {
+            if self.store.put_if_absent(key, encoded.clone()).await? == PutResult::Created {
+                return Ok(PutOutcome::Stored);
+            }
+            let Some(existing) = self.store.get(key).await? else {
+                continue;
+            };
+            return match self.decode(name, existing).await? {
+                Ok(stored) if stored[..] == plaintext[..] => Ok(PutOutcome::AlreadyStored),
+                Ok(stored) => Err(RepositoryError::Conflict {
+                    url: self.url_s(),
+                    name: name.to_string(),
+                    key: key.to_string(),
+                    detail: describe_difference(&stored, &plaintext),
+                }),
+                Err(source) => Err(RepositoryError::ExistingUnreadable {
+                    url: self.url_s(),
+                    key: key.to_string(),
+                    source,
+                }),
+            };
+        }
+        Err(RepositoryError::Store(StoreError::Other {
+            url: self.url_s(),
+            op: "put",
+            key: key.to_string(),
+            message: "the object exists when written and is gone when read, three times over; is something deleting it?".into(),
+        }))
+    }
+
+    /// Fetches and verifies object `key` named `name`; `None` if absent.
+    async fn get_object(&self, key: &str, name: &str) -> Result<Option<Vec<u8>>, RepositoryError> {
+        let Some(object) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        match self.decode(name, object).await? {
+            Ok(p) => Ok(Some(p)),
+            Err(source) => Err(RepositoryError::Envelope {
+                url: self.url_s(),
+                key: key.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Stores a WAL file (segment, `.partial` or `.history`) create-only.
+    pub async fn put_wal(
+        &self,
+        name: &str,
+        plaintext: Bytes,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let key = layout::wal_key(name)?;
+        self.put_object(&key, name, plaintext).await
+    }
+
+    /// A verified WAL file; `None` when the archive does not have it.
+    pub async fn get_wal(&self, name: &str) -> Result<Option<Vec<u8>>, RepositoryError> {
+        let key = layout::wal_key(name)?;
+        self.get_object(&key, name).await
+    }
+
+    /// Stores bytes `[start, start + len)` of a still-filling segment.
+    pub async fn put_chunk(
+        &self,
+        segment: &str,
+        start: u64,
+        plaintext: Bytes,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let end = start + plaintext.len() as u64;
+        let name = layout::chunk_name(segment, start, end)?;
+        let key = layout::chunk_key(segment, start, end)?;
+        self.put_object(&key, &name, plaintext).await
+    }
+
+    /// The chunk ranges stored for `segment`, sorted by start.
+    pub async fn list_chunks(&self, segment: &str) -> Result<Vec<(u64, u64)>, RepositoryError> {
+        let prefix = layout::chunks_prefix(segment)?;
+        let mut ranges = Vec::new();
+        for o in self.store.list(&prefix).await? {
+            match layout::parse_chunk_key(&o.key) {
+                Some(c) if c.segment == segment => ranges.push((c.start, c.end)),
+                _ => tracing::warn!(
+                    "ignoring unexpected object {} in {} (not a walsafe chunk)",
+                    o.key,
+                    self.url()
+                ),
+            }
+        }
+        ranges.sort_unstable();
+        Ok(ranges)
+    }
+
+    /// A verified chunk; `None` when absent.
+    pub async fn get_chunk(
+        &self,
+        segment: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<Vec<u8>>, RepositoryError> {
+        let name = layout::chunk_name(segment, start, end)?;
+        let key = layout::chunk_key(segment, start, end)?;
+        let r = self.get_object(&key, &name).await?;
+        if let Some(p) = &r {
+            // The name binds the range; a verified chunk has its length.
+            debug_assert_eq!(p.len() as u64, end - start);
+        }
+        Ok(r)
+    }
+
+    /// Deletes every chunk of `segment` (after the full segment is stored).
+    pub async fn delete_chunks(&self, segment: &str) -> Result<(), RepositoryError> {
+        let prefix = layout::chunks_prefix(segment)?;
+        for o in self.store.list(&prefix).await? {
+            self.store.delete(&o.key).await?;
+        }
+        Ok(())
+    }
+
+    /// Names of every WAL file under `wal/`, sorted.
+    pub async fn list_wal(&self) -> Result<Vec<String>, RepositoryError> {
+        Ok(self
+            .store
+            .list(layout::WAL_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| layout::parse_wal_key(&o.key).map(str::to_string))
+            .collect())
+    }
+
+    /// Segments that have chunks, sorted.
+    pub async fn list_chunked_segments(&self) -> Result<Vec<String>, RepositoryError> {
+        let mut segs: Vec<String> = self
+            .store
+            .list(layout::CHUNKS_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| layout::parse_chunk_segment(&o.key).map(str::to_string))
+            .collect();
+        segs.dedup();
+        Ok(segs)
+    }
+
+    /// `walsafe.repo`, parsed but not verified (see [`Repository::verify_descriptor`]);
+    /// `None` for a repository nobody has pinned yet.
+    pub async fn descriptor(&self) -> Result<Option<Descriptor>, RepositoryError> {
+        let Some(bytes) = self.store.get(layout::DESCRIPTOR_KEY).await? else {
+            return Ok(None);
+        };
+        Descriptor::parse(&bytes)
+            .map(Some)
+            .map_err(|source| RepositoryError::DescriptorInvalid {
+                url: self.url_s(),
+                source,
+            })
+    }
+
+    /// Checks a descriptor against the configured key and, when given,
+    /// against the cluster's identity.
+    pub fn verify_descriptor(
+        &self,
+        d: &Descriptor,
+        cluster: Option<&ClusterIdentity>,
+    ) -> Result<(), RepositoryError> {
+        let url = self.url_s();
+        match (&d.key_id, self.key.as_deref()) {
+            (Some(id), None) => {
+                return Err(RepositoryError::KeyMissing {
+                    url,
+                    key_id: id.clone(),
+                })
+            }
+            (None, Some(k)) => {
+                return Err(RepositoryError::KeyUnexpected {
+                    url,
+                    configured: k.key_id_hex(),
+                })
+            }
+            (Some(id), Some(k)) => {
+                if *id != k.key_id_hex() {
+                    return Err(RepositoryError::KeyMismatch {
+                        url,
+                        repository: id.clone(),
+                        configured: k.key_id_hex(),
+                    });
+                }
+                if !d.mac_is_valid(k) {
+                    return Err(RepositoryError::DescriptorTampered {
+                        url,
+                        key_id: id.clone(),
+                    });
+                }
+            }
+            (None, None) => {}
+        }
+        if let Some(c) = cluster {
+            if d.system_identifier != c.system_identifier {
+                return Err(RepositoryError::ClusterMismatch {
+                    url,
+                    repository: d.system_identifier,
+                    cluster: c.system_identifier,
+                });
+            }
+            if d.segment_size != c.segment_size {
+                return Err(RepositoryError::SegmentSizeMismatch {
+                    url,
+                    repository: d.segment_size,
+                    cluster: c.segment_size,
+                });
+            }
+            if d.pg_version_num / 10000 != c.pg_version_num / 10000 {
+                return Err(RepositoryError::VersionMismatch {
+                    url,
+                    repository: d.pg_version_num / 10000,
+                    cluster: c.pg_version_num / 10000,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Pins the repository to `cluster`: creates `walsafe.repo` when absent,
+    /// otherwise verifies it. Returns the descriptor in force.
+    pub async fn pin(&self, cluster: &ClusterIdentity) -> Result<Descriptor, RepositoryError> {
+        if let Some(d) = self.descriptor().await? {
+            self.verify_descriptor(&d, Some(cluster))?;
+            return Ok(d);
+        }
+        let d = Descriptor::new(
+            cluster,
+            self.key.as_deref(),
+            compression_name(self.compression),
+        );
+        match self
+            .store
+            .put_if_absent(layout::DESCRIPTOR_KEY, Bytes::from(d.to_json()))
+            .await?
+        {
+            PutResult::Created => {
+                tracing::info!(
+                    "pinned repository {} to system identifier {}",
+                    self.url(),
+                    cluster.system_identifier
+                );
+                Ok(d)
+            }
+            // Another writer pinned it between our get and put: obey theirs.
+            PutResult::AlreadyExists => match self.descriptor().await? {
+                Some(theirs) => {
+                    self.verify_descriptor(&theirs, Some(cluster))?;
+                    Ok(theirs)
+                }
+                None => Err(RepositoryError::Store(StoreError::Other {
+                    url: self.url_s(),
+                    op: "get",
+                    key: layout::DESCRIPTOR_KEY.into(),
+                    message: "walsafe.repo exists when written but is gone when read".into(),
+                })),
+            },
+        }
+    }
+}
+
+/// A short description of how two WAL images differ, for conflict messages.
+fn describe_difference(stored: &[u8], ours: &[u8]) -> String {
+    let first = stored.iter().zip(ours).position(|(a, b)| a != b);
+    match first {
+        Some(i) => format!(
+            "stored {} bytes, ours {} bytes, first difference at byte {i}",
+            stored.len(),
+            ours.len()
+        ),
+        None => format!(
+            "stored {} bytes, ours {} bytes, one a prefix of the other",
+            stored.len(),
+            ours.len()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn repo(dir: &std::path::Path, key: Option<Key>) -> Repository {
+        crate::durable::set_fsync_enabled(false);
+        let store = Store::open(&format!("file://{}", dir.display()), &BTreeMap::new(), 1).unwrap();
+        Repository::from_parts(store, key, Compression::Zstd, 1)
+    }
+
+    const SEG: &str = "000000010000000000000003";
+
+    #[tokio::test]
+    async fn put_get_conflict() {
+        let d = tempfile::tempdir().unwrap();
+        let r = repo(d.path(), Some(Key::generate()));
+        let wal = Bytes::from(vec![7u8; 100_000]);
+        assert_eq!(
+            r.put_wal(SEG, wal.clone()).await.unwrap(),
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            r.put_wal(SEG, wal.clone()).await.unwrap(),
+            PutOutcome::AlreadyStored
+        );
+        let mut other = wal.to_vec();
+        other[500] = 8;
+        let e = r.put_wal(SEG, Bytes::from(other)).await.unwrap_err();
+        assert!(matches!(e, RepositoryError::Conflict { .. }), "{e}");
+        assert_eq!(e.class(), ErrorClass::Corrupt);
+        assert!(
+            e.to_string().contains("first difference at byte 500"),
+            "{e}"
+        );
+        assert_eq!(r.get_wal(SEG).await.unwrap().unwrap(), wal.to_vec());
+        assert_eq!(r.get_wal("000000010000000000000004").await.unwrap(), None);
+        assert_eq!(r.list_wal().await.unwrap(), vec![SEG.to_string()]);
+        let e = r.put_wal("bogus", wal).await.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Invalid);
+    }
+
+    #[tokio::test]
+    async fn chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let r = repo(d.path(), None);
+        r.put_chunk(SEG, 0, Bytes::from_static(b"aaaa"))
+            .await
+            .unwrap();
+        r.put_chunk(SEG, 4, Bytes::from_static(b"bb"))
+            .await
+            .unwrap();
+        assert_eq!(r.list_chunks(SEG).await.unwrap(), vec![(0, 4), (4, 6)]);
+        assert_eq!(r.get_chunk(SEG, 4, 6).await.unwrap().unwrap(), b"bb");
+        assert_eq!(r.get_chunk(SEG, 6, 8).await.unwrap(), None);
+        assert_eq!(
+            r.list_chunked_segments().await.unwrap(),
+            vec![SEG.to_string()]
+        );
+        r.delete_chunks(SEG).await.unwrap();
+        assert!(r.list_chunks(SEG).await.unwrap().is_empty());
+        assert!(r.list_chunked_segments().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pin_and_refuse_strangers() {
+        let d = tempfile::tempdir().unwrap();
+        let k = Key::generate();
+        let r = repo(d.path(), Some(k.clone()));
+        let me = ClusterIdentity {
+            system_identifier: 111,
+            pg_version_num: 150004,
+            segment_size: 16 << 20,
+        };
+        let desc = r.pin(&me).await.unwrap();
+        assert_eq!(desc.system_identifier, 111);
+        // Idempotent; a minor version upgrade is fine.
+        r.pin(&ClusterIdentity {
+            pg_version_num: 150007,
+            ..me
+        })
+        .await
+        .unwrap();
+        let e = r
+            .pin(&ClusterIdentity {
+                system_identifier: 222,
+                ..me
+            })
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("111") && msg.contains("222") && msg.contains("prefix"),
+            "{msg}"
+        );
+        assert!(matches!(
+            r.pin(&ClusterIdentity {
+                segment_size: 1 << 20,
+                ..me
+            })
+            .await,
+            Err(RepositoryError::SegmentSizeMismatch { .. })
+        ));
+        assert!(matches!(
+            r.pin(&ClusterIdentity {
+                pg_version_num: 160000,
+                ..me
+            })
+            .await,
+            Err(RepositoryError::VersionMismatch { .. })
+        ));
+        assert!(matches!(
+            repo(d.path(), Some(Key::generate())).pin(&me).await,
+            Err(RepositoryError::KeyMismatch { .. })
+        ));
+        assert!(matches!(
+            repo(d.path(), None).pin(&me).await,
+            Err(RepositoryError::KeyMissing { .. })
+        ));
+        // Tampering with the descriptor without the key is detected.
+        let p = d.path().join("walsafe.repo");
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"111\"", "\"222\"");
+        std::fs::write(&p, text).unwrap();
+        assert!(matches!(
+            r.pin(&ClusterIdentity {
+                system_identifier: 222,
+                ..me
+            })
+            .await,
+            Err(RepositoryError::DescriptorTampered { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn key_for_unencrypted_repository_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let me = ClusterIdentity {
+            system_identifier: 1,
+            pg_version_num: 150000,
+            segment_size: 16 << 20,
+        };
+        repo(d.path(), None).pin(&me).await.unwrap();
+        let e = repo(d.path(), Some(Key::generate()))
+            .pin(&me)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RepositoryError::KeyUnexpected { .. }), "{e}");
+    }
+}

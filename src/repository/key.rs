@@ -1,0 +1,350 @@
+//! The repository key: 32 random bytes that encrypt and authenticate every
+//! object of an encrypted repository.
+//!
+//! # Key file format
+//!
+//! ```text
+//! # walsafe repository key (key id 3f9c0a1b2c3d4e5f). Keep it secret; keep a copy
+//! # off this host: without it the archived WAL cannot be read.
+//! walsafe-key-v1 <64 lower-case hex digits>
+//! ```
+//!
+//! Lines starting with `#` and blank lines are ignored; exactly one
+//! `walsafe-key-v1` line must remain. Text rather than raw bytes so that the
+//! key survives being pasted into a secret manager and back.
+//!
+//! # Invariants
+//!
+//! * The key never appears in `Debug`, `Display` or any error: they show
+//!   the key id only.
+//! * The key id is the first 8 bytes of HMAC-SHA256(key, "walsafe key id"):
+//!   it identifies the key (objects and the repository descriptor record it)
+//!   without revealing anything about it.
+//! * [`write_key_file`] never overwrites an existing file (`O_CREAT|O_EXCL`),
+//!   creates it with mode 0600 and makes it durable (file and directory
+//!   fsync): losing a key loses the repository.
+//! * The bytes are zeroed when a [`Key`] is dropped.
+//!
+//! # Permissions
+//!
+//! A key file readable by group or others is *accepted with a warning*, not
+//! refused: secret mounts (Kubernetes, systemd credentials) often expose
+//! files as 0644 inside a private directory, and refusing would push users
+//! to copy the key somewhere worse. The warning names the file and the fix
+//! (`chmod 600`).
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+
+/// Length of a repository key in bytes.
+pub const KEY_LEN: usize = 32;
+/// Length of a key id in bytes.
+pub const KEY_ID_LEN: usize = 8;
+/// The tag that starts the key line of a key file.
+pub const KEY_FILE_TAG: &str = "walsafe-key-v1";
+
+/// A repository master key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key([u8; KEY_LEN]);
+
+/// Why a key file could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key file does not exist.
+    #[error("repository key file {path} does not exist; create one with `walsafe keygen {path}` (and keep a copy off this host), or remove key_file from [repository] for an unencrypted repository")]
+    Missing { path: PathBuf },
+    /// The key file exists but may not be read by this user.
+    #[error("repository key file {path} cannot be read by this user ({source}); make it readable by the user walsafe runs as, e.g. `chown walsafe {path} && chmod 600 {path}`")]
+    Unreadable { path: PathBuf, source: io::Error },
+    /// Reading or writing the file failed for another reason.
+    #[error("repository key file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// The file does not have the `walsafe-key-v1 <hex>` line.
+    #[error("repository key file {path} is malformed: {reason}; expected one line `walsafe-key-v1 <64 hex digits>` as written by `walsafe keygen`")]
+    Malformed { path: PathBuf, reason: String },
+    /// The key line holds a key of the wrong length.
+    #[error("repository key file {path} holds a {found}-byte key; a walsafe key is 32 bytes (64 hex digits)")]
+    WrongLength { path: PathBuf, found: usize },
+    /// `write_key_file` refuses to replace an existing file.
+    #[error("{path} already exists; walsafe never overwrites a key file (the repository it encrypts would become unreadable). Choose another path, or remove the file yourself if you are sure it is not in use")]
+    AlreadyExists { path: PathBuf },
+}
+
+impl Key {
+    /// A fresh random key from the operating system's CSPRNG.
+    pub fn generate() -> Key {
+        let mut k = [0u8; KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut k);
+        Key(k)
+    }
+
+    /// A key from raw bytes (tests and key derivation).
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Key {
+        Key(bytes)
+    }
+
+    /// The raw key material. Handle with care: never log it.
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// First 8 bytes of HMAC-SHA256(key, "walsafe key id").
+    pub fn key_id(&self) -> [u8; KEY_ID_LEN] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        mac.update(b"walsafe key id");
+        let out = mac.finalize().into_bytes();
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&out[..KEY_ID_LEN]);
+        id
+    }
+
+    /// The key id as 16 lower-case hex digits.
+    pub fn key_id_hex(&self) -> String {
+        hex::encode(self.key_id())
+    }
+
+    /// The key file's text.
+    fn to_file_text(&self) -> String {
+        format!(
+            "# walsafe repository key (key id {}). Keep it secret; keep a copy\n\
+             # off this host: without it the archived WAL cannot be read.\n\
+             {KEY_FILE_TAG} {}\n",
+            self.key_id_hex(),
+            hex::encode(self.0)
+        )
+    }
+
+    /// Parses a key file's text; `path` names it in errors.
+    pub fn parse_file_text(text: &str, path: &Path) -> Result<Key, KeyError> {
+        let malformed = |reason: &str| KeyError::Malformed {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let mut lines = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'));
+        let line = lines
+            .next()
+            .ok_or_else(|| malformed("it has no key line"))?;
+        if lines.next().is_some() {
+            return Err(malformed("it has more than one non-comment line"));
+        }
+        let mut parts = line.split_whitespace();
+        let tag = parts.next().unwrap_or_default();
+        if tag != KEY_FILE_TAG {
+            return Err(malformed(&format!(
+                "the key line starts with {tag:?}, not {KEY_FILE_TAG:?}"
+            )));
+        }
+        let hex_key = parts
+            .next()
+            .ok_or_else(|| malformed("the key line has no key after the tag"))?;
+        if parts.next().is_some() {
+            return Err(malformed("the key line has extra words after the key"));
+        }
+        let mut bytes = hex::decode(hex_key).map_err(|_| malformed("the key is not hex"))?;
+        if bytes.len() != KEY_LEN {
+            let found = bytes.len();
+            bytes.iter_mut().for_each(|b| *b = 0);
+            return Err(KeyError::WrongLength {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
+        let mut k = [0u8; KEY_LEN];
+        k.copy_from_slice(&bytes);
+        bytes.iter_mut().for_each(|b| *b = 0);
+        Ok(Key(k))
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // SAFETY: `b` is a valid, aligned &mut u8.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key(id {})", self.key_id_hex())
+    }
+}
+
+/// Writes `key` to a new file at `path`: never overwrites, mode 0600,
+/// fsync of the file and of its directory.
+pub fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyError> {
+    let io_err = |source: io::Error| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(KeyError::AlreadyExists {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io_err(e)),
+    };
+    let result = (|| {
+        // The umask may have narrowed the mode further; never widened it.
+        f.write_all(key.to_file_text().as_bytes())?;
+        crate::durable::sync_all(&f)?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        crate::durable::sync_dir(dir)
+    })();
+    if let Err(e) = result {
+        // A half-written key file is worse than none.
+        let _ = std::fs::remove_file(path);
+        return Err(io_err(e));
+    }
+    Ok(())
+}
+
+/// Reads a key file written by [`write_key_file`]. Warns (does not refuse)
+/// when the file is readable by group or others.
+pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(match e.kind() {
+                io::ErrorKind::NotFound => KeyError::Missing {
+                    path: path.to_path_buf(),
+                },
+                io::ErrorKind::PermissionDenied => KeyError::Unreadable {
+                    path: path.to_path_buf(),
+                    source: e,
+                },
+                io::ErrorKind::InvalidData => KeyError::Malformed {
+                    path: path.to_path_buf(),
+                    reason: "it is not text".into(),
+                },
+                _ => KeyError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                },
+            })
+        }
+    };
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "repository key file {} has mode {:o}: group or others may read it; run `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            );
+        }
+    }
+    let mut text = text;
+    let key = Key::parse_file_text(&text, path);
+    // Do not leave the hex key lying around in freed memory.
+    // SAFETY: writing ASCII zeros keeps the String valid UTF-8.
+    unsafe { text.as_bytes_mut().iter_mut().for_each(|b| *b = b'0') };
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_round_trip_with_mode_0600() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("repo.key");
+        let k = Key::generate();
+        write_key_file(&p, &k).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(&k.key_id_hex()), "{text}");
+        let loaded = load_key_file(&p).unwrap();
+        assert_eq!(loaded, k);
+    }
+
+    #[test]
+    fn never_overwrites_an_existing_key_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("repo.key");
+        let k1 = Key::generate();
+        write_key_file(&p, &k1).unwrap();
+        let err = write_key_file(&p, &Key::generate()).unwrap_err();
+        assert!(matches!(err, KeyError::AlreadyExists { .. }), "{err}");
+        assert_eq!(load_key_file(&p).unwrap(), k1);
+    }
+
+    #[test]
+    fn missing_file_names_keygen() {
+        let d = tempfile::tempdir().unwrap();
+        let err = load_key_file(&d.path().join("nope")).unwrap_err();
+        assert!(matches!(err, KeyError::Missing { .. }));
+        assert!(err.to_string().contains("walsafe keygen"), "{err}");
+    }
+
+    #[test]
+    fn malformed_and_wrong_length_are_distinct() {
+        let p = Path::new("/k");
+        let e = Key::parse_file_text("hello\n", p).unwrap_err();
+        assert!(matches!(e, KeyError::Malformed { .. }), "{e}");
+        let e = Key::parse_file_text("walsafe-key-v1 zz\n", p).unwrap_err();
+        assert!(matches!(e, KeyError::Malformed { .. }), "{e}");
+        let e = Key::parse_file_text("walsafe-key-v1 00ff\n", p).unwrap_err();
+        assert!(matches!(e, KeyError::WrongLength { found: 2, .. }), "{e}");
+        let e = Key::parse_file_text("# only a comment\n", p).unwrap_err();
+        assert!(matches!(e, KeyError::Malformed { .. }), "{e}");
+        let two = format!(
+            "{KEY_FILE_TAG} {}\n{KEY_FILE_TAG} {}\n",
+            "00".repeat(32),
+            "11".repeat(32)
+        );
+        assert!(matches!(
+            Key::parse_file_text(&two, p),
+            Err(KeyError::Malformed { .. })
+        ));
+        let ok = format!("# c\n\n  {KEY_FILE_TAG}   {}  \n", "ab".repeat(32));
+        assert_eq!(
+            Key::parse_file_text(&ok, p).unwrap().as_bytes(),
+            &[0xab; 32]
+        );
+    }
+
+    #[test]
+    fn debug_shows_only_the_key_id() {
+        let k = Key::from_bytes([0x5a; 32]);
+        let dbg = format!("{k:?}");
+        assert!(dbg.contains(&k.key_id_hex()));
+        assert!(!dbg.contains(&"5a".repeat(8)), "{dbg}");
+        assert_ne!(k.key_id(), Key::from_bytes([0x5b; 32]).key_id());
+        // The id is not a prefix of the key.
+        assert_ne!(&k.key_id()[..], &k.as_bytes()[..8]);
+    }
+
+    #[test]
+    fn a_directory_is_an_io_error_naming_the_path() {
+        let d = tempfile::tempdir().unwrap();
+        let e = load_key_file(d.path()).unwrap_err();
+        assert!(matches!(e, KeyError::Io { .. }), "{e}");
+        assert!(e.to_string().contains(&d.path().display().to_string()));
+    }
+}
