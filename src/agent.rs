@@ -32,7 +32,7 @@ use crate::pg::page::ClusterIdentity;
 use crate::pg::replication::{ReplError, ReplicationConnection};
 use crate::pg::{Lsn, TimelineId, WAL_BLOCK_SIZE};
 use crate::positions::Positions;
-use crate::receive::{Receiver, SpoolWriterHandle, StreamEnd};
+use crate::receive::{Receiver, SpoolEvent, SpoolWriterHandle, StreamEnd};
 use crate::repository::{ClusterIdentity as RepoIdentity, Repository};
 use crate::spool::{Recovered, Spool};
 use crate::upload::Uploader;
@@ -75,6 +75,49 @@ fn is_retryable(e: &anyhow::Error) -> bool {
         .is_some_and(ReplError::is_retryable)
 }
 
+/// The spool and its uploader, running.
+struct Pipeline {
+    spool: Arc<Spool>,
+    recovered: Recovered,
+    archived: tokio::sync::watch::Receiver<Lsn>,
+    events: mpsc::UnboundedSender<SpoolEvent>,
+    upload_cancel: CancellationToken,
+    upload_task: tokio::task::JoinHandle<()>,
+}
+
+/// Opens the spool and starts shipping what it holds.
+async fn start_pipeline(
+    cfg: &Config,
+    repo: &Arc<Repository>,
+    positions: &Positions,
+    segment_size: u64,
+) -> anyhow::Result<Pipeline> {
+    let dir = cfg.spool.dir.clone();
+    let (spool, recovered) = tokio::task::spawn_blocking(move || Spool::open(&dir, segment_size))
+        .await?
+        .with_context(|| format!("cannot open the spool {}", cfg.spool.dir.display()))?;
+    let spool = Arc::new(spool);
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let (uploader, archived) = Uploader::new(
+        repo.clone(),
+        spool.clone(),
+        positions.clone(),
+        &recovered,
+        cfg.archive.partial_interval,
+        cfg.archive.upload_concurrency,
+    );
+    let upload_cancel = CancellationToken::new();
+    let upload_task = tokio::spawn(uploader.run(events_rx, upload_cancel.clone()));
+    Ok(Pipeline {
+        spool,
+        recovered,
+        archived,
+        events,
+        upload_cancel,
+        upload_task,
+    })
+}
+
 /// `walsafe run`.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(listen) = cfg.metrics.listen {
@@ -86,8 +129,56 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone());
+    let positions = Positions::default();
+    let refresher = {
+        let p = positions.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_millis(500));
+            while !c.is_cancelled() {
+                crate::metrics::refresh_positions(&p);
+                tokio::select! { _ = t.tick() => {}, _ = c.cancelled() => {} }
+            }
+        })
+    };
 
-    let (mut conn, server) = connect_until_ready(&cfg, &cancel).await?;
+    // A pinned repository tells the segment size: ship what the spool holds
+    // right away, even while PostgreSQL is unreachable (after a disaster, the
+    // spool may hold the last second of WAL that exists anywhere).
+    let mut pipeline = match repo.descriptor().await? {
+        Some(d) => Some(start_pipeline(&cfg, &repo, &positions, d.segment_size).await?),
+        None => None,
+    };
+
+    let result = stream_until_stopped(&cfg, &repo, &positions, &mut pipeline, &cancel).await;
+    if let Err(e) = &result {
+        error!("{e:#}");
+    }
+    cancel.cancel();
+    if let Some(p) = pipeline {
+        p.upload_cancel.cancel();
+        let _ = p.upload_task.await;
+    }
+    let _ = refresher.await;
+    crate::metrics::refresh_positions(&positions);
+    info!(
+        flushed = %positions.flushed(),
+        archived = %positions.archived(),
+        "stopped"
+    );
+    result
+}
+
+async fn stream_until_stopped(
+    cfg: &Config,
+    repo: &Arc<Repository>,
+    positions: &Positions,
+    pipeline: &mut Option<Pipeline>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let Some((mut conn, server)) = connect_until_ready(cfg, cancel).await? else {
+        return Ok(());
+    };
     info!(
         system_identifier = server.system_identifier,
         timeline = %server.timeline,
@@ -106,52 +197,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         segment_size: server.segment_size,
         block_size: WAL_BLOCK_SIZE,
     };
-
-    let dir = cfg.spool.dir.clone();
-    let seg = server.segment_size;
-    let (spool, recovered) = tokio::task::spawn_blocking(move || Spool::open(&dir, seg))
-        .await?
-        .with_context(|| format!("cannot open the spool {}", cfg.spool.dir.display()))?;
-    let spool = Arc::new(spool);
-    let (timeline, start) = start_position(&cfg, &mut conn, &server, &recovered).await?;
+    if pipeline.is_none() {
+        *pipeline = Some(start_pipeline(cfg, repo, positions, server.segment_size).await?);
+    }
+    let p = pipeline.as_ref().expect("started above");
+    let (timeline, start) = start_position(cfg, &mut conn, &server, &p.recovered).await?;
     info!(%timeline, %start, "streaming starts here");
-
-    let positions = Positions::default();
     positions.reset(timeline, start);
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let writer =
-        SpoolWriterHandle::start(spool.writer(), timeline, events_tx.clone(), positions.clone());
-    let (uploader, archived) = Uploader::new(
-        repo.clone(),
-        spool.clone(),
+    let writer = SpoolWriterHandle::start(
+        p.spool.writer(),
+        timeline,
+        p.events.clone(),
         positions.clone(),
-        &recovered,
-        start,
-        cfg.archive.partial_interval,
-        cfg.archive.upload_concurrency,
     );
-    let upload_cancel = CancellationToken::new();
-    let upload_task = tokio::spawn(uploader.run(events_rx, upload_cancel.clone()));
-    let refresher = {
-        let p = positions.clone();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_millis(500));
-            while !c.is_cancelled() {
-                crate::metrics::refresh_positions(&p);
-                tokio::select! { _ = t.tick() => {}, _ = c.cancelled() => {} }
-            }
-        })
-    };
-
     let mut receiver = Receiver {
-        cfg: &cfg,
+        cfg,
         identity,
-        spool: spool.clone(),
+        spool: p.spool.clone(),
         writer: &writer,
         positions: positions.clone(),
-        archived,
-        events: events_tx,
+        archived: p.archived.clone(),
+        events: p.events.clone(),
         cancel: cancel.clone(),
     };
     // Histories of every timeline up to the current one (recovery probes them in order).
@@ -167,7 +233,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let outcome: anyhow::Result<()> = loop {
         let c = match conn.take() {
             Some(c) => c,
-            None => match connect(&cfg).await {
+            None => match connect(cfg).await {
                 Ok((c, info)) => {
                     if info.system_identifier != server.system_identifier {
                         break Err(anyhow!(
@@ -182,7 +248,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 }
                 Err(e) if is_retryable(&e) => {
                     warn!("cannot reconnect yet: {e:#}");
-                    if sleep_or_cancel(&cancel, &mut backoff).await {
+                    if sleep_or_cancel(cancel, &mut backoff).await {
                         break Ok(());
                     }
                     continue;
@@ -201,25 +267,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         crate::metrics::reconnect();
         tli = positions.timeline();
         from = positions.received();
-        if sleep_or_cancel(&cancel, &mut backoff).await {
+        if sleep_or_cancel(cancel, &mut backoff).await {
             break Ok(());
         }
     };
-    if let Err(e) = &outcome {
-        error!("{e:#}");
-    }
-    // Orderly shutdown: spool first (fsync what is queued), then uploads.
+    // Orderly shutdown: stop reading, then let the writer write and fsync
+    // everything queued before the uploader is told to stop.
     cancel.cancel();
     let writer_result = writer.finish().await;
-    upload_cancel.cancel();
-    let _ = upload_task.await;
-    let _ = refresher.await;
-    crate::metrics::refresh_positions(&positions);
-    info!(
-        flushed = %positions.flushed(),
-        archived = %positions.archived(),
-        "stopped"
-    );
     outcome?;
     writer_result
 }
@@ -234,18 +289,19 @@ async fn sleep_or_cancel(cancel: &CancellationToken, backoff: &mut Duration) -> 
     }
 }
 
+/// Connects, retrying while the error is retryable; `None` if shutdown came first.
 async fn connect_until_ready(
     cfg: &Config,
     cancel: &CancellationToken,
-) -> anyhow::Result<(ReplicationConnection, ServerInfo)> {
+) -> anyhow::Result<Option<(ReplicationConnection, ServerInfo)>> {
     let mut backoff = RECONNECT_MIN;
     loop {
         match connect(cfg).await {
-            Ok(r) => return Ok(r),
+            Ok(r) => return Ok(Some(r)),
             Err(e) if is_retryable(&e) => {
                 warn!("cannot connect yet: {e:#}");
                 if sleep_or_cancel(cancel, &mut backoff).await {
-                    bail!("stopped before the first connection");
+                    return Ok(None);
                 }
             }
             Err(e) => return Err(e),

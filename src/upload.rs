@@ -103,14 +103,14 @@ pub struct Uploader {
 
 impl Uploader {
     /// Prepares the uploader with what the spool recovered at start-up.
-    /// `resume` is where streaming restarts (the filling segment, if any, is
-    /// re-streamed from there and must not be treated as closed).
+    /// The newest `.partial` is where streaming resumes: it is not closed,
+    /// but its durable part (as the spool recorded it) is shipped as a
+    /// chunk right away, before any server is reachable.
     pub fn new(
         repo: Arc<Repository>,
         spool: Arc<Spool>,
         positions: Positions,
         recovered: &Recovered,
-        resume: Lsn,
         interval: Duration,
         concurrency: usize,
     ) -> (Self, watch::Receiver<Lsn>) {
@@ -128,6 +128,20 @@ impl Uploader {
         for t in &recovered.histories {
             jobs.insert(Job::History(*t), State::Queued);
         }
+        let resume = recovered.resume.map_or(Lsn::INVALID, |(_, l)| l);
+        let mut flushed = resume;
+        let mut filling = None;
+        if let (Some(seg), Some((t, hint))) = (reopened, recovered.flushed_hint) {
+            let off = hint.bytes_after(seg.start_lsn(segment_size));
+            if t == seg.timeline && off > 0 && off < segment_size {
+                flushed = hint;
+                filling = Some(Filling {
+                    seg,
+                    flushed: off,
+                    chunk_in_flight: false,
+                });
+            }
+        }
         let (archived_tx, archived_rx) = watch::channel(resume);
         let u = Uploader {
             repo,
@@ -137,9 +151,9 @@ impl Uploader {
             interval,
             concurrency,
             jobs,
-            filling: None,
+            filling,
             chunked: BTreeMap::new(),
-            flushed: resume,
+            flushed,
             durable_times: VecDeque::new(),
             archived_tx,
             last_chunk: Instant::now(),

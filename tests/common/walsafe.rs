@@ -1,1 +1,275 @@
-//! (being written)
+//! The walsafe binary under test: configuration files, the agent as a
+//! child process (killed on drop), its metrics, and one-shot commands.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary cargo built for this test run.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_walsafe"))
+}
+
+/// A copy of the binary inside `dir` (which the `postgres` user can
+/// execute as restore_command even when the build tree is private).
+pub fn bin_copy(dir: &Path) -> PathBuf {
+    let dest = dir.join("walsafe");
+    if !dest.exists() {
+        std::fs::copy(bin(), &dest).expect("copy walsafe binary");
+        super::pg::chown_postgres(&dest);
+    }
+    dest
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What goes into a test's walsafe.toml.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub conninfo: String,
+    pub slot: String,
+    pub spool: PathBuf,
+    pub repo_url: String,
+    pub repo_options: Vec<(String, String)>,
+    pub key_file: Option<PathBuf>,
+    pub partial_interval: String,
+    pub ack: String,
+    pub prefetch_dir: PathBuf,
+    pub prefetch: usize,
+    pub metrics_port: u16,
+    pub retries: u32,
+    pub application_name: String,
+}
+
+impl Settings {
+    /// Defaults for a test directory: spool, file:// repository and
+    /// prefetch dir inside it, a free metrics port.
+    pub fn new(dir: &Path, conninfo: &str) -> Settings {
+        Settings {
+            conninfo: conninfo.to_string(),
+            slot: "walsafe".into(),
+            spool: dir.join("spool"),
+            repo_url: format!("file://{}", dir.join("repo").display()),
+            repo_options: Vec::new(),
+            key_file: None,
+            partial_interval: "200ms".into(),
+            ack: "local".into(),
+            prefetch_dir: dir.join("prefetch"),
+            prefetch: 4,
+            metrics_port: free_port(),
+            retries: 3,
+            application_name: "walsafe".into(),
+        }
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut s = format!(
+            "[postgres]\nconninfo = {:?}\nslot = {:?}\napplication_name = {:?}\n\n[spool]\ndir = {:?}\n\n[repository]\nurl = {:?}\nretries = {}\n",
+            self.conninfo, self.slot, self.application_name, self.spool, self.repo_url, self.retries
+        );
+        if let Some(k) = &self.key_file {
+            s += &format!("key_file = {:?}\n", k);
+        }
+        if !self.repo_options.is_empty() {
+            s += "[repository.options]\n";
+            for (k, v) in &self.repo_options {
+                s += &format!("{k} = {v:?}\n");
+            }
+        }
+        s += &format!(
+            "\n[archive]\npartial_interval = {:?}\nack = {:?}\n\n[fetch]\ndir = {:?}\nprefetch = {}\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+            self.partial_interval, self.ack, self.prefetch_dir, self.prefetch, self.metrics_port
+        );
+        s
+    }
+
+    /// Writes the config to `path` (readable by the postgres user).
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.to_toml()).unwrap();
+        super::pg::chown_postgres(path);
+        path.to_path_buf()
+    }
+}
+
+/// A running `walsafe run`.
+pub struct Agent {
+    pub config: PathBuf,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts `walsafe --config CONFIG run` and waits until it streams.
+    pub fn start(config: &Path, metrics_port: u16) -> Agent {
+        let a = Self::spawn(config, metrics_port);
+        a.wait_connected(Duration::from_secs(30));
+        a
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn spawn(config: &Path, metrics_port: u16) -> Agent {
+        let log = config.with_extension(format!("log.{}", std::process::id()));
+        let logfile = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("WALSAFE_LOG", "walsafe=debug,info")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .expect("start walsafe run");
+        Agent {
+            config: config.to_path_buf(),
+            metrics_port,
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `walsafe_replication_connected` is 1.
+    pub fn wait_connected(&self, timeout: Duration) {
+        let ok = wait_until(timeout, || {
+            self.metrics().get("walsafe_replication_connected") == Some(&1.0)
+        });
+        assert!(ok, "walsafe did not start streaming; log:\n{}", self.log());
+    }
+
+    /// Scrapes the metrics endpoint (metric name with labels → value).
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        scrape(self.metrics_port).unwrap_or_default()
+    }
+
+    /// A gauge's value (0 when absent).
+    pub fn gauge(&self, name: &str) -> f64 {
+        self.metrics().get(name).copied().unwrap_or(0.0)
+    }
+
+    /// Waits until the archived position reaches `lsn` (bytes).
+    pub fn wait_archived(&self, lsn: u64, timeout: Duration) {
+        let ok = wait_until(timeout, || {
+            self.gauge("walsafe_archived_lsn_bytes") as u64 >= lsn
+        });
+        assert!(
+            ok,
+            "walsafe did not archive up to {lsn:#X} (archived {:#X}); log:\n{}",
+            self.gauge("walsafe_archived_lsn_bytes") as u64,
+            self.log()
+        );
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("walsafe did not stop within 40 s of SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Has the process exited? (Some(status) if so.)
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `walsafe --config CONFIG ARGS…` to completion.
+pub fn walsafe(config: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run walsafe")
+}
+
+/// `restore_command` for a config: the binary copy, run by postgres.
+pub fn restore_command(dir: &Path, config: &Path) -> String {
+    format!(
+        "{} --config {} wal-fetch %f %p",
+        bin_copy(dir).display(),
+        config.display()
+    )
+}
+
+/// Polls `f` every 50 ms until true or `timeout`.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Prometheus text from 127.0.0.1:port, as name{labels} → value.
+pub fn scrape(port: u16) -> Option<HashMap<String, f64>> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with("walsafe_"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect(),
+    )
+}
