@@ -1,1 +1,1289 @@
-//! (being written)
+//! The spool: a crash-safe local copy of the WAL stream, the first durable
+//! home of every byte walsafe receives.
+//!
+//! # What it owns
+//!
+//! One directory, holding WAL in PostgreSQL's own file naming, so that an
+//! operator (or `pg_waldump`, or a restore done by hand) can read it
+//! directly. The receive loop writes into it through the single
+//! [`SpoolWriter`]; the uploader reads from it ([`Spool::read_range`],
+//! [`Spool::read_complete`]) and removes what the repository has stored.
+//! The spool is what makes the `flush` position reported to PostgreSQL
+//! honest (data-safety rule 1) and what a restart resumes from (rule 6).
+//!
+//! # Directory format
+//!
+//! ```text
+//! <[spool] dir>/
+//!   walsafe.lock                       flock()ed by the running agent; holds its pid (text)
+//!   000000010000000A000000FD           complete segment: segment_size bytes, all fsynced
+//!   000000010000000A000000FE.partial   segment being filled (pre-sized, zero-filled)
+//!   000000010000000A000000FC.partial   closed end of an older timeline (switch point inside)
+//!   00000002.history                   timeline history, written atomically
+//!   .<name>.walsafe-tmp.<pid>.<n>      temp file (pre-size, history); removed at open
+//!
+//! struct SegmentFile {                 // both complete and .partial
+//!     wal: [u8; segment_size],         // byte i = WAL at segment_start + i, as PostgreSQL wrote it
+//! }                                    // (a .partial: WAL up to the written end, zeros after)
+//! ```
+//!
+//! # Invariants
+//!
+//! * A segment file is written from offset 0, contiguously; the bytes of a
+//!   `.partial` after the written end are zeros (pre-size) or WAL being
+//!   re-streamed identically.
+//! * Every segment file, complete or `.partial`, is exactly `segment_size`
+//!   bytes long: a `.partial` is born full-size and zero-filled under a
+//!   temporary name and durably renamed into place, so a crash during
+//!   pre-sizing leaves only a temp file. [`Spool::open`] refuses a directory
+//!   with segment files of another size (another cluster's spool).
+//! * A complete name exists only after its bytes were fsynced:
+//!   [`SpoolWriter::flush`] fdatasyncs first and then renames
+//!   (`durable_rename`: fsync, rename, fsync directory), in segment order.
+//! * Only `flushed` is reported. `written` (handed to the kernel) and
+//!   `flushed` (fdatasynced, and every completed segment before it renamed)
+//!   are distinct; [`SpoolWriter::flush`] is the only thing that moves
+//!   `flushed`, and it never moves it past `written`.
+//! * One agent per spool (the lock), one writer per agent
+//!   ([`Spool::writer`] panics on a second live writer), used from one
+//!   thread.
+//! * The writer never creates a file whose complete name already exists
+//!   (WAL already spooled is never silently rewritten).
+//!
+//! # Crash and restart
+//!
+//! After `kill -9` or a power cut, [`Spool::open`]:
+//!
+//! 1. takes the lock (the dead process's flock died with it);
+//! 2. removes temp files (an interrupted pre-size or history write);
+//! 3. lists complete segments (durable by construction: upload them),
+//!    `.partial` files and history files;
+//! 4. computes where streaming resumes. On the newest timeline, the
+//!    `.partial` files form the unfinished run (normally one; several when
+//!    the crash hit between crossing a segment boundary and the next group
+//!    commit). The tail of a `.partial` cannot be trusted after a power cut
+//!    (it was pre-sized, so its length says nothing, and fdatasync may not
+//!    have run), so like `pg_receivewal` we re-stream the first of them
+//!    from offset 0 and overwrite it with the same bytes. The later ones
+//!    hold only WAL that was never reported as flushed (a flush renames
+//!    segments in order before it reports), so they are removed. With no
+//!    `.partial` on the newest timeline, streaming resumes at the end of
+//!    its newest complete segment.
+//!
+//! The slot's restart position is never ahead of what we reported flushed,
+//! and the server keeps the whole segment holding it, so re-streaming a
+//! segment from its start is always possible.
+//!
+//! # Why pre-size by writing zeros (not `posix_fallocate`, not growing)
+//!
+//! Measured on this project's machines (ext4, 16 MiB segment, 8 KiB
+//! pwrite + fdatasync, 1500 rounds, three runs on a shared VM): fdatasync
+//! into a zero-filled file took p50 0.15–3.7 ms, into a `posix_fallocate`d
+//! file 0.26–3.8 ms, into a growing file 0.24–4.0 ms; in the quiet run zero
+//! fill was about 1.7× faster than both (0.15 vs 0.26 ms). An fallocated
+//! extent is "unwritten": the first write into each block must also commit
+//! a metadata change to the journal at fdatasync time, as must every size
+//! change of a growing file; a zero-filled file only flushes data. Zero fill
+//! costs one 16 MiB write per segment (15–75 ms here), paid when the writer
+//! enters a new segment, which PostgreSQL also pays (`wal_init_zero`) and
+//! `pg_receivewal` too. A second reason: once a segment is pre-sized, writes
+//! into it cannot fail with ENOSPC on a non-copy-on-write filesystem, so a
+//! full disk shows up only when a new segment is created, where the writer
+//! can stop cleanly (the temp file is removed, nothing moved) and be retried.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::durable;
+use crate::pg::walfile::{history_file_name, is_valid_segment_size};
+use crate::pg::{Lsn, SegmentName, TimelineId, WalFileName};
+
+/// Name of the lock file inside the spool directory.
+pub const LOCK_FILE: &str = "walsafe.lock";
+
+/// Marker in the names of temp files made by [`durable::temp_path_for`].
+const TEMP_MARKER: &str = ".walsafe-tmp.";
+
+/// Size of the zero buffer used to pre-size segments.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Errors of the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Another process holds the spool's lock: two agents must never write
+    /// the same spool.
+    #[error(
+        "spool {} is in use by another walsafe (pid {}); stop it or set a different [spool] dir",
+        dir.display(),
+        pid.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+    )]
+    Locked { dir: PathBuf, pid: Option<u32> },
+
+    /// A filesystem operation failed (see [`SpoolError::is_disk_full`]).
+    #[error("could not {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A write did not continue where the previous one ended.
+    #[error("WAL written to the spool at {got} does not continue the previous write, which ended at {expected}; the stream skipped or repeated bytes")]
+    NotContiguous { expected: Lsn, got: Lsn },
+
+    /// The first write after start-up or a timeline switch did not start
+    /// at a segment boundary (nor at the written end).
+    #[error("WAL for timeline {timeline} must start at a segment boundary after start-up or a timeline switch, but started at {got}; start streaming at {segment_start}")]
+    NotAtSegmentStart {
+        timeline: TimelineId,
+        got: Lsn,
+        segment_start: Lsn,
+    },
+
+    /// A WAL file in the spool directory is not `segment_size` bytes long.
+    #[error("spool file {} is {size} bytes, but WAL segments of this cluster are {expected} bytes; does [spool] dir belong to another cluster? move the file away and restart")]
+    WrongSegmentSize {
+        file: PathBuf,
+        size: u64,
+        expected: u64,
+    },
+
+    /// The writer was asked to write a segment that is already complete.
+    #[error("the spool already holds the complete segment {}; refusing to write it again (at {start}); streaming must resume after it", file.display())]
+    AlreadyComplete { file: PathBuf, start: Lsn },
+
+    /// WAL of a lower timeline after a higher one.
+    #[error("WAL of timeline {got} cannot follow timeline {current} in the spool; timelines only increase")]
+    TimelineDecreased {
+        current: TimelineId,
+        got: TimelineId,
+    },
+
+    /// WAL of a new timeline while the old one still has an open segment.
+    #[error("WAL of timeline {got} arrived while timeline {current} still has an open segment in the spool; end the old timeline first")]
+    TimelineNotEnded {
+        current: TimelineId,
+        got: TimelineId,
+    },
+
+    /// An earlier fsync or rename failed; after a failed fsync the kernel
+    /// may have dropped the dirty pages, so nothing written since the last
+    /// good flush can be trusted.
+    #[error("the spool writer stopped after an earlier failure ({reason}); restart walsafe: it resumes from what is durable and re-streams the rest")]
+    Poisoned { reason: String },
+
+    /// The segment size is not one PostgreSQL allows.
+    #[error("{size} bytes is not a WAL segment size PostgreSQL supports (a power of two from 1 MiB to 1 GiB)")]
+    InvalidSegmentSize { size: u64 },
+}
+
+impl SpoolError {
+    fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        SpoolError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The filesystem is full (ENOSPC) or the quota is exhausted (EDQUOT):
+    /// stop reading from the server (backpressure), alarm, retry later.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            SpoolError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether the same operation may succeed later without a restart:
+    /// a full disk (space may be freed) or a lock held by another agent
+    /// (it may stop). Everything else is permanent or needs a restart.
+    pub fn is_retryable(&self) -> bool {
+        self.is_disk_full() || matches!(self, SpoolError::Locked { .. })
+    }
+}
+
+/// What [`Spool::open`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Sorted; complete segments awaiting upload.
+    pub complete: Vec<SegmentName>,
+    /// Sorted; every `.partial` file. The one at `resume` (if any) is the
+    /// segment streaming continues in; the others are closed ends of old
+    /// timelines.
+    pub partials: Vec<SegmentName>,
+    /// Sorted; timelines with a `.history` file.
+    pub histories: Vec<TimelineId>,
+    /// Where streaming resumes: the start of the newest timeline's unfinished
+    /// `.partial` segment (its tail cannot be trusted after a crash; like
+    /// `pg_receivewal` we re-stream it from offset 0), else the end of the
+    /// newest complete segment. `None` for an empty spool.
+    pub resume: Option<(TimelineId, Lsn)>,
+}
+
+impl Recovered {
+    /// The `.partial` files that are closed (everything but the segment
+    /// streaming resumes in).
+    pub fn closed_partials(&self, segment_size: u64) -> Vec<SegmentName> {
+        let live = self
+            .resume
+            .map(|(t, l)| SegmentName::containing(t, l, segment_size));
+        self.partials
+            .iter()
+            .copied()
+            .filter(|p| Some(*p) != live)
+            .collect()
+    }
+}
+
+/// Result of a group commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flushed {
+    /// End of WAL now durable on the writer's timeline.
+    pub flushed: Lsn,
+    /// Segments that became complete (renamed), in order.
+    pub completed: Vec<SegmentName>,
+}
+
+/// State shared by the spool and its writer.
+#[derive(Default)]
+struct Shared {
+    /// A [`SpoolWriter`] is alive.
+    writer_alive: AtomicBool,
+    /// `.partial` files the writer has open (may not be removed).
+    open: Mutex<BTreeSet<SegmentName>>,
+}
+
+impl Shared {
+    fn open_set(&self) -> std::sync::MutexGuard<'_, BTreeSet<SegmentName>> {
+        // A panic while holding this lock cannot leave the set inconsistent.
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The spool directory, locked for this process.
+pub struct Spool {
+    dir: PathBuf,
+    segment_size: u64,
+    shared: Arc<Shared>,
+    /// Holds the flock for as long as the spool is open.
+    _lock: File,
+}
+
+fn partial_name(seg: SegmentName, segment_size: u64) -> String {
+    format!("{}.partial", seg.file_name(segment_size))
+}
+
+fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
+}
+
+impl Spool {
+    /// Opens (creating it durably if needed) and locks the spool directory,
+    /// cleans up after a crash and reports what is there.
+    pub fn open(dir: &Path, segment_size: u64) -> Result<(Spool, Recovered), SpoolError> {
+        if !is_valid_segment_size(segment_size) {
+            return Err(SpoolError::InvalidSegmentSize { size: segment_size });
+        }
+        durable::create_dir_all_durably(dir)
+            .map_err(|e| SpoolError::io("create the spool directory", dir, e))?;
+        let lock = lock_dir(dir)?;
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            segment_size,
+            shared: Arc::new(Shared::default()),
+            _lock: lock,
+        };
+        let recovered = spool.recover()?;
+        Ok((spool, recovered))
+    }
+
+    fn recover(&self) -> Result<Recovered, SpoolError> {
+        let dir = &self.dir;
+        let seg_size = self.segment_size;
+        let mut complete = Vec::new();
+        let mut partials = Vec::new();
+        let mut histories = Vec::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| SpoolError::io("list", dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| SpoolError::io("list", dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if name.starts_with('.') && name.contains(TEMP_MARKER) {
+                durable::durable_remove(&path)
+                    .map_err(|e| SpoolError::io("remove the leftover temp file", &path, e))?;
+                tracing::info!(file = %path.display(), "removed a leftover temp file from the spool");
+                continue;
+            }
+            let Some(wal_name) = WalFileName::parse(name, seg_size) else {
+                if name != LOCK_FILE {
+                    tracing::debug!(file = %path.display(), "ignoring a file that is not WAL");
+                }
+                continue;
+            };
+            let meta = entry
+                .metadata()
+                .map_err(|e| SpoolError::io("stat", &path, e))?;
+            if !meta.is_file() {
+                continue;
+            }
+            match wal_name {
+                WalFileName::Segment(s) | WalFileName::Partial(s) => {
+                    if meta.len() != seg_size {
+                        return Err(SpoolError::WrongSegmentSize {
+                            file: path,
+                            size: meta.len(),
+                            expected: seg_size,
+                        });
+                    }
+                    if matches!(wal_name, WalFileName::Segment(_)) {
+                        complete.push(s);
+                    } else {
+                        partials.push(s);
+                    }
+                }
+                WalFileName::History(t) => histories.push(t),
+            }
+        }
+        complete.sort();
+        partials.sort();
+        histories.sort();
+
+        // The newest timeline holding any segment decides where we resume.
+        let newest_tli = complete.iter().chain(&partials).map(|s| s.timeline).max();
+        let mut resume = None;
+        if let Some(t) = newest_tli {
+            let last_complete = complete.iter().filter(|s| s.timeline == t).max().copied();
+            let unfinished: Vec<SegmentName> = partials
+                .iter()
+                .filter(|p| p.timeline == t && last_complete.is_none_or(|c| p.segno > c.segno))
+                .copied()
+                .collect();
+            if let Some(first) = unfinished.first() {
+                resume = Some((t, first.start_lsn(seg_size)));
+                // The rest of the run holds only WAL never reported flushed.
+                for later in &unfinished[1..] {
+                    let path = dir.join(partial_name(*later, seg_size));
+                    durable::durable_remove(&path)
+                        .map_err(|e| SpoolError::io("remove the unflushed segment", &path, e))?;
+                    tracing::info!(file = %path.display(), "removed a segment that was never flushed; it will be re-streamed");
+                    partials.retain(|p| p != later);
+                }
+            } else if let Some(c) = last_complete {
+                resume = Some((t, c.end_lsn(seg_size)));
+            }
+        }
+        Ok(Recovered {
+            complete,
+            partials,
+            histories,
+            resume,
+        })
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The WAL segment size of the cluster this spool holds.
+    pub fn segment_size(&self) -> u64 {
+        self.segment_size
+    }
+
+    /// The one writer of this spool, to be used from one dedicated thread.
+    ///
+    /// # Panics
+    ///
+    /// If another [`SpoolWriter`] of this spool is still alive: two writers
+    /// would break every invariant of this module.
+    pub fn writer(&self) -> SpoolWriter {
+        let was = self.shared.writer_alive.swap(true, Ordering::AcqRel);
+        assert!(!was, "a SpoolWriter for {} already exists", self.dir.display());
+        SpoolWriter {
+            dir: self.dir.clone(),
+            segment_size: self.segment_size,
+            shared: self.shared.clone(),
+            timeline: None,
+            ended: true,
+            written: Lsn::INVALID,
+            flushed: Lsn::INVALID,
+            current: None,
+            closing: Vec::new(),
+            poisoned: None,
+        }
+    }
+
+    fn complete_path(&self, seg: SegmentName) -> PathBuf {
+        self.dir.join(seg.file_name(self.segment_size))
+    }
+
+    fn partial_path(&self, seg: SegmentName) -> PathBuf {
+        self.dir.join(partial_name(seg, self.segment_size))
+    }
+
+    fn history_path(&self, tli: TimelineId) -> PathBuf {
+        self.dir.join(history_file_name(tli))
+    }
+
+    /// Reads `[start, end)` (offsets inside the segment) of a segment,
+    /// whether it is still `.partial` or already complete. The writer may
+    /// rename it while we look: it only ever renames `.partial` to complete,
+    /// so trying the `.partial` name first and then the complete one cannot
+    /// miss it, and an open file keeps reading the same bytes across a
+    /// rename. Bytes past the flushed end are not meaningful.
+    pub fn read_range(&self, seg: SegmentName, start: u64, end: u64) -> io::Result<Vec<u8>> {
+        if start > end || end > self.segment_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "cannot read [{start}, {end}) of segment {}: a segment has {} bytes",
+                    seg.file_name(self.segment_size),
+                    self.segment_size
+                ),
+            ));
+        }
+        let partial = self.partial_path(seg);
+        let (file, path) = match File::open(&partial) {
+            Ok(f) => (f, partial),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let complete = self.complete_path(seg);
+                match File::open(&complete) {
+                    Ok(f) => (f, complete),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!(
+                                "segment {} is not in the spool {} (neither complete nor .partial)",
+                                seg.file_name(self.segment_size),
+                                self.dir.display()
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(with_path(e, "open", &complete)),
+                }
+            }
+            Err(e) => return Err(with_path(e, "open", &partial)),
+        };
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.read_exact_at(&mut buf, start)
+            .map_err(|e| with_path(e, "read", &path))?;
+        Ok(buf)
+    }
+
+    /// Reads a complete segment.
+    pub fn read_complete(&self, seg: SegmentName) -> io::Result<Vec<u8>> {
+        let path = self.complete_path(seg);
+        std::fs::read(&path).map_err(|e| with_path(e, "read", &path))
+    }
+
+    /// Removes a complete segment, durably (after the repository stored it).
+    pub fn remove_complete(&self, seg: SegmentName) -> io::Result<()> {
+        let path = self.complete_path(seg);
+        durable::durable_remove(&path).map_err(|e| with_path(e, "remove", &path))
+    }
+
+    /// Removes a closed `.partial` (the end of an old timeline), durably,
+    /// after upload. Refuses the segment the writer has open.
+    pub fn remove_partial(&self, seg: SegmentName) -> io::Result<()> {
+        let path = self.partial_path(seg);
+        if self.shared.open_set().contains(&seg) {
+            return Err(io::Error::other(format!(
+                "cannot remove {}: the spool writer is still filling it",
+                path.display()
+            )));
+        }
+        durable::durable_remove(&path).map_err(|e| with_path(e, "remove", &path))
+    }
+
+    /// Stores a timeline history file durably (temp file, fsync, rename).
+    pub fn write_history(&self, tli: TimelineId, content: &[u8]) -> io::Result<()> {
+        let path = self.history_path(tli);
+        durable::write_atomically(&path, content, 0o600).map_err(|e| with_path(e, "write", &path))
+    }
+
+    /// Reads a timeline history file.
+    pub fn read_history(&self, tli: TimelineId) -> io::Result<Vec<u8>> {
+        let path = self.history_path(tli);
+        std::fs::read(&path).map_err(|e| with_path(e, "read", &path))
+    }
+
+    /// Removes a timeline history file durably.
+    pub fn remove_history(&self, tli: TimelineId) -> io::Result<()> {
+        let path = self.history_path(tli);
+        durable::durable_remove(&path).map_err(|e| with_path(e, "remove", &path))
+    }
+
+    /// Bytes used by the files in the spool (their lengths; segments are
+    /// pre-sized, so a `.partial` counts in full).
+    pub fn usage_bytes(&self) -> io::Result<u64> {
+        let mut total = 0;
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| with_path(e, "list", &self.dir))? {
+            let entry = entry.map_err(|e| with_path(e, "list", &self.dir))?;
+            match entry.metadata() {
+                Ok(m) if m.is_file() => total += m.len(),
+                Ok(_) => {}
+                // Removed by the uploader while we were listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(with_path(e, "stat", &entry.path())),
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Takes the spool's lock file (non-blocking) and writes our pid into it.
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| SpoolError::io("open the lock file", &path, e))?;
+    let locked = fs4::fs_std::FileExt::try_lock_exclusive(&file)
+        .map_err(|e| SpoolError::io("lock", &path, e))?;
+    if !locked {
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        return Err(SpoolError::Locked {
+            dir: dir.to_path_buf(),
+            pid: text.trim().parse().ok(),
+        });
+    }
+    // The pid is only for the message above: no fsync needed.
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
+        .map_err(|e| SpoolError::io("write the pid into", &path, e))?;
+    let _ = file.flush();
+    Ok(file)
+}
+
+/// A segment file the writer has open.
+struct OpenSegment {
+    name: SegmentName,
+    path: PathBuf,
+    file: File,
+    /// Written since the last fdatasync.
+    dirty: bool,
+}
+
+/// The single writer of the spool. Owns the positions:
+///
+/// * `written`: end of WAL handed to the kernel on the writer's timeline
+///   (lost on a power cut);
+/// * `flushed`: end of WAL fdatasynced, every segment before it complete
+///   under its final name. `flushed <= written`. Only `flushed` may be
+///   reported to PostgreSQL.
+///
+/// Dropping the writer without [`flush`](Self::flush) is what a crash
+/// does: nothing is lost that was flushed.
+pub struct SpoolWriter {
+    dir: PathBuf,
+    segment_size: u64,
+    shared: Arc<Shared>,
+    /// Timeline of the WAL written; `None` before the first write.
+    timeline: Option<TimelineId>,
+    /// True before the first write and after [`end_timeline`](Self::end_timeline):
+    /// the next write may start at any segment boundary.
+    ended: bool,
+    written: Lsn,
+    flushed: Lsn,
+    /// The segment being filled.
+    current: Option<OpenSegment>,
+    /// Full segments awaiting fdatasync and rename, in order.
+    closing: Vec<OpenSegment>,
+    /// Set when an fsync or rename failed.
+    poisoned: Option<String>,
+}
+
+impl SpoolWriter {
+    /// Writes WAL at `start` on `timeline`.
+    ///
+    /// The first write after open (or after [`end_timeline`](Self::end_timeline))
+    /// must start at a segment boundary, or, on the same timeline, at the
+    /// written end; later writes must be contiguous. Crossing a segment
+    /// boundary moves the full file to the group waiting for the next
+    /// [`flush`](Self::flush) (kept open until then) and opens the next one,
+    /// pre-sized to `segment_size` with zeros (see the module doc for why).
+    ///
+    /// On error nothing after [`written`](Self::written) was written; the
+    /// caller may retry the rest from there (a full disk is retryable).
+    pub fn write(&mut self, timeline: TimelineId, start: Lsn, data: &[u8]) -> Result<(), SpoolError> {
+        self.check_poisoned()?;
+        let seg_size = self.segment_size;
+        match self.timeline {
+            Some(current) if timeline < current => {
+                return Err(SpoolError::TimelineDecreased {
+                    current,
+                    got: timeline,
+                })
+            }
+            Some(current) if timeline == current && (!self.ended || start == self.written) => {
+                if start != self.written {
+                    return Err(SpoolError::NotContiguous {
+                        expected: self.written,
+                        got: start,
+                    });
+                }
+            }
+            Some(current)
+                if timeline > current && (self.current.is_some() || !self.closing.is_empty()) =>
+            {
+                return Err(SpoolError::TimelineNotEnded {
+                    current,
+                    got: timeline,
+                })
+            }
+            _ => {
+                // Start-up, a new timeline, or a restart at a boundary.
+                if start.segment_offset(seg_size) != 0 {
+                    return Err(SpoolError::NotAtSegmentStart {
+                        timeline,
+                        got: start,
+                        segment_start: start.segment_start(seg_size),
+                    });
+                }
+                if self.timeline != Some(timeline) || start != self.written {
+                    // A new position: close whatever is open (all flushed
+                    // or empty, see the arms above) and start afresh.
+                    if let Some(seg) = self.current.take() {
+                        self.forget(seg.name);
+                    }
+                    self.written = start;
+                    self.flushed = start;
+                }
+                self.timeline = Some(timeline);
+            }
+        }
+        self.ended = false;
+
+        let mut pos = start;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let offset = pos.segment_offset(seg_size);
+            if self.current.is_none() {
+                let seg = SegmentName::containing(timeline, pos, seg_size);
+                self.current = Some(self.open_segment(seg, pos)?);
+            }
+            let cur = self.current.as_mut().expect("opened above");
+            let n = rest.len().min((seg_size - offset) as usize);
+            cur.file
+                .write_all_at(&rest[..n], offset)
+                .map_err(|e| SpoolError::io("write WAL to", &cur.path, e))?;
+            cur.dirty = true;
+            pos = pos.add(n as u64);
+            rest = &rest[n..];
+            self.written = pos;
+            if offset + n as u64 == seg_size {
+                let full = self.current.take().expect("current segment");
+                self.closing.push(full);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the `.partial` file for `seg`, to write at `at`; creates it,
+    /// pre-sized with zeros, when it does not exist.
+    fn open_segment(&mut self, seg: SegmentName, at: Lsn) -> Result<OpenSegment, SpoolError> {
+        let complete = self.dir.join(seg.file_name(self.segment_size));
+        if complete.exists() {
+            return Err(SpoolError::AlreadyComplete {
+                file: complete,
+                start: at,
+            });
+        }
+        let path = self.dir.join(partial_name(seg, self.segment_size));
+        let file = match OpenOptions::new().write(true).open(&path) {
+            Ok(f) => {
+                let len = f
+                    .metadata()
+                    .map_err(|e| SpoolError::io("stat", &path, e))?
+                    .len();
+                if len != self.segment_size {
+                    return Err(SpoolError::WrongSegmentSize {
+                        file: path,
+                        size: len,
+                        expected: self.segment_size,
+                    });
+                }
+                f
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if at.segment_offset(self.segment_size) != 0 {
+                    // Continuing a segment that is gone: nothing to continue.
+                    return Err(SpoolError::NotAtSegmentStart {
+                        timeline: seg.timeline,
+                        got: at,
+                        segment_start: at.segment_start(self.segment_size),
+                    });
+                }
+                self.create_presized(&path)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| SpoolError::io("open", &path, e))?
+            }
+            Err(e) => return Err(SpoolError::io("open", &path, e)),
+        };
+        self.shared.open_set().insert(seg);
+        Ok(OpenSegment {
+            name: seg,
+            path,
+            file,
+            dirty: false,
+        })
+    }
+
+    /// Creates `path` full-size and zero-filled, durably: temp file, zeros,
+    /// fsync, rename, fsync directory. A crash leaves at most a temp file.
+    fn create_presized(&self, path: &Path) -> Result<(), SpoolError> {
+        let tmp = durable::temp_path_for(path);
+        let result = (|| {
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| SpoolError::io("create", &tmp, e))?;
+            let zeros = vec![0u8; ZERO_CHUNK];
+            let mut off = 0u64;
+            while off < self.segment_size {
+                let n = (self.segment_size - off).min(ZERO_CHUNK as u64) as usize;
+                f.write_all_at(&zeros[..n], off)
+                    .map_err(|e| SpoolError::io("pre-size (zero-fill)", &tmp, e))?;
+                off += n as u64;
+            }
+            drop(f);
+            durable::durable_rename(&tmp, path)
+                .map_err(|e| SpoolError::io("durably rename into place", &tmp, e))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn forget(&self, seg: SegmentName) {
+        self.shared.open_set().remove(&seg);
+    }
+
+    fn check_poisoned(&self) -> Result<(), SpoolError> {
+        match &self.poisoned {
+            Some(reason) => Err(SpoolError::Poisoned {
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&mut self, e: SpoolError) -> SpoolError {
+        self.poisoned = Some(e.to_string());
+        e
+    }
+
+    /// Group commit: fdatasyncs every file written since the last flush,
+    /// then durably renames the completed segments to their final names, in
+    /// order. Returns the new flushed end and the segments completed.
+    ///
+    /// A failure poisons the writer (every later call fails): after a failed
+    /// fsync the kernel may have dropped the dirty pages, and retrying would
+    /// report WAL as durable that is not. Restart and re-stream instead.
+    pub fn flush(&mut self) -> Result<Flushed, SpoolError> {
+        self.check_poisoned()?;
+        for seg in self.closing.iter_mut().chain(self.current.as_mut()) {
+            if seg.dirty {
+                if let Err(e) = durable::sync_data(&seg.file) {
+                    let err = SpoolError::io("fdatasync", &seg.path, e);
+                    return Err(self.poison(err));
+                }
+                seg.dirty = false;
+            }
+        }
+        let mut completed = Vec::with_capacity(self.closing.len());
+        for seg in std::mem::take(&mut self.closing) {
+            let OpenSegment {
+                name, path, file, ..
+            } = seg;
+            drop(file);
+            let to = self.dir.join(name.file_name(self.segment_size));
+            if let Err(e) = durable::durable_rename(&path, &to) {
+                let err = SpoolError::io("durably rename the complete segment", &path, e);
+                self.forget(name);
+                return Err(self.poison(err));
+            }
+            self.forget(name);
+            completed.push(name);
+        }
+        self.flushed = self.written;
+        Ok(Flushed {
+            flushed: self.flushed,
+            completed,
+        })
+    }
+
+    /// End of WAL handed to the kernel (`0/0` before the first write).
+    pub fn written(&self) -> Lsn {
+        self.written
+    }
+
+    /// End of WAL durable in the spool (`0/0` before the first write).
+    pub fn flushed(&self) -> Lsn {
+        self.flushed
+    }
+
+    /// The timeline being written, once something was.
+    pub fn timeline(&self) -> Option<TimelineId> {
+        self.timeline
+    }
+
+    /// End of a timeline: flushes, then closes the open segment, which stays
+    /// `.partial` (the switch point lies inside it), and returns it. The next
+    /// write may start a new timeline at a segment boundary.
+    ///
+    /// Call [`flush`](Self::flush) first to learn which segments completed:
+    /// the flush done here reports only its position.
+    pub fn end_timeline(&mut self) -> Result<Option<SegmentName>, SpoolError> {
+        self.flush()?;
+        self.ended = true;
+        Ok(self.current.take().map(|seg| {
+            self.forget(seg.name);
+            seg.name
+        }))
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        let names: Vec<SegmentName> = self
+            .closing
+            .iter()
+            .chain(self.current.as_ref())
+            .map(|s| s.name)
+            .collect();
+        for n in names {
+            self.forget(n);
+        }
+        self.shared.writer_alive.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 1 << 20;
+    const T1: TimelineId = TimelineId(1);
+    const T2: TimelineId = TimelineId(2);
+
+    /// Deterministic "WAL" bytes: a function of the position, so that any
+    /// range can be checked and re-written identically.
+    fn wal(start: Lsn, len: usize) -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| {
+                let p = start.0 + i;
+                (p.wrapping_mul(2_654_435_761) >> 13) as u8 | 1
+            })
+            .collect()
+    }
+
+    fn seg(t: TimelineId, segno: u64) -> SegmentName {
+        SegmentName { timeline: t, segno }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn open(dir: &Path) -> (Spool, Recovered) {
+        Spool::open(dir, SEG).unwrap()
+    }
+
+    #[test]
+    fn writes_across_segment_boundaries_and_reads_back_exactly() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, rec) = open(d.path());
+        assert_eq!(rec, Recovered::default());
+        let mut w = spool.writer();
+        let start = Lsn(5 * SEG);
+        let total = (3 * SEG + 12345) as usize;
+        let data = wal(start, total);
+        // Pieces of odd sizes, some spanning a whole segment boundary.
+        let mut off = 0;
+        let mut step = 777usize;
+        while off < total {
+            let n = step.min(total - off);
+            w.write(T1, start.add(off as u64), &data[off..off + n]).unwrap();
+            off += n;
+            step = (step * 13 + 101) % (SEG as usize + 5000) + 1;
+        }
+        assert_eq!(w.written(), start.add(total as u64));
+        let f = w.flush().unwrap();
+        assert_eq!(f.flushed, start.add(total as u64));
+        assert_eq!(f.completed, vec![seg(T1, 5), seg(T1, 6), seg(T1, 7)]);
+        for (i, s) in f.completed.iter().enumerate() {
+            let bytes = spool.read_complete(*s).unwrap();
+            let o = i * SEG as usize;
+            assert_eq!(bytes, &data[o..o + SEG as usize]);
+        }
+        // The filling segment: its WAL, then the zeros of the pre-size.
+        let tail = spool.read_range(seg(T1, 8), 0, SEG).unwrap();
+        assert_eq!(&tail[..12345], &data[3 * SEG as usize..]);
+        assert!(tail[12345..].iter().all(|&b| b == 0));
+        assert_eq!(
+            names(d.path()),
+            vec![
+                "000000010000000000000005",
+                "000000010000000000000006",
+                "000000010000000000000007",
+                "000000010000000000000008.partial",
+                "walsafe.lock"
+            ]
+        );
+        assert!(spool.usage_bytes().unwrap() >= 4 * SEG);
+    }
+
+    #[test]
+    fn complete_names_appear_only_at_flush() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        let mut w = spool.writer();
+        let start = Lsn(0);
+        w.write(T1, start, &wal(start, (2 * SEG + 10) as usize)).unwrap();
+        // Segments 0 and 1 are full, but not fsynced: still .partial.
+        assert_eq!(
+            names(d.path()),
+            vec![
+                "000000010000000000000000.partial",
+                "000000010000000000000001.partial",
+                "000000010000000000000002.partial",
+                "walsafe.lock"
+            ]
+        );
+        assert_eq!(w.flushed(), start);
+        let f = w.flush().unwrap();
+        assert_eq!(f.completed, vec![seg(T1, 0), seg(T1, 1)]);
+        assert_eq!(f.flushed, Lsn(2 * SEG + 10));
+        assert_eq!(
+            names(d.path()),
+            vec![
+                "000000010000000000000000",
+                "000000010000000000000001",
+                "000000010000000000000002.partial",
+                "walsafe.lock"
+            ]
+        );
+        // A second flush with nothing new completes nothing.
+        assert_eq!(w.flush().unwrap().completed, vec![]);
+    }
+
+    #[test]
+    fn crash_resumes_at_partial_start_and_rewrites_identically() {
+        let d = tempfile::tempdir().unwrap();
+        let start = Lsn(10 * SEG);
+        let all = wal(start, (3 * SEG) as usize);
+        {
+            let (spool, _) = open(d.path());
+            let mut w = spool.writer();
+            w.write(T1, start, &all[..(SEG + 500) as usize]).unwrap();
+            w.flush().unwrap(); // segment 10 complete, 11 has 500 flushed bytes
+            // Unflushed: the rest of 11 and some of 12, then "kill -9".
+            let more = (SEG + 700) as usize;
+            w.write(T1, Lsn(11 * SEG + 500), &all[(SEG + 500) as usize..(SEG + 500) as usize + more])
+                .unwrap();
+            drop(w);
+        }
+        let (spool, rec) = open(d.path());
+        assert_eq!(rec.complete, vec![seg(T1, 10)]);
+        // 12.partial held only never-flushed WAL and is gone.
+        assert_eq!(rec.partials, vec![seg(T1, 11)]);
+        assert_eq!(rec.resume, Some((T1, Lsn(11 * SEG))));
+        assert!(rec.closed_partials(SEG).is_empty());
+        assert!(!d.path().join("000000010000000000000012.partial").exists());
+
+        let mut w = spool.writer();
+        // Not at a boundary: refused.
+        assert!(matches!(
+            w.write(T1, Lsn(11 * SEG + 500), &[1]),
+            Err(SpoolError::NotAtSegmentStart { .. })
+        ));
+        w.write(T1, Lsn(11 * SEG), &all[SEG as usize..]).unwrap();
+        let f = w.flush().unwrap();
+        assert_eq!(f.completed, vec![seg(T1, 11), seg(T1, 12)]);
+        assert_eq!(spool.read_complete(seg(T1, 11)).unwrap(), &all[SEG as usize..2 * SEG as usize]);
+        assert_eq!(spool.read_complete(seg(T1, 12)).unwrap(), &all[2 * SEG as usize..]);
+        // Writing a complete segment again is refused.
+        drop(w);
+        let (spool, rec) = {
+            drop(spool);
+            open(d.path())
+        };
+        assert_eq!(rec.resume, Some((T1, Lsn(13 * SEG))));
+        let mut w = spool.writer();
+        assert!(matches!(
+            w.write(T1, Lsn(12 * SEG), &[1]),
+            Err(SpoolError::AlreadyComplete { .. })
+        ));
+    }
+
+    #[test]
+    fn end_timeline_leaves_closed_partial_and_new_timeline_starts_at_boundary() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        let mut w = spool.writer();
+        let start = Lsn(4 * SEG);
+        let switch = Lsn(5 * SEG + 3000);
+        let old = wal(start, (switch.0 - start.0) as usize);
+        w.write(T1, start, &old).unwrap();
+        w.flush().unwrap();
+        assert_eq!(w.end_timeline().unwrap(), Some(seg(T1, 5)));
+        // Timeline 2 must begin at a segment boundary.
+        assert!(matches!(
+            w.write(T2, switch, &[1]),
+            Err(SpoolError::NotAtSegmentStart { .. })
+        ));
+        // The new timeline's copy of the switch segment, from its start.
+        let new = wal(Lsn(5 * SEG), 5000);
+        w.write(T2, Lsn(5 * SEG), &new).unwrap();
+        let f = w.flush().unwrap();
+        assert_eq!(f.flushed, Lsn(5 * SEG + 5000));
+        assert!(matches!(
+            w.write(T1, Lsn(5 * SEG + 5000), &[1]),
+            Err(SpoolError::TimelineDecreased { .. })
+        ));
+        // The closed partial is intact and removable; the open one is not.
+        let closed = spool.read_range(seg(T1, 5), 0, 3000).unwrap();
+        assert_eq!(closed, &old[SEG as usize..]);
+        assert!(spool.remove_partial(seg(T2, 5)).is_err());
+        drop(w);
+        drop(spool);
+        let (spool, rec) = open(d.path());
+        assert_eq!(rec.complete, vec![seg(T1, 4)]);
+        assert_eq!(rec.partials, vec![seg(T1, 5), seg(T2, 5)]);
+        assert_eq!(rec.resume, Some((T2, Lsn(5 * SEG))));
+        assert_eq!(rec.closed_partials(SEG), vec![seg(T1, 5)]);
+        spool.remove_partial(seg(T1, 5)).unwrap();
+        assert!(!d.path().join("000000010000000000000005.partial").exists());
+    }
+
+    #[test]
+    fn new_timeline_without_ending_the_old_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        let mut w = spool.writer();
+        w.write(T1, Lsn(0), &[1, 2, 3]).unwrap();
+        assert!(matches!(
+            w.write(T2, Lsn(SEG), &[1]),
+            Err(SpoolError::TimelineNotEnded { .. })
+        ));
+        assert!(matches!(
+            w.write(T1, Lsn(4), &[1]),
+            Err(SpoolError::NotContiguous { expected: Lsn(3), got: Lsn(4) })
+        ));
+    }
+
+    #[test]
+    fn same_timeline_may_continue_after_end_timeline() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        let mut w = spool.writer();
+        let data = wal(Lsn(0), 9000);
+        w.write(T1, Lsn(0), &data[..4000]).unwrap();
+        assert_eq!(w.end_timeline().unwrap(), Some(seg(T1, 0)));
+        w.write(T1, Lsn(4000), &data[4000..]).unwrap();
+        w.flush().unwrap();
+        assert_eq!(spool.read_range(seg(T1, 0), 0, 9000).unwrap(), data);
+    }
+
+    #[test]
+    fn second_open_fails_with_the_pid() {
+        let d = tempfile::tempdir().unwrap();
+        let (_spool, _) = open(d.path());
+        let e = match Spool::open(d.path(), SEG) {
+            Err(e) => e,
+            Ok(_) => panic!("a second open of a locked spool succeeded"),
+        };
+        assert!(e.is_retryable());
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("(pid {})", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("stop it or set a different [spool] dir"), "{msg}");
+        assert!(msg.contains(&d.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn lock_is_released_when_the_spool_is_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        drop(spool);
+        open(d.path());
+    }
+
+    #[test]
+    fn read_range_follows_the_rename() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        let spool = Arc::new(spool);
+        let mut w = spool.writer();
+        let start = Lsn(0);
+        let data = wal(start, (20 * SEG) as usize);
+        let reader = {
+            let spool = spool.clone();
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                // Keep reading the flushed head of segments as they are renamed.
+                for segno in 0..19u64 {
+                    loop {
+                        match spool.read_range(seg(T1, segno), 100, 4196) {
+                            Ok(b) => {
+                                let o = (segno * SEG) as usize;
+                                assert_eq!(b, &data[o + 100..o + 4196]);
+                                reads += 1;
+                                break;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                                std::thread::yield_now()
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                reads
+            })
+        };
+        for chunk in 0..20u64 {
+            let o = (chunk * SEG) as usize;
+            w.write(T1, Lsn(o as u64), &data[o..o + SEG as usize]).unwrap();
+            w.flush().unwrap();
+        }
+        assert_eq!(reader.join().unwrap(), 19);
+        let e = spool.read_range(seg(T1, 99), 0, 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(spool.read_range(seg(T1, 0), 10, SEG + 1).is_err());
+    }
+
+    #[test]
+    fn leftover_temp_files_are_removed_and_foreign_sizes_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let tmp = durable::temp_path_for(&d.path().join("000000010000000000000003.partial"));
+        std::fs::write(&tmp, b"half a pre-size").unwrap();
+        std::fs::write(d.path().join("README"), b"not WAL").unwrap();
+        {
+            let (_spool, rec) = open(d.path());
+            assert_eq!(rec, Recovered::default());
+        }
+        assert_eq!(names(d.path()), vec!["README", "walsafe.lock"]);
+
+        std::fs::write(d.path().join("000000010000000000000003"), vec![0u8; 4096]).unwrap();
+        match Spool::open(d.path(), SEG) {
+            Err(e @ SpoolError::WrongSegmentSize { .. }) => {
+                assert!(e.to_string().contains("000000010000000000000003"), "{e}")
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a segment of the wrong size was accepted"),
+        }
+        assert!(matches!(
+            Spool::open(d.path(), 3 << 20),
+            Err(SpoolError::InvalidSegmentSize { .. })
+        ));
+    }
+
+    #[test]
+    fn history_files_are_written_durably_and_recovered() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (spool, _) = open(d.path());
+            spool
+                .write_history(T2, b"1\t0/5000BB8\tno recovery target specified\n")
+                .unwrap();
+            spool.write_history(TimelineId(3), b"x").unwrap();
+            assert_eq!(
+                spool.read_history(T2).unwrap(),
+                b"1\t0/5000BB8\tno recovery target specified\n"
+            );
+            spool.remove_history(TimelineId(3)).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(d.path().join("00000002.history"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let (_spool, rec) = open(d.path());
+        assert_eq!(rec.histories, vec![T2]);
+        assert_eq!(rec.resume, None);
+        assert_eq!(names(d.path()), vec!["00000002.history", "walsafe.lock"]);
+    }
+
+    #[test]
+    fn resume_after_only_complete_segments() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (spool, _) = open(d.path());
+            let mut w = spool.writer();
+            w.write(T1, Lsn(2 * SEG), &wal(Lsn(2 * SEG), 2 * SEG as usize)).unwrap();
+            assert_eq!(w.flush().unwrap().completed.len(), 2);
+        }
+        let (spool, rec) = open(d.path());
+        assert_eq!(rec.resume, Some((T1, Lsn(4 * SEG))));
+        assert!(rec.partials.is_empty());
+        spool.remove_complete(seg(T1, 2)).unwrap();
+        assert!(spool.read_complete(seg(T1, 2)).is_err());
+        let mut w = spool.writer();
+        w.write(T1, Lsn(4 * SEG), &[7; 10]).unwrap();
+        assert_eq!(w.flush().unwrap().flushed, Lsn(4 * SEG + 10));
+    }
+
+    #[test]
+    #[should_panic(expected = "already exists")]
+    fn only_one_writer() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        let _w = spool.writer();
+        let _w2 = spool.writer();
+    }
+
+    #[test]
+    fn writer_can_be_taken_again_after_drop() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        drop(spool.writer());
+        let mut w = spool.writer();
+        w.write(T1, Lsn(0), &[1]).unwrap();
+    }
+
+    #[test]
+    fn disk_full_is_classified() {
+        let e = SpoolError::io(
+            "pre-size (zero-fill)",
+            Path::new("/x"),
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert!(e.is_disk_full());
+        assert!(e.is_retryable());
+        assert!(e.to_string().contains("/x"));
+        let e = SpoolError::io("write", Path::new("/x"), io::Error::from_raw_os_error(libc::EIO));
+        assert!(!e.is_disk_full());
+        assert!(!e.is_retryable());
+    }
+}

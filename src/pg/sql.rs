@@ -1,1 +1,228 @@
-//! (being written)
+//! The ordinary SQL connection (tokio-postgres), for what the walsender
+//! protocol cannot tell: slot state, the server's current WAL position,
+//! forcing a segment switch.
+//!
+//! It resolves the same conninfo as the replication connection
+//! ([`ConnParams`]), so host, port, user, password file and sslmode behave
+//! identically. Like libpq, the database defaults to the user name; when
+//! that database does not exist (SQLSTATE 3D000) and no database was
+//! configured, walsafe falls back to `postgres`. Hosts are tried in order,
+//! each with its own password-file lookup. No TLS yet (see
+//! [`ConnParams::check_tls_supported`]).
+
+use std::str::FromStr;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::pg::conninfo::{ConnParams, Host, Target};
+use crate::pg::lsn::Lsn;
+use crate::pg::replication::{classify, ErrorContext, ReplError, ServerError};
+
+/// Database tried when the default (the user's name) does not exist.
+pub const FALLBACK_DBNAME: &str = "postgres";
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotState {
+    /// Process streaming from the slot, if any.
+    pub active_pid: Option<i32>,
+    /// Oldest WAL the slot holds.
+    pub restart_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (PG13+).
+    pub wal_status: Option<String>,
+}
+
+/// Connects with tokio-postgres and spawns the connection task.
+pub async fn connect_sql(conninfo: &str, application_name: &str) -> Result<Client, ReplError> {
+    let params = ConnParams::parse(conninfo)?;
+    connect_sql_params(&params, application_name).await
+}
+
+/// Like [`connect_sql`], with resolved parameters.
+pub async fn connect_sql_params(
+    params: &ConnParams,
+    application_name: &str,
+) -> Result<Client, ReplError> {
+    params.check_tls_supported()?;
+    let mut last = None;
+    for target in &params.targets {
+        let attempt = match &params.dbname {
+            Some(db) => connect_one(params, target, db, application_name).await,
+            None => match connect_one(params, target, &params.user, application_name).await {
+                Err(e) if e.sqlstate() == Some("3D000") => {
+                    connect_one(params, target, FALLBACK_DBNAME, application_name).await
+                }
+                other => other,
+            },
+        };
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                if params.targets.len() > 1 {
+                    tracing::warn!(%target, "SQL connection failed: {e}");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(ReplError::InvalidState("the conninfo names no host")))
+}
+
+async fn connect_one(
+    params: &ConnParams,
+    target: &Target,
+    dbname: &str,
+    application_name: &str,
+) -> Result<Client, ReplError> {
+    let mut cfg = tokio_postgres::Config::new();
+    match &target.host {
+        Host::Tcp(h) => cfg.host(h),
+        Host::Unix(dir) => cfg.host_path(dir),
+    };
+    if let Some(a) = target.hostaddr {
+        cfg.hostaddr(a);
+    }
+    cfg.port(target.port)
+        .user(&params.user)
+        .dbname(dbname)
+        .application_name(
+            params
+                .application_name
+                .as_deref()
+                .unwrap_or(application_name),
+        )
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
+        .connect_timeout(
+            params
+                .connect_timeout
+                .unwrap_or(crate::pg::replication::DEFAULT_CONNECT_TIMEOUT),
+        );
+    if let Some(o) = &params.options {
+        cfg.options(o);
+    }
+    // tokio-postgres sends the password only if the server asks; the
+    // password file is read up front (it is small and local).
+    if let Some(pw) = params.password_for(target, dbname, &mut |w| tracing::warn!("{w}")) {
+        cfg.password(pw.expose());
+    }
+    let (client, connection) = cfg.connect(NoTls).await.map_err(|e| {
+        let ctx = ErrorContext {
+            target: target.to_string(),
+            user: params.user.clone(),
+            command: format!("connecting to database \"{dbname}\""),
+            ..ErrorContext::default()
+        };
+        sql_error(e, &ctx)
+    })?;
+    let t = target.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(target = %t, "SQL connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// Maps a tokio-postgres error: server errors through the same classifier
+/// as the replication connection, everything else as [`ReplError::Sql`].
+/// A missing password becomes [`ReplError::PasswordMissing`].
+pub fn sql_error(e: tokio_postgres::Error, ctx: &ErrorContext) -> ReplError {
+    if let Some(db) = e.as_db_error() {
+        let server = ServerError {
+            severity: db.severity().to_string(),
+            code: db.code().code().to_string(),
+            message: db.message().to_string(),
+            detail: db.detail().map(str::to_string),
+            hint: db.hint().map(str::to_string),
+        };
+        return classify(server, ctx);
+    }
+    if e.to_string().contains("password missing") {
+        return ReplError::PasswordMissing {
+            target: ctx.target.clone(),
+            user: ctx.user.clone(),
+            passfile: "PGPASSFILE or ~/.pgpass".into(),
+        };
+    }
+    ReplError::Sql {
+        target: ctx.target.clone(),
+        context: ctx.command.clone(),
+        source: e,
+    }
+}
+
+fn query_ctx(what: &str) -> ErrorContext {
+    ErrorContext {
+        target: "the SQL connection".into(),
+        command: what.to_string(),
+        ..ErrorContext::default()
+    }
+}
+
+fn parse_lsn(text: Option<String>, what: &str) -> Result<Option<Lsn>, ReplError> {
+    text.map(|t| {
+        Lsn::from_str(&t).map_err(|e| ReplError::Protocol {
+            target: "the SQL connection".into(),
+            context: what.to_string(),
+            detail: e.to_string(),
+        })
+    })
+    .transpose()
+}
+
+/// The slot's state, `None` if no slot has that name.
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, ReplError> {
+    const WHAT: &str = "reading pg_replication_slots";
+    let mut ctx = query_ctx(WHAT);
+    ctx.slot = Some(slot.to_string());
+    let row = client
+        .query_opt(
+            "SELECT active_pid, restart_lsn::text, wal_status::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| sql_error(e, &ctx))?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(SlotState {
+        active_pid: row.get(0),
+        restart_lsn: parse_lsn(row.get(1), WHAT)?,
+        wal_status: row.get(2),
+    }))
+}
+
+/// The server's current WAL position: `pg_current_wal_lsn()` on a primary;
+/// on a standby the last received position (or the replayed one when
+/// nothing was received by streaming).
+pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, ReplError> {
+    const WHAT: &str = "reading the current WAL position";
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN pg_is_in_recovery() \
+                THEN coalesce(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) \
+                ELSE pg_current_wal_lsn() END::text",
+            &[],
+        )
+        .await
+        .map_err(|e| sql_error(e, &query_ctx(WHAT)))?;
+    parse_lsn(row.get(0), WHAT)?.ok_or_else(|| ReplError::Protocol {
+        target: "the SQL connection".into(),
+        context: WHAT.into(),
+        detail: "the server reported no WAL position".into(),
+    })
+}
+
+/// `pg_switch_wal()`: closes the current segment; returns the end of the
+/// switch record (primary only).
+pub async fn switch_wal(client: &Client) -> Result<Lsn, ReplError> {
+    const WHAT: &str = "switching WAL segment (pg_switch_wal)";
+    let row = client
+        .query_one("SELECT pg_switch_wal()::text", &[])
+        .await
+        .map_err(|e| sql_error(e, &query_ctx(WHAT)))?;
+    parse_lsn(row.get(0), WHAT)?.ok_or_else(|| ReplError::Protocol {
+        target: "the SQL connection".into(),
+        context: WHAT.into(),
+        detail: "pg_switch_wal returned NULL".into(),
+    })
+}
