@@ -295,16 +295,23 @@ async fn connect_until_ready(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Option<(ReplicationConnection, ServerInfo)>> {
     let mut backoff = RECONNECT_MIN;
+    let give_up = tokio::time::Instant::now() + cfg.postgres.connect_timeout;
     loop {
         match connect(cfg).await {
             Ok(r) => return Ok(Some(r)),
-            Err(e) if is_retryable(&e) => {
+            Err(e) if is_retryable(&e) && tokio::time::Instant::now() + backoff < give_up => {
                 warn!("cannot connect yet: {e:#}");
                 if sleep_or_cancel(cancel, &mut backoff).await {
                     return Ok(None);
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) if !is_retryable(&e) => return Err(e),
+            Err(e) => {
+                return Err(e.context(format!(
+                    "could not connect to PostgreSQL within {:?} ([postgres] connect_timeout)",
+                    cfg.postgres.connect_timeout
+                )))
+            }
         }
     }
 }

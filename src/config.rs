@@ -59,6 +59,8 @@ pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 2;
 pub const DEFAULT_RETRIES: u32 = 8;
 /// Segments wal-fetch downloads ahead of recovery.
 pub const DEFAULT_PREFETCH: usize = 8;
+/// How long `walsafe run` waits for the very first connection before giving up.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Metrics endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9851";
 
@@ -83,6 +85,9 @@ pub struct PostgresConfig {
     pub slot: String,
     /// `application_name` of the replication connection.
     pub application_name: String,
+    /// How long the first connection is retried before `walsafe run` gives
+    /// up (later disconnections are retried forever).
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +171,7 @@ struct RawPostgres {
     conninfo: Option<String>,
     slot: Option<String>,
     application_name: Option<String>,
+    connect_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +297,16 @@ impl Config {
             .and_then(|p| p.application_name.clone())
             .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_string());
 
+        let connect_timeout = match pg.as_ref().and_then(|p| p.connect_timeout.clone()) {
+            Some(s) => humantime::parse_duration(&s).unwrap_or_else(|e| {
+                problems.push(format!(
+                    "[postgres] connect_timeout = \"{s}\" is not a duration ({e}); write e.g. \"30s\""
+                ));
+                DEFAULT_CONNECT_TIMEOUT
+            }),
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+
         let spool_dir = match raw.spool.and_then(|s| s.dir) {
             Some(d) => resolve(d),
             None => {
@@ -397,6 +413,7 @@ impl Config {
                 conninfo,
                 slot,
                 application_name,
+                connect_timeout,
             },
             spool: SpoolConfig { dir: spool_dir },
             repository: RepositoryConfig {
