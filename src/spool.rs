@@ -147,7 +147,7 @@ pub enum SpoolError {
     },
 
     /// A WAL file in the spool directory is not `segment_size` bytes long.
-    #[error("spool file {} is {size} bytes, but WAL segments of this cluster are {expected} bytes; does [spool] dir belong to another cluster? move the file away and restart")]
+    #[error("spool file {} is {size} bytes, but WAL segments of this cluster are {expected} bytes; does [spool] dir belong to another cluster? move the file away and restart", file.display())]
     WrongSegmentSize {
         file: PathBuf,
         size: u64,
@@ -409,7 +409,11 @@ impl Spool {
     /// would break every invariant of this module.
     pub fn writer(&self) -> SpoolWriter {
         let was = self.shared.writer_alive.swap(true, Ordering::AcqRel);
-        assert!(!was, "a SpoolWriter for {} already exists", self.dir.display());
+        assert!(
+            !was,
+            "a SpoolWriter for {} already exists",
+            self.dir.display()
+        );
         SpoolWriter {
             dir: self.dir.clone(),
             segment_size: self.segment_size,
@@ -621,7 +625,12 @@ impl SpoolWriter {
     ///
     /// On error nothing after [`written`](Self::written) was written; the
     /// caller may retry the rest from there (a full disk is retryable).
-    pub fn write(&mut self, timeline: TimelineId, start: Lsn, data: &[u8]) -> Result<(), SpoolError> {
+    pub fn write(
+        &mut self,
+        timeline: TimelineId,
+        start: Lsn,
+        data: &[u8],
+    ) -> Result<(), SpoolError> {
         self.check_poisoned()?;
         let seg_size = self.segment_size;
         match self.timeline {
@@ -803,28 +812,36 @@ impl SpoolWriter {
     /// report WAL as durable that is not. Restart and re-stream instead.
     pub fn flush(&mut self) -> Result<Flushed, SpoolError> {
         self.check_poisoned()?;
+        let mut failure = None;
         for seg in self.closing.iter_mut().chain(self.current.as_mut()) {
             if seg.dirty {
                 if let Err(e) = durable::sync_data(&seg.file) {
-                    let err = SpoolError::io("fdatasync", &seg.path, e);
-                    return Err(self.poison(err));
+                    failure = Some(SpoolError::io("fdatasync", &seg.path, e));
+                    break;
                 }
                 seg.dirty = false;
             }
         }
+        if let Some(err) = failure {
+            return Err(self.poison(err));
+        }
         let mut completed = Vec::with_capacity(self.closing.len());
-        for seg in std::mem::take(&mut self.closing) {
-            let OpenSegment {
-                name, path, file, ..
-            } = seg;
+        let mut closing = std::mem::take(&mut self.closing).into_iter();
+        while let Some(OpenSegment {
+            name, path, file, ..
+        }) = closing.next()
+        {
             drop(file);
             let to = self.dir.join(name.file_name(self.segment_size));
-            if let Err(e) = durable::durable_rename(&path, &to) {
+            let renamed = durable::durable_rename(&path, &to);
+            self.forget(name);
+            if let Err(e) = renamed {
+                for rest in closing {
+                    self.forget(rest.name);
+                }
                 let err = SpoolError::io("durably rename the complete segment", &path, e);
-                self.forget(name);
                 return Err(self.poison(err));
             }
-            self.forget(name);
             completed.push(name);
         }
         self.flushed = self.written;
@@ -930,7 +947,8 @@ mod tests {
         let mut step = 777usize;
         while off < total {
             let n = step.min(total - off);
-            w.write(T1, start.add(off as u64), &data[off..off + n]).unwrap();
+            w.write(T1, start.add(off as u64), &data[off..off + n])
+                .unwrap();
             off += n;
             step = (step * 13 + 101) % (SEG as usize + 5000) + 1;
         }
@@ -966,7 +984,8 @@ mod tests {
         let (spool, _) = open(d.path());
         let mut w = spool.writer();
         let start = Lsn(0);
-        w.write(T1, start, &wal(start, (2 * SEG + 10) as usize)).unwrap();
+        w.write(T1, start, &wal(start, (2 * SEG + 10) as usize))
+            .unwrap();
         // Segments 0 and 1 are full, but not fsynced: still .partial.
         assert_eq!(
             names(d.path()),
@@ -1004,10 +1023,14 @@ mod tests {
             let mut w = spool.writer();
             w.write(T1, start, &all[..(SEG + 500) as usize]).unwrap();
             w.flush().unwrap(); // segment 10 complete, 11 has 500 flushed bytes
-            // Unflushed: the rest of 11 and some of 12, then "kill -9".
+                                // Unflushed: the rest of 11 and some of 12, then "kill -9".
             let more = (SEG + 700) as usize;
-            w.write(T1, Lsn(11 * SEG + 500), &all[(SEG + 500) as usize..(SEG + 500) as usize + more])
-                .unwrap();
+            w.write(
+                T1,
+                Lsn(11 * SEG + 500),
+                &all[(SEG + 500) as usize..(SEG + 500) as usize + more],
+            )
+            .unwrap();
             drop(w);
         }
         let (spool, rec) = open(d.path());
@@ -1027,8 +1050,14 @@ mod tests {
         w.write(T1, Lsn(11 * SEG), &all[SEG as usize..]).unwrap();
         let f = w.flush().unwrap();
         assert_eq!(f.completed, vec![seg(T1, 11), seg(T1, 12)]);
-        assert_eq!(spool.read_complete(seg(T1, 11)).unwrap(), &all[SEG as usize..2 * SEG as usize]);
-        assert_eq!(spool.read_complete(seg(T1, 12)).unwrap(), &all[2 * SEG as usize..]);
+        assert_eq!(
+            spool.read_complete(seg(T1, 11)).unwrap(),
+            &all[SEG as usize..2 * SEG as usize]
+        );
+        assert_eq!(
+            spool.read_complete(seg(T1, 12)).unwrap(),
+            &all[2 * SEG as usize..]
+        );
         // Writing a complete segment again is refused.
         drop(w);
         let (spool, rec) = {
@@ -1095,7 +1124,10 @@ mod tests {
         ));
         assert!(matches!(
             w.write(T1, Lsn(4), &[1]),
-            Err(SpoolError::NotContiguous { expected: Lsn(3), got: Lsn(4) })
+            Err(SpoolError::NotContiguous {
+                expected: Lsn(3),
+                got: Lsn(4)
+            })
         ));
     }
 
@@ -1126,7 +1158,10 @@ mod tests {
             msg.contains(&format!("(pid {})", std::process::id())),
             "{msg}"
         );
-        assert!(msg.contains("stop it or set a different [spool] dir"), "{msg}");
+        assert!(
+            msg.contains("stop it or set a different [spool] dir"),
+            "{msg}"
+        );
         assert!(msg.contains(&d.path().display().to_string()), "{msg}");
     }
 
@@ -1140,45 +1175,52 @@ mod tests {
 
     #[test]
     fn read_range_follows_the_rename() {
+        use std::sync::atomic::AtomicU64;
         let d = tempfile::tempdir().unwrap();
         let (spool, _) = open(d.path());
         let spool = Arc::new(spool);
+        let flushed = Arc::new(AtomicU64::new(0));
         let mut w = spool.writer();
-        let start = Lsn(0);
-        let data = wal(start, (20 * SEG) as usize);
+        let data = Arc::new(wal(Lsn(0), (20 * SEG) as usize));
         let reader = {
-            let spool = spool.clone();
-            let data = data.clone();
+            let (spool, data, flushed) = (spool.clone(), data.clone(), flushed.clone());
             std::thread::spawn(move || {
-                let mut reads = 0;
-                // Keep reading the flushed head of segments as they are renamed.
-                for segno in 0..19u64 {
+                let mut reads = 0u64;
+                for segno in 0..20u64 {
+                    let o = (segno * SEG) as usize;
+                    while flushed.load(Ordering::Acquire) < o as u64 + 4196 {
+                        std::thread::yield_now();
+                    }
+                    // Read while the writer fills and renames the segment:
+                    // every read must find it under one name or the other.
                     loop {
-                        match spool.read_range(seg(T1, segno), 100, 4196) {
-                            Ok(b) => {
-                                let o = (segno * SEG) as usize;
-                                assert_eq!(b, &data[o + 100..o + 4196]);
-                                reads += 1;
-                                break;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                                std::thread::yield_now()
-                            }
-                            Err(e) => panic!("{e}"),
+                        let done = spool.complete_path(seg(T1, segno)).exists();
+                        let b = spool.read_range(seg(T1, segno), 100, 4196).unwrap();
+                        assert!(b == data[o + 100..o + 4196], "segment {segno} differs");
+                        reads += 1;
+                        if done {
+                            break;
                         }
                     }
                 }
                 reads
             })
         };
-        for chunk in 0..20u64 {
-            let o = (chunk * SEG) as usize;
-            w.write(T1, Lsn(o as u64), &data[o..o + SEG as usize]).unwrap();
-            w.flush().unwrap();
+        for segno in 0..20u64 {
+            let o = (segno * SEG) as usize;
+            let mid = o + 8192;
+            w.write(T1, Lsn(o as u64), &data[o..mid]).unwrap();
+            flushed.store(w.flush().unwrap().flushed.0, Ordering::Release);
+            w.write(T1, Lsn(mid as u64), &data[mid..o + SEG as usize])
+                .unwrap();
+            let f = w.flush().unwrap();
+            assert_eq!(f.completed, vec![seg(T1, segno)]);
+            flushed.store(f.flushed.0, Ordering::Release);
         }
-        assert_eq!(reader.join().unwrap(), 19);
+        assert!(reader.join().unwrap() >= 20);
         let e = spool.read_range(seg(T1, 99), 0, 10).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("000000010000000000000063"), "{e}");
         assert!(spool.read_range(seg(T1, 0), 10, SEG + 1).is_err());
     }
 
@@ -1241,7 +1283,8 @@ mod tests {
         {
             let (spool, _) = open(d.path());
             let mut w = spool.writer();
-            w.write(T1, Lsn(2 * SEG), &wal(Lsn(2 * SEG), 2 * SEG as usize)).unwrap();
+            w.write(T1, Lsn(2 * SEG), &wal(Lsn(2 * SEG), 2 * SEG as usize))
+                .unwrap();
             assert_eq!(w.flush().unwrap().completed.len(), 2);
         }
         let (spool, rec) = open(d.path());
@@ -1282,7 +1325,11 @@ mod tests {
         assert!(e.is_disk_full());
         assert!(e.is_retryable());
         assert!(e.to_string().contains("/x"));
-        let e = SpoolError::io("write", Path::new("/x"), io::Error::from_raw_os_error(libc::EIO));
+        let e = SpoolError::io(
+            "write",
+            Path::new("/x"),
+            io::Error::from_raw_os_error(libc::EIO),
+        );
         assert!(!e.is_disk_full());
         assert!(!e.is_retryable());
     }
