@@ -48,6 +48,7 @@ pub struct Settings {
     pub metrics_port: u16,
     pub retries: u32,
     pub application_name: String,
+    pub connect_timeout: String,
 }
 
 impl Settings {
@@ -68,14 +69,15 @@ impl Settings {
             metrics_port: free_port(),
             retries: 3,
             application_name: "walsafe".into(),
+            connect_timeout: "20s".into(),
         }
     }
 
     /// The TOML text.
     pub fn to_toml(&self) -> String {
         let mut s = format!(
-            "[postgres]\nconninfo = {:?}\nslot = {:?}\napplication_name = {:?}\n\n[spool]\ndir = {:?}\n\n[repository]\nurl = {:?}\nretries = {}\n",
-            self.conninfo, self.slot, self.application_name, self.spool, self.repo_url, self.retries
+            "[postgres]\nconninfo = {:?}\nslot = {:?}\napplication_name = {:?}\nconnect_timeout = {:?}\n\n[spool]\ndir = {:?}\n\n[repository]\nurl = {:?}\nretries = {}\n",
+            self.conninfo, self.slot, self.application_name, self.connect_timeout, self.spool, self.repo_url, self.retries
         );
         if let Some(k) = &self.key_file {
             s += &format!("key_file = {:?}\n", k);

@@ -1,0 +1,328 @@
+//! End to end: a real PostgreSQL 15 streamed by `walsafe run` into a
+//! repository, compared byte for byte with `pg_receivewal`, crashed, and
+//! restored through `walsafe wal-fetch` as `restore_command`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::pg::{start_restore, PgCluster, PgOptions, RecoveryOutcome, TestDir};
+use common::walsafe::{restore_command, walsafe, Agent, Settings};
+
+/// Parses `pg_current_wal_lsn()` output into bytes.
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').expect("an LSN");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+fn current_lsn(pg: &PgCluster) -> u64 {
+    lsn(&pg.psql("SELECT pg_current_wal_lsn()"))
+}
+
+/// Writes about `mb` MiB of WAL.
+fn write_wal(pg: &PgCluster, mb: u32) {
+    pg.psql("CREATE TABLE IF NOT EXISTS filler (id bigserial, pad text)");
+    for _ in 0..mb {
+        pg.psql("INSERT INTO filler (pad) SELECT repeat(md5(g::text), 30) FROM generate_series(1, 1000) g");
+    }
+}
+
+/// Complete segment names (no `.partial`) in a pg_receivewal directory.
+fn complete_segments(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `walsafe wal-fetch NAME` into `dir`; returns the bytes.
+fn fetch(config: &Path, name: &str, dir: &Path) -> Vec<u8> {
+    let dest = dir.join(format!("fetched-{name}"));
+    let out = walsafe(config, &["wal-fetch", name, dest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "wal-fetch {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = std::fs::read(&dest).unwrap();
+    std::fs::remove_file(&dest).unwrap();
+    data
+}
+
+struct Setup {
+    dir: TestDir,
+    pg: PgCluster,
+    settings: Settings,
+    config: PathBuf,
+}
+
+fn setup(name: &str, opts: PgOptions) -> Setup {
+    let pg = PgCluster::start(&PgOptions {
+        name: name.into(),
+        ..opts
+    });
+    let dir = TestDir::new(name);
+    let settings = Settings::new(dir.path(), &pg.conninfo());
+    let config = settings.write(&dir.join("walsafe.toml"));
+    Setup {
+        dir,
+        pg,
+        settings,
+        config,
+    }
+}
+
+#[test]
+fn archive_is_byte_exact_with_pg_receivewal() {
+    let s = setup("exact", PgOptions::default());
+    s.pg.psql("SELECT pg_create_physical_replication_slot('recv', true)");
+    let recv_dir = s.dir.subdir("receivewal");
+    let mut recv = s.pg.spawn_pg_receivewal(&recv_dir, Some("recv"));
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+
+    for _ in 0..4 {
+        write_wal(&s.pg, 3);
+        s.pg.psql("SELECT pg_switch_wal()");
+    }
+    write_wal(&s.pg, 1);
+    let end = current_lsn(&s.pg);
+    agent.wait_archived(end, Duration::from_secs(60));
+    assert!(common::walsafe::wait_until(Duration::from_secs(30), || {
+        complete_segments(&recv_dir).len() >= 4
+    }));
+    let _ = recv.kill();
+    let _ = recv.wait();
+
+    let names = complete_segments(&recv_dir);
+    assert!(names.len() >= 4, "pg_receivewal wrote {names:?}");
+    let work = s.dir.subdir("work");
+    for name in &names {
+        let theirs = std::fs::read(recv_dir.join(name)).unwrap();
+        let ours = fetch(&s.config, name, &work);
+        assert!(ours == theirs, "segment {name} differs from pg_receivewal's");
+    }
+    // Every complete segment left the spool once stored.
+    let spooled: Vec<String> = std::fs::read_dir(&s.settings.spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| names.contains(n))
+        .collect();
+    assert!(spooled.is_empty(), "stored segments still spooled: {spooled:?}");
+    let verify = walsafe(&s.config, &["wal-verify"]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "wal-verify: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+/// Commits a marker, then a disaster within a second: the primary stops
+/// with `-m immediate` and walsafe gets SIGKILL. A restore of the earlier
+/// base backup must contain every marker. Rounds alternate between a kill
+/// after ~0.9 s (the chunk must already be stored: sub-second RPO) and an
+/// instant kill with walsafe as synchronous standby, restarted afterwards
+/// with the primary still down (the spool holds the marker and is shipped
+/// without any server).
+#[test]
+fn last_second_restore_recovers_the_marker() {
+    let s = setup(
+        "lastsec",
+        PgOptions::default().conf("synchronous_standby_names = 'walsafe'"),
+    );
+    let mut agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE marker (round int, note text)");
+    let backup = s.dir.join("backup");
+    s.pg.base_backup(&backup, "none");
+
+    for round in 1..=4 {
+        write_wal(&s.pg, 1);
+        let lsn_before = current_lsn(&s.pg);
+        s.pg.psql(&format!("INSERT INTO marker VALUES ({round}, 'committed')"));
+        let commit_lsn = current_lsn(&s.pg);
+        assert!(commit_lsn > lsn_before);
+        let offline_restart = round % 2 == 0;
+        if !offline_restart {
+            std::thread::sleep(Duration::from_millis(900));
+        }
+        s.pg.stop_immediate();
+        agent.kill9();
+
+        if offline_restart {
+            // No server: the agent ships the spool's durable tail by itself.
+            agent = Agent::spawn(&s.config, s.settings.metrics_port);
+            agent.wait_archived(commit_lsn, Duration::from_secs(30));
+            agent.kill9();
+        }
+
+        let restored = start_restore(
+            &backup,
+            &[
+                format!("restore_command = '{}'", restore_command(s.dir.path(), &s.config)),
+                "recovery_target_timeline = 'latest'".into(),
+            ],
+        );
+        let outcome = restored.wait_recovery_end(Duration::from_secs(120));
+        assert_eq!(outcome, RecoveryOutcome::Promoted, "round {round}: {}", restored.log_tail());
+        let got = restored.psql("SELECT string_agg(round::text, ',' ORDER BY round) FROM marker");
+        let want = (1..=round).map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+        assert_eq!(got, want, "round {round}: markers after restore");
+        drop(restored);
+
+        s.pg.start_again();
+        agent = Agent::start(&s.config, s.settings.metrics_port);
+    }
+}
+
+#[test]
+fn pitr_to_a_time_keeps_exactly_the_rows_before_it() {
+    let s = setup("pitr", PgOptions::default());
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (id int, batch int)");
+    let backup = s.dir.join("backup");
+    s.pg.base_backup(&backup, "none");
+    s.pg.psql("INSERT INTO t SELECT g, 1 FROM generate_series(1, 500) g");
+    write_wal(&s.pg, 2);
+    s.pg.psql("INSERT INTO t SELECT g, 1 FROM generate_series(501, 1000) g");
+    std::thread::sleep(Duration::from_millis(300));
+    let target = s.pg.psql("SELECT to_char(clock_timestamp(), 'YYYY-MM-DD HH24:MI:SS.US TZH:TZM')");
+    std::thread::sleep(Duration::from_millis(300));
+    s.pg.psql("INSERT INTO t SELECT g, 2 FROM generate_series(1001, 1500) g");
+    s.pg.psql("SELECT pg_switch_wal()");
+    s.pg.psql("INSERT INTO t VALUES (0, 3)");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(30));
+
+    let restored = start_restore(
+        &backup,
+        &[
+            format!("restore_command = '{}'", restore_command(s.dir.path(), &s.config)),
+            format!("recovery_target_time = '{target}'"),
+            "recovery_target_action = 'promote'".into(),
+        ],
+    );
+    assert_eq!(
+        restored.wait_recovery_end(Duration::from_secs(120)),
+        RecoveryOutcome::Promoted,
+        "{}",
+        restored.log_tail()
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM t WHERE batch = 1"), "1000");
+    assert_eq!(restored.psql("SELECT count(*) FROM t WHERE batch <> 1"), "0");
+}
+
+/// SIGKILL the agent again and again during heavy writes; afterwards every
+/// segment of the range is stored and equal to pg_receivewal's.
+#[test]
+fn crash_anywhere_loses_nothing() {
+    let s = setup("crash", PgOptions::default());
+    s.pg.psql("SELECT pg_create_physical_replication_slot('recv', true)");
+    let recv_dir = s.dir.subdir("receivewal");
+    let mut recv = s.pg.spawn_pg_receivewal(&recv_dir, Some("recv"));
+    s.pg.psql("CREATE TABLE filler (id bigserial, pad text)");
+
+    let conninfo = s.pg.conninfo();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let sock = s.pg.socket_dir().to_path_buf();
+        let port = s.pg.port();
+        std::thread::spawn(move || {
+            let _ = conninfo;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = common::pg::as_postgres(&mut common::pg::pg_command("psql"))
+                    .args(["-XAtq", "-h"])
+                    .arg(&sock)
+                    .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+                    .arg("INSERT INTO filler (pad) SELECT repeat(md5(g::text), 30) FROM generate_series(1, 2000) g")
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                n += 1;
+            }
+            n
+        })
+    };
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut rng_state = 0x2545F4914F6CDD1Du64;
+    while kills < 6 {
+        let mut agent = Agent::spawn(&s.config, s.settings.metrics_port);
+        // Kill at a pseudo-random instant between 0.3 and 2.3 s.
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        std::thread::sleep(Duration::from_millis(300 + rng_state % 2000));
+        agent.kill9();
+        kills += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let batches = writer.join().unwrap();
+    assert!(batches > 0);
+    s.pg.psql("SELECT pg_switch_wal()");
+    s.pg.psql("INSERT INTO filler (pad) VALUES ('end')");
+    let end = current_lsn(&s.pg);
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    agent.wait_archived(end, Duration::from_secs(60));
+    let segsize = s.pg.segment_size();
+    assert!(common::walsafe::wait_until(Duration::from_secs(30), || {
+        complete_segments(&recv_dir)
+            .last()
+            .is_some_and(|l| u64::from_str_radix(&l[16..], 16).unwrap() + 1 >= (end / segsize) % 256)
+    }));
+    let _ = recv.kill();
+    let _ = recv.wait();
+    let names = complete_segments(&recv_dir);
+    assert!(names.len() >= 2, "only {names:?} after {:?}", started.elapsed());
+    let work = s.dir.subdir("work");
+    for name in &names {
+        let theirs = std::fs::read(recv_dir.join(name)).unwrap();
+        let ours = fetch(&s.config, name, &work);
+        assert!(ours == theirs, "segment {name} differs from pg_receivewal's after {kills} kills");
+    }
+    let verify = walsafe(&s.config, &["wal-verify"]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "wal-verify after kills: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+/// With walsafe named in synchronous_standby_names, commits complete, and
+/// each committed row is in the spool (fsynced) when its commit returns.
+#[test]
+fn synchronous_standby_commits_are_in_the_spool() {
+    let s = setup(
+        "sync",
+        PgOptions::default().conf("synchronous_standby_names = 'walsafe'"),
+    );
+    let _agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (note text)");
+    for i in 0..20 {
+        let marker = format!("sync-marker-{i:04}-{}", std::process::id());
+        let started = Instant::now();
+        s.pg.psql(&format!("INSERT INTO t VALUES ('{marker}')"));
+        assert!(started.elapsed() < Duration::from_secs(10), "commit waited too long");
+        // The commit returned: the row's WAL must be in a spool file now.
+        let found = std::fs::read_dir(&s.settings.spool)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("0000"))
+            .any(|e| {
+                let data = std::fs::read(e.path()).unwrap_or_default();
+                data.windows(marker.len()).any(|w| w == marker.as_bytes())
+            });
+        assert!(found, "commit {i} returned but its row is not in the spool");
+    }
+    assert_eq!(
+        s.pg.psql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'walsafe'"),
+        "sync"
+    );
+}
