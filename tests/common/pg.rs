@@ -299,10 +299,15 @@ impl PgCluster {
         let dir = TestDir::new(&opts.name);
         let datadir = dir.join("data");
         let mut initdb = pg_command("initdb");
-        initdb
-            .arg("-D")
-            .arg(&datadir)
-            .args(["--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        initdb.arg("-D").arg(&datadir).args([
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         if let Some(mb) = opts.wal_segsize_mb {
             initdb.arg(format!("--wal-segsize={mb}"));
         }
@@ -342,7 +347,13 @@ impl PgCluster {
 
     /// Picks a port, writes it into postgresql.conf, starts (retrying with
     /// another port when the first is taken).
-    fn launch(dir: TestDir, datadir: PathBuf, sockdir: PathBuf, segsize: u64, wait: bool) -> PgCluster {
+    fn launch(
+        dir: TestDir,
+        datadir: PathBuf,
+        sockdir: PathBuf,
+        segsize: u64,
+        wait: bool,
+    ) -> PgCluster {
         let logfile = dir.join("server.log");
         let mut cluster = PgCluster {
             datadir,
@@ -364,7 +375,10 @@ impl PgCluster {
             match cluster.pg_ctl_start(wait) {
                 Ok(()) => return cluster,
                 Err(e) if attempt < 4 && e.contains("could not bind") => continue,
-                Err(e) => panic!("starting PostgreSQL failed: {e}\nlog:\n{}", cluster.log_tail()),
+                Err(e) => panic!(
+                    "starting PostgreSQL failed: {e}\nlog:\n{}",
+                    cluster.log_tail()
+                ),
             }
         }
         unreachable!()
@@ -396,7 +410,11 @@ impl PgCluster {
             .arg(&self.datadir)
             .arg("-l")
             .arg(&self.logfile)
-            .args(if wait { &["-w", "-t", "120"][..] } else { &["-W"][..] })
+            .args(if wait {
+                &["-w", "-t", "120"][..]
+            } else {
+                &["-W"][..]
+            })
             .arg("start")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -415,14 +433,21 @@ impl PgCluster {
 
     /// `host=<socket dir> port=<port> user=postgres`.
     pub fn conninfo(&self) -> String {
-        format!("host={} port={} user=postgres", self.sockdir.display(), self.port)
+        format!(
+            "host={} port={} user=postgres",
+            self.sockdir.display(),
+            self.port
+        )
     }
 
     /// A TCP conninfo to 127.0.0.1 for `user`, with a password if given.
     pub fn tcp_conninfo(&self, user: &str, password: Option<&str>) -> String {
         let mut s = format!("host=127.0.0.1 port={} user={user}", self.port);
         if let Some(p) = password {
-            s.push_str(&format!(" password='{}'", p.replace('\\', "\\\\").replace('\'', "\\'")));
+            s.push_str(&format!(
+                " password='{}'",
+                p.replace('\\', "\\\\").replace('\'', "\\'")
+            ));
         }
         s
     }
@@ -459,14 +484,25 @@ impl PgCluster {
         let out = Command::new(bindir().join("psql"))
             .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.sockdir)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
             .env_remove("PGPASSWORD")
             .env_remove("PGPASSFILE")
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("run psql: {e}"))?;
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_string())
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .trim_end_matches('\n')
+                .to_string())
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
@@ -474,8 +510,12 @@ impl PgCluster {
 
     /// Runs SQL with psql (-XAtq, ON_ERROR_STOP); panics with stderr on failure.
     pub fn psql(&self, sql: &str) -> String {
-        self.try_psql(sql)
-            .unwrap_or_else(|e| panic!("psql failed for {sql:?}: {e}\nserver log:\n{}", self.log_tail()))
+        self.try_psql(sql).unwrap_or_else(|e| {
+            panic!(
+                "psql failed for {sql:?}: {e}\nserver log:\n{}",
+                self.log_tail()
+            )
+        })
     }
 
     /// Polls `sql` until it prints `expected`; panics after `timeout`.
@@ -608,7 +648,12 @@ impl PgCluster {
     }
 
     /// [`PgCluster::spawn_pg_receivewal`] with `--synchronous` chosen.
-    pub fn spawn_pg_receivewal_opts(&self, dir: &Path, slot: Option<&str>, synchronous: bool) -> Child {
+    pub fn spawn_pg_receivewal_opts(
+        &self,
+        dir: &Path,
+        slot: Option<&str>,
+        synchronous: bool,
+    ) -> Child {
         if !dir.exists() {
             fs::create_dir_all(dir).unwrap();
         }
@@ -702,7 +747,10 @@ pub fn start_restore(backup_dir: &Path, conf_lines: &[String]) -> PgCluster {
 
 /// Segment size from pg_controldata ("Bytes per WAL segment").
 fn segment_size_of(datadir: &Path) -> u64 {
-    let out = run(pg_command("pg_controldata").arg("-D").arg(datadir), "pg_controldata");
+    let out = run(
+        pg_command("pg_controldata").arg("-D").arg(datadir),
+        "pg_controldata",
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("Bytes per WAL segment:"))
