@@ -64,6 +64,14 @@
 //!    "never decreases" check applies only to pages beyond the latest page
 //!    seen, so re-reading a segment after a timeline switch is fine.
 //!
+//! A page that is all zeros is not a header: after an `XLOG_SWITCH` record
+//! (`pg_switch_wal()`, `archive_timeout`) PostgreSQL leaves the rest of the
+//! segment zeroed, on disk and in the replication stream alike (seen in a
+//! PostgreSQL 15 segment: 634 pages of WAL, then 1388 zero pages). So the
+//! first all-zero page of a segment (never its first page) starts a "zero
+//! tail": every byte up to the segment end must then be zero, and the next
+//! segment starts with a checked long header again.
+//!
 //! # Invariants of [`PageValidator`]
 //!
 //! * Calls to [`PageValidator::feed`] are contiguous; the first call (and the
@@ -584,6 +592,10 @@ pub struct PageValidator {
     /// Leading bytes of a page header split across calls (the page starts
     /// at `next - pending.len()`).
     pending: Vec<u8>,
+    /// Set at the first all-zero page of a segment (PostgreSQL pads the
+    /// rest of a segment with zeros after an `XLOG_SWITCH` record): the
+    /// rest of that segment must be zeros.
+    zero_tail: Option<Lsn>,
 }
 
 impl PageValidator {
@@ -594,6 +606,7 @@ impl PageValidator {
             timeline,
             next: None,
             pending: Vec::with_capacity(LONG_HEADER_LEN),
+            zero_tail: None,
         }
     }
 
@@ -614,9 +627,30 @@ impl PageValidator {
             None => self.pending.clear(),
         }
         let bs = self.checker.identity.block_size;
+        let seg_size = self.checker.identity.segment_size;
         let end = start.add(data.len() as u64);
         let mut pos = start;
         while pos < end {
+            let from = (pos.0 - start.0) as usize;
+            if let Some(zero_start) = self.zero_tail {
+                // After an XLOG_SWITCH record the rest of the segment is
+                // zeros: every byte up to the segment end must be zero.
+                let seg_end = pos.segment_start(seg_size).add(seg_size);
+                let upto = seg_end.min(end);
+                let slice = &data[from..(upto.0 - start.0) as usize];
+                if let Some(i) = slice.iter().position(|&b| b != 0) {
+                    let at = pos.add(i as u64);
+                    return Err(PageError::DataAfterEnd {
+                        at: PageAt::new(Lsn(at.0 - at.0 % bs), self.timeline, seg_size),
+                        end: zero_start,
+                    });
+                }
+                pos = upto;
+                if pos == seg_end {
+                    self.zero_tail = None;
+                }
+                continue;
+            }
             let in_page = pos.0 % bs;
             let page = Lsn(pos.0 - in_page);
             let needed = self.checker.needed(page) as u64;
@@ -624,13 +658,23 @@ impl PageValidator {
             // byte: either now (in_page == 0) or in an earlier call.
             if in_page < needed && in_page == self.pending.len() as u64 {
                 let take = (needed - in_page).min(end.0 - pos.0);
-                let from = (pos.0 - start.0) as usize;
                 self.pending
                     .extend_from_slice(&data[from..from + take as usize]);
+                pos = pos.add(take);
                 if self.pending.len() as u64 == needed {
+                    let zero = self.pending.iter().all(|&b| b == 0);
+                    if zero && page.segment_offset(seg_size) != 0 {
+                        // The zeros that follow a WAL switch; the rest of
+                        // this page is checked in zero-tail mode.
+                        self.zero_tail = Some(page);
+                        self.pending.clear();
+                        continue;
+                    }
                     let r = self.checker.check(page, self.timeline, &self.pending);
                     self.pending.clear();
                     r?;
+                } else {
+                    continue; // header incomplete: the data ended
                 }
             } else {
                 self.pending.clear();
@@ -649,6 +693,7 @@ impl PageValidator {
         self.timeline = t;
         self.next = None;
         self.pending.clear();
+        self.zero_tail = None;
     }
 
     /// The page magic seen first (tells the PostgreSQL version via
@@ -863,10 +908,51 @@ mod tests {
             Err(PageError::TimelineDecreased { .. })
         ));
 
-        // Zero header in the stream.
+        // A zero header followed by data: not the zero tail of a WAL switch.
         let mut d = base.clone();
         d[2 * BS as usize..2 * BS as usize + 24].fill(0);
+        assert!(matches!(run(&d, 2), Err(PageError::DataAfterEnd { .. })));
+
+        // A segment never starts with zeros.
+        let mut d = base.clone();
+        d[..40].fill(0);
         assert!(matches!(run(&d, 2), Err(PageError::ZeroPage { .. })));
+    }
+
+    #[test]
+    fn zero_tail_after_a_wal_switch_is_accepted_up_to_the_segment_end() {
+        // Segment 1: 3 pages of WAL, then zeros; segment 2: WAL again.
+        let start = Lsn(SEG);
+        let mut d = wal(start, 3, 1);
+        d.resize(SEG as usize, 0);
+        d.extend_from_slice(&wal(Lsn(2 * SEG), 2, 1));
+        let mut v = PageValidator::new(identity(), TimelineId(1));
+        for (i, piece) in d.chunks(5000).enumerate() {
+            v.feed(start.add(i as u64 * 5000), piece).unwrap();
+        }
+        // A stray byte inside the zero tail is refused, wherever it is.
+        for at in [
+            3 * BS as usize + 30,
+            3 * BS as usize + 5000,
+            SEG as usize - 1,
+        ] {
+            let mut bad = d.clone();
+            bad[at] = 1;
+            let mut v = PageValidator::new(identity(), TimelineId(1));
+            let e = v.feed(start, &bad).unwrap_err();
+            match e {
+                PageError::DataAfterEnd { end, .. } => assert_eq!(end, start.add(3 * BS)),
+                e => panic!("unexpected {e}"),
+            }
+        }
+        // The next segment's header is still checked after the zero tail.
+        let mut bad = d.clone();
+        bad[SEG as usize + 8] ^= 1;
+        let mut v = PageValidator::new(identity(), TimelineId(1));
+        assert!(matches!(
+            v.feed(start, &bad),
+            Err(PageError::WrongPageAddress { .. })
+        ));
     }
 
     #[test]
