@@ -114,12 +114,20 @@ pub fn main() -> ExitCode {
             };
             runtime(|| crate::fetch::wal_fetch_command(cfg, name.clone(), dest.clone()))
         }
-        Command::Keygen { ref file } => report(crate::repository::key::write_key_file(file).map(|id| {
-            println!(
-                "wrote a new repository key to {} (key id {id}); keep a copy somewhere safe: without it the repository cannot be read",
-                file.display()
-            );
-        }).map_err(anyhow::Error::from)),
+        Command::Keygen { ref file } => {
+            let key = crate::repository::key::Key::generate();
+            report(
+                crate::repository::key::write_key_file(file, &key)
+                    .map(|()| {
+                        println!(
+                            "wrote a new repository key to {} (key id {}); keep a copy somewhere safe: without it the repository cannot be read",
+                            file.display(),
+                            key.key_id_hex()
+                        );
+                    })
+                    .map_err(anyhow::Error::from),
+            )
+        }
         Command::Demo { ref dir, keep, duration } => {
             let dir = dir.clone();
             runtime(move || async move { report(crate::demo::run(&dir, keep, duration).await) })

@@ -67,7 +67,7 @@ impl Env {
 
     fn chown(&self, path: &Path) -> anyhow::Result<()> {
         if let Some(u) = &self.as_user {
-            run(Command::new("chown").args(["-R", u]).arg(path))?;
+            run_cmd(Command::new("chown").args(["-R", u]).arg(path))?;
         }
         Ok(())
     }
@@ -94,7 +94,7 @@ pub fn pg_bindir() -> Option<PathBuf> {
     versions.pop().map(|(_, p)| p)
 }
 
-fn run(c: &mut Command) -> anyhow::Result<String> {
+fn run_cmd(c: &mut Command) -> anyhow::Result<String> {
     let out = c
         .stdin(Stdio::null())
         .output()
@@ -124,7 +124,7 @@ struct Server<'a> {
 
 impl<'a> Server<'a> {
     fn start(&mut self, log: &Path) -> anyhow::Result<()> {
-        run(self
+        run_cmd(self
             .env
             .pg("pg_ctl")
             .arg("-D")
@@ -139,7 +139,7 @@ impl<'a> Server<'a> {
 
     fn stop(&mut self, mode: &str) {
         if self.running {
-            let _ = run(self
+            let _ = run_cmd(self
                 .env
                 .pg("pg_ctl")
                 .arg("-D")
@@ -150,7 +150,7 @@ impl<'a> Server<'a> {
     }
 
     fn psql(&self, sql: &str) -> anyhow::Result<String> {
-        Ok(run(self
+        Ok(run_cmd(self
             .env
             .pg("psql")
             .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h"])
@@ -250,7 +250,7 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     let sockets = dir.join("sockets");
     std::fs::create_dir_all(&sockets)?;
     env.chown(&sockets)?;
-    run(env
+    run_cmd(env
         .pg("initdb")
         .args(["-D"])
         .arg(&data)
@@ -319,7 +319,7 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     step("taking a base backup (pg_basebackup -X none: its WAL will come from walsafe)");
     primary.psql("create table demo (id bigserial primary key, batch int not null, at timestamptz not null default clock_timestamp(), pad text)")?;
     let backup = dir.join("backup");
-    run(env
+    run_cmd(env
         .pg("pg_basebackup")
         .arg("-D")
         .arg(&backup)
