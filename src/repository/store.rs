@@ -163,9 +163,9 @@ fn parse_url(raw: &str) -> Result<Location, String> {
     let url =
         url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e}); {EXAMPLES}"))?;
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "the repository URL must not contain credentials (user or password); remove them and use the cloud's environment variables or [repository.options] instead"
-        ));
+        return Err(
+            "the repository URL must not contain credentials (user or password); remove them and use the cloud's environment variables or [repository.options] instead".to_string()
+        );
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!(
