@@ -29,9 +29,11 @@
 //!
 //! # Invariants
 //!
-//! * A segment file is written from offset 0, contiguously; the bytes of a
-//!   `.partial` after the written end are zeros (pre-size) or WAL being
-//!   re-streamed identically.
+//! * A segment file is written from offset 0, contiguously. Past the
+//!   written end, a `.partial` holds zeros (pre-size) or, after a crash,
+//!   the previous run's unflushed bytes until re-streaming overwrites them;
+//!   only bytes before `flushed` are ever read for upload. A closed
+//!   `.partial` (end of a timeline) is zeroed past the switch point.
 //! * Every segment file, complete or `.partial`, is exactly `segment_size`
 //!   bytes long: a `.partial` is born full-size and zero-filled under a
 //!   temporary name and durably renamed into place, so a crash during
@@ -870,15 +872,34 @@ impl SpoolWriter {
     /// `.partial` (the switch point lies inside it), and returns it. The next
     /// write may start a new timeline at a segment boundary.
     ///
+    /// The closed file is zeroed from the written end (the switch point) to
+    /// its end and fdatasynced, so that it holds exactly this timeline's WAL
+    /// even where an earlier run had written further (WAL the old primary
+    /// sent past the point where the new timeline forked off).
+    ///
     /// Call [`flush`](Self::flush) first to learn which segments completed:
     /// the flush done here reports only its position.
     pub fn end_timeline(&mut self) -> Result<Option<SegmentName>, SpoolError> {
         self.flush()?;
         self.ended = true;
-        Ok(self.current.take().map(|seg| {
-            self.forget(seg.name);
-            seg.name
-        }))
+        let Some(seg) = self.current.take() else {
+            return Ok(None);
+        };
+        self.forget(seg.name);
+        let mut off = self.written.segment_offset(self.segment_size);
+        let zeros = vec![0u8; ZERO_CHUNK];
+        while off < self.segment_size {
+            let n = (self.segment_size - off).min(ZERO_CHUNK as u64) as usize;
+            seg.file
+                .write_all_at(&zeros[..n], off)
+                .map_err(|e| SpoolError::io("zero the tail of", &seg.path, e))?;
+            off += n as u64;
+        }
+        if let Err(e) = durable::sync_data(&seg.file) {
+            let err = SpoolError::io("fdatasync", &seg.path, e);
+            return Err(self.poison(err));
+        }
+        Ok(Some(seg.name))
     }
 }
 
@@ -1097,9 +1118,11 @@ mod tests {
             w.write(T1, Lsn(5 * SEG + 5000), &[1]),
             Err(SpoolError::TimelineDecreased { .. })
         ));
-        // The closed partial is intact and removable; the open one is not.
-        let closed = spool.read_range(seg(T1, 5), 0, 3000).unwrap();
-        assert_eq!(closed, &old[SEG as usize..]);
+        // The closed partial holds the old timeline's WAL, then zeros; it is
+        // removable, the open one is not.
+        let closed = spool.read_range(seg(T1, 5), 0, SEG).unwrap();
+        assert_eq!(&closed[..3000], &old[SEG as usize..]);
+        assert!(closed[3000..].iter().all(|&b| b == 0));
         assert!(spool.remove_partial(seg(T2, 5)).is_err());
         drop(w);
         drop(spool);
@@ -1110,6 +1133,26 @@ mod tests {
         assert_eq!(rec.closed_partials(SEG), vec![seg(T1, 5)]);
         spool.remove_partial(seg(T1, 5)).unwrap();
         assert!(!d.path().join("000000010000000000000005.partial").exists());
+    }
+
+    #[test]
+    fn end_timeline_zeroes_stale_bytes_past_the_switch_point() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            // An earlier run received WAL past the later switch point.
+            let (spool, _) = open(d.path());
+            let mut w = spool.writer();
+            w.write(T1, Lsn(0), &wal(Lsn(0), 9000)).unwrap();
+            w.flush().unwrap();
+        }
+        let (spool, rec) = open(d.path());
+        assert_eq!(rec.resume, Some((T1, Lsn(0))));
+        let mut w = spool.writer();
+        w.write(T1, Lsn(0), &wal(Lsn(0), 4000)).unwrap();
+        assert_eq!(w.end_timeline().unwrap(), Some(seg(T1, 0)));
+        let closed = spool.read_range(seg(T1, 0), 0, SEG).unwrap();
+        assert_eq!(&closed[..4000], &wal(Lsn(0), 4000)[..]);
+        assert!(closed[4000..].iter().all(|&b| b == 0));
     }
 
     #[test]
