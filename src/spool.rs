@@ -20,6 +20,7 @@
 //!   000000010000000A000000FE.partial   segment being filled (pre-sized, zero-filled)
 //!   000000010000000A000000FC.partial   closed end of an older timeline (switch point inside)
 //!   00000002.history                   timeline history, written atomically
+//!   walsafe.flushed                    hint: "<TLI 8 hex> <LSN 16 hex>\n", the last flushed end
 //!   .<name>.walsafe-tmp.<pid>.<n>      temp file (pre-size, history); removed at open
 //!
 //! struct SegmentFile {                 // both complete and .partial
@@ -72,6 +73,14 @@
 //!    `.partial` on the newest timeline, streaming resumes at the end of
 //!    its newest complete segment.
 //!
+//! The `walsafe.flushed` hint is rewritten in place (one `pwrite`, no
+//! fsync) after every group commit. It is never ahead of durable WAL: it is
+//! written only after the fdatasync it describes, so whatever version of it
+//! survives a crash names WAL that was fsynced. It lets a restarted agent
+//! ship the durable part of the unfinished `.partial` before any server is
+//! reachable (after a disaster, that part may be the only copy of the last
+//! commits); streaming itself still re-starts at the segment's offset 0.
+//!
 //! The slot's restart position is never ahead of what we reported flushed,
 //! and the server keeps the whole segment holding it, so re-streaming a
 //! segment from its start is always possible.
@@ -107,6 +116,18 @@ use crate::pg::{Lsn, SegmentName, TimelineId, WalFileName};
 
 /// Name of the lock file inside the spool directory.
 pub const LOCK_FILE: &str = "walsafe.lock";
+/// Name of the flushed-position hint inside the spool directory.
+pub const FLUSHED_HINT_FILE: &str = "walsafe.flushed";
+
+fn format_hint(t: TimelineId, lsn: Lsn) -> String {
+    format!("{:08X} {:016X}\n", t.0, lsn.0)
+}
+
+fn parse_hint(text: &str) -> Option<(TimelineId, Lsn)> {
+    let (t, l) = text.trim().split_once(' ')?;
+    let t = u32::from_str_radix(t, 16).ok().filter(|t| *t > 0)?;
+    Some((TimelineId(t), Lsn(u64::from_str_radix(l, 16).ok()?)))
+}
 
 /// Marker in the names of temp files made by [`durable::temp_path_for`].
 const TEMP_MARKER: &str = ".walsafe-tmp.";
@@ -230,6 +251,9 @@ pub struct Recovered {
     /// `pg_receivewal` we re-stream it from offset 0), else the end of the
     /// newest complete segment. `None` for an empty spool.
     pub resume: Option<(TimelineId, Lsn)>,
+    /// The last flushed end the writer recorded (see the module doc); never
+    /// ahead of durable WAL, possibly behind it.
+    pub flushed_hint: Option<(TimelineId, Lsn)>,
 }
 
 impl Recovered {
@@ -385,11 +409,15 @@ impl Spool {
                 resume = Some((t, c.end_lsn(seg_size)));
             }
         }
+        let flushed_hint = std::fs::read_to_string(dir.join(FLUSHED_HINT_FILE))
+            .ok()
+            .and_then(|t| parse_hint(&t));
         Ok(Recovered {
             complete,
             partials,
             histories,
             resume,
+            flushed_hint,
         })
     }
 
@@ -427,6 +455,7 @@ impl Spool {
             current: None,
             closing: Vec::new(),
             poisoned: None,
+            hint: None,
         }
     }
 
@@ -613,6 +642,8 @@ pub struct SpoolWriter {
     closing: Vec<OpenSegment>,
     /// Set when an fsync or rename failed.
     poisoned: Option<String>,
+    /// The flushed-position hint file, opened at the first flush.
+    hint: Option<File>,
 }
 
 impl SpoolWriter {
@@ -847,10 +878,35 @@ impl SpoolWriter {
             completed.push(name);
         }
         self.flushed = self.written;
+        self.write_hint();
         Ok(Flushed {
             flushed: self.flushed,
             completed,
         })
+    }
+
+    /// Records `flushed` in the hint file (best effort: a failure only
+    /// means a restart without a server ships less).
+    fn write_hint(&mut self) {
+        let Some(t) = self.timeline else { return };
+        if self.hint.is_none() {
+            let path = self.dir.join(FLUSHED_HINT_FILE);
+            match OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+            {
+                Ok(f) => self.hint = Some(f),
+                Err(e) => {
+                    tracing::warn!("cannot open {}: {e}", path.display());
+                    return;
+                }
+            }
+        }
+        if let Some(f) = &self.hint {
+            let _ = f.write_at(format_hint(t, self.flushed).as_bytes(), 0);
+        }
     }
 
     /// End of WAL handed to the kernel (`0/0` before the first write).
@@ -993,6 +1049,7 @@ mod tests {
                 "000000010000000000000006",
                 "000000010000000000000007",
                 "000000010000000000000008.partial",
+                "walsafe.flushed",
                 "walsafe.lock"
             ]
         );
@@ -1027,6 +1084,7 @@ mod tests {
                 "000000010000000000000000",
                 "000000010000000000000001",
                 "000000010000000000000002.partial",
+                "walsafe.flushed",
                 "walsafe.lock"
             ]
         );
@@ -1059,6 +1117,8 @@ mod tests {
         // 12.partial held only never-flushed WAL and is gone.
         assert_eq!(rec.partials, vec![seg(T1, 11)]);
         assert_eq!(rec.resume, Some((T1, Lsn(11 * SEG))));
+        // The hint names exactly what was flushed, not what was only written.
+        assert_eq!(rec.flushed_hint, Some((T1, Lsn(11 * SEG + 500))));
         assert!(rec.closed_partials(SEG).is_empty());
         assert!(!d.path().join("000000010000000000000012.partial").exists());
 
