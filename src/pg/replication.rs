@@ -22,6 +22,11 @@
 //!   CommandComplete without CopyDone, then the server closes the socket
 //! ```
 //!
+//! Errors about the requested start position (WAL already removed, an
+//! invalidated slot) may come after CopyBothResponse, when the walsender
+//! first reads WAL: [`ReplicationStream::next_message`]'s first call then
+//! returns them, classified like any other ([`ReplError::WalRemoved`], …).
+//!
 //! If START_REPLICATION asks for exactly the end of a historic timeline the
 //! server skips CopyBoth and answers with the next-timeline result set at
 //! once; [`ReplicationStream::next_message`] then yields `EndOfTimeline`
@@ -792,7 +797,9 @@ impl ReplicationStream {
 
     /// Standby status update 'r' (write, flush, apply, now in µs since
     /// 2000-01-01, reply flag). Ignored once the server has ended the
-    /// stream (nothing may be sent in CopyBoth after CopyDone).
+    /// stream (nothing may be sent in CopyBoth after CopyDone). The message
+    /// is queued whole before any await; if this call is cancelled, the
+    /// rest is sent by the next call or by `next_message`.
     pub async fn send_status(
         &mut self,
         write: Lsn,

@@ -113,7 +113,7 @@ pub enum ReplError {
     AuthFailed {
         target: String,
         user: String,
-        server: ServerError,
+        server: Box<ServerError>,
     },
 
     /// pg_hba.conf has no entry for, or rejects, this connection.
@@ -121,7 +121,7 @@ pub enum ReplError {
     HbaRejected {
         target: String,
         user: String,
-        server: ServerError,
+        server: Box<ServerError>,
     },
 
     /// The role does not exist or may not log in.
@@ -129,12 +129,15 @@ pub enum ReplError {
     RoleRejected {
         target: String,
         user: String,
-        server: ServerError,
+        server: Box<ServerError>,
     },
 
     /// The role lacks the REPLICATION attribute.
     #[error("role \"{user}\" lacks the REPLICATION attribute; run ALTER ROLE {user} REPLICATION ({server})")]
-    NotReplicationRole { user: String, server: ServerError },
+    NotReplicationRole {
+        user: String,
+        server: Box<ServerError>,
+    },
 
     /// The server asked for an authentication method walsafe cannot do.
     #[error("PostgreSQL at {target} asks for {method} authentication, which walsafe does not support; use scram-sha-256, md5, password or trust for this role in pg_hba.conf")]
@@ -142,49 +145,67 @@ pub enum ReplError {
 
     /// All connection slots are taken (max_connections).
     #[error("PostgreSQL at {target} has no free connection slot ({server}); will retry; raise max_connections or close idle sessions if this persists")]
-    TooManyConnections { target: String, server: ServerError },
+    TooManyConnections {
+        target: String,
+        server: Box<ServerError>,
+    },
 
     /// All walsender slots are taken (max_wal_senders).
     #[error("PostgreSQL at {target} has no free WAL sender ({server}); will retry; raise max_wal_senders or stop other replication clients if this persists")]
-    WalSendersExhausted { target: String, server: ServerError },
+    WalSendersExhausted {
+        target: String,
+        server: Box<ServerError>,
+    },
 
     /// The server is starting up, shutting down, in crash recovery, or
     /// terminated the session (admin or crash shutdown).
     #[error("PostgreSQL at {target} is not available now ({server}); will retry")]
-    ServerUnavailable { target: String, server: ServerError },
+    ServerUnavailable {
+        target: String,
+        server: Box<ServerError>,
+    },
 
     /// The slot is used by another process.
     #[error("replication slot \"{slot}\" is active for PID {}; is another walsafe running against this cluster? ({server})", pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()))]
     SlotActive {
         slot: String,
         pid: Option<u32>,
-        server: ServerError,
+        server: Box<ServerError>,
     },
 
     /// The slot does not exist.
     #[error("replication slot \"{slot}\" does not exist ({server}); create it (walsafe creates its slot at start when missing) or fix [postgres] slot")]
-    SlotMissing { slot: String, server: ServerError },
+    SlotMissing {
+        slot: String,
+        server: Box<ServerError>,
+    },
 
     /// CREATE_REPLICATION_SLOT on a name that exists.
     #[error("replication slot \"{slot}\" already exists ({server})")]
-    SlotExists { slot: String, server: ServerError },
+    SlotExists {
+        slot: String,
+        server: Box<ServerError>,
+    },
 
     /// The slot was invalidated (max_slot_wal_keep_size exceeded): WAL it
     /// protected is gone.
     #[error("replication slot \"{slot}\" has been invalidated and the server removed WAL it was holding ({server}); a gap must be recorded: drop and recreate the slot, then take a new base backup")]
-    SlotInvalidated { slot: String, server: ServerError },
+    SlotInvalidated {
+        slot: String,
+        server: Box<ServerError>,
+    },
 
     /// The requested start position is in a segment the server already removed.
     #[error("the server has already removed WAL needed to stream from {start} on timeline {timeline} ({server}); the slot lost WAL or none was used, so a gap must be recorded and a new base backup taken; use a replication slot to prevent this")]
     WalRemoved {
         start: Lsn,
         timeline: TimelineId,
-        server: ServerError,
+        server: Box<ServerError>,
     },
 
     /// wal_level is minimal.
     #[error("wal_level on the server is too low for replication ({server}); set wal_level = replica (or logical) and restart PostgreSQL")]
-    WalLevelTooLow { server: ServerError },
+    WalLevelTooLow { server: Box<ServerError> },
 
     /// The server is too old for the command.
     #[error(
@@ -205,7 +226,7 @@ pub enum ReplError {
     Server {
         target: String,
         context: String,
-        server: ServerError,
+        server: Box<ServerError>,
     },
 
     /// The server sent something the protocol does not allow here.
@@ -309,8 +330,11 @@ pub struct ErrorContext {
 
 /// Turns a server error into the most specific [`ReplError`].
 pub fn classify(server: ServerError, ctx: &ErrorContext) -> ReplError {
-    let msg = server.message.as_str();
-    let detail = server.detail.as_deref().unwrap_or("");
+    let msg = server.message.clone();
+    let msg = msg.as_str();
+    let detail = server.detail.clone().unwrap_or_default();
+    let code = server.code.clone();
+    let server = Box::new(server);
     let slot = || {
         quoted_name(msg)
             .or_else(|| ctx.slot.clone())
@@ -318,7 +342,7 @@ pub fn classify(server: ServerError, ctx: &ErrorContext) -> ReplError {
     };
     let target = ctx.target.clone();
     let user = ctx.user.clone();
-    match server.code.as_str() {
+    match code.as_str() {
         "28P01" => ReplError::AuthFailed {
             target,
             user,
