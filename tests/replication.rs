@@ -723,3 +723,66 @@ async fn server_shutdown_ends_the_stream() {
     assert!(matches!(end, Ok(ReplMessage::EndOfStream)), "{end:?}");
     assert!(stream.into_connection().is_err());
 }
+
+/// The harness end to end, as other suites use it: pg_receivewal as the
+/// reference archive, a base backup without WAL, a restore through
+/// restore_command that must reach the rows written after the backup, and
+/// a restore that must fail (no restore_command).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_restore_from_pg_receivewal_archive() {
+    let pg = PgCluster::start(&PgOptions::default().segsize_mb(1));
+    let work = common::pg::TestDir::new("restore-work");
+    let archive = work.subdir("archive");
+    // A slot, or the backup's checkpoint may recycle WAL before
+    // pg_receivewal has read it (wal_keep_size = 0).
+    pg.psql("SELECT pg_create_physical_replication_slot('recv', true)");
+    let mut receivewal = pg.spawn_pg_receivewal(&archive, Some("recv"));
+    let backup = work.join("backup");
+    pg.base_backup(&backup, "none");
+    pg.psql("CREATE TABLE after_backup (i int); INSERT INTO after_backup SELECT generate_series(1, 500)");
+    let switched = pg.psql("SELECT pg_switch_wal()").parse::<Lsn>().unwrap();
+    let seg = pg.segment_size();
+    let last = SegmentName::containing(TimelineId(1), Lsn(switched.0 - 1), seg).file_name(seg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !archive.join(&last).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg_receivewal did not write {last}: {:?}\n{}",
+            std::fs::read_dir(&archive).unwrap().collect::<Vec<_>>(),
+            std::fs::read_to_string(pg.test_dir().join("pg_receivewal-0.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // pg_receivewal's segment is byte-identical to the server's.
+    assert_eq!(
+        std::fs::read(archive.join(&last)).unwrap(),
+        segment_bytes(&pg, TimelineId(1), Lsn(switched.0 - 1))
+    );
+    receivewal.kill().unwrap();
+    receivewal.wait().unwrap();
+
+    let restored = common::pg::start_restore(
+        &backup,
+        &[format!(
+            "restore_command = 'cp {}/%f %p'",
+            archive.display()
+        )],
+    );
+    assert_eq!(
+        restored.wait_recovery_end(Duration::from_secs(60)),
+        common::pg::RecoveryOutcome::Promoted,
+        "{}",
+        restored.log_tail()
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM after_backup"), "500");
+    assert_eq!(restored.system_identifier(), pg.system_identifier());
+    drop(restored);
+
+    let failed = common::pg::start_restore(&backup, &[]);
+    match failed.wait_recovery_end(Duration::from_secs(30)) {
+        common::pg::RecoveryOutcome::Failed(log) => {
+            assert!(log.contains("restore_command"), "{log}")
+        }
+        other => panic!("recovery without restore_command must fail, got {other:?}"),
+    }
+}
