@@ -56,6 +56,17 @@
 //!   buffer of exactly that capacity, so a hostile object cannot make a
 //!   reader allocate or inflate more.
 //!
+//! # Performance
+//!
+//! Work is done in place: zstd compresses straight behind the header in the
+//! output buffer, frames are then spread out back to front to make room for
+//! their tags and sealed where they land; decoding opens frames in one
+//! scratch buffer. No build flags are needed: `aes`, `polyval` and `sha2`
+//! detect AES-NI, PCLMULQDQ and SHA-NI at run time. Measured on a real
+//! 16 MiB pgbench segment (`benches/envelope.rs`, one core): encode
+//! zstd 1 + AES ≈ 770 MiB/s, decode ≈ 1.8 GiB/s; unencrypted zstd 1 encodes
+//! at ≈ 440 MiB/s, because the SHA-256 trailer hashes the full plaintext.
+//!
 //! [`read_header`] parses the header without verifying anything; use it for
 //! inspection (`walsafe status`), never to trust content.
 
