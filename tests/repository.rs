@@ -24,8 +24,14 @@ const SEG2: &str = "000000010000000000000004";
 
 /// One storage backend under test, with raw access to its objects.
 enum Backend {
-    File { dir: tempfile::TempDir },
-    S3 { server: S3Server, prefix: String },
+    File {
+        dir: tempfile::TempDir,
+    },
+    S3 {
+        server: S3Server,
+        prefix: String,
+        keys: tempfile::TempDir,
+    },
 }
 
 impl Backend {
@@ -40,6 +46,7 @@ impl Backend {
         Backend::S3 {
             server: S3Server::start(),
             prefix: "cluster-a/wal-archive".into(),
+            keys: tempfile::tempdir().unwrap(),
         }
     }
 
@@ -57,7 +64,7 @@ impl Backend {
     fn url(&self) -> String {
         match self {
             Backend::File { dir } => format!("file://{}/repo", dir.path().display()),
-            Backend::S3 { server, prefix } => server.url(prefix),
+            Backend::S3 { server, prefix, .. } => server.url(prefix),
         }
     }
 
@@ -79,16 +86,13 @@ impl Backend {
         }
     }
 
-    /// A new key file beside the test's data.
+    /// A new key file in the test's temporary directory (removed on drop).
     fn key_file(&self, tag: &str) -> (PathBuf, Key) {
-        let dir = std::env::temp_dir().join(format!(
-            "walsafe-repo-test-{}-{}",
-            std::process::id(),
-            self.name()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = match self {
+            Backend::File { dir } => dir.path(),
+            Backend::S3 { keys, .. } => keys.path(),
+        };
         let p = dir.join(format!("{tag}.key"));
-        let _ = std::fs::remove_file(&p);
         let k = Key::generate();
         write_key_file(&p, &k).unwrap();
         (p, k)
@@ -97,7 +101,7 @@ impl Backend {
     async fn raw_get(&self, key: &str) -> Option<Vec<u8>> {
         match self {
             Backend::File { dir } => std::fs::read(dir.path().join("repo").join(key)).ok(),
-            Backend::S3 { server, prefix } => {
+            Backend::S3 { server, prefix, .. } => {
                 let path = object_store::path::Path::from(format!("{prefix}/{key}"));
                 match server.raw_client().get(&path).await {
                     Ok(r) => Some(r.bytes().await.unwrap().to_vec()),
@@ -116,7 +120,7 @@ impl Backend {
                 std::fs::create_dir_all(p.parent().unwrap()).unwrap();
                 std::fs::write(p, bytes).unwrap();
             }
-            Backend::S3 { server, prefix } => {
+            Backend::S3 { server, prefix, .. } => {
                 let path = object_store::path::Path::from(format!("{prefix}/{key}"));
                 server.raw_client().put(&path, bytes.into()).await.unwrap();
             }
@@ -478,6 +482,14 @@ async fn storage_outage_is_unreachable_after_the_retries_never_not_found() {
     }
     assert_eq!(e.class(), ErrorClass::Unavailable);
     assert!(e.is_retryable());
+    let msg = e.to_string();
+    eprintln!("outage message: {msg}");
+    assert!(
+        msg.contains("s3://walsafe-test/cluster-a/wal-archive")
+            && msg.contains("unreachable")
+            && msg.contains(&format!("wal/{SEG}")),
+        "{msg}"
+    );
     // Two backoff delays of at most 100 ms + 200 ms, no long client timeouts.
     assert!(took < Duration::from_secs(10), "took {took:?}");
     // Missing must not be confused with unreachable (rule 4).
