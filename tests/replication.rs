@@ -57,6 +57,42 @@ async fn receive_range(stream: &mut ReplicationStream, from: Lsn, until: Lsn) ->
     buf
 }
 
+/// Like [`receive_range`], but cancels `next_message` over and over with
+/// tiny timeouts (as a `select!` in the receive loop would) while WAL is
+/// being generated: nothing may be lost or duplicated. The end is known
+/// when `until` delivers it.
+async fn receive_range_cancelling(
+    stream: &mut ReplicationStream,
+    from: Lsn,
+    mut until: tokio::sync::oneshot::Receiver<Lsn>,
+) -> (Vec<u8>, u32, Lsn) {
+    let mut buf = Vec::new();
+    let mut pos = from;
+    let mut cancelled = 0;
+    let mut end = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while end.is_none_or(|e| pos < e) {
+        assert!(tokio::time::Instant::now() < deadline, "timed out at {pos}");
+        if end.is_none() {
+            end = until.try_recv().ok();
+        }
+        match tokio::time::timeout(Duration::from_micros(200), stream.next_message()).await {
+            Err(_) => cancelled += 1,
+            Ok(Ok(ReplMessage::XLogData { start, data, .. })) => {
+                assert_eq!(
+                    start, pos,
+                    "XLogData must be contiguous across cancellations"
+                );
+                pos = pos.add(data.len() as u64);
+                buf.extend_from_slice(&data);
+            }
+            Ok(Ok(ReplMessage::Keepalive { .. })) => {}
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    (buf, cancelled, end.unwrap())
+}
+
 fn segment_bytes(cluster: &PgCluster, tli: TimelineId, lsn: Lsn) -> Vec<u8> {
     let seg = cluster.segment_size();
     let name = SegmentName::containing(tli, lsn, seg).file_name(seg);
@@ -220,7 +256,7 @@ async fn missing_pg_hba_entry_and_wal_senders_exhausted() {
     assert!(text.contains("host replication postgres"), "{text}");
     assert!(!e.is_retryable());
 
-    pg.append_conf(&["# allow replication over the socket", ""]);
+    // Allow replication over the socket only, then use up max_wal_senders = 1.
     std::fs::write(
         pg.datadir().join("pg_hba.conf"),
         "local all all trust\nlocal replication all trust\n",
@@ -419,26 +455,38 @@ async fn streamed_bytes_equal_pg_wal_on_disk() {
         .unwrap();
 
     let client = sql::connect_sql(&pg.conninfo(), APP).await.unwrap();
-    client
-        .batch_execute(
-            "CREATE TABLE t (i int, s text); INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 2000) g",
-        )
-        .await
-        .unwrap();
-    let switched = sql::switch_wal(&client).await.unwrap();
-    assert!(switched > id.xlogpos);
-    let current = sql::current_wal_lsn(&client).await.unwrap();
-    assert!(current >= switched);
-    // The whole segment holding the switch record (and any before it).
-    let end = switched
-        .segment_start(seg)
-        .add(if switched.segment_offset(seg) == 0 {
-            0
-        } else {
-            seg
-        });
-    let received = receive_range(&mut stream, start, end).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let generator = tokio::spawn(async move {
+        client
+            .batch_execute("CREATE TABLE t (i int, s text)")
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            client
+                .batch_execute(
+                    "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 200) g",
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let switched = sql::switch_wal(&client).await.unwrap();
+        assert!(sql::current_wal_lsn(&client).await.unwrap() >= switched);
+        // The whole segment holding the switch record (and any before it).
+        let end = switched
+            .segment_start(seg)
+            .add(if switched.segment_offset(seg) == 0 {
+                0
+            } else {
+                seg
+            });
+        tx.send(end).unwrap();
+    });
+    let (received, cancelled, end) = receive_range_cancelling(&mut stream, start, rx).await;
+    generator.await.unwrap();
+    assert!(end > id.xlogpos);
     assert!(received.len() as u64 >= end.0 - start.0);
+    assert!(cancelled > 0, "the test did not cancel any read");
 
     let mut pos = start;
     while pos < end {

@@ -1115,6 +1115,26 @@ mod tests {
     }
 
     #[test]
+    fn connection_stream_and_their_futures_are_send() {
+        fn send<T: Send>(_: &T) {}
+        fn send_type<T: Send>() {}
+        send_type::<ReplicationConnection>();
+        send_type::<ReplicationStream>();
+        send_type::<ReplError>();
+        // Futures must be Send so the receive loop can run in tokio::spawn.
+        let _ = |mut s: ReplicationStream| {
+            send(&s.next_message());
+            send(&s.send_status(Lsn(0), Lsn(0), Lsn(0), false));
+            send(&s.stop());
+        };
+        let _ = |mut c: ReplicationConnection| {
+            send(&c.identify_system());
+            send(&c.start_replication(None, Lsn(0), TimelineId(1)));
+        };
+        send(&ReplicationConnection::connect("", "x"));
+    }
+
+    #[test]
     fn slot_names() {
         assert!(check_slot_name("walsafe_1").is_ok());
         for bad in ["", "Walsafe", "a-b", "a\"b", &"x".repeat(64)] {
