@@ -330,16 +330,23 @@ async fn start_position(
         .await
         .with_context(|| format!("cannot read replication slot \"{slot}\""))?;
     let slot_start = match existing {
-        Some(pos) => pos
-            .restart_lsn
-            .map(|l| (pos.restart_tli.unwrap_or(server.timeline), l.segment_start(seg))),
+        Some(pos) => pos.restart_lsn.map(|l| {
+            (
+                pos.restart_tli.unwrap_or(server.timeline),
+                l.segment_start(seg),
+            )
+        }),
         None => {
             let reserved = conn
                 .create_physical_slot(slot)
                 .await
                 .with_context(|| format!("cannot create replication slot \"{slot}\""))?;
             info!(%slot, %reserved, "created the replication slot");
-            let at = if reserved == Lsn::INVALID { server.xlogpos } else { reserved };
+            let at = if reserved == Lsn::INVALID {
+                server.xlogpos
+            } else {
+                reserved
+            };
             Some((server.timeline, at.segment_start(seg)))
         }
     };
@@ -359,9 +366,10 @@ async fn start_position(
 fn spawn_signal_handler(cancel: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {

@@ -128,7 +128,11 @@ pub fn main() -> ExitCode {
                     .map_err(anyhow::Error::from),
             )
         }
-        Command::Demo { ref dir, keep, duration } => {
+        Command::Demo {
+            ref dir,
+            keep,
+            duration,
+        } => {
             let dir = dir.clone();
             runtime(move || async move { report(crate::demo::run(&dir, keep, duration).await) })
         }
@@ -137,7 +141,11 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("walsafe: {e}");
-                    return ExitCode::from(if matches!(cli.command, Command::WalVerify { .. }) { 2 } else { 1 });
+                    return ExitCode::from(if matches!(cli.command, Command::WalVerify { .. }) {
+                        2
+                    } else {
+                        1
+                    });
                 }
             };
             match cli.command {
@@ -205,7 +213,15 @@ mod tests {
 
     #[test]
     fn fetch_takes_name_and_dest() {
-        let c = Cli::try_parse_from(["walsafe", "--config", "x.toml", "wal-fetch", "00000002.history", "pg_wal/RECOVERYHISTORY"]).unwrap();
+        let c = Cli::try_parse_from([
+            "walsafe",
+            "--config",
+            "x.toml",
+            "wal-fetch",
+            "00000002.history",
+            "pg_wal/RECOVERYHISTORY",
+        ])
+        .unwrap();
         assert!(matches!(c.command, Command::WalFetch { .. }));
         assert_eq!(c.config, PathBuf::from("x.toml"));
     }

@@ -111,7 +111,9 @@ fn run_cmd(c: &mut Command) -> anyhow::Result<String> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 struct Server<'a> {
@@ -124,14 +126,15 @@ struct Server<'a> {
 
 impl<'a> Server<'a> {
     fn start(&mut self, log: &Path) -> anyhow::Result<()> {
-        run_cmd(self
-            .env
-            .pg("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(log)
-            .args(["-w", "-t", "60", "start"]))
+        run_cmd(
+            self.env
+                .pg("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(log)
+                .args(["-w", "-t", "60", "start"]),
+        )
         .context("the PostgreSQL server did not start (see its log)")?;
         self.running = true;
         Ok(())
@@ -139,23 +142,34 @@ impl<'a> Server<'a> {
 
     fn stop(&mut self, mode: &str) {
         if self.running {
-            let _ = run_cmd(self
-                .env
-                .pg("pg_ctl")
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", mode, "-w", "stop"]));
+            let _ = run_cmd(
+                self.env
+                    .pg("pg_ctl")
+                    .arg("-D")
+                    .arg(&self.data)
+                    .args(["-m", mode, "-w", "stop"]),
+            );
             self.running = false;
         }
     }
 
     fn psql(&self, sql: &str) -> anyhow::Result<String> {
-        Ok(run_cmd(self
-            .env
-            .pg("psql")
-            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h"])
-            .arg(&self.socket_dir)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql]))?
+        Ok(run_cmd(
+            self.env
+                .pg("psql")
+                .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h"])
+                .arg(&self.socket_dir)
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                    sql,
+                ]),
+        )?
         .trim()
         .to_string())
     }
@@ -189,7 +203,9 @@ impl Drop for Agent {
 /// Reads one gauge from the agent's metrics endpoint.
 async fn scrape(port: u16) -> Option<std::collections::HashMap<String, f64>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .ok()?;
@@ -250,11 +266,12 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     let sockets = dir.join("sockets");
     std::fs::create_dir_all(&sockets)?;
     env.chown(&sockets)?;
-    run_cmd(env
-        .pg("initdb")
-        .args(["-D"])
-        .arg(&data)
-        .args(["--auth=trust", "-U", "postgres", "--no-sync"]))?;
+    run_cmd(env.pg("initdb").args(["-D"]).arg(&data).args([
+        "--auth=trust",
+        "-U",
+        "postgres",
+        "--no-sync",
+    ]))?;
     let port = free_port()?;
     append(
         &data.join("postgresql.conf"),
@@ -313,22 +330,29 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
             dir.join("walsafe.log").display()
         )
     })?;
-    println!("    config {}, log {}", config.display(), dir.join("walsafe.log").display());
+    println!(
+        "    config {}, log {}",
+        config.display(),
+        dir.join("walsafe.log").display()
+    );
     println!("    streaming into file://{}/repository", dir.display());
 
     step("taking a base backup (pg_basebackup -X none: its WAL will come from walsafe)");
     primary.psql("create table demo (id bigserial primary key, batch int not null, at timestamptz not null default clock_timestamp(), pad text)")?;
     let backup = dir.join("backup");
-    run_cmd(env
-        .pg("pg_basebackup")
-        .arg("-D")
-        .arg(&backup)
-        .args(["-X", "none", "-c", "fast", "--no-sync", "-h"])
-        .arg(&sockets)
-        .args(["-p", &port.to_string(), "-U", "postgres"]))?;
+    run_cmd(
+        env.pg("pg_basebackup")
+            .arg("-D")
+            .arg(&backup)
+            .args(["-X", "none", "-c", "fast", "--no-sync", "-h"])
+            .arg(&sockets)
+            .args(["-p", &port.to_string(), "-U", "postgres"]),
+    )?;
     println!("    backup in {}", backup.display());
 
-    step(&format!("writing for {duration:?} (batch 1), with the archive's live positions"));
+    step(&format!(
+        "writing for {duration:?} (batch 1), with the archive's live positions"
+    ));
     println!(
         "    {:>14} {:>14} {:>14} {:>14} {:>9}",
         "server", "received", "durable", "archived", "lag"
@@ -356,10 +380,14 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     }
     let batch1 = primary.psql("select count(*) from demo")?;
     std::thread::sleep(Duration::from_millis(300));
-    let target = primary.psql("select to_char(clock_timestamp(), 'YYYY-MM-DD HH24:MI:SS.US TZH:TZM')")?;
+    let target =
+        primary.psql("select to_char(clock_timestamp(), 'YYYY-MM-DD HH24:MI:SS.US TZH:TZM')")?;
     std::thread::sleep(Duration::from_millis(300));
-    primary.psql("insert into demo (batch, pad) select 2, 'after the target' from generate_series(1, 100)")?;
-    primary.psql("insert into demo (batch, pad) values (3, 'the last commit before the disaster')")?;
+    primary.psql(
+        "insert into demo (batch, pad) select 2, 'after the target' from generate_series(1, 100)",
+    )?;
+    primary
+        .psql("insert into demo (batch, pad) values (3, 'the last commit before the disaster')")?;
     let end = primary.psql("select pg_current_wal_lsn()")?;
     println!("    batch 1: {batch1} rows; recovery target time: {target}; then 101 more rows, last commit at WAL {end}");
 
@@ -385,7 +413,9 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
         c.wait()
     }));
 
-    step(&format!("restoring the base backup to {target} with restore_command = walsafe wal-fetch"));
+    step(&format!(
+        "restoring the base backup to {target} with restore_command = walsafe wal-fetch"
+    ));
     let restored_data = dir.join("restored");
     std::fs::rename(&backup, &restored_data)?;
     let rport = free_port()?;
@@ -412,9 +442,13 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| {
-        format!("the restored server did not finish recovery; see {}", dir.join("restored.log").display())
+        format!(
+            "the restored server did not finish recovery; see {}",
+            dir.join("restored.log").display()
+        )
     })?;
-    let got = restored.psql("select count(*) filter (where batch = 1) || ' ' || count(*) from demo")?;
+    let got =
+        restored.psql("select count(*) filter (where batch = 1) || ' ' || count(*) from demo")?;
     let (b1, total) = got.split_once(' ').unwrap_or(("", ""));
     println!("    restored: {b1} rows of batch 1, {total} rows in all");
     restored.stop("fast");
@@ -422,7 +456,10 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
         println!("\nOK: the restore holds exactly the {batch1} rows committed before {target}, and none after.");
         Ok(())
     } else {
-        bail!("the restore holds {total} rows ({b1} of batch 1), expected exactly {batch1}; see {}", dir.join("restored.log").display())
+        bail!(
+            "the restore holds {total} rows ({b1} of batch 1), expected exactly {batch1}; see {}",
+            dir.join("restored.log").display()
+        )
     }
 }
 

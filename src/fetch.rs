@@ -152,11 +152,10 @@ async fn fetch_segment(
         );
     }
     let ident = identity(d);
-    let data = tokio::task::spawn_blocking(move || {
-        validate_segment(&ident, seg, &data).map(|()| data)
-    })
-    .await?
-    .with_context(|| format!("the archived {name} is not valid WAL of this cluster"))?;
+    let data =
+        tokio::task::spawn_blocking(move || validate_segment(&ident, seg, &data).map(|()| data))
+            .await?
+            .with_context(|| format!("the archived {name} is not valid WAL of this cluster"))?;
     Ok(Some(data))
 }
 
@@ -207,7 +206,10 @@ pub async fn assemble_chunks(
         for ((start, end), part) in plan.iter().zip(parts) {
             let part = part.expect("checked above");
             if part.len() as u64 != end - start || *end > segment_size {
-                bail!("chunk {start:08X}-{end:08X} of {name} holds {} bytes", part.len());
+                bail!(
+                    "chunk {start:08X}-{end:08X} of {name} holds {} bytes",
+                    part.len()
+                );
             }
             let overlap = (pos - start) as usize;
             if buf[*start as usize..pos as usize] != part[..overlap] {
@@ -216,7 +218,10 @@ pub async fn assemble_chunks(
             buf[pos as usize..*end as usize].copy_from_slice(&part[overlap..]);
             pos = *end;
         }
-        debug!("assembled {name} from {} chunk(s), {pos} bytes of WAL", plan.len());
+        debug!(
+            "assembled {name} from {} chunk(s), {pos} bytes of WAL",
+            plan.len()
+        );
         return Ok(Some(buf));
     }
     bail!("the chunks of {name} kept changing while it was being read; try again")
@@ -255,7 +260,9 @@ fn plan_chunks(chunks: &mut [(u64, u64)], name: &str) -> anyhow::Result<Vec<(u64
 
 fn spawn_prefetcher(cfg: &Config, name: &str) {
     use std::os::unix::process::CommandExt;
-    let Ok(exe) = std::env::current_exe() else { return };
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
     let r = std::process::Command::new(exe)
         .arg("--config")
         .arg(&cfg.path)
@@ -315,8 +322,10 @@ pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
         match repo.get_wal_object(&n).await? {
             Some(raw) => {
                 let p = path.clone();
-                tokio::task::spawn_blocking(move || crate::durable::write_atomically(&p, &raw, 0o600))
-                    .await??;
+                tokio::task::spawn_blocking(move || {
+                    crate::durable::write_atomically(&p, &raw, 0o600)
+                })
+                .await??;
             }
             None => break,
         }
@@ -332,14 +341,19 @@ mod tests {
     #[test]
     fn plan_picks_longest_contiguous_cover() {
         let mut c = vec![(0, 10), (10, 20), (0, 15), (20, 30)];
-        assert_eq!(plan_chunks(&mut c, "x").unwrap(), vec![(0, 15), (10, 20), (20, 30)]);
+        assert_eq!(
+            plan_chunks(&mut c, "x").unwrap(),
+            vec![(0, 15), (10, 20), (20, 30)]
+        );
     }
 
     #[test]
     fn plan_refuses_missing_start_and_holes() {
         let e = plan_chunks(&mut [(8, 10)], "X").unwrap_err().to_string();
         assert!(e.contains("do not start at offset 0"), "{e}");
-        let e = plan_chunks(&mut [(0, 10), (12, 20)], "X").unwrap_err().to_string();
+        let e = plan_chunks(&mut [(0, 10), (12, 20)], "X")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hole from 0000000A to 0000000C"), "{e}");
     }
 }

@@ -1,4 +1,4 @@
 //! The `walsafe` binary; everything lives in the library.
 fn main() -> std::process::ExitCode {
-    std::process::ExitCode::FAILURE // WIP: cli lands with the orchestration modules
+    walsafe::cli::main()
 }

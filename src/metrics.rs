@@ -10,7 +10,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 
 use crate::positions::{now_ms, Positions};
 
@@ -78,19 +80,57 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
 
 /// Describes every metric (after the recorder is installed).
 pub fn describe() {
-    describe_gauge!(SERVER_LSN_BYTES, Unit::Bytes, "Latest server WAL end seen (keepalive or XLogData)");
+    describe_gauge!(
+        SERVER_LSN_BYTES,
+        Unit::Bytes,
+        "Latest server WAL end seen (keepalive or XLogData)"
+    );
     describe_gauge!(RECEIVED_LSN_BYTES, Unit::Bytes, "End of WAL received");
-    describe_gauge!(FLUSHED_LSN_BYTES, Unit::Bytes, "End of WAL fsynced in the spool");
-    describe_gauge!(ARCHIVED_LSN_BYTES, Unit::Bytes, "End of WAL contiguously stored in the repository");
-    describe_gauge!(ARCHIVE_LAG_BYTES, Unit::Bytes, "Server WAL end minus archived position");
-    describe_gauge!(ARCHIVE_LAG_SECONDS, Unit::Seconds, "Age of the oldest WAL not yet stored (0 when caught up): the live RPO");
+    describe_gauge!(
+        FLUSHED_LSN_BYTES,
+        Unit::Bytes,
+        "End of WAL fsynced in the spool"
+    );
+    describe_gauge!(
+        ARCHIVED_LSN_BYTES,
+        Unit::Bytes,
+        "End of WAL contiguously stored in the repository"
+    );
+    describe_gauge!(
+        ARCHIVE_LAG_BYTES,
+        Unit::Bytes,
+        "Server WAL end minus archived position"
+    );
+    describe_gauge!(
+        ARCHIVE_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest WAL not yet stored (0 when caught up): the live RPO"
+    );
     describe_gauge!(TIMELINE, "Timeline being streamed");
     describe_gauge!(REPLICATION_CONNECTED, "1 while streaming from PostgreSQL");
-    describe_gauge!(LAST_ARCHIVED_TIMESTAMP_SECONDS, Unit::Seconds, "Unix time when the repository last advanced");
-    describe_counter!(UPLOADS_TOTAL, "Uploads by kind (segment, chunk, history, partial) and result (ok, error)");
-    describe_counter!(UPLOAD_CONFLICTS_TOTAL, "Uploads refused because different content exists under the same name");
-    describe_histogram!(UPLOAD_DURATION_SECONDS, Unit::Seconds, "Duration of one upload, by kind");
-    describe_histogram!(FSYNC_DURATION_SECONDS, Unit::Seconds, "Duration of spool fsyncs");
+    describe_gauge!(
+        LAST_ARCHIVED_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "Unix time when the repository last advanced"
+    );
+    describe_counter!(
+        UPLOADS_TOTAL,
+        "Uploads by kind (segment, chunk, history, partial) and result (ok, error)"
+    );
+    describe_counter!(
+        UPLOAD_CONFLICTS_TOTAL,
+        "Uploads refused because different content exists under the same name"
+    );
+    describe_histogram!(
+        UPLOAD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of one upload, by kind"
+    );
+    describe_histogram!(
+        FSYNC_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of spool fsyncs"
+    );
     describe_counter!(RECONNECTS_TOTAL, "Replication reconnects");
 }
 

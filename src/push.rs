@@ -53,7 +53,10 @@ pub async fn wal_push(cfg: &Config, path: &Path) -> anyhow::Result<()> {
         let header = read_long_header(&data)
             .with_context(|| format!("{name} does not start with a WAL segment header"))?;
         let major = pg_major_of_magic(header.magic).ok_or_else(|| {
-            anyhow!("{name} has WAL page magic {:#06X}, not of a PostgreSQL version walsafe knows", header.magic)
+            anyhow!(
+                "{name} has WAL page magic {:#06X}, not of a PostgreSQL version walsafe knows",
+                header.magic
+            )
         })?;
         let descriptor = repo
             .pin(&RepoIdentity {
@@ -90,8 +93,12 @@ mod tests {
 
     #[test]
     fn backup_history_names() {
-        assert!(is_backup_history("000000010000000000000002.00000028.backup"));
+        assert!(is_backup_history(
+            "000000010000000000000002.00000028.backup"
+        ));
         assert!(!is_backup_history("000000010000000000000002.backup"));
-        assert!(!is_backup_history("00000001000000000000000G.00000028.backup"));
+        assert!(!is_backup_history(
+            "00000001000000000000000G.00000028.backup"
+        ));
     }
 }

@@ -269,7 +269,7 @@ impl Receiver<'_> {
                         .await?;
                     done.await
                         .map_err(|_| anyhow!("spool writer stopped during a timeline switch"))??;
-                    conn = stream.into_connection()?;
+                    conn = (*stream).into_connection()?;
                     self.fetch_history(&mut conn, next).await?;
                     timeline = next;
                     start = switch_point.segment_start(seg);
@@ -306,7 +306,7 @@ impl Receiver<'_> {
         timeline: TimelineId,
         start: Lsn,
     ) -> anyhow::Result<TimelineEnd> {
-        let mut validator = PageValidator::new(self.identity.clone(), timeline);
+        let mut validator = PageValidator::new(self.identity, timeline);
         let mut expected = start;
         let mut flushed = self.writer.flushed();
         let mut archived = self.archived.clone();
@@ -344,7 +344,7 @@ impl Receiver<'_> {
                             validator.feed(at, &data).with_context(|| {
                                 format!("WAL received at {at} on timeline {timeline} failed validation; it was not spooled or uploaded")
                             })?;
-                            expected = at.add(data.len() as u64);
+                            expected = at.plus(data.len() as u64);
                             self.positions.set_received(expected);
                             self.positions.set_server(server_end.max(expected));
                             self.writer.send(WriteCmd::Data { timeline, start: at, data }).await?;
@@ -356,7 +356,7 @@ impl Receiver<'_> {
                             }
                         }
                         ReplMessage::EndOfTimeline { next_timeline, switch_point } => {
-                            return Ok(TimelineEnd::Switched { stream, next: next_timeline, switch_point });
+                            return Ok(TimelineEnd::Switched { stream: Box::new(stream), next: next_timeline, switch_point });
                         }
                         ReplMessage::EndOfStream => {
                             let _ = self.send_status(&mut stream, false).await;
@@ -398,7 +398,7 @@ impl Receiver<'_> {
 enum TimelineEnd {
     Stopped(StreamEnd),
     Switched {
-        stream: ReplicationStream,
+        stream: Box<ReplicationStream>,
         next: TimelineId,
         switch_point: Lsn,
     },

@@ -726,7 +726,7 @@ impl SpoolWriter {
                 .write_all_at(&rest[..n], offset)
                 .map_err(|e| SpoolError::io("write WAL to", &cur.path, e))?;
             cur.dirty = true;
-            pos = pos.add(n as u64);
+            pos = pos.plus(n as u64);
             rest = &rest[n..];
             self.written = pos;
             if offset + n as u64 == seg_size {
@@ -1024,14 +1024,14 @@ mod tests {
         let mut step = 777usize;
         while off < total {
             let n = step.min(total - off);
-            w.write(T1, start.add(off as u64), &data[off..off + n])
+            w.write(T1, start.plus(off as u64), &data[off..off + n])
                 .unwrap();
             off += n;
             step = (step * 13 + 101) % (SEG as usize + 5000) + 1;
         }
-        assert_eq!(w.written(), start.add(total as u64));
+        assert_eq!(w.written(), start.plus(total as u64));
         let f = w.flush().unwrap();
-        assert_eq!(f.flushed, start.add(total as u64));
+        assert_eq!(f.flushed, start.plus(total as u64));
         assert_eq!(f.completed, vec![seg(T1, 5), seg(T1, 6), seg(T1, 7)]);
         for (i, s) in f.completed.iter().enumerate() {
             let bytes = spool.read_complete(*s).unwrap();

@@ -39,9 +39,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::metrics::Kind;
 use crate::pg::walfile::history_file_name;
 use crate::pg::{Lsn, SegmentName, TimelineId};
-use crate::metrics::Kind;
 use crate::positions::{now_ms, Positions};
 use crate::receive::SpoolEvent;
 use crate::repository::{PutOutcome, Repository, RepositoryError};
@@ -51,7 +51,6 @@ use crate::spool::{Recovered, Spool};
 pub const REQUEUE_DELAY: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight uploads.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Job {
@@ -119,7 +118,9 @@ impl Uploader {
         for s in &recovered.complete {
             jobs.insert(Job::Segment(*s), State::Queued);
         }
-        let reopened = recovered.resume.map(|(t, l)| SegmentName::containing(t, l, segment_size));
+        let reopened = recovered
+            .resume
+            .map(|(t, l)| SegmentName::containing(t, l, segment_size));
         for p in &recovered.partials {
             if Some(*p) != reopened {
                 jobs.insert(Job::Closed(*p), State::Queued);
@@ -268,7 +269,8 @@ impl Uploader {
     fn maybe_chunk(&mut self) {
         let Some(f) = &mut self.filling else { return };
         let stored = self.chunked.get(&f.seg).copied().unwrap_or(0);
-        if f.chunk_in_flight || f.flushed <= stored || self.last_chunk.elapsed() < self.interval / 2 {
+        if f.chunk_in_flight || f.flushed <= stored || self.last_chunk.elapsed() < self.interval / 2
+        {
             return;
         }
         let job = Job::Chunk {
@@ -374,7 +376,9 @@ impl Uploader {
         let name = seg.file_name(self.segment_size);
         tokio::spawn(async move {
             if let Err(e) = repo.delete_chunks(&name).await {
-                warn!("could not delete the chunks of {name} (they are removed at next start): {e:#}");
+                warn!(
+                    "could not delete the chunks of {name} (they are removed at next start): {e:#}"
+                );
             }
         });
     }
@@ -405,7 +409,7 @@ impl Uploader {
         let mut archived = self.flushed;
         let stored_end = |s: &SegmentName| {
             s.start_lsn(self.segment_size)
-                .add(self.chunked.get(s).copied().unwrap_or(0))
+                .plus(self.chunked.get(s).copied().unwrap_or(0))
         };
         for job in self.jobs.keys() {
             let end = match job {
@@ -448,13 +452,16 @@ async fn upload_one(
     job: Job,
 ) -> anyhow::Result<PutOutcome> {
     let started = Instant::now();
-    let read = |f: Box<dyn FnOnce(&Spool) -> std::io::Result<Vec<u8>> + Send>| {
+    let read = |f: fn(&Spool, SegmentName, u64, u64) -> std::io::Result<Vec<u8>>,
+                seg: SegmentName,
+                start: u64,
+                end: u64| {
         let spool = spool.clone();
-        async move { tokio::task::spawn_blocking(move || f(&spool)).await? }
+        async move { tokio::task::spawn_blocking(move || f(&spool, seg, start, end)).await? }
     };
     let (kind, outcome) = match job {
         Job::Segment(seg) => {
-            let data = read(Box::new(move |s| s.read_complete(seg))).await?;
+            let data = read(|s, seg, _, _| s.read_complete(seg), seg, 0, 0).await?;
             let name = seg.file_name(segment_size);
             let o = repo.put_wal(&name, Bytes::from(data)).await?;
             let spool = spool.clone();
@@ -462,7 +469,7 @@ async fn upload_one(
             (Kind::Segment, o)
         }
         Job::Closed(seg) => {
-            let data = read(Box::new(move |s| s.read_range(seg, 0, segment_size))).await?;
+            let data = read(Spool::read_range, seg, 0, segment_size).await?;
             let name = format!("{}.partial", seg.file_name(segment_size));
             let o = repo.put_wal(&name, Bytes::from(data)).await?;
             let spool = spool.clone();
@@ -470,12 +477,17 @@ async fn upload_one(
             (Kind::Partial, o)
         }
         Job::History(t) => {
-            let data = read(Box::new(move |s| s.read_history(t))).await?;
-            let o = repo.put_wal(&history_file_name(t), Bytes::from(data)).await?;
+            let data = {
+                let spool = spool.clone();
+                tokio::task::spawn_blocking(move || spool.read_history(t)).await??
+            };
+            let o = repo
+                .put_wal(&history_file_name(t), Bytes::from(data))
+                .await?;
             (Kind::History, o)
         }
         Job::Chunk { seg, start, end } => {
-            let data = read(Box::new(move |s| s.read_range(seg, start, end))).await?;
+            let data = read(Spool::read_range, seg, start, end).await?;
             let o = repo
                 .put_chunk(&seg.file_name(segment_size), start, Bytes::from(data))
                 .await?;

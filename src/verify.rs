@@ -76,7 +76,9 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
     }
     let mut chunk_gaps: BTreeMap<SegmentName, String> = BTreeMap::new();
     for name in repo.list_chunked_segments().await? {
-        let Some(s) = SegmentName::parse(&name, seg) else { continue };
+        let Some(s) = SegmentName::parse(&name, seg) else {
+            continue;
+        };
         let e = tls.entry(s.timeline).or_default();
         if e.full.contains(&s.segno) || e.partial.contains(&s.segno) {
             continue; // superseded chunks, not yet deleted
@@ -87,7 +89,10 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
         let mut pos = 0;
         for (s0, e0) in chunks {
             if s0 > pos {
-                chunk_gaps.insert(s, format!("chunks missing from offset {pos:08X} to {s0:08X}"));
+                chunk_gaps.insert(
+                    s,
+                    format!("chunks missing from offset {pos:08X} to {s0:08X}"),
+                );
                 break;
             }
             pos = pos.max(e0);
@@ -102,8 +107,16 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
             .chain(&st.chunked)
             .copied()
             .collect();
-        let (Some(&first), Some(&last)) = (all.first(), all.last()) else { continue };
-        let name = |segno| SegmentName { timeline: tli, segno }.file_name(seg);
+        let (Some(&first), Some(&last)) = (all.first(), all.last()) else {
+            continue;
+        };
+        let name = |segno| {
+            SegmentName {
+                timeline: tli,
+                segno,
+            }
+            .file_name(seg)
+        };
         let mut gaps = Vec::new();
         let mut expect = first;
         for &n in &all {
@@ -117,9 +130,16 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
             expect = n + 1;
         }
         for &n in &st.chunked {
-            let s = SegmentName { timeline: tli, segno: n };
+            let s = SegmentName {
+                timeline: tli,
+                segno: n,
+            };
             if let Some(r) = chunk_gaps.get(&s) {
-                gaps.push(Gap { from: name(n), to: name(n), reason: r.clone() });
+                gaps.push(Gap {
+                    from: name(n),
+                    to: name(n),
+                    reason: r.clone(),
+                });
             } else if n != last {
                 gaps.push(Gap {
                     from: name(n),
@@ -135,7 +155,8 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
             gaps.push(Gap {
                 from: h.clone(),
                 to: h,
-                reason: "timeline history file missing: recovery cannot follow this timeline".into(),
+                reason: "timeline history file missing: recovery cannot follow this timeline"
+                    .into(),
             });
         }
         out.push(TimelineReport {
@@ -165,7 +186,10 @@ pub async fn command(cfg: Config, json: bool) -> ExitCode {
         Ok(report) => {
             let gaps: usize = report.iter().map(|t| t.gaps.len()).sum();
             if json {
-                println!("{}", serde_json::json!({ "timelines": report, "gaps": gaps }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "timelines": report, "gaps": gaps })
+                );
             } else {
                 for t in &report {
                     println!(
@@ -174,7 +198,11 @@ pub async fn command(cfg: Config, json: bool) -> ExitCode {
                         t.first,
                         t.last,
                         t.segments,
-                        if t.history { "" } else { ", history file MISSING" }
+                        if t.history {
+                            ""
+                        } else {
+                            ", history file MISSING"
+                        }
                     );
                     for g in &t.gaps {
                         println!("  GAP {} .. {}: {}", g.from, g.to, g.reason);

@@ -109,7 +109,10 @@ fn archive_is_byte_exact_with_pg_receivewal() {
     for name in &names {
         let theirs = std::fs::read(recv_dir.join(name)).unwrap();
         let ours = fetch(&s.config, name, &work);
-        assert!(ours == theirs, "segment {name} differs from pg_receivewal's");
+        assert!(
+            ours == theirs,
+            "segment {name} differs from pg_receivewal's"
+        );
     }
     // Every complete segment left the spool once stored.
     let spooled: Vec<String> = std::fs::read_dir(&s.settings.spool)
@@ -118,7 +121,10 @@ fn archive_is_byte_exact_with_pg_receivewal() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| names.contains(n))
         .collect();
-    assert!(spooled.is_empty(), "stored segments still spooled: {spooled:?}");
+    assert!(
+        spooled.is_empty(),
+        "stored segments still spooled: {spooled:?}"
+    );
     let verify = walsafe(&s.config, &["wal-verify"]);
     assert_eq!(
         verify.status.code(),
@@ -169,14 +175,25 @@ fn last_second_restore_recovers_the_marker() {
         let restored = start_restore(
             &backup,
             &[
-                format!("restore_command = '{}'", restore_command(s.dir.path(), &s.config)),
+                format!(
+                    "restore_command = '{}'",
+                    restore_command(s.dir.path(), &s.config)
+                ),
                 "recovery_target_timeline = 'latest'".into(),
             ],
         );
         let outcome = restored.wait_recovery_end(Duration::from_secs(120));
-        assert_eq!(outcome, RecoveryOutcome::Promoted, "round {round}: {}", restored.log_tail());
+        assert_eq!(
+            outcome,
+            RecoveryOutcome::Promoted,
+            "round {round}: {}",
+            restored.log_tail()
+        );
         let got = restored.psql("SELECT string_agg(round::text, ',' ORDER BY round) FROM marker");
-        let want = (1..=round).map(|r| r.to_string()).collect::<Vec<_>>().join(",");
+        let want = (1..=round)
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         assert_eq!(got, want, "round {round}: markers after restore");
         drop(restored);
 
@@ -196,7 +213,8 @@ fn pitr_to_a_time_keeps_exactly_the_rows_before_it() {
     write_wal(&s.pg, 2);
     s.pg.psql("INSERT INTO t SELECT g, 1 FROM generate_series(501, 1000) g");
     std::thread::sleep(Duration::from_millis(300));
-    let target = s.pg.psql("SELECT to_char(clock_timestamp(), 'YYYY-MM-DD HH24:MI:SS.US TZH:TZM')");
+    let target =
+        s.pg.psql("SELECT to_char(clock_timestamp(), 'YYYY-MM-DD HH24:MI:SS.US TZH:TZM')");
     std::thread::sleep(Duration::from_millis(300));
     s.pg.psql("INSERT INTO t SELECT g, 2 FROM generate_series(1001, 1500) g");
     s.pg.psql("SELECT pg_switch_wal()");
@@ -206,7 +224,10 @@ fn pitr_to_a_time_keeps_exactly_the_rows_before_it() {
     let restored = start_restore(
         &backup,
         &[
-            format!("restore_command = '{}'", restore_command(s.dir.path(), &s.config)),
+            format!(
+                "restore_command = '{}'",
+                restore_command(s.dir.path(), &s.config)
+            ),
             format!("recovery_target_time = '{target}'"),
             "recovery_target_action = 'promote'".into(),
         ],
@@ -217,8 +238,14 @@ fn pitr_to_a_time_keeps_exactly_the_rows_before_it() {
         "{}",
         restored.log_tail()
     );
-    assert_eq!(restored.psql("SELECT count(*) FROM t WHERE batch = 1"), "1000");
-    assert_eq!(restored.psql("SELECT count(*) FROM t WHERE batch <> 1"), "0");
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM t WHERE batch = 1"),
+        "1000"
+    );
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM t WHERE batch <> 1"),
+        "0"
+    );
 }
 
 /// SIGKILL the agent again and again during heavy writes; afterwards every
@@ -281,12 +308,19 @@ fn crash_anywhere_loses_nothing() {
     let _ = recv.kill();
     let _ = recv.wait();
     let names = complete_segments(&recv_dir);
-    assert!(names.len() >= 2, "only {names:?} after {:?}", started.elapsed());
+    assert!(
+        names.len() >= 2,
+        "only {names:?} after {:?}",
+        started.elapsed()
+    );
     let work = s.dir.subdir("work");
     for name in &names {
         let theirs = std::fs::read(recv_dir.join(name)).unwrap();
         let ours = fetch(&s.config, name, &work);
-        assert!(ours == theirs, "segment {name} differs from pg_receivewal's after {kills} kills");
+        assert!(
+            ours == theirs,
+            "segment {name} differs from pg_receivewal's after {kills} kills"
+        );
     }
     let verify = walsafe(&s.config, &["wal-verify"]);
     assert_eq!(
@@ -311,7 +345,10 @@ fn synchronous_standby_commits_are_in_the_spool() {
         let marker = format!("sync-marker-{i:04}-{}", std::process::id());
         let started = Instant::now();
         s.pg.psql(&format!("INSERT INTO t VALUES ('{marker}')"));
-        assert!(started.elapsed() < Duration::from_secs(10), "commit waited too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "commit waited too long"
+        );
         // The commit returned: the row's WAL must be in a spool file now.
         let found = std::fs::read_dir(&s.settings.spool)
             .unwrap()

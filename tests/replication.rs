@@ -47,7 +47,7 @@ async fn receive_range(stream: &mut ReplicationStream, from: Lsn, until: Lsn) ->
         match next(stream, 30).await {
             ReplMessage::XLogData { start, data, .. } => {
                 assert_eq!(start, pos, "XLogData must be contiguous");
-                pos = pos.add(data.len() as u64);
+                pos = pos.plus(data.len() as u64);
                 buf.extend_from_slice(&data);
             }
             ReplMessage::Keepalive { .. } => {}
@@ -83,7 +83,7 @@ async fn receive_range_cancelling(
                     start, pos,
                     "XLogData must be contiguous across cancellations"
                 );
-                pos = pos.add(data.len() as u64);
+                pos = pos.plus(data.len() as u64);
                 buf.extend_from_slice(&data);
             }
             Ok(Ok(ReplMessage::Keepalive { .. })) => {}
@@ -475,7 +475,7 @@ async fn streamed_bytes_equal_pg_wal_on_disk() {
         // The whole segment holding the switch record (and any before it).
         let end = switched
             .segment_start(seg)
-            .add(if switched.segment_offset(seg) == 0 {
+            .plus(if switched.segment_offset(seg) == 0 {
                 0
             } else {
                 seg
@@ -497,7 +497,7 @@ async fn streamed_bytes_equal_pg_wal_on_disk() {
             received[off..off + seg as usize] == disk[..],
             "segment at {pos} differs from pg_wal"
         );
-        pos = pos.add(seg);
+        pos = pos.plus(seg);
     }
     stream.stop().await.unwrap();
 }
@@ -534,7 +534,7 @@ async fn keepalive_reply_requested_and_status_updates_advance_the_slot() {
         match next(&mut stream, 10).await {
             ReplMessage::XLogData { start, data, .. } => {
                 assert_eq!(start, received);
-                received = received.add(data.len() as u64);
+                received = received.plus(data.len() as u64);
             }
             ReplMessage::Keepalive {
                 reply_requested: true,
@@ -586,7 +586,7 @@ async fn end_of_timeline_after_promotion_then_history_and_next_timeline() {
     while received < id.xlogpos {
         if let ReplMessage::XLogData { start: s, data, .. } = next(&mut stream, 30).await {
             assert_eq!(s, received);
-            received = received.add(data.len() as u64);
+            received = received.plus(data.len() as u64);
         }
     }
 
@@ -595,7 +595,7 @@ async fn end_of_timeline_after_promotion_then_history_and_next_timeline() {
         match next(&mut stream, 30).await {
             ReplMessage::XLogData { start: s, data, .. } => {
                 assert_eq!(s, received);
-                received = received.add(data.len() as u64);
+                received = received.plus(data.len() as u64);
             }
             ReplMessage::Keepalive { .. } => {}
             ReplMessage::EndOfTimeline {
@@ -755,7 +755,7 @@ async fn server_shutdown_ends_the_stream() {
         {
             Ok(ReplMessage::XLogData { start, data, .. }) => {
                 assert_eq!(start, pos);
-                pos = pos.add(data.len() as u64);
+                pos = pos.plus(data.len() as u64);
             }
             Ok(ReplMessage::Keepalive {
                 reply_requested, ..

@@ -84,7 +84,11 @@ fn archived_cluster(name: &str, key: bool) -> Archived {
         pg.psql("SELECT pg_switch_wal()");
     }
     agent.wait_archived(current_lsn(&pg), Duration::from_secs(60));
-    assert!(agent.terminate().success(), "agent exit; log:\n{}", agent.log());
+    assert!(
+        agent.terminate().success(),
+        "agent exit; log:\n{}",
+        agent.log()
+    );
     Archived {
         dir,
         _pg: pg,
@@ -119,7 +123,10 @@ fn bad_objects_make_wal_fetch_fatal_and_recovery_stop() {
 
     // Sanity: intact, it restores; absent names are exit 1.
     assert_eq!(fetch_code(&a.config, victim, &work).0, Some(0));
-    assert_eq!(fetch_code(&a.config, "0000000100000000000000F0", &work).0, Some(1));
+    assert_eq!(
+        fetch_code(&a.config, "0000000100000000000000F0", &work).0,
+        Some(1)
+    );
     assert_eq!(fetch_code(&a.config, "00000009.history", &work).0, Some(1));
 
     let mut flipped = original.clone();
@@ -129,14 +136,20 @@ fn bad_objects_make_wal_fetch_fatal_and_recovery_stop() {
         ("corrupted", flipped),
         ("truncated", original[..original.len() / 2].to_vec()),
         ("last frame cut", original[..original.len() - 1].to_vec()),
-        ("swapped", std::fs::read(repo.join("wal").join(other)).unwrap()),
+        (
+            "swapped",
+            std::fs::read(repo.join("wal").join(other)).unwrap(),
+        ),
         ("empty", Vec::new()),
     ];
     for (what, bytes) in &cases {
         std::fs::write(&path, bytes).unwrap();
         let (code, err) = fetch_code(&a.config, victim, &work);
         assert_eq!(code, Some(126), "{what} object: exit {code:?}, {err}");
-        assert!(err.contains(victim.as_str()), "{what}: message names the file: {err}");
+        assert!(
+            err.contains(victim.as_str()),
+            "{what}: message names the file: {err}"
+        );
         assert!(!work.join("out").exists(), "{what}: nothing may be written");
     }
 
@@ -164,8 +177,13 @@ fn bad_objects_make_wal_fetch_fatal_and_recovery_stop() {
         )],
     );
     match restored.wait_recovery_end(Duration::from_secs(120)) {
-        RecoveryOutcome::Failed(log) => assert!(log.contains("126") || log.contains("FATAL"), "{log}"),
-        other => panic!("recovery with a corrupted segment ended {other:?}:\n{}", restored.log_tail()),
+        RecoveryOutcome::Failed(log) => {
+            assert!(log.contains("126") || log.contains("FATAL"), "{log}")
+        }
+        other => panic!(
+            "recovery with a corrupted segment ended {other:?}:\n{}",
+            restored.log_tail()
+        ),
     }
     drop(restored);
 
@@ -230,14 +248,21 @@ fn strangers_are_refused() {
     s.metrics_port = common::walsafe::free_port();
     let config = s.write(&a.dir.join("other.toml"));
     let mut agent = Agent::spawn(&config, s.metrics_port);
-    assert!(common::walsafe::wait_until(Duration::from_secs(30), || agent
-        .try_wait()
-        .is_some()));
+    assert!(common::walsafe::wait_until(Duration::from_secs(30), || {
+        agent.try_wait().is_some()
+    }));
     let log = agent.log();
     let mine = a._pg.system_identifier().to_string();
     let theirs = other.system_identifier().to_string();
-    assert!(log.contains(&mine) && log.contains(&theirs), "names both identifiers: {log}");
-    assert_eq!(stored_segments(&repo), ours, "nothing of the stranger's was stored");
+    assert!(
+        log.contains(&mine) && log.contains(&theirs),
+        "names both identifiers: {log}"
+    );
+    assert_eq!(
+        stored_segments(&repo),
+        ours,
+        "nothing of the stranger's was stored"
+    );
 
     // WAL from another cluster given to wal-push.
     other.psql("SELECT pg_switch_wal()");
@@ -263,7 +288,10 @@ fn strangers_are_refused() {
     bytes[last] ^= 0xFF;
     std::fs::write(&fetched, &bytes).unwrap();
     let o = walsafe(&a.config, &["wal-push", fetched.to_str().unwrap()]);
-    assert!(!o.status.success(), "different content under a stored name must be refused");
+    assert!(
+        !o.status.success(),
+        "different content under a stored name must be refused"
+    );
     let _ = next;
 }
 
@@ -313,7 +341,10 @@ fn timeline_switch_is_archived_and_followed() {
     let restored = start_restore(
         &backup,
         &[
-            format!("restore_command = '{}'", restore_command(dir.path(), &config)),
+            format!(
+                "restore_command = '{}'",
+                restore_command(dir.path(), &config)
+            ),
             "recovery_target_timeline = 'latest'".into(),
         ],
     );
@@ -328,7 +359,12 @@ fn timeline_switch_is_archived_and_followed() {
         "100,50,1"
     );
     let verify = walsafe(&config, &["wal-verify"]);
-    assert_eq!(verify.status.code(), Some(0), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 }
 
 #[test]
@@ -348,7 +384,12 @@ fn bad_input_gets_one_clear_line_and_no_panic() {
     // Missing config.
     let missing = dir.join("nope.toml");
     check(&["run"], &missing, &["nope.toml", "--config"], 1);
-    check(&["wal-fetch", "000000010000000000000001", "x"], &missing, &["nope.toml"], 126);
+    check(
+        &["wal-fetch", "000000010000000000000001", "x"],
+        &missing,
+        &["nope.toml"],
+        126,
+    );
     check(&["wal-verify"], &missing, &["nope.toml"], 2);
     // Malformed TOML.
     let bad = dir.join("bad.toml");
@@ -370,10 +411,18 @@ fn bad_input_gets_one_clear_line_and_no_panic() {
     check(&["run"], &garbage, &["garbage.key"], 1);
     // Unreachable server: gives up after connect_timeout with the cause.
     let port = common::walsafe::free_port();
-    let mut s = Settings::new(dir.path(), &format!("host=127.0.0.1 port={port} user=walsafe"));
+    let mut s = Settings::new(
+        dir.path(),
+        &format!("host=127.0.0.1 port={port} user=walsafe"),
+    );
     s.connect_timeout = "1s".into();
     let unreachable = s.write(&dir.join("unreachable.toml"));
-    check(&["run"], &unreachable, &[&port.to_string(), "connect_timeout"], 1);
+    check(
+        &["run"],
+        &unreachable,
+        &[&port.to_string(), "connect_timeout"],
+        1,
+    );
     // keygen never overwrites a key.
     let key = keygen(dir.path(), "k.key");
     let before = std::fs::read(&key).unwrap();
@@ -385,5 +434,8 @@ fn bad_input_gets_one_clear_line_and_no_panic() {
     assert!(!o.status.success());
     assert_eq!(std::fs::read(&key).unwrap(), before);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 }

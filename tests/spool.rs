@@ -140,7 +140,7 @@ fn feed_randomly(
             rng.gen_range(1..=200 * 1024)
         }
         .min(bytes.len() - off);
-        v.feed(start.add(off as u64), &bytes[off..off + n])?;
+        v.feed(start.plus(off as u64), &bytes[off..off + n])?;
         off += n;
     }
     Ok(v)
@@ -337,7 +337,7 @@ fn real_wal_through_the_spool_survives_a_crash_byte_exact() {
         let mut off = 0;
         while off < 3 * BS + 100 {
             let n = rng.gen_range(1..=3000);
-            w.write(TimelineId(1), start.add(off as u64), &f.seg1[off..off + n])
+            w.write(TimelineId(1), start.plus(off as u64), &f.seg1[off..off + n])
                 .unwrap();
             off += n;
             if rng.gen_bool(0.3) {
@@ -355,8 +355,8 @@ fn real_wal_through_the_spool_survives_a_crash_byte_exact() {
     while off < f.seg1.len() {
         let n = rng.gen_range(1..=300_000).min(f.seg1.len() - off);
         let piece = &f.seg1[off..off + n];
-        validator.feed(start.add(off as u64), piece).unwrap();
-        w.write(TimelineId(1), start.add(off as u64), piece)
+        validator.feed(start.plus(off as u64), piece).unwrap();
+        w.write(TimelineId(1), start.plus(off as u64), piece)
             .unwrap();
         off += n;
         if rng.gen_bool(0.5) {

@@ -37,7 +37,7 @@ impl Lsn {
     }
 
     /// `self + n` bytes.
-    pub fn add(self, n: u64) -> Lsn {
+    pub fn plus(self, n: u64) -> Lsn {
         Lsn(self.0 + n)
     }
 }

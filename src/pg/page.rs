@@ -628,18 +628,18 @@ impl PageValidator {
         }
         let bs = self.checker.identity.block_size;
         let seg_size = self.checker.identity.segment_size;
-        let end = start.add(data.len() as u64);
+        let end = start.plus(data.len() as u64);
         let mut pos = start;
         while pos < end {
             let from = (pos.0 - start.0) as usize;
             if let Some(zero_start) = self.zero_tail {
                 // After an XLOG_SWITCH record the rest of the segment is
                 // zeros: every byte up to the segment end must be zero.
-                let seg_end = pos.segment_start(seg_size).add(seg_size);
+                let seg_end = pos.segment_start(seg_size).plus(seg_size);
                 let upto = seg_end.min(end);
                 let slice = &data[from..(upto.0 - start.0) as usize];
                 if let Some(i) = slice.iter().position(|&b| b != 0) {
-                    let at = pos.add(i as u64);
+                    let at = pos.plus(i as u64);
                     return Err(PageError::DataAfterEnd {
                         at: PageAt::new(Lsn(at.0 - at.0 % bs), self.timeline, seg_size),
                         end: zero_start,
@@ -660,7 +660,7 @@ impl PageValidator {
                 let take = (needed - in_page).min(end.0 - pos.0);
                 self.pending
                     .extend_from_slice(&data[from..from + take as usize]);
-                pos = pos.add(take);
+                pos = pos.plus(take);
                 if self.pending.len() as u64 == needed {
                     let zero = self.pending.iter().all(|&b| b == 0);
                     if zero && page.segment_offset(seg_size) != 0 {
@@ -729,7 +729,7 @@ pub fn validate_segment(
     let mut checker = Checker::new(*identity);
     let mut end_of_wal: Option<Lsn> = None;
     for (i, page) in bytes.chunks(identity.block_size as usize).enumerate() {
-        let lsn = base.add(i as u64 * identity.block_size);
+        let lsn = base.plus(i as u64 * identity.block_size);
         let all_zero = page.iter().all(|&b| b == 0);
         match (end_of_wal, all_zero) {
             (None, true) if i > 0 => end_of_wal = Some(lsn),
@@ -801,7 +801,7 @@ mod tests {
         let mut step = 1usize;
         while off < data.len() {
             let n = step.min(data.len() - off);
-            v.feed(start.add(off as u64), &data[off..off + n]).unwrap();
+            v.feed(start.plus(off as u64), &data[off..off + n]).unwrap();
             off += n;
             step = (step * 7 + 5) % 9001 + 1;
         }
@@ -817,7 +817,7 @@ mod tests {
         let mut v = PageValidator::new(identity(), TimelineId(1));
         let cut = BS as usize + 10;
         v.feed(start, &data[..cut]).unwrap();
-        let e = v.feed(start.add(cut as u64), &data[cut..]).unwrap_err();
+        let e = v.feed(start.plus(cut as u64), &data[cut..]).unwrap_err();
         assert!(matches!(e, PageError::WrongPageAddress { .. }), "{e}");
     }
 
@@ -826,7 +826,7 @@ mod tests {
         let start = Lsn(SEG);
         let data = wal(start, 3, 1);
         let mut v = PageValidator::new(identity(), TimelineId(1));
-        v.feed(start.add(100), &data[100..]).unwrap();
+        v.feed(start.plus(100), &data[100..]).unwrap();
         assert_eq!(v.magic(), Some(0xD110)); // pages 2 and 3 were checked
     }
 
@@ -928,7 +928,7 @@ mod tests {
         d.extend_from_slice(&wal(Lsn(2 * SEG), 2, 1));
         let mut v = PageValidator::new(identity(), TimelineId(1));
         for (i, piece) in d.chunks(5000).enumerate() {
-            v.feed(start.add(i as u64 * 5000), piece).unwrap();
+            v.feed(start.plus(i as u64 * 5000), piece).unwrap();
         }
         // A stray byte inside the zero tail is refused, wherever it is.
         for at in [
@@ -941,7 +941,7 @@ mod tests {
             let mut v = PageValidator::new(identity(), TimelineId(1));
             let e = v.feed(start, &bad).unwrap_err();
             match e {
-                PageError::DataAfterEnd { end, .. } => assert_eq!(end, start.add(3 * BS)),
+                PageError::DataAfterEnd { end, .. } => assert_eq!(end, start.plus(3 * BS)),
                 e => panic!("unexpected {e}"),
             }
         }
@@ -960,7 +960,7 @@ mod tests {
         // Timeline 2's copy of the switch segment: pages 0..2 carry tli 1.
         let start = Lsn(SEG);
         let mut d = wal(start, 2, 1);
-        d.extend_from_slice(&wal(start.add(2 * BS), 2, 2));
+        d.extend_from_slice(&wal(start.plus(2 * BS), 2, 2));
         let mut v = PageValidator::new(identity(), TimelineId(1));
         v.feed(start, &d[..(2 * BS) as usize]).unwrap();
         v.set_timeline(TimelineId(2));
@@ -975,10 +975,10 @@ mod tests {
         let mut v = PageValidator::new(identity(), TimelineId(1));
         v.feed(start, &d[..100]).unwrap();
         assert_eq!(
-            v.feed(start.add(200), &d[200..]),
+            v.feed(start.plus(200), &d[200..]),
             Err(PageError::NotContiguous {
-                expected: start.add(100),
-                got: start.add(200)
+                expected: start.plus(100),
+                got: start.plus(200)
             })
         );
     }

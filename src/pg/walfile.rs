@@ -6,8 +6,9 @@
 //! 00000002.history                  timeline history file
 //! ```
 //!
-//! `LOG` and `SEG` split the segment number: `segno = LOG * segments_per_xlogid
-//! + SEG`, where `segments_per_xlogid = 2^32 / segment_size`. The same name is
+//! `LOG` and `SEG` split the segment number: `segno = LOG *
+//! segments_per_xlogid + SEG`, where `segments_per_xlogid = 2^32 /
+//! segment_size`. The same name is
 //! used in the spool, in the repository and by `restore_command`, so the
 //! name is the one piece of identity every component agrees on.
 

@@ -384,6 +384,26 @@ impl Repository {
         self.get_object(&key, name).await
     }
 
+    /// The raw (still encoded, unverified) object of a WAL file; `None`
+    /// when absent. For the prefetcher, which stores objects as they are so
+    /// that [`Repository::decode_wal`] verifies them exactly like a download.
+    pub async fn get_wal_object(&self, name: &str) -> Result<Option<Bytes>, RepositoryError> {
+        let key = layout::wal_key(name)?;
+        Ok(self.store.get(&key).await?)
+    }
+
+    /// Verifies and decodes a raw WAL object obtained earlier.
+    pub async fn decode_wal(&self, name: &str, object: Bytes) -> Result<Vec<u8>, RepositoryError> {
+        let key = layout::wal_key(name)?;
+        self.decode(name, object)
+            .await?
+            .map_err(|source| RepositoryError::Envelope {
+                url: self.url_s(),
+                key,
+                source,
+            })
+    }
+
     /// Stores bytes `[start, start + len)` of a still-filling segment.
     pub async fn put_chunk(
         &self,

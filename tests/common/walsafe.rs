@@ -204,7 +204,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("walsafe did not stop within 40 s of SIGTERM; log:\n{}", self.log());
+                panic!(
+                    "walsafe did not stop within 40 s of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
