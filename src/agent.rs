@@ -134,7 +134,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let p = positions.clone();
         let c = cancel.clone();
         tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_millis(500));
+            let mut t = tokio::time::interval(Duration::from_millis(100));
             while !c.is_cancelled() {
                 crate::metrics::refresh_positions(&p);
                 tokio::select! { _ = t.tick() => {}, _ = c.cancelled() => {} }
