@@ -104,6 +104,7 @@ fn repo_dir(a: &Archived) -> std::path::PathBuf {
 
 fn fetch_code(config: &Path, name: &str, dir: &Path) -> (Option<i32>, String) {
     let dest = dir.join("out");
+    let _ = std::fs::remove_file(&dest);
     let o = walsafe(config, &["wal-fetch", name, dest.to_str().unwrap()]);
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     (o.status.code(), stderr(&o))
@@ -226,6 +227,7 @@ fn unencrypted_objects_are_checksummed_and_prefetch_is_verified() {
     // segment comes from the repository instead.
     std::fs::create_dir_all(&a.settings.prefetch_dir).unwrap();
     std::fs::write(a.settings.prefetch_dir.join(victim), &flipped).unwrap();
+    common::pg::chown_postgres(&a.settings.prefetch_dir);
     let (code, err) = fetch_code(&a.config, victim, &work);
     assert_eq!(code, Some(0), "{err}");
     assert!(!a.settings.prefetch_dir.join(victim).exists());
@@ -269,6 +271,7 @@ fn strangers_are_refused() {
     let seg = other.wal_file("000000010000000000000001");
     let copy = a.dir.join("000000010000000000000001");
     std::fs::copy(&seg, &copy).unwrap();
+    common::pg::chown_postgres(&copy);
     let o = walsafe(&a.config, &["wal-push", copy.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains(&theirs), "{}", stderr(&o));
@@ -280,19 +283,26 @@ fn strangers_are_refused() {
     assert!(f.status.success());
     let o = walsafe(&a.config, &["wal-push", fetched.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    // The same name with different (but valid, ours) content is refused.
-    let next = a.dir.join(name).with_file_name(&ours[1]);
-    std::fs::copy(&fetched, a.dir.join("tmp")).unwrap();
+    // The same name with different (valid-looking, ours) content: refused,
+    // and the stored object is untouched.
+    let stored_before = std::fs::read(repo.join("wal").join(name)).unwrap();
     let mut bytes = std::fs::read(&fetched).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xFF;
+    bytes[3 * 8192 + 100] ^= 0xFF; // inside a record, past the page header
     std::fs::write(&fetched, &bytes).unwrap();
     let o = walsafe(&a.config, &["wal-push", fetched.to_str().unwrap()]);
     assert!(
         !o.status.success(),
         "different content under a stored name must be refused"
     );
-    let _ = next;
+    assert!(
+        stderr(&o).contains("already holds a different"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(repo.join("wal").join(name)).unwrap(),
+        stored_before
+    );
 }
 
 #[test]

@@ -1,5 +1,9 @@
 //! The walsafe binary under test: configuration files, the agent as a
 //! child process (killed on drop), its metrics, and one-shot commands.
+//!
+//! Like in production (systemd `User=postgres`), walsafe runs as the user
+//! PostgreSQL runs as, so that `restore_command` can read the repository
+//! the agent wrote (its files are private to their owner).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -17,8 +21,12 @@ pub fn bin() -> PathBuf {
 pub fn bin_copy(dir: &Path) -> PathBuf {
     let dest = dir.join("walsafe");
     if !dest.exists() {
-        std::fs::copy(bin(), &dest).expect("copy walsafe binary");
-        super::pg::chown_postgres(&dest);
+        // Copy under a temporary name, then rename: a half-written
+        // executable is never visible (and never "text file busy").
+        let tmp = dir.join(format!(".walsafe.{}", std::process::id()));
+        std::fs::copy(bin(), &tmp).expect("copy walsafe binary");
+        super::pg::chown_postgres(&tmp);
+        std::fs::rename(&tmp, &dest).expect("rename walsafe binary");
     }
     dest
 }
@@ -127,7 +135,9 @@ impl Agent {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(bin())
+        let mut cmd = Command::new(bin_copy(config.parent().unwrap()));
+        super::pg::as_postgres(&mut cmd);
+        let child = cmd
             .arg("--config")
             .arg(config)
             .arg("run")
@@ -225,10 +235,12 @@ impl Drop for Agent {
     }
 }
 
-/// Runs `walsafe --config CONFIG ARGS…` to completion.
+/// Runs `walsafe --config CONFIG ARGS…` to completion, as the user
+/// PostgreSQL runs as (the repository's files are private to that user).
 pub fn walsafe(config: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .arg("--config")
+    let mut cmd = Command::new(bin_copy(config.parent().unwrap()));
+    super::pg::as_postgres(&mut cmd);
+    cmd.arg("--config")
         .arg(config)
         .args(args)
         .env("AWS_EC2_METADATA_DISABLED", "true")
