@@ -24,9 +24,12 @@
 //! * **Never archive a stranger's WAL.** [`Repository::pin`] creates
 //!   `walsafe.repo` for the first cluster and refuses any other system
 //!   identifier, segment size, major version or key afterwards.
-//! * **Bounded CPU.** Compression and encryption run on the blocking pool,
-//!   at most [`CPU_PERMITS`] at once across the process, so walsafe never
-//!   takes more than about two cores from the database.
+//! * **Bounded CPU, with a lane for the RPO.** Compression and encryption
+//!   run on the blocking pool in two lanes of one job each: whole segments
+//!   (and history files) in one, chunks of the filling segment in the other.
+//!   walsafe never takes more than two cores from the database, and a
+//!   chunk — which is what the RPO waits for — never queues behind a 16 MiB
+//!   segment being compressed.
 
 pub mod descriptor;
 pub mod envelope;
@@ -47,9 +50,21 @@ pub use store::{PutResult, Store, StoreError};
 
 use crate::config::{Compression, RepositoryConfig};
 
-/// Envelope encode/decode jobs running at once, process-wide.
-pub const CPU_PERMITS: usize = 2;
-static CPU: Semaphore = Semaphore::const_new(CPU_PERMITS);
+/// Envelope encode/decode jobs running at once, process-wide, per lane.
+pub const CPU_PERMITS_PER_LANE: usize = 1;
+/// Whole segments, `.partial` and `.history` files.
+static BULK_LANE: Semaphore = Semaphore::const_new(CPU_PERMITS_PER_LANE);
+/// Chunks of the filling segment.
+static CHUNK_LANE: Semaphore = Semaphore::const_new(CPU_PERMITS_PER_LANE);
+
+/// The lane for an object's logical name (chunk names hold a `/`).
+fn lane(name: &str) -> &'static Semaphore {
+    if name.contains('/') {
+        &CHUNK_LANE
+    } else {
+        &BULK_LANE
+    }
+}
 
 /// Outcome of storing WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,7 +283,7 @@ impl Repository {
                 limit: envelope::MAX_PLAIN_LEN,
             });
         }
-        let _permit = CPU
+        let _permit = lane(name)
             .acquire()
             .await
             .expect("the CPU semaphore is never closed");
@@ -300,7 +315,7 @@ impl Repository {
         name: &str,
         object: Bytes,
     ) -> Result<Result<Vec<u8>, EnvelopeError>, RepositoryError> {
-        let _permit = CPU
+        let _permit = lane(name)
             .acquire()
             .await
             .expect("the CPU semaphore is never closed");

@@ -156,6 +156,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (0 once it is gone).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
