@@ -244,7 +244,7 @@ fn backlog() {
 
 fn rpo() {
     let n = env_u64("WALSAFE_BENCH_COMMITS", RPO_COMMITS as u64) as usize;
-    println!("\n== scenario 3: RPO under a steady single-row commit load ({n} commits, 50 ms apart, partial_interval 200ms)");
+    println!("\n== scenario 3: RPO under a steady single-row commit load ({n} commits, 10-250 ms apart, partial_interval 200ms)");
     let (dir, pg, settings, config) = start_pair("bench-rpo");
     let agent = Agent::start(&config, settings.metrics_port);
     let repo: std::path::PathBuf = settings.repo_url.trim_start_matches("file://").into();
@@ -289,7 +289,9 @@ fn rpo() {
                 );
             }
             samples.push(committed.elapsed().as_secs_f64() * 1000.0);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // A pseudo-random gap (10-250 ms), so that commits do not lock
+            // onto the phase of the chunk interval.
+            tokio::time::sleep(Duration::from_millis(10 + (i as u64 * 7919) % 241)).await;
         }
         samples
     });

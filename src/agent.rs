@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::logging::ReopenableFile;
 use crate::pg::page::ClusterIdentity;
 use crate::pg::replication::{ReplError, ReplicationConnection};
 use crate::pg::{Lsn, TimelineId, WAL_BLOCK_SIZE};
@@ -118,8 +119,8 @@ async fn start_pipeline(
     })
 }
 
-/// `walsafe run`.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// `walsafe run`. `log_file` is reopened on SIGHUP.
+pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Result<()> {
     if let Some(listen) = cfg.metrics.listen {
         crate::metrics::install(listen)?;
     }
@@ -128,19 +129,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?,
     );
     let cancel = CancellationToken::new();
-    spawn_signal_handler(cancel.clone());
+    spawn_signal_handler(cancel.clone(), log_file);
     let positions = Positions::default();
-    let refresher = {
-        let p = positions.clone();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(Duration::from_millis(100));
-            while !c.is_cancelled() {
-                crate::metrics::refresh_positions(&p);
-                tokio::select! { _ = t.tick() => {}, _ = c.cancelled() => {} }
-            }
-        })
-    };
+    let refresher =
+        crate::service::spawn_monitor(positions.clone(), cfg.spool.dir.clone(), cancel.clone());
 
     // A pinned repository tells the segment size: ship what the spool holds
     // right away, even while PostgreSQL is unreachable (after a disaster, the
@@ -247,6 +239,7 @@ async fn stream_until_stopped(
                     c
                 }
                 Err(e) if is_retryable(&e) => {
+                    positions.receive_heartbeat();
                     warn!("cannot reconnect yet: {e:#}");
                     if sleep_or_cancel(cancel, &mut backoff).await {
                         break Ok(());
@@ -363,18 +356,29 @@ async fn start_position(
     Ok(slot_start.unwrap_or((server.timeline, server.xlogpos.segment_start(seg))))
 }
 
-fn spawn_signal_handler(cancel: CancellationToken) {
+/// SIGTERM/SIGINT: orderly shutdown. SIGHUP: reopen the log file.
+fn spawn_signal_handler(cancel: CancellationToken, log_file: Option<ReopenableFile>) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = int.recv() => info!("SIGINT: shutting down"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+                _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+                _ = hup.recv() => match &log_file {
+                    Some(f) => match f.reopen() {
+                        Ok(()) => info!("SIGHUP: log file reopened"),
+                        Err(e) => warn!("SIGHUP: cannot reopen the log file: {e}"),
+                    },
+                    None => info!("SIGHUP: logging to stderr, nothing to reopen"),
+                },
+            }
         }
         cancel.cancel();
     });

@@ -34,6 +34,10 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
 
+    /// Append logs to this file instead of stderr; SIGHUP reopens it (logrotate).
+    #[arg(long, global = true, env = "WALSAFE_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -92,11 +96,39 @@ pub enum Command {
     },
 }
 
+/// Keeps resident memory close to live memory.
+///
+/// walsafe's big allocations are short-lived 16 MiB segment buffers made
+/// on several threads. By default glibc raises its mmap threshold each time
+/// such a buffer is freed, so the next ones come from per-thread heap
+/// arenas that are not given back: RSS then tracks the sum of every
+/// thread's peak (measured: ~190 MiB while draining a backlog). A fixed
+/// threshold keeps large buffers in mmap (returned on free) and two arenas
+/// bound the rest.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Parses arguments and runs the command.
 pub fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     crate::durable::init_from_env();
-    init_logging(cli.log_format);
+    let log_file = match crate::logging::init(cli.log_format, cli.log_file.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "walsafe: cannot open the log file {}: {e}; fix its directory's permissions or drop --log-file",
+                cli.log_file.as_deref().unwrap_or(std::path::Path::new("")).display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     match cli.command {
         Command::WalFetch { ref name, ref dest } => {
             // A panic must never look like "not in the archive" (exit 1 would
@@ -149,7 +181,9 @@ pub fn main() -> ExitCode {
                 }
             };
             match cli.command {
-                Command::Run => runtime(|| async move { report(crate::agent::run(cfg).await) }),
+                Command::Run => {
+                    runtime(|| async move { report(crate::agent::run(cfg, log_file).await) })
+                }
                 Command::WalPush { path } => {
                     runtime(|| async move { report(crate::push::wal_push(&cfg, &path).await) })
                 }
@@ -187,18 +221,6 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WALSAFE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Plain => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 #[cfg(test)]

@@ -51,6 +51,9 @@ pub const UPLOAD_CONFLICTS_TOTAL: &str = "walsafe_upload_conflicts_total";
 pub const UPLOAD_DURATION_SECONDS: &str = "walsafe_upload_duration_seconds";
 pub const FSYNC_DURATION_SECONDS: &str = "walsafe_fsync_duration_seconds";
 pub const RECONNECTS_TOTAL: &str = "walsafe_reconnects_total";
+pub const UPLOAD_BYTES_TOTAL: &str = "walsafe_upload_bytes_total";
+pub const SPOOL_BYTES: &str = "walsafe_spool_bytes";
+pub const SPOOL_PENDING_SEGMENTS: &str = "walsafe_spool_pending_segments";
 
 /// Buckets for fsync latency: 1 ms … 30 s.
 const FSYNC_BUCKETS: &[f64] = &[
@@ -132,6 +135,20 @@ pub fn describe() {
         "Duration of spool fsyncs"
     );
     describe_counter!(RECONNECTS_TOTAL, "Replication reconnects");
+    describe_counter!(
+        UPLOAD_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes stored in the repository (after compression and encryption)"
+    );
+    describe_gauge!(
+        SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes used by the spool directory"
+    );
+    describe_gauge!(
+        SPOOL_PENDING_SEGMENTS,
+        "Complete segments in the spool not yet stored"
+    );
 }
 
 /// Copies the shared positions into their gauges.
@@ -181,6 +198,17 @@ pub fn upload_result(kind: Kind, ok: bool) {
 /// Records one upload's duration.
 pub fn upload_duration(kind: Kind, d: Duration) {
     histogram!(UPLOAD_DURATION_SECONDS, "kind" => kind.label()).record(d.as_secs_f64());
+}
+
+/// Counts bytes newly stored in the repository.
+pub fn upload_bytes(n: u64) {
+    counter!(UPLOAD_BYTES_TOTAL).increment(n);
+}
+
+/// Spool usage and backlog.
+pub fn set_spool(bytes: u64, pending_segments: u64) {
+    gauge!(SPOOL_BYTES).set(bytes as f64);
+    gauge!(SPOOL_PENDING_SEGMENTS).set(pending_segments as f64);
 }
 
 /// Counts a create-only conflict (different content under the same name).

@@ -37,6 +37,15 @@ struct Inner {
     oldest_unarchived_ms: AtomicU64,
     /// Unix time (ms) when `archived` last advanced.
     last_archived_ms: AtomicU64,
+    /// Unix time (ms) the receive side last showed life (a message from the
+    /// server, or a reconnect attempt).
+    receive_heartbeat_ms: AtomicU64,
+    /// Unix time (ms) the uploader's loop last ran.
+    upload_heartbeat_ms: AtomicU64,
+    /// Complete segments in the spool not yet stored.
+    pending_segments: AtomicU64,
+    /// 1 while streaming.
+    connected: AtomicU32,
 }
 
 macro_rules! position {
@@ -109,6 +118,52 @@ impl Positions {
     /// Records that `archived` advanced now.
     pub fn touch_archived(&self) {
         self.0.last_archived_ms.store(now_ms(), Ordering::Release);
+    }
+}
+
+impl Positions {
+    /// Marks the receive side alive now.
+    pub fn receive_heartbeat(&self) {
+        self.0
+            .receive_heartbeat_ms
+            .store(now_ms(), Ordering::Release);
+    }
+
+    /// When the receive side last showed life (unix ms, 0 = never).
+    pub fn receive_heartbeat_ms(&self) -> u64 {
+        self.0.receive_heartbeat_ms.load(Ordering::Acquire)
+    }
+
+    /// Marks the uploader alive now.
+    pub fn upload_heartbeat(&self) {
+        self.0
+            .upload_heartbeat_ms
+            .store(now_ms(), Ordering::Release);
+    }
+
+    /// When the uploader last ran (unix ms, 0 = never).
+    pub fn upload_heartbeat_ms(&self) -> u64 {
+        self.0.upload_heartbeat_ms.load(Ordering::Acquire)
+    }
+
+    /// Records how many complete segments await upload.
+    pub fn set_pending_segments(&self, n: u64) {
+        self.0.pending_segments.store(n, Ordering::Release);
+    }
+
+    /// Complete segments awaiting upload.
+    pub fn pending_segments(&self) -> u64 {
+        self.0.pending_segments.load(Ordering::Acquire)
+    }
+
+    /// Records whether the replication connection is streaming.
+    pub fn set_connected(&self, c: bool) {
+        self.0.connected.store(u32::from(c), Ordering::Release);
+    }
+
+    /// Is the replication connection streaming?
+    pub fn connected(&self) -> bool {
+        self.0.connected.load(Ordering::Acquire) == 1
     }
 }
 

@@ -48,9 +48,9 @@ use crate::spool::{Spool, SpoolWriter};
 /// Interval of unsolicited status updates (PostgreSQL's `wal_receiver_status_interval` default).
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// XLogData messages queued for the spool writer before the socket is left unread.
-pub const WRITE_QUEUE_MESSAGES: usize = 64;
+pub const WRITE_QUEUE_MESSAGES: usize = 32;
 /// Bytes written before the writer fsyncs even if more is queued, bounding commit latency.
-pub const MAX_BATCH_BYTES: usize = 8 << 20;
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// What the spool writer tells the uploader.
 #[derive(Debug, Clone)]
@@ -252,8 +252,10 @@ impl Receiver<'_> {
                     format!("START_REPLICATION at {start} on timeline {timeline} failed")
                 })?;
             self.positions.set_timeline(timeline);
+            self.positions.set_connected(true);
             crate::metrics::set_connected(true);
             let end = self.stream_timeline(stream, timeline, start).await;
+            self.positions.set_connected(false);
             crate::metrics::set_connected(false);
             match end? {
                 TimelineEnd::Stopped(e) => return Ok(e),
@@ -336,6 +338,7 @@ impl Receiver<'_> {
                     }
                 }
                 msg = stream.next_message() => {
+                    self.positions.receive_heartbeat();
                     match msg? {
                         ReplMessage::XLogData { start: at, server_end, data } => {
                             if at != expected {

@@ -459,11 +459,13 @@ impl Spool {
         }
     }
 
-    fn complete_path(&self, seg: SegmentName) -> PathBuf {
+    /// Path of a complete segment file.
+    pub fn complete_path(&self, seg: SegmentName) -> PathBuf {
         self.dir.join(seg.file_name(self.segment_size))
     }
 
-    fn partial_path(&self, seg: SegmentName) -> PathBuf {
+    /// Path of a `.partial` segment file.
+    pub fn partial_path(&self, seg: SegmentName) -> PathBuf {
         self.dir.join(partial_name(seg, self.segment_size))
     }
 
@@ -562,19 +564,25 @@ impl Spool {
     /// Bytes used by the files in the spool (their lengths; segments are
     /// pre-sized, so a `.partial` counts in full).
     pub fn usage_bytes(&self) -> io::Result<u64> {
-        let mut total = 0;
-        for entry in std::fs::read_dir(&self.dir).map_err(|e| with_path(e, "list", &self.dir))? {
-            let entry = entry.map_err(|e| with_path(e, "list", &self.dir))?;
-            match entry.metadata() {
-                Ok(m) if m.is_file() => total += m.len(),
-                Ok(_) => {}
-                // Removed by the uploader while we were listing.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(with_path(e, "stat", &entry.path())),
-            }
-        }
-        Ok(total)
+        usage_bytes_of(&self.dir)
     }
+}
+
+/// Bytes used by the files of a spool directory (for metrics and status,
+/// which may look at a spool without opening it).
+pub fn usage_bytes_of(dir: &Path) -> io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| with_path(e, "list", dir))? {
+        let entry = entry.map_err(|e| with_path(e, "list", dir))?;
+        match entry.metadata() {
+            Ok(m) if m.is_file() => total += m.len(),
+            Ok(_) => {}
+            // Removed by the uploader while we were listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, "stat", &entry.path())),
+        }
+    }
+    Ok(total)
 }
 
 /// Takes the spool's lock file (non-blocking) and writes our pid into it.

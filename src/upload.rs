@@ -178,6 +178,7 @@ impl Uploader {
         loop {
             self.start_jobs(&mut tasks);
             self.publish();
+            self.positions.upload_heartbeat();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 ev = events.recv() => match ev {
@@ -426,6 +427,12 @@ impl Uploader {
     }
 
     fn publish(&mut self) {
+        let pending = self
+            .jobs
+            .keys()
+            .filter(|j| matches!(j, Job::Segment(_) | Job::Closed(_)))
+            .count();
+        self.positions.set_pending_segments(pending as u64);
         let archived = self.archived();
         self.positions.set_archived(archived);
         self.archived_tx.send_if_modified(|a| {
@@ -461,17 +468,15 @@ async fn upload_one(
     };
     let (kind, outcome) = match job {
         Job::Segment(seg) => {
-            let data = read(|s, seg, _, _| s.read_complete(seg), seg, 0, 0).await?;
             let name = seg.file_name(segment_size);
-            let o = repo.put_wal(&name, Bytes::from(data)).await?;
+            let o = repo.put_wal_file(&name, spool.complete_path(seg)).await?;
             let spool = spool.clone();
             tokio::task::spawn_blocking(move || spool.remove_complete(seg)).await??;
             (Kind::Segment, o)
         }
         Job::Closed(seg) => {
-            let data = read(Spool::read_range, seg, 0, segment_size).await?;
             let name = format!("{}.partial", seg.file_name(segment_size));
-            let o = repo.put_wal(&name, Bytes::from(data)).await?;
+            let o = repo.put_wal_file(&name, spool.partial_path(seg)).await?;
             let spool = spool.clone();
             tokio::task::spawn_blocking(move || spool.remove_partial(seg)).await??;
             (Kind::Partial, o)

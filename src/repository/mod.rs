@@ -66,6 +66,13 @@ fn lane(name: &str) -> &'static Semaphore {
     }
 }
 
+/// Where the plaintext of an upload is, for comparing with an object
+/// already stored under its name.
+enum Plain {
+    Memory(Bytes),
+    File(std::path::PathBuf),
+}
+
 /// Outcome of storing WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -336,22 +343,87 @@ impl Repository {
         plaintext: Bytes,
     ) -> Result<PutOutcome, RepositoryError> {
         let encoded = self.encode(name, plaintext.clone()).await?;
+        self.put_encoded(key, name, encoded, Plain::Memory(plaintext))
+            .await
+    }
+
+    /// Encodes the file at `path` by streaming it through the envelope, so
+    /// the plaintext is never held whole in memory.
+    async fn encode_file(
+        &self,
+        name: &str,
+        path: std::path::PathBuf,
+    ) -> Result<Bytes, RepositoryError> {
+        let _permit = lane(name)
+            .acquire()
+            .await
+            .expect("the CPU semaphore is never closed");
+        let (name_owned, key, c, level) = (
+            name.to_string(),
+            self.key.clone(),
+            self.compression,
+            self.level,
+        );
+        let internal = |message: String| RepositoryError::Internal {
+            what: format!("encoding {name}"),
+            message,
+        };
+        tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
+            let mut f = std::fs::File::open(&path)?;
+            let len = f.metadata()?.len();
+            let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut f);
+            envelope::encode_from(&name_owned, len, &mut reader, c, level, key.as_deref())
+                .map(Bytes::from)
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(e.to_string()))
+    }
+
+    /// Create-only write of an encoded object; when the name is taken, the
+    /// stored plaintext is compared with ours (`plain`).
+    async fn put_encoded(
+        &self,
+        key: &str,
+        name: &str,
+        encoded: Bytes,
+        plain: Plain,
+    ) -> Result<PutOutcome, RepositoryError> {
         // The existing object can vanish between our put and our get (a
         // chunk deleted once its segment is stored); then put again.
         for _ in 0..3 {
             if self.store.put_if_absent(key, encoded.clone()).await? == PutResult::Created {
+                crate::metrics::upload_bytes(encoded.len() as u64);
                 return Ok(PutOutcome::Stored);
             }
             let Some(existing) = self.store.get(key).await? else {
                 continue;
             };
+            let ours = match &plain {
+                Plain::Memory(b) => b.clone(),
+                Plain::File(p) => {
+                    let p = p.clone();
+                    Bytes::from(
+                        tokio::task::spawn_blocking(move || std::fs::read(p))
+                            .await
+                            .map_err(|e| RepositoryError::Internal {
+                                what: format!("re-reading {name}"),
+                                message: e.to_string(),
+                            })?
+                            .map_err(|e| RepositoryError::Internal {
+                                what: format!("re-reading {name}"),
+                                message: e.to_string(),
+                            })?,
+                    )
+                }
+            };
             return match self.decode(name, existing).await? {
-                Ok(stored) if stored[..] == plaintext[..] => Ok(PutOutcome::AlreadyStored),
+                Ok(stored) if stored[..] == ours[..] => Ok(PutOutcome::AlreadyStored),
                 Ok(stored) => Err(RepositoryError::Conflict {
                     url: self.url_s(),
                     name: name.to_string(),
                     key: key.to_string(),
-                    detail: describe_difference(&stored, &plaintext),
+                    detail: describe_difference(&stored, &ours),
                 }),
                 Err(source) => Err(RepositoryError::ExistingUnreadable {
                     url: self.url_s(),
@@ -391,6 +463,20 @@ impl Repository {
     ) -> Result<PutOutcome, RepositoryError> {
         let key = layout::wal_key(name)?;
         self.put_object(&key, name, plaintext).await
+    }
+
+    /// Stores the WAL file at `path` (segment or `.partial`) create-only,
+    /// streaming it through the envelope: memory holds the compressed
+    /// object, never the whole plaintext.
+    pub async fn put_wal_file(
+        &self,
+        name: &str,
+        path: std::path::PathBuf,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let key = layout::wal_key(name)?;
+        let encoded = self.encode_file(name, path.clone()).await?;
+        self.put_encoded(&key, name, encoded, Plain::File(path))
+            .await
     }
 
     /// A verified WAL file; `None` when the archive does not have it.
