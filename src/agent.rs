@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::gaps::Gap;
 use crate::logging::ReopenableFile;
 use crate::pg::page::ClusterIdentity;
 use crate::pg::replication::{ReplError, ReplicationConnection};
@@ -255,6 +256,17 @@ async fn stream_until_stopped(
                 warn!("the server ended streaming (shutting down?); reconnecting");
             }
             Err(e) if is_retryable(&e) => warn!("replication interrupted: {e:#}; reconnecting"),
+            Err(e) if wal_lost(&e) => {
+                error!("{e:#}");
+                match skip_lost_wal(cfg, repo, &receiver, positions, server.segment_size).await {
+                    Ok((t, l)) => {
+                        tli = t;
+                        from = l;
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
             Err(e) => break Err(e),
         }
         crate::metrics::reconnect();
@@ -270,6 +282,88 @@ async fn stream_until_stopped(
     let writer_result = writer.finish().await;
     outcome?;
     writer_result
+}
+
+/// Did streaming fail because the server no longer has the WAL we need?
+fn wal_lost(e: &anyhow::Error) -> bool {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<ReplError>())
+        .is_some_and(|r| matches!(r, ReplError::WalRemoved { .. } | ReplError::SlotInvalidated { .. }))
+}
+
+/// WAL from the end of what we received is gone from the server (DESIGN
+/// rule 2): close the spool segment, repair the slot, record the lost range
+/// as a gap (spool, repository, metric, error log) and return where
+/// streaming resumes: the start of the oldest segment the server still has
+/// for our slot.
+async fn skip_lost_wal(
+    cfg: &Config,
+    repo: &Repository,
+    receiver: &Receiver<'_>,
+    positions: &Positions,
+    segment_size: u64,
+) -> anyhow::Result<(TimelineId, Lsn)> {
+    let timeline = positions.timeline();
+    let lost_from = positions.received();
+    receiver.close_segment_for_gap(timeline).await?;
+
+    let slot = &cfg.postgres.slot;
+    let sql = crate::pg::sql::connect_sql(&cfg.postgres.conninfo, &cfg.postgres.application_name)
+        .await
+        .context("cannot open an SQL connection to repair the replication slot")?;
+    let state = crate::pg::sql::slot_state(&sql, slot).await?;
+    let usable = state.as_ref().and_then(|s| {
+        (s.wal_status.as_deref() != Some("lost")).then_some(s.restart_lsn).flatten()
+    });
+    let (mut conn, info) = connect(cfg).await?;
+    let restart = match usable {
+        Some(l) if l.segment_start(segment_size) > lost_from => l,
+        _ => {
+            if state.is_some() {
+                sql.execute("SELECT pg_drop_replication_slot($1)", &[slot])
+                    .await
+                    .with_context(|| format!("cannot drop the invalidated replication slot \"{slot}\""))?;
+            }
+            let reserved = conn
+                .create_physical_slot(slot)
+                .await
+                .with_context(|| format!("cannot re-create replication slot \"{slot}\""))?;
+            warn!(%slot, %reserved, "re-created the replication slot after it lost WAL");
+            if reserved == Lsn::INVALID { info.xlogpos } else { reserved }
+        }
+    };
+    let resume = restart.segment_start(segment_size);
+    if resume <= lost_from {
+        bail!("the server reports WAL at {lost_from} as removed, but slot \"{slot}\" still holds WAL from {restart}; refusing to guess where to resume");
+    }
+    let gap = Gap::new(
+        timeline,
+        lost_from,
+        resume,
+        "the server removed WAL before walsafe streamed it (replication slot invalidated, dropped, or max_slot_wal_keep_size exceeded)",
+    );
+    let dir = cfg.spool.dir.clone();
+    let g = gap.clone();
+    tokio::task::spawn_blocking(move || crate::gaps::record(&dir, &g))
+        .await?
+        .with_context(|| format!("cannot record a gap in {}", cfg.spool.dir.display()))?;
+    if let Err(e) = repo
+        .store()
+        .put_if_absent(&gap.object_key(), serde_json::to_vec(&gap)?.into())
+        .await
+    {
+        warn!("could not record the gap in the repository: {e}");
+    }
+    crate::metrics::set_gaps(crate::gaps::load(&cfg.spool.dir).len());
+    error!(
+        %timeline, from = %lost_from, to = %resume, bytes = gap.len(),
+        "GAP: WAL from {lost_from} to {resume} is lost and will never be in the repository; a restore cannot pass it: take a new base backup now (acknowledge by deleting {}/{})",
+        cfg.spool.dir.display(), crate::gaps::GAPS_FILE
+    );
+    for t in timeline.0 + 1..=info.timeline.0 {
+        receiver.fetch_history(&mut conn, TimelineId(t)).await?;
+    }
+    Ok((info.timeline.max(timeline), resume))
 }
 
 /// Sleeps `backoff` (then doubles it), returning true if cancelled meanwhile.

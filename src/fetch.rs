@@ -143,7 +143,10 @@ async fn fetch_segment(
             },
         },
     };
-    let Some(data) = data else { return Ok(None) };
+    let Some(data) = data else {
+        refuse_if_in_gap(repo, seg, d.segment_size).await?;
+        return Ok(None);
+    };
     if data.len() as u64 != d.segment_size {
         bail!(
             "the archived {name} holds {} bytes, not the repository's segment size {}",
@@ -157,6 +160,27 @@ async fn fetch_segment(
             .await?
             .with_context(|| format!("the archived {name} is not valid WAL of this cluster"))?;
     Ok(Some(data))
+}
+
+/// A missing segment inside a recorded gap is not the end of the archive:
+/// WAL after the gap exists, and ending recovery here (exit 1) would make
+/// PostgreSQL promote without it, silently. Stop recovery instead, and say
+/// how to end it deliberately before the gap.
+async fn refuse_if_in_gap(repo: &Repository, seg: SegmentName, segment_size: u64) -> anyhow::Result<()> {
+    let start = seg.start_lsn(segment_size);
+    let end = seg.end_lsn(segment_size);
+    for obj in repo.store().list(crate::gaps::GAPS_PREFIX).await? {
+        let Some(bytes) = repo.store().get(&obj.key).await? else { continue };
+        let Ok(gap) = serde_json::from_slice::<crate::gaps::Gap>(&bytes) else { continue };
+        let (Ok(from), Ok(to)) = (gap.from.parse::<crate::pg::Lsn>(), gap.to.parse::<crate::pg::Lsn>()) else { continue };
+        if gap.timeline == seg.timeline.0 && from < end && to > start {
+            bail!(
+                "this segment lies in a recorded gap: WAL from {from} to {to} on timeline {} was lost before it was archived ({}, detected {}). Recovery cannot pass it; to end recovery just before it, set recovery_target_lsn = '{from}' and recovery_target_action = 'promote', or restore a base backup taken after {to}",
+                gap.timeline, gap.reason, gap.detected_at
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A prefetched raw object, decoded and verified; `None` when absent or bad.

@@ -11,11 +11,13 @@
 //! ```
 
 pub mod agent;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod durable;
 pub mod fetch;
+pub mod gaps;
 pub mod logging;
 pub mod metrics;
 pub mod pg;
@@ -27,5 +29,6 @@ pub mod retry;
 pub mod service;
 pub mod spool;
 pub mod state;
+pub mod status;
 pub mod upload;
 pub mod verify;

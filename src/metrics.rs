@@ -43,6 +43,7 @@ pub const FLUSHED_LSN_BYTES: &str = "walsafe_flushed_lsn_bytes";
 pub const ARCHIVED_LSN_BYTES: &str = "walsafe_archived_lsn_bytes";
 pub const ARCHIVE_LAG_BYTES: &str = "walsafe_archive_lag_bytes";
 pub const ARCHIVE_LAG_SECONDS: &str = "walsafe_archive_lag_seconds";
+pub const ARCHIVE_GAPS: &str = "walsafe_archive_gaps";
 pub const TIMELINE: &str = "walsafe_timeline";
 pub const REPLICATION_CONNECTED: &str = "walsafe_replication_connected";
 pub const LAST_ARCHIVED_TIMESTAMP_SECONDS: &str = "walsafe_last_archived_timestamp_seconds";
@@ -109,6 +110,7 @@ pub fn describe() {
         Unit::Seconds,
         "Age of the oldest WAL not yet stored (0 when caught up): the live RPO"
     );
+    describe_gauge!(ARCHIVE_GAPS, "Ranges of WAL known to be missing from the repository (recorded in the spool's walsafe.gaps)");
     describe_gauge!(TIMELINE, "Timeline being streamed");
     describe_gauge!(REPLICATION_CONNECTED, "1 while streaming from PostgreSQL");
     describe_gauge!(
@@ -198,6 +200,11 @@ pub fn upload_result(kind: Kind, ok: bool) {
 /// Records one upload's duration.
 pub fn upload_duration(kind: Kind, d: Duration) {
     histogram!(UPLOAD_DURATION_SECONDS, "kind" => kind.label()).record(d.as_secs_f64());
+}
+
+/// Number of recorded gaps.
+pub fn set_gaps(n: usize) {
+    gauge!(ARCHIVE_GAPS).set(n as f64);
 }
 
 /// Counts bytes newly stored in the repository.

@@ -280,6 +280,21 @@ impl Receiver<'_> {
         }
     }
 
+    /// Closes the segment being filled (it stays `.partial` and is shipped
+    /// as such), so that streaming can resume at a later segment boundary
+    /// after WAL was lost (a recorded gap).
+    pub async fn close_segment_for_gap(&self, timeline: TimelineId) -> anyhow::Result<()> {
+        let (reply, done) = oneshot::channel();
+        self.writer
+            .send(WriteCmd::EndTimeline {
+                next: timeline,
+                reply,
+            })
+            .await?;
+        done.await
+            .map_err(|_| anyhow!("spool writer stopped while closing a segment"))?
+    }
+
     /// Fetches `<tli>.history` from the server and spools it.
     pub async fn fetch_history(
         &self,

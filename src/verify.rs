@@ -3,8 +3,15 @@
 //! For each timeline, the segments stored (`wal/<name>`, `wal/<name>.partial`
 //! or chunks) must form one contiguous run from the first to the last. A
 //! missing segment inside the run is a gap; so is a chunked segment whose
-//! chunks do not start at offset 0 or have a hole, and a chunked (still
-//! filling) segment that is not the last of its timeline.
+//! chunks do not start at offset 0 or have a hole, a chunked (still
+//! filling) segment that is not the last of its timeline, and a `.partial`
+//! that is not the last of its timeline (WAL after its end was lost).
+//!
+//! Timelines are followed through their history files: a timeline after
+//! the first needs its `<TLI>.history`, and its parent must be archived up
+//! to the segment holding the switch point, or recovery cannot cross from
+//! one to the other. Gaps the agent recorded (`gaps/…`, WAL the server
+//! removed before it was streamed) are listed with their reason.
 //!
 //! Exit codes: 0 no gap, 1 gaps, 2 error (WAL-G's wal-verify exits 0
 //! whatever it finds; walsafe's does not).
@@ -36,6 +43,16 @@ pub struct Gap {
     pub from: String,
     pub to: String,
     pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn history_lines_give_the_last_switch() {
+        let h = "1\t0/3000000\tno recovery target specified\n\n2\t0/5A00028\tafter promotion\n";
+        assert_eq!(super::last_switch(h), Some((2, 0x5A00028)));
+        assert_eq!(super::last_switch("# nothing\n"), None);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -98,7 +115,31 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
             pos = pos.max(e0);
         }
     }
+    // Switch points from the history files: child timeline -> (parent, switch LSN).
+    let mut switches: BTreeMap<u32, (u32, u64)> = BTreeMap::new();
+    for &t in &histories {
+        if let Some(content) = repo.get_wal(&crate::pg::walfile::history_file_name(TimelineId(t))).await? {
+            if let Some((parent, at)) = last_switch(&String::from_utf8_lossy(&content)) {
+                switches.insert(t, (parent, at));
+            }
+        }
+    }
+    let mut recorded: Vec<crate::gaps::Gap> = Vec::new();
+    for obj in repo.store().list(crate::gaps::GAPS_PREFIX).await? {
+        if let Some(bytes) = repo.store().get(&obj.key).await? {
+            if let Ok(g) = serde_json::from_slice(&bytes) {
+                recorded.push(g);
+            }
+        }
+    }
     let mut out = Vec::new();
+    let ranges: BTreeMap<u32, (u64, u64)> = tls
+        .iter()
+        .filter_map(|(t, st)| {
+            let all = st.full.iter().chain(&st.partial).chain(&st.chunked);
+            Some((t.0, (*all.clone().min()?, *all.max()?)))
+        })
+        .collect();
     for (tli, st) in tls {
         let all: BTreeSet<u64> = st
             .full
@@ -148,6 +189,41 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
                 });
             }
         }
+        for &n in &st.partial {
+            if n != last && !st.full.contains(&n) {
+                gaps.push(Gap {
+                    from: name(n),
+                    to: name(n),
+                    reason: "segment stored only as .partial, but later segments exist: WAL after its end was lost".into(),
+                });
+            }
+        }
+        for g in recorded.iter().filter(|g| g.timeline == tli.0) {
+            gaps.push(Gap {
+                from: g.from.clone(),
+                to: g.to.clone(),
+                reason: format!("recorded by the agent at {}: {}", g.detected_at, g.reason),
+            });
+        }
+        if let Some(&(parent, at)) = switches.get(&tli.0) {
+            let switch_seg = at / seg;
+            if let Some(&(_, parent_last)) = ranges.get(&parent) {
+                if parent_last < switch_seg {
+                    gaps.push(Gap {
+                        from: SegmentName { timeline: TimelineId(parent), segno: parent_last + 1 }.file_name(seg),
+                        to: SegmentName { timeline: TimelineId(parent), segno: switch_seg }.file_name(seg),
+                        reason: format!("timeline {parent} is not archived up to the switch to timeline {} at {}", tli.0, crate::pg::Lsn(at)),
+                    });
+                }
+            }
+            if first > switch_seg {
+                gaps.push(Gap {
+                    from: name(switch_seg),
+                    to: name(first - 1),
+                    reason: format!("timeline {} starts at {} but its first archived segment is later", tli.0, crate::pg::Lsn(at)),
+                });
+            }
+        }
         gaps.sort_by(|a, b| a.from.cmp(&b.from));
         let history = tli.0 == 1 || histories.contains(&tli.0);
         if !history {
@@ -169,6 +245,21 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
         });
     }
     Ok(out)
+}
+
+/// The last line of a history file: `parentTLI<TAB>switchLSN<TAB>reason`.
+fn last_switch(content: &str) -> Option<(u32, u64)> {
+    content
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let parent = f.next()?.parse().ok()?;
+            let at: crate::pg::Lsn = f.next()?.parse().ok()?;
+            Some((parent, at.0))
+        })
+        .last()
 }
 
 /// `walsafe wal-verify [--json]`.
