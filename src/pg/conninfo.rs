@@ -6,12 +6,16 @@
 //!
 //! ```text
 //! conninfo (key=value or postgres:// URL)      parsed by tokio_postgres::Config,
-//!   │                                          except sslmode / passfile / replication,
+//!   │                                          except sslmode / sslrootcert / sslcert /
+//!   │                                          sslkey / passfile / replication,
 //!   │                                          which walsafe reads itself
 //!   ▼ missing keys filled from the environment
-//! PGHOST PGPORT PGUSER PGPASSWORD PGPASSFILE PGDATABASE PGSSLMODE PGAPPNAME PGCONNECT_TIMEOUT
+//! PGHOST PGPORT PGUSER PGPASSWORD PGPASSFILE PGDATABASE PGSSLMODE PGSSLROOTCERT
+//! PGSSLCERT PGSSLKEY PGAPPNAME PGCONNECT_TIMEOUT
 //!   ▼ then from built-in defaults
 //! host = /var/run/postgresql   port = 5432   user = the OS user   sslmode = prefer
+//! sslrootcert = ~/.postgresql/root.crt   sslcert = ~/.postgresql/postgresql.crt
+//! sslkey = ~/.postgresql/postgresql.key
 //! ```
 //!
 //! A password that is still missing when the server asks for one comes from
@@ -39,10 +43,11 @@
 //! - Several hosts are tried in order; ports are either one for all hosts or
 //!   one per host.
 //!
-//! TLS is not implemented yet: `sslmode` `disable`, `allow` and `prefer`
-//! connect in plain text, `require`, `verify-ca` and `verify-full` are
-//! refused with [`ConninfoError::TlsUnsupported`] so that nobody believes a
-//! connection is encrypted when it is not.
+//! The TLS keys only name files here; what each `sslmode` does with them
+//! (libpq's meaning, rustls underneath) is [`super::tls`]'s business.
+//! `sslrootcert=system` (libpq 16) means the operating system's trusted
+//! roots; it makes `verify-full` the default sslmode and refuses a weaker
+//! one, as libpq does.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -74,9 +79,6 @@ pub enum ConninfoError {
         value: String,
         reason: String,
     },
-    /// The requested sslmode needs TLS, which walsafe does not speak yet.
-    #[error("sslmode={sslmode} is not supported yet by walsafe; connect over a Unix socket or a trusted network with sslmode=disable or prefer (plain text), or use a TLS tunnel until TLS support lands")]
-    TlsUnsupported { sslmode: SslMode },
 }
 
 /// How the client treats TLS; libpq's `sslmode`.
@@ -135,6 +137,26 @@ impl fmt::Display for SslMode {
             SslMode::VerifyCa => "verify-ca",
             SslMode::VerifyFull => "verify-full",
         })
+    }
+}
+
+/// Where the certificates that may sign the server's certificate come from
+/// (`sslrootcert`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file of CA certificates. A missing file means "verify nothing"
+    /// for sslmodes below verify-ca, like libpq.
+    File(PathBuf),
+    /// `sslrootcert=system`: the operating system's trusted roots.
+    System,
+}
+
+impl fmt::Display for RootCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RootCert::File(p) => write!(f, "{}", p.display()),
+            RootCert::System => f.write_str("the system's trusted roots (sslrootcert=system)"),
+        }
     }
 }
 
@@ -226,6 +248,14 @@ pub struct ConnParams {
     pub options: Option<String>,
     /// TLS policy.
     pub sslmode: SslMode,
+    /// Trusted roots (`sslrootcert`, `PGSSLROOTCERT`, `~/.postgresql/root.crt`);
+    /// `None` only when none is given and there is no home directory.
+    pub sslrootcert: Option<RootCert>,
+    /// Client certificate (`sslcert`, `PGSSLCERT`, `~/.postgresql/postgresql.crt`),
+    /// used when the file exists.
+    pub sslcert: Option<PathBuf>,
+    /// Client key (`sslkey`, `PGSSLKEY`, `~/.postgresql/postgresql.key`).
+    pub sslkey: Option<PathBuf>,
     /// Per-address connect timeout.
     pub connect_timeout: Option<Duration>,
 }
@@ -241,6 +271,9 @@ impl fmt::Debug for ConnParams {
             .field("application_name", &self.application_name)
             .field("options", &self.options)
             .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("sslcert", &self.sslcert)
+            .field("sslkey", &self.sslkey)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
@@ -258,8 +291,12 @@ pub enum PassfileWarning {
 }
 
 /// Keys walsafe reads itself before handing the rest to tokio_postgres.
+#[derive(Default)]
 struct Extracted {
     sslmode: Option<String>,
+    sslrootcert: Option<String>,
+    sslcert: Option<String>,
+    sslkey: Option<String>,
     passfile: Option<String>,
 }
 
@@ -385,10 +422,36 @@ impl ConnParams {
             .get_application_name()
             .map(str::to_string)
             .or_else(|| env("PGAPPNAME"));
+        let pg_dir = home_dir(env).map(|h| h.join(".postgresql"));
+        let sslrootcert = match extracted.sslrootcert.or_else(|| env("PGSSLROOTCERT")) {
+            Some(v) if v == "system" => Some(RootCert::System),
+            Some(v) => Some(RootCert::File(PathBuf::from(v))),
+            None => pg_dir.as_ref().map(|d| RootCert::File(d.join("root.crt"))),
+        };
+        let sslcert = extracted
+            .sslcert
+            .or_else(|| env("PGSSLCERT"))
+            .map(PathBuf::from)
+            .or_else(|| pg_dir.as_ref().map(|d| d.join("postgresql.crt")));
+        let sslkey = extracted
+            .sslkey
+            .or_else(|| env("PGSSLKEY"))
+            .map(PathBuf::from)
+            .or_else(|| pg_dir.as_ref().map(|d| d.join("postgresql.key")));
         let sslmode = match extracted.sslmode.or_else(|| env("PGSSLMODE")) {
             Some(s) => s.parse()?,
+            // libpq 16: the system's roots are only worth anything with
+            // host name checks, so they make verify-full the default.
+            None if sslrootcert == Some(RootCert::System) => SslMode::VerifyFull,
             None => SslMode::Prefer,
         };
+        if sslrootcert == Some(RootCert::System) && sslmode != SslMode::VerifyFull {
+            return Err(ConninfoError::InvalidValue {
+                key: "sslmode",
+                value: sslmode.to_string(),
+                reason: "sslrootcert=system trusts every public CA, so only verify-full (which also checks the host name) is allowed with it, as in libpq; use sslmode=verify-full or name a CA file in sslrootcert".into(),
+            });
+        }
         let connect_timeout = match config.get_connect_timeout() {
             Some(d) => Some(*d),
             None => match env("PGCONNECT_TIMEOUT") {
@@ -413,19 +476,11 @@ impl ConnParams {
             application_name,
             options: config.get_options().map(str::to_string),
             sslmode,
+            sslrootcert,
+            sslcert,
+            sslkey,
             connect_timeout,
         })
-    }
-
-    /// Refuses sslmodes that need TLS, which walsafe cannot provide yet.
-    pub fn check_tls_supported(&self) -> Result<(), ConninfoError> {
-        if self.sslmode.allows_plaintext() {
-            Ok(())
-        } else {
-            Err(ConninfoError::TlsUnsupported {
-                sslmode: self.sslmode,
-            })
-        }
     }
 
     /// The password to send to `target` for database `dbname`: the explicit
@@ -595,14 +650,11 @@ fn split_passfile_line(line: &str) -> Vec<(String, String)> {
     fields
 }
 
-/// Removes the keys walsafe handles itself (`sslmode`, `passfile`,
-/// `replication`) from a conninfo and returns the rest in a form
+/// Removes the keys walsafe handles itself (`sslmode`, `sslrootcert`,
+/// `sslcert`, `sslkey`, `passfile`, `replication`) from a conninfo and returns the rest in a form
 /// tokio_postgres parses.
 fn extract_own_keys(conninfo: &str) -> Result<(String, Extracted), ConninfoError> {
-    let mut ex = Extracted {
-        sslmode: None,
-        passfile: None,
-    };
+    let mut ex = Extracted::default();
     let trimmed = conninfo.trim();
     if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
         let Some((base, query)) = trimmed.split_once('?') else {
@@ -613,6 +665,9 @@ fn extract_own_keys(conninfo: &str) -> Result<(String, Extracted), ConninfoError
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match percent_decode(k)?.as_str() {
                 "sslmode" => ex.sslmode = Some(percent_decode(v)?),
+                "sslrootcert" => ex.sslrootcert = Some(percent_decode(v)?),
+                "sslcert" => ex.sslcert = Some(percent_decode(v)?),
+                "sslkey" => ex.sslkey = Some(percent_decode(v)?),
                 "passfile" => ex.passfile = Some(percent_decode(v)?),
                 "replication" => {}
                 _ => kept.push(pair),
@@ -629,6 +684,9 @@ fn extract_own_keys(conninfo: &str) -> Result<(String, Extracted), ConninfoError
     for (k, v) in tokenize_kv(conninfo)? {
         match k.as_str() {
             "sslmode" => ex.sslmode = Some(v),
+            "sslrootcert" => ex.sslrootcert = Some(v),
+            "sslcert" => ex.sslcert = Some(v),
+            "sslkey" => ex.sslkey = Some(v),
             "passfile" => ex.passfile = Some(v),
             "replication" => {}
             _ => {
@@ -773,6 +831,56 @@ mod tests {
         assert_eq!(p.passfile, Some(PathBuf::from("/home/x/.pgpass")));
         assert_eq!(p.sslmode, SslMode::Prefer);
         assert_eq!(p.dbname, None);
+        assert_eq!(
+            p.sslrootcert,
+            Some(RootCert::File("/home/x/.postgresql/root.crt".into()))
+        );
+        assert_eq!(
+            p.sslcert,
+            Some(PathBuf::from("/home/x/.postgresql/postgresql.crt"))
+        );
+        assert_eq!(
+            p.sslkey,
+            Some(PathBuf::from("/home/x/.postgresql/postgresql.key"))
+        );
+    }
+
+    #[test]
+    fn tls_files_from_conninfo_url_and_environment() {
+        let env = env_of(&[
+            ("HOME", "/home/x"),
+            ("PGSSLROOTCERT", "/env/ca.crt"),
+            ("PGSSLCERT", "/env/c.crt"),
+            ("PGSSLKEY", "/env/c.key"),
+        ]);
+        let p = ConnParams::parse_with_env("host=h", &env).unwrap();
+        assert_eq!(p.sslrootcert, Some(RootCert::File("/env/ca.crt".into())));
+        assert_eq!(p.sslcert, Some(PathBuf::from("/env/c.crt")));
+        assert_eq!(p.sslkey, Some(PathBuf::from("/env/c.key")));
+        // The conninfo wins, and tokio_postgres never sees these keys.
+        let p = ConnParams::parse_with_env(
+            "host=h sslmode=verify-ca sslrootcert='/a b/ca.crt' sslcert=/c.crt sslkey=/c.key",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(p.sslmode, SslMode::VerifyCa);
+        assert_eq!(p.sslrootcert, Some(RootCert::File("/a b/ca.crt".into())));
+        assert_eq!(p.sslcert, Some(PathBuf::from("/c.crt")));
+        assert_eq!(p.sslkey, Some(PathBuf::from("/c.key")));
+        let p = ConnParams::parse_with_env(
+            "postgresql://u@h/db?sslrootcert=%2Fca.crt&sslcert=%2Fc.crt&sslkey=%2Fc.key&sslmode=require",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(p.sslmode, SslMode::Require);
+        assert_eq!(p.sslrootcert, Some(RootCert::File("/ca.crt".into())));
+        assert_eq!(p.sslkey, Some(PathBuf::from("/c.key")));
+        // sslrootcert=system makes verify-full the default.
+        let p = ConnParams::parse_with_env("host=h sslrootcert=system", &env).unwrap();
+        assert_eq!(p.sslrootcert, Some(RootCert::System));
+        assert_eq!(p.sslmode, SslMode::VerifyFull);
+        let dbg = format!("{p:?}");
+        assert!(dbg.contains("sslrootcert: Some(System)"), "{dbg}");
     }
 
     #[test]
@@ -831,11 +939,6 @@ mod tests {
         assert_eq!(p.dbname.as_deref(), Some("mydb"));
         assert_eq!(p.sslmode, SslMode::VerifyFull);
         assert_eq!(p.application_name.as_deref(), Some("x"));
-        let err = p.check_tls_supported().unwrap_err().to_string();
-        assert!(
-            err.contains("sslmode=verify-full is not supported yet by walsafe"),
-            "{err}"
-        );
 
         let p = ConnParams::parse_with_env(
             "host = /tmp/a\\ b port=5 password='it''s' user='o\\'neil'",
@@ -879,18 +982,10 @@ mod tests {
         assert!(e.to_string().contains("sometimes"), "{e}");
         let e = ConnParams::parse_with_env("host=a port", &env).unwrap_err();
         assert!(e.to_string().contains("missing \"=\""), "{e}");
-        for mode in ["require", "verify-ca", "verify-full"] {
-            let p = ConnParams::parse_with_env(&format!("sslmode={mode}"), &env).unwrap();
-            let e = p.check_tls_supported().unwrap_err().to_string();
-            assert!(
-                e.contains(&format!("sslmode={mode} is not supported yet")),
-                "{e}"
-            );
-        }
-        for mode in ["disable", "allow", "prefer"] {
-            let p = ConnParams::parse_with_env(&format!("sslmode={mode}"), &env).unwrap();
-            p.check_tls_supported().unwrap();
-        }
+        let e = ConnParams::parse_with_env("sslrootcert=system sslmode=require", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only verify-full"), "{e}");
     }
 
     #[test]

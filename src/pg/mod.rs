@@ -7,6 +7,7 @@ pub mod lsn;
 pub mod page;
 pub mod replication;
 pub mod sql;
+pub mod tls;
 pub mod walfile;
 
 pub use lsn::{Lsn, TimelineId};

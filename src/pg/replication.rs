@@ -5,8 +5,10 @@
 //! # Life of a connection
 //!
 //! ```text
-//! connect ─ StartupMessage{user, replication=true, application_name, [database]}
-//!         ─ auth: trust | cleartext | MD5 | SCRAM-SHA-256 (no channel binding: no TLS yet)
+//! connect ─ [SSLRequest ─ 'S' ─ TLS handshake] per sslmode (see super::tls)
+//!         ─ StartupMessage{user, replication=true, application_name, [database]}
+//!         ─ auth: trust | cleartext | MD5 | SCRAM-SHA-256 | SCRAM-SHA-256-PLUS
+//!                 (channel binding tls-server-end-point, over TLS) | TLS client certificate
 //!         ─ ParameterStatus… BackendKeyData ReadyForQuery
 //! ReplicationConnection: simple-query commands, one at a time
 //!   IDENTIFY_SYSTEM | SHOW x | READ_REPLICATION_SLOT s (PG15+) |
@@ -51,22 +53,24 @@
 mod error;
 mod wire;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
 pub use self::error::{classify, ErrorContext, ReplError, ServerError};
-use self::wire::{Backend, BoxedTransport, CopyPayload, Wire};
+pub(crate) use self::wire::server_error as wire_server_error;
+use self::wire::{Backend, CopyPayload, Wire};
 use crate::pg::conninfo::REPLICATION_PASSFILE_DB;
 pub use crate::pg::conninfo::{ConnParams, Host, Password, SslMode, Target};
 use crate::pg::lsn::{Lsn, TimelineId};
+use crate::pg::tls::{self, Attempt, Failed};
 
 /// How long connecting plus authenticating may take when the conninfo sets
 /// no `connect_timeout`: a server that accepts TCP but never answers must
@@ -85,7 +89,8 @@ pub enum AuthMethod {
     Cleartext,
     /// MD5 challenge.
     Md5,
-    /// SCRAM-SHA-256.
+    /// SCRAM-SHA-256 (with channel binding when
+    /// [`ReplicationConnection::channel_binding`] says so).
     ScramSha256,
 }
 
@@ -149,6 +154,8 @@ pub struct ReplicationConnection {
     server_version_num: u32,
     backend_pid: Option<u32>,
     auth_method: AuthMethod,
+    encrypted: bool,
+    channel_binding: bool,
 }
 
 impl std::fmt::Debug for ReplicationConnection {
@@ -159,6 +166,8 @@ impl std::fmt::Debug for ReplicationConnection {
             .field("server_version_num", &self.server_version_num)
             .field("backend_pid", &self.backend_pid)
             .field("auth_method", &self.auth_method)
+            .field("encrypted", &self.encrypted)
+            .field("channel_binding", &self.channel_binding)
             .finish()
     }
 }
@@ -176,7 +185,6 @@ impl ReplicationConnection {
         params: &ConnParams,
         application_name: &str,
     ) -> Result<Self, ReplError> {
-        params.check_tls_supported()?;
         let mut last = None;
         for target in &params.targets {
             match Self::connect_target(params, target, application_name).await {
@@ -198,24 +206,48 @@ impl ReplicationConnection {
         application_name: &str,
     ) -> Result<Self, ReplError> {
         let limit = params.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        match tokio::time::timeout(limit, Self::handshake(params, target, application_name)).await {
-            Ok(r) => r,
-            Err(_) => Err(ReplError::Connect {
-                target: target.to_string(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no complete answer within {limit:?} (connect_timeout)"),
-                ),
-            }),
-        }
+        tls::with_fallback(params, target, limit, |attempt| {
+            Self::handshake(params, target, application_name, attempt)
+        })
+        .await
     }
 
+    /// One connection attempt: socket, TLS as `attempt` says, startup and
+    /// authentication.
     async fn handshake(
         params: &ConnParams,
         target: &Target,
         application_name: &str,
+        attempt: Attempt,
+    ) -> Result<Self, Failed> {
+        let stream = tls::open(params, target, attempt).await?;
+        let encrypted = stream.is_encrypted();
+        let end_point = stream.tls_server_end_point();
+        Self::startup(
+            params,
+            target,
+            application_name,
+            Box::new(stream),
+            end_point,
+        )
+        .await
+        .map(|mut c| {
+            c.encrypted = encrypted;
+            c
+        })
+        .map_err(|error| Failed {
+            error,
+            tls_tried: encrypted,
+        })
+    }
+
+    async fn startup(
+        params: &ConnParams,
+        target: &Target,
+        application_name: &str,
+        transport: wire::BoxedTransport,
+        tls_end_point: Option<Vec<u8>>,
     ) -> Result<Self, ReplError> {
-        let transport = open_transport(target).await?;
         let mut wire = Wire::new(transport, target.to_string());
         let app = params
             .application_name
@@ -243,7 +275,8 @@ impl ReplicationConnection {
             ..ErrorContext::default()
         };
         let passfile_db = params.dbname.as_deref().unwrap_or(REPLICATION_PASSFILE_DB);
-        let auth_method = authenticate(&mut wire, params, target, passfile_db, &ctx).await?;
+        let (auth_method, channel_binding) =
+            authenticate(&mut wire, params, target, passfile_db, &ctx, tls_end_point).await?;
 
         let mut backend_pid = None;
         loop {
@@ -274,6 +307,8 @@ impl ReplicationConnection {
             server_version_num,
             backend_pid,
             auth_method,
+            encrypted: false,
+            channel_binding,
         })
     }
 
@@ -290,6 +325,17 @@ impl ReplicationConnection {
     /// How the server authenticated us.
     pub fn auth_method(&self) -> AuthMethod {
         self.auth_method
+    }
+
+    /// Whether the connection is encrypted (TLS).
+    pub fn is_encrypted(&self) -> bool {
+        self.encrypted
+    }
+
+    /// Whether SCRAM bound the authentication to the TLS session
+    /// (SCRAM-SHA-256-PLUS with tls-server-end-point).
+    pub fn channel_binding(&self) -> bool {
+        self.channel_binding
     }
 
     /// Where we are connected.
@@ -878,38 +924,16 @@ impl ReplicationStream {
     }
 }
 
-/// Opens the socket for one target.
-async fn open_transport(target: &Target) -> Result<BoxedTransport, ReplError> {
-    let err = |source| ReplError::Connect {
-        target: target.to_string(),
-        source,
-    };
-    match &target.host {
-        Host::Unix(_) => {
-            let path: PathBuf = target.socket_path().expect("unix target");
-            let s = UnixStream::connect(&path).await.map_err(err)?;
-            Ok(Box::new(s))
-        }
-        Host::Tcp(host) => {
-            let s = match target.hostaddr {
-                Some(addr) => TcpStream::connect((addr, target.port)).await,
-                None => TcpStream::connect((host.as_str(), target.port)).await,
-            }
-            .map_err(err)?;
-            let _ = s.set_nodelay(true);
-            Ok(Box::new(s))
-        }
-    }
-}
-
-/// The authentication exchange, up to AuthenticationOk.
+/// The authentication exchange, up to AuthenticationOk: the method, and
+/// whether SCRAM used channel binding.
 async fn authenticate(
     wire: &mut Wire,
     params: &ConnParams,
     target: &Target,
     passfile_db: &str,
     ctx: &ErrorContext,
-) -> Result<AuthMethod, ReplError> {
+    tls_end_point: Option<Vec<u8>>,
+) -> Result<(AuthMethod, bool), ReplError> {
     const WHAT: &str = "authenticating";
     let password = |wire: &Wire| -> Result<Password, ReplError> {
         params
@@ -925,10 +949,11 @@ async fn authenticate(
             })
     };
     let mut method = AuthMethod::Trust;
+    let mut bound = false;
     loop {
         let msg = wire.recv(WHAT).await?;
         match msg {
-            Backend::Msg(Message::AuthenticationOk) => return Ok(method),
+            Backend::Msg(Message::AuthenticationOk) => return Ok((method, bound)),
             Backend::Msg(Message::AuthenticationCleartextPassword) => {
                 method = AuthMethod::Cleartext;
                 let pw = password(wire)?;
@@ -950,7 +975,8 @@ async fn authenticate(
                 while let Some(m) = it.next().map_err(|e| wire.protocol(WHAT, e.to_string()))? {
                     mechanisms.push(m.to_string());
                 }
-                if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                let plus = mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
+                if !plus && !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
                     return Err(ReplError::UnsupportedAuth {
                         target: wire.target.clone(),
                         method: format!("SASL ({})", mechanisms.join(", ")),
@@ -958,10 +984,20 @@ async fn authenticate(
                 }
                 method = AuthMethod::ScramSha256;
                 let pw = password(wire)?;
-                // No TLS, so no channel binding ("n,,").
-                let mut scram =
-                    ScramSha256::new(pw.expose().as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), wire.queue())
+                // libpq's channel_binding=prefer: bind when the server offers
+                // it over TLS; "y,," says we could have (so a man in the middle
+                // cannot strip PLUS from the list); "n,," that we cannot.
+                let (mechanism, binding) = match (&tls_end_point, plus) {
+                    (Some(h), true) => (
+                        SCRAM_SHA_256_PLUS,
+                        ChannelBinding::tls_server_end_point(h.clone()),
+                    ),
+                    (Some(_), false) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                    (None, _) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                };
+                bound = mechanism == SCRAM_SHA_256_PLUS;
+                let mut scram = ScramSha256::new(pw.expose().as_bytes(), binding);
+                frontend::sasl_initial_response(mechanism, scram.message(), wire.queue())
                     .map_err(|e| wire.protocol(WHAT, e.to_string()))?;
                 wire.flush(WHAT).await?;
                 match wire.recv(WHAT).await? {

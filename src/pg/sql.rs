@@ -7,16 +7,23 @@
 //! identically. Like libpq, the database defaults to the user name; when
 //! that database does not exist (SQLSTATE 3D000) and no database was
 //! configured, walsafe falls back to `postgres`. Hosts are tried in order,
-//! each with its own password-file lookup. No TLS yet (see
-//! [`ConnParams::check_tls_supported`]).
+//! each with its own password-file lookup.
+//!
+//! The socket and TLS come from [`crate::pg::tls::open`], exactly as for
+//! the replication connection (same sslmode rules, same errors); the
+//! negotiated stream is handed to tokio-postgres with `connect_raw`, over
+//! TLS as `sslnegotiation=direct` with a pass-through connector
+//! ([`Negotiated`]) so that tokio-postgres uses SCRAM channel binding.
 
 use std::str::FromStr;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::config::{SslMode as PgSslMode, SslNegotiation};
+use tokio_postgres::Client;
 
-use crate::pg::conninfo::{ConnParams, Host, Target};
+use crate::pg::conninfo::{ConnParams, Target};
 use crate::pg::lsn::Lsn;
 use crate::pg::replication::{classify, ErrorContext, ReplError, ServerError};
+use crate::pg::tls::{self, Failed, Negotiated};
 
 /// Database tried when the default (the user's name) does not exist.
 pub const FALLBACK_DBNAME: &str = "postgres";
@@ -43,7 +50,6 @@ pub async fn connect_sql_params(
     params: &ConnParams,
     application_name: &str,
 ) -> Result<Client, ReplError> {
-    params.check_tls_supported()?;
     let mut last = None;
     for target in &params.targets {
         let attempt = match &params.dbname {
@@ -75,28 +81,12 @@ async fn connect_one(
     application_name: &str,
 ) -> Result<Client, ReplError> {
     let mut cfg = tokio_postgres::Config::new();
-    match &target.host {
-        Host::Tcp(h) => cfg.host(h),
-        Host::Unix(dir) => cfg.host_path(dir),
-    };
-    if let Some(a) = target.hostaddr {
-        cfg.hostaddr(a);
-    }
-    cfg.port(target.port)
-        .user(&params.user)
-        .dbname(dbname)
-        .application_name(
-            params
-                .application_name
-                .as_deref()
-                .unwrap_or(application_name),
-        )
-        .ssl_mode(tokio_postgres::config::SslMode::Disable)
-        .connect_timeout(
-            params
-                .connect_timeout
-                .unwrap_or(crate::pg::replication::DEFAULT_CONNECT_TIMEOUT),
-        );
+    cfg.user(&params.user).dbname(dbname).application_name(
+        params
+            .application_name
+            .as_deref()
+            .unwrap_or(application_name),
+    );
     if let Some(o) = &params.options {
         cfg.options(o);
     }
@@ -105,22 +95,46 @@ async fn connect_one(
     if let Some(pw) = params.password_for(target, dbname, &mut |w| tracing::warn!("{w}")) {
         cfg.password(pw.expose());
     }
-    let (client, connection) = cfg.connect(NoTls).await.map_err(|e| {
-        let ctx = ErrorContext {
-            target: target.to_string(),
-            user: params.user.clone(),
-            command: format!("connecting to database \"{dbname}\""),
-            ..ErrorContext::default()
-        };
-        sql_error(e, &ctx)
-    })?;
-    let t = target.to_string();
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(target = %t, "SQL connection ended: {e}");
+    let ctx = ErrorContext {
+        target: target.to_string(),
+        user: params.user.clone(),
+        command: format!("connecting to database \"{dbname}\""),
+        ..ErrorContext::default()
+    };
+    let limit = params
+        .connect_timeout
+        .unwrap_or(crate::pg::replication::DEFAULT_CONNECT_TIMEOUT);
+    tls::with_fallback(params, target, limit, |attempt| {
+        let mut cfg = cfg.clone();
+        let ctx = &ctx;
+        async move {
+            let stream = tls::open(params, target, attempt).await?;
+            let encrypted = stream.is_encrypted();
+            if encrypted {
+                // Already negotiated: tokio-postgres must not send its own
+                // SSLRequest, and must see the stream as TLS.
+                cfg.ssl_mode(PgSslMode::Require)
+                    .ssl_negotiation(SslNegotiation::Direct);
+            } else {
+                cfg.ssl_mode(PgSslMode::Disable);
+            }
+            let (client, connection) =
+                cfg.connect_raw(stream, Negotiated)
+                    .await
+                    .map_err(|e| Failed {
+                        error: sql_error(e, ctx),
+                        tls_tried: encrypted,
+                    })?;
+            let t = target.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(target = %t, "SQL connection ended: {e}");
+                }
+            });
+            Ok(client)
         }
-    });
-    Ok(client)
+    })
+    .await
 }
 
 /// Maps a tokio-postgres error: server errors through the same classifier
@@ -136,6 +150,16 @@ pub fn sql_error(e: tokio_postgres::Error, ctx: &ErrorContext) -> ReplError {
             hint: db.hint().map(str::to_string),
         };
         return classify(server, ctx);
+    }
+    if let Some(alert) = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(tls::alert_in)
+    {
+        return ReplError::Tls(tls::TlsError::ServerAlert {
+            target: ctx.target.clone(),
+            context: ctx.command.clone(),
+            alert,
+        });
     }
     if e.to_string().contains("password missing") {
         return ReplError::PasswordMissing {

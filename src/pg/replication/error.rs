@@ -12,6 +12,7 @@ use std::io;
 
 use crate::pg::conninfo::ConninfoError;
 use crate::pg::lsn::{Lsn, TimelineId};
+use crate::pg::tls::{io_error_is_transient, TlsError};
 
 /// An ErrorResponse from the server, as sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,9 +75,14 @@ impl fmt::Display for ServerError {
 /// Everything that can go wrong on a replication (or SQL) connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplError {
-    /// The conninfo or the environment is invalid, or asks for TLS.
+    /// The conninfo or the environment is invalid.
     #[error(transparent)]
     Conninfo(#[from] ConninfoError),
+
+    /// TLS could not be set up as the sslmode demands (no TLS on the
+    /// server, an untrusted or misnamed certificate, a bad key file, …).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 
     /// The TCP or Unix-socket connection could not be opened (refused,
     /// no such socket, unreachable, timed out).
@@ -256,8 +262,10 @@ impl ReplError {
     /// Whether waiting and trying again can succeed without anyone acting.
     pub fn is_retryable(&self) -> bool {
         match self {
+            ReplError::Tls(e) => e.is_retryable(),
+            // A TLS failure inside the stream (an alert) repeats; resets do not.
+            ReplError::Io { source, .. } => io_error_is_transient(source),
             ReplError::Connect { .. }
-            | ReplError::Io { .. }
             | ReplError::Closed { .. }
             | ReplError::TooManyConnections { .. }
             | ReplError::WalSendersExhausted { .. }
@@ -267,7 +275,9 @@ impl ReplError {
                 Some(db) => sqlstate_is_transient(db.code().code()),
                 None => {
                     source.is_closed()
-                        || std::error::Error::source(source).is_some_and(|s| s.is::<io::Error>())
+                        || std::error::Error::source(source)
+                            .and_then(|s| s.downcast_ref::<io::Error>())
+                            .is_some_and(io_error_is_transient)
                 }
             },
             _ => false,

@@ -1,5 +1,5 @@
-//! The byte level of a walsender connection: a boxed transport (so that TLS
-//! can slot in later), a frame codec that yields whole backend messages, and
+//! The byte level of a walsender connection: a boxed transport (a plain
+//! socket or TLS, see [`crate::pg::tls`]), a frame codec that yields whole backend messages, and
 //! the CopyData payloads of physical streaming replication.
 //!
 //! ```text
@@ -29,7 +29,7 @@ use tokio_util::codec::{Decoder, Encoder, Framed};
 use super::error::{ReplError, ServerError};
 use crate::pg::lsn::Lsn;
 
-/// A byte stream to the server: plain TCP or Unix socket today, TLS later.
+/// A byte stream to the server: TCP, Unix socket or TLS over TCP.
 pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Transport for T {}
 
@@ -164,6 +164,15 @@ impl Wire {
     }
 
     fn io_error(&self, context: &str, source: io::Error) -> ReplError {
+        // TLS 1.3 servers reject a client certificate after the handshake,
+        // so the alert arrives here, on the first read.
+        if let Some(alert) = crate::pg::tls::alert_in(&source) {
+            return ReplError::Tls(crate::pg::tls::TlsError::ServerAlert {
+                target: self.target.clone(),
+                context: context.to_string(),
+                alert,
+            });
+        }
         ReplError::Io {
             target: self.target.clone(),
             context: context.to_string(),
