@@ -288,7 +288,12 @@ async fn stream_until_stopped(
 fn wal_lost(e: &anyhow::Error) -> bool {
     e.chain()
         .find_map(|c| c.downcast_ref::<ReplError>())
-        .is_some_and(|r| matches!(r, ReplError::WalRemoved { .. } | ReplError::SlotInvalidated { .. }))
+        .is_some_and(|r| {
+            matches!(
+                r,
+                ReplError::WalRemoved { .. } | ReplError::SlotInvalidated { .. }
+            )
+        })
 }
 
 /// WAL from the end of what we received is gone from the server (DESIGN
@@ -313,7 +318,9 @@ async fn skip_lost_wal(
         .context("cannot open an SQL connection to repair the replication slot")?;
     let state = crate::pg::sql::slot_state(&sql, slot).await?;
     let usable = state.as_ref().and_then(|s| {
-        (s.wal_status.as_deref() != Some("lost")).then_some(s.restart_lsn).flatten()
+        (s.wal_status.as_deref() != Some("lost"))
+            .then_some(s.restart_lsn)
+            .flatten()
     });
     let (mut conn, info) = connect(cfg).await?;
     let restart = match usable {
@@ -322,14 +329,20 @@ async fn skip_lost_wal(
             if state.is_some() {
                 sql.execute("SELECT pg_drop_replication_slot($1)", &[slot])
                     .await
-                    .with_context(|| format!("cannot drop the invalidated replication slot \"{slot}\""))?;
+                    .with_context(|| {
+                        format!("cannot drop the invalidated replication slot \"{slot}\"")
+                    })?;
             }
             let reserved = conn
                 .create_physical_slot(slot)
                 .await
                 .with_context(|| format!("cannot re-create replication slot \"{slot}\""))?;
             warn!(%slot, %reserved, "re-created the replication slot after it lost WAL");
-            if reserved == Lsn::INVALID { info.xlogpos } else { reserved }
+            if reserved == Lsn::INVALID {
+                info.xlogpos
+            } else {
+                reserved
+            }
         }
     };
     let resume = restart.segment_start(segment_size);

@@ -166,13 +166,26 @@ async fn fetch_segment(
 /// WAL after the gap exists, and ending recovery here (exit 1) would make
 /// PostgreSQL promote without it, silently. Stop recovery instead, and say
 /// how to end it deliberately before the gap.
-async fn refuse_if_in_gap(repo: &Repository, seg: SegmentName, segment_size: u64) -> anyhow::Result<()> {
+async fn refuse_if_in_gap(
+    repo: &Repository,
+    seg: SegmentName,
+    segment_size: u64,
+) -> anyhow::Result<()> {
     let start = seg.start_lsn(segment_size);
     let end = seg.end_lsn(segment_size);
     for obj in repo.store().list(crate::gaps::GAPS_PREFIX).await? {
-        let Some(bytes) = repo.store().get(&obj.key).await? else { continue };
-        let Ok(gap) = serde_json::from_slice::<crate::gaps::Gap>(&bytes) else { continue };
-        let (Ok(from), Ok(to)) = (gap.from.parse::<crate::pg::Lsn>(), gap.to.parse::<crate::pg::Lsn>()) else { continue };
+        let Some(bytes) = repo.store().get(&obj.key).await? else {
+            continue;
+        };
+        let Ok(gap) = serde_json::from_slice::<crate::gaps::Gap>(&bytes) else {
+            continue;
+        };
+        let (Ok(from), Ok(to)) = (
+            gap.from.parse::<crate::pg::Lsn>(),
+            gap.to.parse::<crate::pg::Lsn>(),
+        ) else {
+            continue;
+        };
         if gap.timeline == seg.timeline.0 && from < end && to > start {
             bail!(
                 "this segment lies in a recorded gap: WAL from {from} to {to} on timeline {} was lost before it was archived ({}, detected {}). Recovery cannot pass it; to end recovery just before it, set recovery_target_lsn = '{from}' and recovery_target_action = 'promote', or restore a base backup taken after {to}",

@@ -110,11 +110,19 @@ mod tests {
     fn gaps_are_appended_and_reloaded() {
         let d = tempfile::tempdir().unwrap();
         assert!(load(d.path()).is_empty());
-        let g = Gap::new(TimelineId(1), Lsn(0x3000000), Lsn(0x9000000), "slot invalidated");
+        let g = Gap::new(
+            TimelineId(1),
+            Lsn(0x3000000),
+            Lsn(0x9000000),
+            "slot invalidated",
+        );
         record(d.path(), &g).unwrap();
         record(d.path(), &g).unwrap();
         assert_eq!(load(d.path()), vec![g.clone(), g.clone()]);
         assert_eq!(g.len(), 0x6000000);
-        assert_eq!(g.object_key(), "gaps/00000001-0000000003000000-0000000009000000");
+        assert_eq!(
+            g.object_key(),
+            "gaps/00000001-0000000003000000-0000000009000000"
+        );
     }
 }

@@ -118,7 +118,10 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
     // Switch points from the history files: child timeline -> (parent, switch LSN).
     let mut switches: BTreeMap<u32, (u32, u64)> = BTreeMap::new();
     for &t in &histories {
-        if let Some(content) = repo.get_wal(&crate::pg::walfile::history_file_name(TimelineId(t))).await? {
+        if let Some(content) = repo
+            .get_wal(&crate::pg::walfile::history_file_name(TimelineId(t)))
+            .await?
+        {
             if let Some((parent, at)) = last_switch(&String::from_utf8_lossy(&content)) {
                 switches.insert(t, (parent, at));
             }
@@ -220,7 +223,11 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
                 gaps.push(Gap {
                     from: name(switch_seg),
                     to: name(first - 1),
-                    reason: format!("timeline {} starts at {} but its first archived segment is later", tli.0, crate::pg::Lsn(at)),
+                    reason: format!(
+                        "timeline {} starts at {} but its first archived segment is later",
+                        tli.0,
+                        crate::pg::Lsn(at)
+                    ),
                 });
             }
         }
@@ -253,13 +260,13 @@ fn last_switch(content: &str) -> Option<(u32, u64)> {
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             let mut f = l.split_whitespace();
             let parent = f.next()?.parse().ok()?;
             let at: crate::pg::Lsn = f.next()?.parse().ok()?;
             Some((parent, at.0))
         })
-        .last()
 }
 
 /// `walsafe wal-verify [--json]`.

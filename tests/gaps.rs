@@ -53,8 +53,17 @@ fn lost_wal_is_recorded_as_a_gap_and_archiving_goes_on() {
     pg.psql("INSERT INTO t VALUES ('after the gap')");
     let end = current_lsn(&pg);
     agent.wait_archived(end, Duration::from_secs(60));
-    assert_eq!(agent.gauge("walsafe_archive_gaps"), 1.0, "log:\n{}", agent.log());
-    assert!(agent.log().contains("GAP: WAL from"), "log:\n{}", agent.log());
+    assert_eq!(
+        agent.gauge("walsafe_archive_gaps"),
+        1.0,
+        "log:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("GAP: WAL from"),
+        "log:\n{}",
+        agent.log()
+    );
 
     // Recorded in the spool and in the repository.
     let spool_gaps = std::fs::read_to_string(settings.spool.join("walsafe.gaps")).unwrap();
@@ -78,12 +87,19 @@ fn lost_wal_is_recorded_as_a_gap_and_archiving_goes_on() {
     let name = format!("00000001{:08X}{:08X}", inside / 256, inside % 256);
     let dest = dir.join("out");
     let f = walsafe(&config, &["wal-fetch", &name, dest.to_str().unwrap()]);
-    assert_eq!(f.status.code(), Some(126), "{}", String::from_utf8_lossy(&f.stderr));
+    assert_eq!(
+        f.status.code(),
+        Some(126),
+        "{}",
+        String::from_utf8_lossy(&f.stderr)
+    );
     assert!(String::from_utf8_lossy(&f.stderr).contains("recorded gap"));
 
     // The slot works again and holds WAL for walsafe.
     assert_eq!(
-        pg.psql("SELECT wal_status <> 'lost' FROM pg_replication_slots WHERE slot_name = 'walsafe'"),
+        pg.psql(
+            "SELECT wal_status <> 'lost' FROM pg_replication_slots WHERE slot_name = 'walsafe'"
+        ),
         "t"
     );
 }
