@@ -1,0 +1,157 @@
+//! walsafe as a systemd service: the sd_notify protocol (READY once
+//! streaming, STATUS lines, watchdog pings), SIGHUP reopening the log file,
+//! SIGTERM exiting 0, and the unit file itself.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pg::{PgCluster, PgOptions, TestDir};
+use common::walsafe::{bin_copy, Settings};
+
+#[test]
+fn notify_protocol_log_reopen_and_clean_stop() {
+    let pg = PgCluster::start(&PgOptions {
+        name: "svc".into(),
+        ..Default::default()
+    });
+    let dir = TestDir::new("svc");
+    let settings = Settings::new(dir.path(), &pg.conninfo());
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    common::pg::chown_postgres(&sock_path);
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let log = dir.join("walsafe.log");
+
+    let mut cmd = Command::new(bin_copy(dir.path()));
+    common::pg::as_postgres(&mut cmd);
+    let mut child = cmd
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-file")
+        .arg(&log)
+        .arg("run")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::<String>::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < until {
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        let all = seen.join("\n");
+        if all.contains("READY=1") && all.contains("WATCHDOG=1") && all.contains("STATUS=streaming")
+        {
+            break;
+        }
+    }
+    let all = seen.join("\n");
+    assert!(all.contains("READY=1"), "no READY: {all}");
+    assert!(
+        all.contains("STATUS=streaming timeline 1"),
+        "no STATUS: {all}"
+    );
+    assert!(all.contains("WATCHDOG=1"), "no watchdog ping: {all}");
+    assert!(
+        all.find("READY=1") < all.find("WATCHDOG=1").map(|i| i + 1),
+        "READY before the first ping"
+    );
+
+    // SIGHUP reopens the log file after logrotate moved it.
+    assert!(std::fs::read_to_string(&log).unwrap().contains("connected"));
+    std::fs::rename(&log, dir.join("walsafe.log.1")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(common::walsafe::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("log file reopened"))
+    }));
+
+    // SIGTERM: orderly stop, exit 0, STOPPING=1 announced.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    while let Ok(n) = sock.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(status.success(), "exit status {status}");
+    assert!(seen.join("\n").contains("STOPPING=1"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("SIGTERM") && text.contains("stopped"),
+        "{text}"
+    );
+}
+
+#[test]
+fn unit_file_is_a_hardened_notify_service() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/walsafe.service"
+    ))
+    .unwrap();
+    let has = |l: &str| unit.lines().any(|x| x.trim() == l);
+    for line in [
+        "Type=notify",
+        "Restart=always",
+        "User=postgres",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=true",
+        "PrivateTmp=true",
+        "ProtectHome=true",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "ReadWritePaths=/var/lib/walsafe",
+    ] {
+        assert!(has(line), "{line} missing from the unit");
+    }
+    assert!(unit.lines().any(|l| l.starts_with("WatchdogSec=")));
+    // When systemd's own checker is on this machine, it must accept the unit
+    // (with ExecStart pointing at the binary under test).
+    if let Ok(out) = Command::new("systemd-analyze").arg("--version").output() {
+        if out.status.success() {
+            let dir = TestDir::new("unit");
+            let path = dir.join("walsafe.service");
+            std::fs::write(
+                &path,
+                unit.replace(
+                    "/usr/local/bin/walsafe",
+                    common::walsafe::bin().to_str().unwrap(),
+                ),
+            )
+            .unwrap();
+            let v = Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&path)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&v.stderr);
+            assert!(v.status.success(), "systemd-analyze verify: {err}");
+        }
+    }
+}
