@@ -767,3 +767,35 @@ impl Drop for PgCluster {
         }
     }
 }
+
+/// Writes a server certificate and key (and, for client-certificate
+/// authentication, the CA that signs client certificates) into `dir` for
+/// `ssl = on`: owned by postgres when root, the key mode 0600 as
+/// PostgreSQL demands. Returns the postgresql.conf lines that use them
+/// (pass them to [`PgOptions::conf`]).
+pub fn server_tls_conf(
+    dir: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: Option<&str>,
+) -> Vec<String> {
+    let write = |name: &str, text: &str, mode: u32| {
+        let path = dir.join(name);
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        chown_postgres(&path);
+        path
+    };
+    let cert = write("server.crt", cert_pem, 0o644);
+    let key = write("server.key", key_pem, 0o600);
+    let mut lines = vec![
+        "ssl = on".to_string(),
+        format!("ssl_cert_file = '{}'", cert.display()),
+        format!("ssl_key_file = '{}'", key.display()),
+    ];
+    if let Some(ca) = client_ca_pem {
+        let ca = write("client-ca.crt", ca, 0o644);
+        lines.push(format!("ssl_ca_file = '{}'", ca.display()));
+    }
+    lines
+}
