@@ -7,6 +7,8 @@
 //! | ------------ | ---------- |
 //! | `wal-fetch`  | 0 restored, 1 not in the archive, 126 anything else (PostgreSQL then aborts recovery rather than promote early) |
 //! | `wal-verify` | 0 no gap, 1 gaps, 2 error |
+//! | `status`     | 0 status read (whatever it says), 1 it could not be read (e.g. repository unreachable) |
+//! | `check`      | 0 nothing FAILED, 1 at least one item FAILED |
 //! | others       | 0 success, 1 failure |
 
 use std::path::PathBuf;
@@ -75,6 +77,18 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// One screen: repository, archived range per timeline, last archived WAL and its age, spool backlog, the agent's live positions and lag.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Preflight of PostgreSQL, slot, repository, key and spool: every item OK, WARNING or FAILED with its fix; exit 0 only if nothing FAILED.
+    Check {
+        /// Also run pg_switch_wal() and wait (up to 60 s) until the closed segment is in the repository (needs a running agent or archive_command).
+        #[arg(long)]
+        switch_wal: bool,
     },
     /// Quick start: archive a throwaway cluster, then restore it to a point in time.
     Demo {
@@ -188,6 +202,8 @@ pub fn main() -> ExitCode {
                     runtime(|| async move { report(crate::push::wal_push(&cfg, &path).await) })
                 }
                 Command::WalVerify { json } => runtime(|| crate::verify::command(cfg, json)),
+                Command::Status { json } => runtime(|| crate::status::command(cfg, json)),
+                Command::Check { switch_wal } => runtime(|| crate::check::command(cfg, switch_wal)),
                 Command::WalPrefetch { name } => {
                     runtime(|| async move { report(crate::fetch::prefetch(&cfg, &name).await) })
                 }
