@@ -632,9 +632,16 @@ pub fn render(s: &Status) -> String {
         line(
             "",
             format!(
-                "lag {} ({} bytes), {:.1} s",
-                human_bytes(p.archive_lag_bytes),
-                p.archive_lag_bytes,
+                "lag {}, {:.1} s",
+                if p.archive_lag_bytes < 1024 {
+                    human_bytes(p.archive_lag_bytes)
+                } else {
+                    format!(
+                        "{} ({} bytes)",
+                        human_bytes(p.archive_lag_bytes),
+                        p.archive_lag_bytes
+                    )
+                },
                 p.archive_lag_seconds
             ),
         );
