@@ -184,10 +184,7 @@ impl TlsError {
 /// Whether an I/O error may go away on its own: not when it carries a TLS
 /// failure (a bad certificate, an alert), which repeats on every attempt.
 pub fn io_error_is_transient(e: &io::Error) -> bool {
-    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-        return false;
-    }
-    !matches!(e.kind(), io::ErrorKind::InvalidData)
+    !e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
 }
 
 /// The TLS alert inside an I/O error, if the server sent one.
