@@ -222,10 +222,13 @@ impl Listing {
     }
 }
 
+/// Chunk objects: (segment number, start, end) → object size.
+type Chunks = BTreeMap<(u64, u64, u64), u64>;
+
 /// Records every chunk object that appears in the repository, with its
 /// size, until dropped.
 struct ChunkWatcher {
-    seen: Arc<Mutex<BTreeMap<(u64, u64, u64), u64>>>,
+    seen: Arc<Mutex<Chunks>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -249,7 +252,7 @@ impl ChunkWatcher {
         }
     }
 
-    fn seen(&self) -> BTreeMap<(u64, u64, u64), u64> {
+    fn seen(&self) -> Chunks {
         self.seen.lock().unwrap().clone()
     }
 }
@@ -263,9 +266,18 @@ impl Drop for ChunkWatcher {
     }
 }
 
-/// Sum of the sizes of the regular files directly in `dir`, split into
-/// (the state file, everything else).
-fn spool_files(dir: &Path) -> (u64, u64, Vec<(String, u64)>) {
+/// The regular files directly in a spool directory.
+#[derive(Debug)]
+struct SpoolFiles {
+    /// Size of the state file (0 when absent).
+    state: u64,
+    /// Sum of the sizes of every other file.
+    others: u64,
+    /// Every file and its size.
+    list: Vec<(String, u64)>,
+}
+
+fn spool_files(dir: &Path) -> SpoolFiles {
     let mut state = 0;
     let mut others = 0;
     let mut list = Vec::new();
@@ -282,7 +294,11 @@ fn spool_files(dir: &Path) -> (u64, u64, Vec<(String, u64)>) {
         }
         list.push((name, m.len()));
     }
-    (state, others, list)
+    SpoolFiles {
+        state,
+        others,
+        list,
+    }
 }
 
 /// Writes about `mb` MiB of WAL.
@@ -329,10 +345,10 @@ fn idle_snapshot(
     spool: &Path,
     segsize: u64,
     timeout: Duration,
-) -> (Scrape, Listing, (u64, u64, Vec<(String, u64)>)) {
+) -> (Scrape, Listing, SpoolFiles) {
     let deadline = Instant::now() + timeout;
     loop {
-        let state_before = spool_files(spool).0;
+        let state_before = spool_files(spool).state;
         let a = Scrape::take(agent.metrics_port);
         let listing = list_repo(repo, segsize);
         let files = spool_files(spool);
@@ -352,8 +368,8 @@ fn idle_snapshot(
                     .0
                     .iter()
                     .filter(|(k, _)| k.starts_with("walsafe_uploads_total")))
-            && spool_files(spool).0 == files.0
-            && state_before == files.0
+            && spool_files(spool).state == files.state
+            && state_before == files.state
             && server == received;
         if still {
             return (b, listing, files);
@@ -370,12 +386,7 @@ fn idle_snapshot(
 }
 
 /// Every relation of the module doc, on one idle snapshot.
-fn assert_idle_consistency(
-    s: &Scrape,
-    listing: &Listing,
-    spool: &(u64, u64, Vec<(String, u64)>),
-    segsize: u64,
-) {
+fn assert_idle_consistency(s: &Scrape, listing: &Listing, spool: &SpoolFiles, segsize: u64) {
     let (server, received, flushed, archived) = s.positions();
     let ctx = format!(
         "server {server:#X} received {received:#X} flushed {flushed:#X} archived {archived:#X}"
@@ -404,13 +415,13 @@ fn assert_idle_consistency(
         archived, repo_end,
         "walsafe_archived_lsn_bytes is {archived:#X}, but the repository holds WAL contiguously up to {repo_end:#X}: {ctx}\n{listing:?}"
     );
-    let (state, others, files) = spool;
     let gauge = s.get("walsafe_spool_bytes") as u64;
     assert_eq!(
         gauge,
-        others + state,
-        "walsafe_spool_bytes {gauge} != the spool's files {files:?} (sum {})",
-        others + state
+        spool.others + spool.state,
+        "walsafe_spool_bytes {gauge} != the spool's files {:?} (sum {})",
+        spool.list,
+        spool.others + spool.state
     );
 }
 
