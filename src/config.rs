@@ -266,7 +266,7 @@ impl Config {
         let conninfo = pg.as_ref().and_then(|p| p.conninfo.clone());
         let conninfo = match conninfo {
             Some(c) => {
-                if let Err(e) = c.parse::<tokio_postgres::Config>() {
+                if let Err(e) = crate::pg::conninfo::ConnParams::parse(&c) {
                     problems.push(format!(
                         "[postgres] conninfo is not a valid connection string ({e}); use libpq form, e.g. \"host=/var/run/postgresql user=walsafe\""
                     ));
@@ -491,6 +491,18 @@ partial_interval = "soon"
         ] {
             assert!(e.contains(needle), "{needle:?} not in {e}");
         }
+    }
+
+    #[test]
+    fn tls_conninfo_keys_are_accepted() {
+        let text = GOOD.replace(
+            "host=/tmp user=walsafe",
+            "host=db.example sslmode=verify-full sslrootcert=/etc/walsafe/ca.crt sslcert=/etc/walsafe/c.crt sslkey=/etc/walsafe/c.key",
+        );
+        Config::parse(&text, Path::new("w.toml")).unwrap();
+        let bad = GOOD.replace("host=/tmp user=walsafe", "host=x sslmode=sometimes");
+        let e = Config::parse(&bad, Path::new("w.toml")).unwrap_err().to_string();
+        assert!(e.contains("conninfo"), "{e}");
     }
 
     #[test]

@@ -327,14 +327,9 @@ async fn password_file_and_environment() {
         c.identify_system().await.unwrap().systemid,
         pg.system_identifier()
     );
-    // An sslmode that needs TLS is refused up front.
-    let e = connect_err("sslmode=require").await;
-    assert!(
-        e.to_string()
-            .contains("sslmode=require is not supported yet by walsafe"),
-        "{e}"
-    );
-    assert!(!e.is_retryable());
+    // Like libpq, sslmode is ignored over a Unix socket: no TLS, no error.
+    let c = connect("sslmode=require").await;
+    assert!(!c.is_encrypted());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
