@@ -132,6 +132,9 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone(), log_file);
     let positions = Positions::default();
+    if let Some(previous) = crate::state::read(&cfg.spool.dir) {
+        positions.seed_last_archived_ms(previous.last_archived_ms);
+    }
     let refresher =
         crate::service::spawn_monitor(positions.clone(), cfg.spool.dir.clone(), cancel.clone());
 
@@ -145,7 +148,7 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
 
     let result = stream_until_stopped(&cfg, &repo, &positions, &mut pipeline, &cancel).await;
     if let Err(e) = &result {
-        error!("{e:#}");
+        error!("{}", crate::cli::error_line(e));
     }
     cancel.cancel();
     if let Some(p) = pipeline {
@@ -216,7 +219,10 @@ async fn stream_until_stopped(
     // Histories of every timeline up to the current one (recovery probes them in order).
     for t in 2..=timeline.0 {
         if let Err(e) = receiver.fetch_history(&mut conn, TimelineId(t)).await {
-            warn!("could not fetch the history file of timeline {t}: {e:#}");
+            warn!(
+                "could not fetch the history file of timeline {t}: {}",
+                crate::cli::error_line(&e)
+            );
         }
     }
 
@@ -241,7 +247,7 @@ async fn stream_until_stopped(
                 }
                 Err(e) if is_retryable(&e) => {
                     positions.receive_heartbeat();
-                    warn!("cannot reconnect yet: {e:#}");
+                    warn!("cannot reconnect yet: {}", crate::cli::error_line(&e));
                     if sleep_or_cancel(cancel, &mut backoff).await {
                         break Ok(());
                     }
@@ -255,9 +261,12 @@ async fn stream_until_stopped(
             Ok(StreamEnd::ServerStopped) => {
                 warn!("the server ended streaming (shutting down?); reconnecting");
             }
-            Err(e) if is_retryable(&e) => warn!("replication interrupted: {e:#}; reconnecting"),
+            Err(e) if is_retryable(&e) => warn!(
+                "replication interrupted: {}; reconnecting",
+                crate::cli::error_line(&e)
+            ),
             Err(e) if wal_lost(&e) => {
-                error!("{e:#}");
+                error!("{}", crate::cli::error_line(&e));
                 match skip_lost_wal(cfg, repo, &receiver, positions, server.segment_size).await {
                     Ok((t, l)) => {
                         tli = t;
@@ -400,7 +409,7 @@ async fn connect_until_ready(
         match connect(cfg).await {
             Ok(r) => return Ok(Some(r)),
             Err(e) if is_retryable(&e) && tokio::time::Instant::now() + backoff < give_up => {
-                warn!("cannot connect yet: {e:#}");
+                warn!("cannot connect yet: {}", crate::cli::error_line(&e));
                 if sleep_or_cancel(cancel, &mut backoff).await {
                     return Ok(None);
                 }

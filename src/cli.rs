@@ -229,11 +229,28 @@ where
     rt.block_on(f())
 }
 
+/// An error and its causes on one line, each cause once: error types that
+/// already print their source in their own message are not repeated.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("walsafe: {e:#}");
+            eprintln!("walsafe: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -243,6 +260,19 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn error_line_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped: {0}")]
+        struct Wrapping(#[source] std::io::Error);
+        let io = std::io::Error::other("key id a, configured b");
+        let e = anyhow::Error::new(Wrapping(io)).context("fetching X");
+        assert_eq!(
+            error_line(&e),
+            "fetching X: wrapped: key id a, configured b"
+        );
+    }
 
     #[test]
     fn cli_is_well_formed() {

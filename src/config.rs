@@ -501,7 +501,9 @@ partial_interval = "soon"
         );
         Config::parse(&text, Path::new("w.toml")).unwrap();
         let bad = GOOD.replace("host=/tmp user=walsafe", "host=x sslmode=sometimes");
-        let e = Config::parse(&bad, Path::new("w.toml")).unwrap_err().to_string();
+        let e = Config::parse(&bad, Path::new("w.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("conninfo"), "{e}");
     }
 

@@ -73,7 +73,10 @@ pub async fn wal_fetch_command(cfg: Config, name: String, dest: PathBuf) -> Exit
             ExitCode::from(EXIT_NOT_FOUND)
         }
         Err(e) => {
-            eprintln!("walsafe wal-fetch: FATAL: {name}: {e:#}; recovery must stop here: fix the cause and start the server again");
+            eprintln!(
+                "walsafe wal-fetch: FATAL: {name}: {}; recovery must stop here: fix the cause and start the server again",
+                crate::cli::error_line(&e)
+            );
             ExitCode::from(EXIT_FATAL)
         }
     }
@@ -204,7 +207,7 @@ async fn from_prefetch(cfg: &Config, repo: &Repository, name: &str) -> Option<Ve
     match repo.decode_wal(name, raw.into()).await {
         Ok(data) => Some(data),
         Err(e) => {
-            warn!("discarding prefetched {name}: {e:#}; fetching it from the repository");
+            warn!("discarding prefetched {name}: {e}; fetching it from the repository");
             None
         }
     }

@@ -79,6 +79,18 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
             )
         })?;
     describe();
+    // Counters exist from the start at 0, so that rate() and increase()
+    // see their first event.
+    for kind in [Kind::Segment, Kind::Chunk, Kind::History, Kind::Partial] {
+        for result in ["ok", "error"] {
+            counter!(UPLOADS_TOTAL, "kind" => kind.label(), "result" => result).absolute(0);
+        }
+    }
+    for c in [RECONNECTS_TOTAL, UPLOAD_CONFLICTS_TOTAL, UPLOAD_BYTES_TOTAL] {
+        counter!(c).absolute(0);
+    }
+    gauge!(ARCHIVE_GAPS).set(0.0);
+    gauge!(REPLICATION_CONNECTED).set(0.0);
     Ok(())
 }
 
@@ -155,11 +167,16 @@ pub fn describe() {
 
 /// Copies the shared positions into their gauges.
 pub fn refresh_positions(p: &Positions) {
-    let server = p.server();
+    // Read downstream first: each position only ever trails the one
+    // before it, so one snapshot always shows archived ≤ flushed ≤
+    // received ≤ server.
     let archived = p.archived();
+    let flushed = p.flushed();
+    let received = p.received();
+    let server = p.server().max(received);
     gauge!(SERVER_LSN_BYTES).set(server.0 as f64);
-    gauge!(RECEIVED_LSN_BYTES).set(p.received().0 as f64);
-    gauge!(FLUSHED_LSN_BYTES).set(p.flushed().0 as f64);
+    gauge!(RECEIVED_LSN_BYTES).set(received.0 as f64);
+    gauge!(FLUSHED_LSN_BYTES).set(flushed.0 as f64);
     gauge!(ARCHIVED_LSN_BYTES).set(archived.0 as f64);
     gauge!(ARCHIVE_LAG_BYTES).set(server.bytes_after(archived) as f64);
     let oldest = p.oldest_unarchived_ms();

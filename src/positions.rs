@@ -115,6 +115,11 @@ impl Positions {
         self.0.last_archived_ms.load(Ordering::Acquire)
     }
 
+    /// Seeds the last-archived time (from the previous run's state file).
+    pub fn seed_last_archived_ms(&self, ms: u64) {
+        self.0.last_archived_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
     /// Records that `archived` advanced now.
     pub fn touch_archived(&self) {
         self.0.last_archived_ms.store(now_ms(), Ordering::Release);

@@ -664,7 +664,7 @@ pub async fn command(cfg: Config, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("walsafe status: {e:#}");
+            eprintln!("walsafe status: {}", crate::cli::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -49,6 +49,8 @@ use crate::spool::{Recovered, Spool};
 
 /// Wait before re-queueing an upload whose retries were exhausted.
 pub const REQUEUE_DELAY: Duration = Duration::from_secs(5);
+/// First wait after a failed chunk upload (the store already retried).
+pub const CHUNK_RETRY_MIN: Duration = Duration::from_millis(500);
 /// How long shutdown waits for in-flight uploads.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -98,6 +100,10 @@ pub struct Uploader {
     durable_times: VecDeque<(Lsn, u64)>,
     archived_tx: watch::Sender<Lsn>,
     last_chunk: Instant,
+    /// After a failed chunk upload: no new chunk before this instant.
+    chunk_not_before: Instant,
+    /// Wait after the next chunk failure (doubles up to [`REQUEUE_DELAY`]).
+    chunk_backoff: Duration,
 }
 
 impl Uploader {
@@ -158,6 +164,8 @@ impl Uploader {
             durable_times: VecDeque::new(),
             archived_tx,
             last_chunk: Instant::now(),
+            chunk_not_before: Instant::now(),
+            chunk_backoff: CHUNK_RETRY_MIN,
         };
         (u, archived_rx)
     }
@@ -331,6 +339,7 @@ impl Uploader {
                 self.jobs.remove(&job);
                 match job {
                     Job::Chunk { seg, end, .. } => {
+                        self.chunk_backoff = CHUNK_RETRY_MIN;
                         let stored = self.chunked.entry(seg).or_insert(0);
                         *stored = (*stored).max(end);
                         if let Some(f) = &mut self.filling {
@@ -352,14 +361,21 @@ impl Uploader {
                     .downcast_ref::<RepositoryError>()
                     .is_some_and(|r| matches!(r, RepositoryError::Conflict { .. }));
                 if conflict {
-                    error!("{e:#}; the local copy is kept in the spool and this object will not be retried until restart");
+                    error!("{}; the local copy is kept in the spool and this object will not be retried until restart", crate::cli::error_line(&e));
                     crate::metrics::conflict();
                     self.jobs.insert(job, State::Conflict);
                 } else {
-                    warn!("upload of {job:?} failed, will retry: {e:#}");
+                    warn!(
+                        "upload of {job:?} failed, will retry: {}",
+                        crate::cli::error_line(&e)
+                    );
                     self.jobs.insert(job, State::Waiting);
                 }
                 if let Job::Chunk { seg, .. } = job {
+                    // The next chunk (from the same offset, with whatever is
+                    // new) waits, with capped exponential backoff.
+                    self.chunk_not_before = Instant::now() + self.chunk_backoff;
+                    self.chunk_backoff = (self.chunk_backoff * 2).min(REQUEUE_DELAY);
                     self.jobs.remove(&job);
                     if let Some(f) = &mut self.filling {
                         if f.seg == seg {
@@ -378,7 +394,8 @@ impl Uploader {
         tokio::spawn(async move {
             if let Err(e) = repo.delete_chunks(&name).await {
                 warn!(
-                    "could not delete the chunks of {name} (they are removed at next start): {e:#}"
+                    "could not delete the chunks of {name} (they are removed at next start): {}",
+                    e
                 );
             }
         });
@@ -400,7 +417,10 @@ impl Uploader {
             }
             .await;
             if let Err(e) = r {
-                warn!("start-up cleanup of superseded chunks failed: {e:#}");
+                warn!(
+                    "start-up cleanup of superseded chunks failed: {}",
+                    crate::cli::error_line(&e)
+                );
             }
         });
     }

@@ -278,7 +278,7 @@ pub async fn command(cfg: Config, json: bool) -> ExitCode {
     .await;
     match result {
         Err(e) => {
-            eprintln!("walsafe wal-verify: {e:#}");
+            eprintln!("walsafe wal-verify: {}", crate::cli::error_line(&e));
             ExitCode::from(2)
         }
         Ok(report) => {
