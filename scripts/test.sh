@@ -8,10 +8,16 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
+APT=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null 2>&1; then
-    echo "==> installing PostgreSQL from the distribution"
+    APT+=(postgresql)
+fi
+# promtool checks the alert rules in contrib/ (tests/contrib.rs).
+command -v promtool >/dev/null 2>&1 || APT+=(prometheus)
+if [ ${#APT[@]} -gt 0 ]; then
+    echo "==> installing ${APT[*]} from the distribution"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${APT[@]}" >/dev/null
 fi
 if ! python3 -c "import moto.server, flask" >/dev/null 2>&1; then
     echo "==> installing moto[server] (S3 server for the tests)"
