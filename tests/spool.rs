@@ -96,9 +96,11 @@ fn fixture() -> &'static Fixture {
             .trim()
             .to_string();
         standby.psql("CREATE TABLE after_promotion AS SELECT 1 AS x");
-        standby.psql("CHECKPOINT");
-        standby.stop_fast();
+        // Complete the segment and read it at once: a checkpoint (even the
+        // shutdown one) may recycle it once it is no longer current.
+        standby.psql("SELECT pg_switch_wal()");
         let tl2_bytes = std::fs::read(standby.wal_file(&name)).unwrap();
+        standby.stop_fast();
         let tl2_name = SegmentName::parse(&name, SEG).unwrap();
         assert_eq!(tl2_name.timeline, TimelineId(2), "{name}");
         Fixture {
