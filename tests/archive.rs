@@ -4,34 +4,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::pg::{start_restore, PgCluster, PgOptions, RecoveryOutcome, TestDir};
-use common::walsafe::{restore_command, walsafe, Agent, Settings};
-
-/// Parses `pg_current_wal_lsn()` output into bytes.
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.trim().split_once('/').expect("an LSN");
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-fn current_lsn(pg: &PgCluster) -> u64 {
-    lsn(&pg.psql("SELECT pg_current_wal_lsn()"))
-}
-
-/// Writes about `mb` MiB of WAL.
-fn write_wal(pg: &PgCluster, mb: u32) {
-    pg.psql("CREATE TABLE IF NOT EXISTS filler (id bigserial, pad text)");
-    for _ in 0..mb {
-        pg.psql("INSERT INTO filler (pad) SELECT repeat(md5(g::text), 30) FROM generate_series(1, 1000) g");
-    }
-}
-
-/// A 16 MiB segment's file name.
-fn segment_name(tli: u32, segno: u64) -> String {
-    format!("{tli:08X}{:08X}{:08X}", segno / 256, segno % 256)
-}
+use common::pg::{start_restore, PgOptions, RecoveryOutcome};
+use common::setup::{current_lsn, segment_name, setup, write_wal};
+use common::walsafe::{restore_command, walsafe, Agent};
 
 /// Complete segment names (no `.partial`) in a pg_receivewal directory.
 fn complete_segments(dir: &Path) -> Vec<String> {
@@ -57,29 +35,6 @@ fn fetch(config: &Path, name: &str, dir: &Path) -> Vec<u8> {
     let data = std::fs::read(&dest).unwrap();
     std::fs::remove_file(&dest).unwrap();
     data
-}
-
-struct Setup {
-    dir: TestDir,
-    pg: PgCluster,
-    settings: Settings,
-    config: PathBuf,
-}
-
-fn setup(name: &str, opts: PgOptions) -> Setup {
-    let pg = PgCluster::start(&PgOptions {
-        name: name.into(),
-        ..opts
-    });
-    let dir = TestDir::new(name);
-    let settings = Settings::new(dir.path(), &pg.conninfo());
-    let config = settings.write(&dir.join("walsafe.toml"));
-    Setup {
-        dir,
-        pg,
-        settings,
-        config,
-    }
 }
 
 #[test]

@@ -6,37 +6,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use common::pg::{chown_postgres, PgCluster, PgOptions, TestDir};
+use common::pg::{chown_postgres, PgCluster, PgOptions};
+use common::setup::{parse_lsn, setup, Setup};
 use common::walsafe::{wait_until, walsafe, Agent, Settings};
 use walsafe::config::Compression;
 use walsafe::repository::{ClusterIdentity, Key, Repository, Store};
-
-struct Setup {
-    dir: TestDir,
-    pg: PgCluster,
-    settings: Settings,
-    config: PathBuf,
-}
-
-fn setup(name: &str, opts: PgOptions) -> Setup {
-    let pg = PgCluster::start(&PgOptions {
-        name: name.into(),
-        ..opts
-    });
-    let dir = TestDir::new(name);
-    let settings = Settings::new(dir.path(), &pg.conninfo());
-    let config = settings.write(&dir.join("walsafe.toml"));
-    Setup {
-        dir,
-        pg,
-        settings,
-        config,
-    }
-}
 
 impl Setup {
     /// Rewrites the config after changing the settings.
@@ -110,11 +88,6 @@ fn check_fails_with(config: &Path, failed: &str, fix: &str) -> String {
     so
 }
 
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.trim().split_once('/').expect("an LSN");
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
 fn write_wal(pg: &PgCluster) {
     pg.psql("CREATE TABLE IF NOT EXISTS filler (id bigserial, pad text)");
     pg.psql(
@@ -129,7 +102,7 @@ fn status_shows_the_live_agent_then_says_it_is_gone() {
     write_wal(&s.pg);
     s.pg.psql("SELECT pg_switch_wal()");
     write_wal(&s.pg);
-    let end = lsn(&s.pg.psql("SELECT pg_current_wal_lsn()"));
+    let end = parse_lsn(&s.pg.psql("SELECT pg_current_wal_lsn()"));
     agent.wait_archived(end, Duration::from_secs(60));
     // The state file is rewritten every second.
     assert!(wait_until(Duration::from_secs(5), || {
@@ -189,8 +162,8 @@ fn status_shows_the_live_agent_then_says_it_is_gone() {
     assert_eq!(j["agent"]["running"], true, "{j}");
     assert_eq!(j["agent"]["pid"], pid, "{j}");
     assert_eq!(j["agent"]["positions"]["connected"], true, "{j}");
-    let archived = lsn(j["agent"]["positions"]["archived_lsn"].as_str().unwrap());
-    let flushed = lsn(j["agent"]["positions"]["flushed_lsn"].as_str().unwrap());
+    let archived = parse_lsn(j["agent"]["positions"]["archived_lsn"].as_str().unwrap());
+    let flushed = parse_lsn(j["agent"]["positions"]["flushed_lsn"].as_str().unwrap());
     assert!(archived >= end && flushed >= archived, "{j}");
     assert!(
         j["last_archived"]["age_seconds"].as_f64().unwrap() < 60.0,

@@ -8,13 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::pg::{PgCluster, PgOptions, TestDir};
+use common::setup::current_lsn;
 use common::walsafe::{walsafe, Agent, Settings};
-
-fn current_lsn(pg: &PgCluster) -> u64 {
-    let t = pg.psql("SELECT pg_current_wal_lsn()");
-    let (hi, lo) = t.split_once('/').unwrap();
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
 
 #[test]
 fn lost_wal_is_recorded_as_a_gap_and_archiving_goes_on() {

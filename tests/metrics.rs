@@ -35,8 +35,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::pg::{PgCluster, PgOptions, TestDir};
-use common::walsafe::{wait_until, Agent, Settings};
+use common::pg::{PgCluster, PgOptions};
+use common::setup::setup;
+use common::walsafe::{wait_until, Agent};
 
 fn lsn(text: &str) -> u64 {
     let (hi, lo) = text.trim().split_once('/').expect("an LSN");
@@ -311,29 +312,6 @@ fn write_wal(pg: &PgCluster, mb: u32) {
     }
 }
 
-struct Setup {
-    pg: PgCluster,
-    dir: TestDir,
-    settings: Settings,
-    config: PathBuf,
-}
-
-fn setup(name: &str) -> Setup {
-    let pg = PgCluster::start(&PgOptions {
-        name: name.into(),
-        ..Default::default()
-    });
-    let dir = TestDir::new(name);
-    let settings = Settings::new(dir.path(), &pg.conninfo());
-    let config = settings.write(&dir.join("walsafe.toml"));
-    Setup {
-        pg,
-        dir,
-        settings,
-        config,
-    }
-}
-
 /// A scrape taken while nothing moves: two scrapes 1.2 s apart around a
 /// repository listing and a spool listing agree on every position and
 /// counter, the state file keeps its size, and the agent is
@@ -427,7 +405,7 @@ fn assert_idle_consistency(s: &Scrape, listing: &Listing, spool: &SpoolFiles, se
 
 #[test]
 fn metrics_agree_with_each_other_and_with_the_repository() {
-    let s = setup("metrics");
+    let s = setup("metrics", PgOptions::default());
     let segsize = s.pg.segment_size();
     let repo = s.dir.join("repo");
     let spool = s.settings.spool.clone();
@@ -599,7 +577,7 @@ fn metrics_agree_with_each_other_and_with_the_repository() {
 /// consistent metrics.
 #[test]
 fn reconnect_is_counted_and_archiving_resumes() {
-    let s = setup("metrics-reconnect");
+    let s = setup("metrics-reconnect", PgOptions::default());
     let segsize = s.pg.segment_size();
     let repo = s.dir.join("repo");
     let agent = Agent::start(&s.config, s.settings.metrics_port);
@@ -664,7 +642,7 @@ fn every_metric_is_described_and_typed() {
         "metrics without describe_*: {undescribed:?}"
     );
 
-    let s = setup("metrics-help");
+    let s = setup("metrics-help", PgOptions::default());
     let agent = Agent::start(&s.config, s.settings.metrics_port);
     s.pg.psql("CREATE TABLE t (i int)");
     s.pg.psql("SELECT pg_switch_wal()");

@@ -7,13 +7,8 @@ use std::time::Duration;
 
 use common::pg::{start_restore, PgCluster, PgOptions, RecoveryOutcome, TestDir};
 use common::s3::S3Server;
+use common::setup::current_lsn;
 use common::walsafe::{restore_command, walsafe, Agent, Settings};
-
-fn current_lsn(pg: &PgCluster) -> u64 {
-    let t = pg.psql("SELECT pg_current_wal_lsn()");
-    let (hi, lo) = t.split_once('/').unwrap();
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
 
 #[test]
 fn s3_repository_streams_and_restores_to_the_last_commit() {

@@ -7,23 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::pg::{start_restore, PgCluster, PgOptions, RecoveryOutcome, TestDir};
+use common::setup::{current_lsn, keygen, stderr, write_wal};
 use common::walsafe::{restore_command, walsafe, Agent, Settings};
-
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.trim().split_once('/').expect("an LSN");
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-fn current_lsn(pg: &PgCluster) -> u64 {
-    lsn(&pg.psql("SELECT pg_current_wal_lsn()"))
-}
-
-fn write_wal(pg: &PgCluster, mb: u32) {
-    pg.psql("CREATE TABLE IF NOT EXISTS filler (id bigserial, pad text)");
-    for _ in 0..mb {
-        pg.psql("INSERT INTO filler (pad) SELECT repeat(md5(g::text), 30) FROM generate_series(1, 1000) g");
-    }
-}
 
 fn stored_segments(repo: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(repo.join("wal"))
@@ -34,22 +19,6 @@ fn stored_segments(repo: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn keygen(dir: &Path, name: &str) -> std::path::PathBuf {
-    let key = dir.join(name);
-    let out = std::process::Command::new(common::walsafe::bin())
-        .args(["keygen"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "keygen: {}", stderr(&out));
-    common::pg::chown_postgres(&key);
-    key
 }
 
 /// Archives a cluster with an encrypted repository, then returns the

@@ -4,4 +4,5 @@
 
 pub mod pg;
 pub mod s3;
+pub mod setup;
 pub mod walsafe;
