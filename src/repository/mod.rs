@@ -57,6 +57,24 @@ static BULK_LANE: Semaphore = Semaphore::const_new(CPU_PERMITS_PER_LANE);
 /// Chunks of the filling segment.
 static CHUNK_LANE: Semaphore = Semaphore::const_new(CPU_PERMITS_PER_LANE);
 
+/// Runs CPU-heavy `f` on the blocking pool, within the lane of `name`.
+async fn on_cpu_lane<T: Send + 'static>(
+    name: &str,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RepositoryError> {
+    let _permit = lane(name)
+        .acquire()
+        .await
+        .expect("the CPU semaphore is never closed");
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RepositoryError::Internal {
+            what: format!("{what} {name}"),
+            message: e.to_string(),
+        })
+}
+
 /// The lane for an object's logical name (chunk names hold a `/`).
 fn lane(name: &str) -> &'static Semaphore {
     if name.contains('/') {
@@ -290,17 +308,13 @@ impl Repository {
                 limit: envelope::MAX_PLAIN_LEN,
             });
         }
-        let _permit = lane(name)
-            .acquire()
-            .await
-            .expect("the CPU semaphore is never closed");
         let (name_owned, key, c, level) = (
             name.to_string(),
             self.key.clone(),
             self.compression,
             self.level,
         );
-        tokio::task::spawn_blocking(move || {
+        on_cpu_lane(name, "encoding", move || {
             Bytes::from(envelope::encode(
                 &name_owned,
                 &plaintext,
@@ -310,10 +324,6 @@ impl Repository {
             ))
         })
         .await
-        .map_err(|e| RepositoryError::Internal {
-            what: format!("encoding {name}"),
-            message: e.to_string(),
-        })
     }
 
     /// Verifies and decodes on the blocking pool, within the CPU budget.
@@ -322,17 +332,11 @@ impl Repository {
         name: &str,
         object: Bytes,
     ) -> Result<Result<Vec<u8>, EnvelopeError>, RepositoryError> {
-        let _permit = lane(name)
-            .acquire()
-            .await
-            .expect("the CPU semaphore is never closed");
         let (name_owned, key) = (name.to_string(), self.key.clone());
-        tokio::task::spawn_blocking(move || envelope::decode(&name_owned, &object, key.as_deref()))
-            .await
-            .map_err(|e| RepositoryError::Internal {
-                what: format!("decoding {name}"),
-                message: e.to_string(),
-            })
+        on_cpu_lane(name, "decoding", move || {
+            envelope::decode(&name_owned, &object, key.as_deref())
+        })
+        .await
     }
 
     /// Create-only write of `plaintext` as object `key` named `name`.
@@ -354,30 +358,24 @@ impl Repository {
         name: &str,
         path: std::path::PathBuf,
     ) -> Result<Bytes, RepositoryError> {
-        let _permit = lane(name)
-            .acquire()
-            .await
-            .expect("the CPU semaphore is never closed");
         let (name_owned, key, c, level) = (
             name.to_string(),
             self.key.clone(),
             self.compression,
             self.level,
         );
-        let internal = |message: String| RepositoryError::Internal {
-            what: format!("encoding {name}"),
-            message,
-        };
-        tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
+        on_cpu_lane(name, "encoding", move || -> std::io::Result<Bytes> {
             let mut f = std::fs::File::open(&path)?;
             let len = f.metadata()?.len();
             let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut f);
             envelope::encode_from(&name_owned, len, &mut reader, c, level, key.as_deref())
                 .map(Bytes::from)
         })
-        .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| internal(e.to_string()))
+        .await?
+        .map_err(|e| RepositoryError::Internal {
+            what: format!("encoding {name}"),
+            message: e.to_string(),
+        })
     }
 
     /// Create-only write of an encoded object; when the name is taken, the

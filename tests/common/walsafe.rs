@@ -31,14 +31,7 @@ pub fn bin_copy(dir: &Path) -> PathBuf {
     dest
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::pg::free_port;
 
 /// What goes into a test's walsafe.toml.
 #[derive(Clone, Debug)]
