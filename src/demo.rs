@@ -237,7 +237,25 @@ pub async fn run(dir: &Path, keep: bool, duration: Duration) -> anyhow::Result<(
     }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the demo directory {}", dir.display()))?;
-    let dir = dir.canonicalize()?;
+    let mut dir = dir.canonicalize()?;
+    env.chown(&dir)?;
+    if let Some(u) = &env.as_user {
+        // PostgreSQL runs as `postgres`, which cannot reach a directory
+        // under a private parent (e.g. /root): use one under /tmp instead.
+        if !env.cmd("test").arg("-w").arg(&dir).status()?.success() {
+            let _ = std::fs::remove_dir(&dir);
+            let fallback =
+                std::env::temp_dir().join(format!("walsafe-demo-{}", std::process::id()));
+            println!(
+                "note: the `{u}` user cannot write to {} (a parent directory is private); using {} instead",
+                dir.display(),
+                fallback.display()
+            );
+            std::fs::create_dir_all(&fallback)?;
+            env.chown(&fallback)?;
+            dir = fallback;
+        }
+    }
     let result = demo(&env, &dir, duration).await;
     if keep || result.is_err() {
         println!("\nthe demo's files are kept in {}", dir.display());
@@ -249,13 +267,6 @@ pub async fn run(dir: &Path, keep: bool, duration: Duration) -> anyhow::Result<(
 
 async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     let step = |s: &str| println!("\n==> {s}");
-    env.chown(dir)?;
-    if let Some(u) = &env.as_user {
-        let ok = env.cmd("test").arg("-w").arg(dir).status()?;
-        if !ok.success() {
-            bail!("the `{u}` user cannot write to {} (a parent directory is private?); pass --dir under /tmp", dir.display());
-        }
-    }
     // A copy of this binary that the postgres user can execute (restore_command).
     let bin = dir.join("walsafe");
     std::fs::copy(std::env::current_exe()?, &bin).context("cannot copy the walsafe binary")?;
