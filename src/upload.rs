@@ -51,6 +51,9 @@ use crate::spool::{Recovered, Spool};
 pub const REQUEUE_DELAY: Duration = Duration::from_secs(5);
 /// First wait after a failed chunk upload (the store already retried).
 pub const CHUNK_RETRY_MIN: Duration = Duration::from_millis(500);
+/// Failed uploads in a row (each already retried by the store) after
+/// which the failure is logged as an error, once, instead of a warning.
+pub const ESCALATE_AFTER_FAILURES: u32 = 5;
 /// How long shutdown waits for in-flight uploads.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -104,6 +107,8 @@ pub struct Uploader {
     chunk_not_before: Instant,
     /// Wait after the next chunk failure (doubles up to [`REQUEUE_DELAY`]).
     chunk_backoff: Duration,
+    /// Uploads failed in a row, and since when (for escalation).
+    failing: Option<(u32, Instant)>,
 }
 
 impl Uploader {
@@ -166,6 +171,7 @@ impl Uploader {
             last_chunk: Instant::now(),
             chunk_not_before: Instant::now(),
             chunk_backoff: CHUNK_RETRY_MIN,
+            failing: None,
         };
         (u, archived_rx)
     }
@@ -333,6 +339,30 @@ impl Uploader {
             Job::Chunk { .. } => Kind::Chunk,
         };
         crate::metrics::upload_result(kind, result.is_ok());
+        match &result {
+            Ok(_) => {
+                if let Some((n, since)) = self.failing.take() {
+                    if n >= ESCALATE_AFTER_FAILURES {
+                        info!(
+                            "uploads succeed again after {n} failures over {:.0?}",
+                            since.elapsed()
+                        );
+                    }
+                }
+            }
+            Err(_) => {
+                let (n, since) = self.failing.get_or_insert((0, Instant::now()));
+                *n += 1;
+                if *n == ESCALATE_AFTER_FAILURES {
+                    error!(
+                        "uploads have failed {n} times in a row for {:.0?}; WAL is accumulating in the spool ({} segment(s) pending) and the archive is falling behind: check the repository ({})",
+                        since.elapsed(),
+                        self.positions.pending_segments(),
+                        self.repo.url()
+                    );
+                }
+            }
+        }
         match result {
             Ok(outcome) => {
                 debug!(?job, ?outcome, "stored");
