@@ -320,3 +320,30 @@ fn synchronous_standby_commits_are_in_the_spool() {
         "sync"
     );
 }
+
+/// Ack mode `remote` with walsafe as synchronous standby: a commit returns
+/// only once its WAL is stored in the repository, so the row can be read
+/// back through wal-fetch the moment the commit returns.
+#[test]
+fn ack_remote_commits_are_in_the_repository_when_they_return() {
+    let mut s = setup(
+        "ackremote",
+        PgOptions::default().conf("synchronous_standby_names = 'walsafe'"),
+    );
+    s.settings.ack = "remote".into();
+    s.settings.prefetch = 0;
+    let config = s.settings.write(&s.dir.join("walsafe.toml"));
+    let _agent = Agent::start(&config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (note text)");
+    let work = s.dir.subdir("work");
+    for i in 0..5 {
+        let marker = format!("remote-ack-{i:03}-{}", std::process::id());
+        s.pg.psql(&format!("INSERT INTO t VALUES ('{marker}')"));
+        let name = s.pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+        let data = fetch(&config, &name, &work);
+        assert!(
+            data.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "commit {i} returned but its row is not in the repository"
+        );
+    }
+}
