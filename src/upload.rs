@@ -84,6 +84,9 @@ struct Filling {
     /// Offset up to which the spool is fsynced.
     flushed: u64,
     chunk_in_flight: bool,
+    /// `flushed` at the previous chunk tick, and when that was (fill rate).
+    at_last_tick: u64,
+    last_tick: Instant,
 }
 
 /// The uploader task's state.
@@ -151,6 +154,8 @@ impl Uploader {
                     seg,
                     flushed: off,
                     chunk_in_flight: false,
+                    at_last_tick: off,
+                    last_tick: Instant::now(),
                 });
             }
         }
@@ -259,6 +264,9 @@ impl Uploader {
                                 seg,
                                 flushed: off,
                                 chunk_in_flight: false,
+                                // A new segment: its growth so far counts from 0.
+                                at_last_tick: 0,
+                                last_tick: Instant::now(),
                             })
                         }
                     }
@@ -280,12 +288,33 @@ impl Uploader {
     }
 
     /// Starts the next chunk upload if `partial_interval` has passed and
-    /// there are new durable bytes in the filling segment.
+    /// there are new durable bytes in the filling segment, unless:
+    ///
+    /// * a chunk upload failed recently (capped exponential backoff, so an
+    ///   outage is not hammered every interval);
+    /// * the segment is filling so fast that it will be complete before
+    ///   the next tick: its full upload follows within one interval, and a
+    ///   chunk now would compress the same bytes twice. If the load stops,
+    ///   the next tick sees no growth and ships the chunk, so the RPO stays
+    ///   within two intervals.
     fn maybe_chunk(&mut self) {
         let Some(f) = &mut self.filling else { return };
+        let now = Instant::now();
+        let grown = f.flushed.saturating_sub(f.at_last_tick);
+        let since = now.duration_since(f.last_tick).as_secs_f64();
+        f.at_last_tick = f.flushed;
+        f.last_tick = now;
         let stored = self.chunked.get(&f.seg).copied().unwrap_or(0);
-        if f.chunk_in_flight || f.flushed <= stored || self.last_chunk.elapsed() < self.interval / 2
+        if f.chunk_in_flight
+            || f.flushed <= stored
+            || now < self.chunk_not_before
+            || self.last_chunk.elapsed() < self.interval / 2
         {
+            return;
+        }
+        let remaining = self.segment_size - f.flushed;
+        let rate = grown as f64 / since.max(1e-3);
+        if grown > 0 && (remaining as f64) < rate * self.interval.as_secs_f64() {
             return;
         }
         let job = Job::Chunk {
@@ -294,7 +323,7 @@ impl Uploader {
             end: f.flushed,
         };
         f.chunk_in_flight = true;
-        self.last_chunk = Instant::now();
+        self.last_chunk = now;
         self.jobs.insert(job, State::Queued);
     }
 

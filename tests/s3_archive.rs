@@ -108,6 +108,20 @@ fn storage_outage_is_escalated_and_nothing_leaves_the_spool() {
         "no escalation; log:\n{}",
         agent.log()
     );
+    // Failed chunks back off (capped exponential): a 200 ms interval must
+    // not turn into five failed uploads a second against a dead store.
+    let chunk_errors = |a: &Agent| {
+        a.metrics()
+            .get("walsafe_uploads_total{kind=\"chunk\",result=\"error\"}")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    pg.psql("INSERT INTO t VALUES ('a chunk that cannot be stored')");
+    let before = chunk_errors(&agent);
+    std::thread::sleep(Duration::from_secs(8));
+    let during = chunk_errors(&agent) - before;
+    assert!(during <= 6.0, "{during} chunk failures in 8 s: no backoff");
+
     // Still running, still receiving; the archive is honestly behind.
     assert!(
         agent.try_wait().is_none(),
