@@ -7,9 +7,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::pg::{start_restore, PgOptions, RecoveryOutcome};
+use common::pg::PgOptions;
 use common::setup::{current_lsn, segment_name, setup, write_wal};
-use common::walsafe::{restore_command, walsafe, Agent};
+use common::walsafe::{restore_promoted, walsafe, Agent};
 
 /// Complete segment names (no `.partial`) in a pg_receivewal directory.
 fn complete_segments(dir: &Path) -> Vec<String> {
@@ -127,22 +127,12 @@ fn last_second_restore_recovers_the_marker() {
             agent.kill9();
         }
 
-        let restored = start_restore(
+        let restored = restore_promoted(
             &backup,
-            &[
-                format!(
-                    "restore_command = '{}'",
-                    restore_command(s.dir.path(), &s.config)
-                ),
-                "recovery_target_timeline = 'latest'".into(),
-            ],
-        );
-        let outcome = restored.wait_recovery_end(Duration::from_secs(120));
-        assert_eq!(
-            outcome,
-            RecoveryOutcome::Promoted,
-            "round {round}: {}",
-            restored.log_tail()
+            s.dir.path(),
+            &s.config,
+            &["recovery_target_timeline = 'latest'"],
+            &format!("round {round}"),
         );
         let got = restored.psql("SELECT string_agg(round::text, ',' ORDER BY round) FROM marker");
         let want = (1..=round)
@@ -176,22 +166,15 @@ fn pitr_to_a_time_keeps_exactly_the_rows_before_it() {
     s.pg.psql("INSERT INTO t VALUES (0, 3)");
     agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(30));
 
-    let restored = start_restore(
+    let restored = restore_promoted(
         &backup,
+        s.dir.path(),
+        &s.config,
         &[
-            format!(
-                "restore_command = '{}'",
-                restore_command(s.dir.path(), &s.config)
-            ),
-            format!("recovery_target_time = '{target}'"),
-            "recovery_target_action = 'promote'".into(),
+            &format!("recovery_target_time = '{target}'"),
+            "recovery_target_action = 'promote'",
         ],
-    );
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{}",
-        restored.log_tail()
+        "PITR",
     );
     assert_eq!(
         restored.psql("SELECT count(*) FROM t WHERE batch = 1"),

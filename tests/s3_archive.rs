@@ -5,10 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::pg::{start_restore, PgCluster, PgOptions, RecoveryOutcome, TestDir};
+use common::pg::{PgCluster, PgOptions, TestDir};
 use common::s3::S3Server;
 use common::setup::current_lsn;
-use common::walsafe::{restore_command, walsafe, Agent, Settings};
+use common::walsafe::{restore_promoted, walsafe, Agent, Settings};
 
 #[test]
 fn s3_repository_streams_and_restores_to_the_last_commit() {
@@ -57,21 +57,12 @@ fn s3_repository_streams_and_restores_to_the_last_commit() {
         String::from_utf8_lossy(&verify.stdout)
     );
 
-    let restored = start_restore(
+    let restored = restore_promoted(
         &backup,
-        &[
-            format!(
-                "restore_command = '{}'",
-                restore_command(dir.path(), &config)
-            ),
-            "recovery_target_timeline = 'latest'".into(),
-        ],
-    );
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{}",
-        restored.log_tail()
+        dir.path(),
+        &config,
+        &["recovery_target_timeline = 'latest'"],
+        "restore",
     );
     assert_eq!(restored.psql("SELECT count(*) FROM t WHERE id = 99"), "1");
     assert_eq!(restored.psql("SELECT count(DISTINCT id) FROM t"), "4");

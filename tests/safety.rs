@@ -6,9 +6,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::pg::{start_restore, PgCluster, PgOptions, RecoveryOutcome, TestDir};
+use common::pg::{PgCluster, PgOptions, RecoveryOutcome, TestDir};
 use common::setup::{current_lsn, keygen, stderr, write_wal};
-use common::walsafe::{restore_command, walsafe, Agent, Settings};
+use common::walsafe::{restore, restore_promoted, walsafe, Agent, Settings};
 
 fn stored_segments(repo: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(repo.join("wal"))
@@ -139,13 +139,7 @@ fn bad_objects_make_wal_fetch_fatal_and_recovery_stop() {
 
     // A real recovery with the corrupted segment stops instead of promoting.
     std::fs::write(&path, &cases[0].1).unwrap();
-    let restored = start_restore(
-        &a.backup,
-        &[format!(
-            "restore_command = '{}'",
-            restore_command(a.dir.path(), &a.config)
-        )],
-    );
+    let restored = restore(&a.backup, a.dir.path(), &a.config, &[]);
     match restored.wait_recovery_end(Duration::from_secs(120)) {
         RecoveryOutcome::Failed(log) => {
             assert!(log.contains("126") || log.contains("FATAL"), "{log}")
@@ -159,19 +153,7 @@ fn bad_objects_make_wal_fetch_fatal_and_recovery_stop() {
 
     // Intact again: the same backup recovers fully.
     std::fs::write(&path, &original).unwrap();
-    let restored = start_restore(
-        &a.backup,
-        &[format!(
-            "restore_command = '{}'",
-            restore_command(a.dir.path(), &a.config)
-        )],
-    );
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{}",
-        restored.log_tail()
-    );
+    let restored = restore_promoted(&a.backup, a.dir.path(), &a.config, &[], "intact backup");
     assert_eq!(restored.psql("SELECT count(*) FROM t"), "3");
 }
 
@@ -317,21 +299,12 @@ fn timeline_switch_is_archived_and_followed() {
         "a timeline 2 segment is stored"
     );
 
-    let restored = start_restore(
+    let restored = restore_promoted(
         &backup,
-        &[
-            format!(
-                "restore_command = '{}'",
-                restore_command(dir.path(), &config)
-            ),
-            "recovery_target_timeline = 'latest'".into(),
-        ],
-    );
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{}",
-        restored.log_tail()
+        dir.path(),
+        &config,
+        &["recovery_target_timeline = 'latest'"],
+        "restore",
     );
     assert_eq!(
         restored.psql("SELECT count(*) FILTER (WHERE phase = 'before') || ',' || count(*) FILTER (WHERE phase = 'after') || ',' || count(*) FILTER (WHERE phase = 'last') FROM t"),

@@ -288,3 +288,35 @@ pub fn scrape(port: u16) -> Option<HashMap<String, f64>> {
             .collect(),
     )
 }
+
+/// Starts a cluster restored from `backup` with `walsafe wal-fetch` (using
+/// `config`, binary copied into `dir`) as restore_command, plus `extra`
+/// recovery settings. Does not wait: see [`restore_promoted`].
+pub fn restore(backup: &Path, dir: &Path, config: &Path, extra: &[&str]) -> super::pg::PgCluster {
+    let mut lines = vec![format!(
+        "restore_command = '{}'",
+        restore_command(dir, config)
+    )];
+    lines.extend(extra.iter().map(|l| l.to_string()));
+    super::pg::start_restore(backup, &lines)
+}
+
+/// [`restore`], then asserts that recovery ended with promotion (the
+/// server log in the message when it did not).
+pub fn restore_promoted(
+    backup: &Path,
+    dir: &Path,
+    config: &Path,
+    extra: &[&str],
+    what: &str,
+) -> super::pg::PgCluster {
+    let restored = restore(backup, dir, config, extra);
+    let outcome = restored.wait_recovery_end(Duration::from_secs(120));
+    assert_eq!(
+        outcome,
+        super::pg::RecoveryOutcome::Promoted,
+        "{what}: {}",
+        restored.log_tail()
+    );
+    restored
+}
