@@ -155,3 +155,43 @@ fn unit_file_is_a_hardened_notify_service() {
         }
     }
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = TestDir::new("jsonlog");
+    let port = common::walsafe::free_port();
+    let mut s = Settings::new(
+        dir.path(),
+        &format!("host=127.0.0.1 port={port} user=walsafe"),
+    );
+    s.connect_timeout = "1s".into();
+    let config = s.write(&dir.join("walsafe.toml"));
+    let out = Command::new(common::walsafe::bin())
+        .args(["--log-format", "json", "--config"])
+        .arg(&config)
+        .arg("run")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let logged: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!logged.is_empty(), "no JSON log line in: {stderr}");
+    for v in &logged {
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{v}"
+        );
+    }
+    assert!(
+        logged.iter().any(|v| v["level"] == "WARN"
+            && v["fields"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot connect yet")),
+        "{stderr}"
+    );
+}
