@@ -61,9 +61,19 @@ fn archive_is_byte_exact_with_pg_receivewal() {
     let names = complete_segments(&recv_dir);
     assert!(names.len() >= 4, "pg_receivewal wrote {names:?}");
     let work = s.dir.subdir("work");
-    for name in &names {
+    for (i, name) in names.iter().enumerate() {
         let theirs = std::fs::read(recv_dir.join(name)).unwrap();
         let ours = fetch(&s.config, name, &work);
+        if i == 0 {
+            // wal-fetch started a prefetcher: the next segment is downloaded
+            // before recovery asks for it (and is verified when it does).
+            let next = s.settings.prefetch_dir.join(&names[1]);
+            assert!(
+                common::walsafe::wait_until(Duration::from_secs(20), || next.exists()),
+                "{} was not prefetched",
+                names[1]
+            );
+        }
         assert!(
             ours == theirs,
             "segment {name} differs from pg_receivewal's"
