@@ -49,6 +49,8 @@ use crate::spool::{Recovered, Spool};
 
 /// Wait before re-queueing an upload whose retries were exhausted.
 pub const REQUEUE_DELAY: Duration = Duration::from_secs(5);
+/// Resolution of the lag-in-seconds samples.
+const LAG_SAMPLE_MS: u64 = 100;
 /// First wait after a failed chunk upload (the store already retried).
 pub const CHUNK_RETRY_MIN: Duration = Duration::from_millis(500);
 /// Failed uploads in a row (each already retried by the store) after
@@ -251,7 +253,15 @@ impl Uploader {
                     }
                 }
                 if flushed > self.flushed {
-                    self.durable_times.push_back((flushed, now_ms()));
+                    // One sample per 100 ms at most, so that a long outage
+                    // does not grow this queue per fsync batch. Extending
+                    // the newest sample keeps its older time: the reported
+                    // lag errs high by < 100 ms, never low.
+                    let now = now_ms();
+                    match self.durable_times.back_mut() {
+                        Some((lsn, t)) if now.saturating_sub(*t) < LAG_SAMPLE_MS => *lsn = flushed,
+                        _ => self.durable_times.push_back((flushed, now)),
+                    }
                 }
                 self.flushed = self.flushed.max(flushed);
                 let off = flushed.segment_offset(self.segment_size);
