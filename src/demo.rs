@@ -29,10 +29,39 @@ use anyhow::{bail, Context};
 /// Rows inserted per statement of the background load (padding to make WAL).
 const PAD_ROWS: u32 = 400;
 
+/// The account PostgreSQL and walsafe run as when the demo runs as root.
+struct User {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: PathBuf,
+}
+
+fn lookup_user(name: &str) -> Option<User> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns a pointer into static storage or null; we
+    // copy what we need before any other call could overwrite it.
+    unsafe {
+        let pw = libc::getpwnam(cname.as_ptr());
+        if pw.is_null() {
+            return None;
+        }
+        let home = std::ffi::CStr::from_ptr((*pw).pw_dir)
+            .to_string_lossy()
+            .into_owned();
+        Some(User {
+            name: name.to_string(),
+            uid: (*pw).pw_uid,
+            gid: (*pw).pw_gid,
+            home: PathBuf::from(home),
+        })
+    }
+}
+
 struct Env {
     bindir: PathBuf,
-    /// Run commands as this user (Some("postgres") when we are root).
-    as_user: Option<String>,
+    /// Run commands as this user (postgres, when we are root).
+    as_user: Option<User>,
 }
 
 impl Env {
@@ -40,25 +69,32 @@ impl Env {
         let bindir = pg_bindir().context(
             "PostgreSQL's server binaries were not found (pg_config --bindir, /usr/lib/postgresql/*/bin); install them, e.g. `apt-get install postgresql`",
         )?;
-        let as_user = (unsafe { libc::geteuid() } == 0).then(|| "postgres".to_string());
-        if let Some(u) = &as_user {
-            let ok = Command::new("id").arg(u).stdout(Stdio::null()).status()?;
-            if !ok.success() {
-                bail!("running as root, but there is no `{u}` user to run PostgreSQL as; run the demo as an ordinary user, or install PostgreSQL from your distribution (it creates the user)");
-            }
-        }
+        // SAFETY: geteuid has no preconditions.
+        let as_user = if unsafe { libc::geteuid() } == 0 {
+            Some(lookup_user("postgres").context(
+                "running as root, but there is no `postgres` user to run PostgreSQL as; run the demo as an ordinary user, or install PostgreSQL from your distribution (it creates the user)",
+            )?)
+        } else {
+            None
+        };
         Ok(Env { bindir, as_user })
     }
 
+    /// `program`, run as the PostgreSQL user when we are root. The user is
+    /// switched in the child itself (no `runuser` in between), so that the
+    /// child is the program: signals reach it, and killing it kills it.
     fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        match &self.as_user {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(program);
-                c
-            }
-            None => Command::new(program),
+        use std::os::unix::process::CommandExt;
+        let mut c = Command::new(program);
+        if let Some(u) = &self.as_user {
+            c.uid(u.uid)
+                .gid(u.gid)
+                .env("HOME", &u.home)
+                .env("USER", &u.name)
+                .env("LOGNAME", &u.name)
+                .current_dir("/tmp");
         }
+        c
     }
 
     fn pg(&self, tool: &str) -> Command {
@@ -67,7 +103,7 @@ impl Env {
 
     fn chown(&self, path: &Path) -> anyhow::Result<()> {
         if let Some(u) = &self.as_user {
-            run_cmd(Command::new("chown").args(["-R", u]).arg(path))?;
+            run_cmd(Command::new("chown").args(["-R", &u.name]).arg(path))?;
         }
         Ok(())
     }
@@ -247,7 +283,8 @@ pub async fn run(dir: &Path, keep: bool, duration: Duration) -> anyhow::Result<(
             let fallback =
                 std::env::temp_dir().join(format!("walsafe-demo-{}", std::process::id()));
             println!(
-                "note: the `{u}` user cannot write to {} (a parent directory is private); using {} instead",
+                "note: the `{}` user cannot write to {} (a parent directory is private); using {} instead",
+                u.name,
                 dir.display(),
                 fallback.display()
             );

@@ -28,6 +28,16 @@ fn demo_restores_exactly_the_rows_before_the_target() {
         stdout.contains("archived"),
         "live positions shown: {stdout}"
     );
-    // It cleans up after itself.
+    // It cleans up after itself: no files, and no process left running
+    // (the agent it SIGKILLed is really gone, not a wrapper around it).
     assert!(!dir.join("d").exists());
+    let needle = dir.join("d").to_string_lossy().into_owned();
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect();
+    assert!(leftovers.is_empty(), "left running: {leftovers:?}");
 }
