@@ -47,6 +47,77 @@ pub struct Gap {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::repository::{ClusterIdentity, Repository, Store};
+
+    const SEG: u64 = 16 << 20;
+
+    /// A file:// repository holding the given WAL objects (content is not
+    /// looked at by verify, only names and history files).
+    async fn repo_with(names: &[(&str, &[u8])]) -> (tempfile::TempDir, Repository) {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", d.path().display());
+        let store = Store::open(&url, &Default::default(), 1).unwrap();
+        let repo = Repository::from_parts(store, None, crate::config::Compression::Zstd, 1);
+        repo.pin(&ClusterIdentity {
+            system_identifier: 42,
+            pg_version_num: 150000,
+            segment_size: SEG,
+        })
+        .await
+        .unwrap();
+        for (n, body) in names {
+            repo.put_wal(n, bytes::Bytes::copy_from_slice(body))
+                .await
+                .unwrap();
+        }
+        (d, repo)
+    }
+
+    #[tokio::test]
+    async fn switch_on_a_segment_boundary_needs_the_parent_up_to_the_segment_before() {
+        let (_d, repo) = repo_with(&[
+            ("000000010000000000000001", b"x"),
+            ("000000010000000000000002", b"x"),
+            (
+                "00000002.history",
+                b"1\t0/3000000\tno recovery target specified\n",
+            ),
+            ("000000020000000000000003", b"x"),
+        ])
+        .await;
+        let r = verify(&repo).await.unwrap();
+        assert!(r.iter().all(|t| t.gaps.is_empty()), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_parent_short_of_the_switch_point_or_a_missing_history_is_a_gap() {
+        let (_d, repo) = repo_with(&[
+            ("000000010000000000000001", b"x"),
+            (
+                "00000002.history",
+                b"1\t0/3800000\tno recovery target specified\n",
+            ),
+            ("000000020000000000000003", b"x"),
+            ("000000030000000000000004", b"x"),
+        ])
+        .await;
+        let r = verify(&repo).await.unwrap();
+        let tl2 = r.iter().find(|t| t.timeline == 2).unwrap();
+        assert_eq!(tl2.gaps.len(), 1, "{tl2:?}");
+        assert_eq!(tl2.gaps[0].from, "000000010000000000000002");
+        assert_eq!(tl2.gaps[0].to, "000000010000000000000003");
+        let tl3 = r.iter().find(|t| t.timeline == 3).unwrap();
+        assert!(
+            !tl3.history
+                && tl3
+                    .gaps
+                    .iter()
+                    .any(|g| g.reason.contains("history file missing")),
+            "{tl3:?}"
+        );
+    }
+
     #[test]
     fn history_lines_give_the_last_switch() {
         let h = "1\t0/3000000\tno recovery target specified\n\n2\t0/5A00028\tafter promotion\n";
@@ -209,12 +280,15 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
             });
         }
         if let Some(&(parent, at)) = switches.get(&tli.0) {
+            // The child's first segment holds the switch point; the parent's
+            // last needed byte is the one just before it.
             let switch_seg = at / seg;
+            let parent_needed = at.saturating_sub(1) / seg;
             if let Some(&(_, parent_last)) = ranges.get(&parent) {
-                if parent_last < switch_seg {
+                if parent_last < parent_needed {
                     gaps.push(Gap {
                         from: SegmentName { timeline: TimelineId(parent), segno: parent_last + 1 }.file_name(seg),
-                        to: SegmentName { timeline: TimelineId(parent), segno: switch_seg }.file_name(seg),
+                        to: SegmentName { timeline: TimelineId(parent), segno: parent_needed }.file_name(seg),
                         reason: format!("timeline {parent} is not archived up to the switch to timeline {} at {}", tli.0, crate::pg::Lsn(at)),
                     });
                 }
