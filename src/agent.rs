@@ -215,6 +215,7 @@ async fn stream_until_stopped(
         archived: p.archived.clone(),
         events: p.events.clone(),
         cancel: cancel.clone(),
+        resume: (timeline, start),
     };
     // Histories of every timeline up to the current one (recovery probes them in order).
     for t in 2..=timeline.0 {
@@ -267,7 +268,7 @@ async fn stream_until_stopped(
             ),
             Err(e) if wal_lost(&e) => {
                 error!("{}", crate::cli::error_line(&e));
-                match skip_lost_wal(cfg, repo, &receiver, positions, server.segment_size).await {
+                match skip_lost_wal(cfg, repo, &receiver, server.segment_size).await {
                     Ok((t, l)) => {
                         tli = t;
                         from = l;
@@ -279,8 +280,7 @@ async fn stream_until_stopped(
             Err(e) => break Err(e),
         }
         crate::metrics::reconnect();
-        tli = positions.timeline();
-        from = positions.received();
+        (tli, from) = receiver.resume;
         if sleep_or_cancel(cancel, &mut backoff).await {
             break Ok(());
         }
@@ -314,11 +314,9 @@ async fn skip_lost_wal(
     cfg: &Config,
     repo: &Repository,
     receiver: &Receiver<'_>,
-    positions: &Positions,
     segment_size: u64,
 ) -> anyhow::Result<(TimelineId, Lsn)> {
-    let timeline = positions.timeline();
-    let lost_from = positions.received();
+    let (timeline, lost_from) = receiver.resume;
     receiver.close_segment_for_gap(timeline).await?;
 
     let slot = &cfg.postgres.slot;

@@ -230,6 +230,12 @@ pub struct Receiver<'a> {
     pub archived: watch::Receiver<Lsn>,
     pub events: mpsc::UnboundedSender<SpoolEvent>,
     pub cancel: CancellationToken,
+    /// Where streaming must resume after an interruption: the timeline and
+    /// the end of the WAL handed to the spool writer on it (the writer
+    /// accepts only contiguous WAL). Unlike the monotonic `received`
+    /// position, this moves back to the segment start after a timeline
+    /// switch, where streaming really continues.
+    pub resume: (TimelineId, Lsn),
 }
 
 impl Receiver<'_> {
@@ -243,6 +249,7 @@ impl Receiver<'_> {
         mut start: Lsn,
     ) -> anyhow::Result<StreamEnd> {
         let seg = self.identity.segment_size;
+        self.resume = (timeline, start);
         loop {
             info!(%timeline, %start, slot = %self.cfg.postgres.slot, "starting replication");
             let stream = conn
@@ -275,6 +282,7 @@ impl Receiver<'_> {
                     self.fetch_history(&mut conn, next).await?;
                     timeline = next;
                     start = switch_point.segment_start(seg);
+                    self.resume = (timeline, start);
                 }
             }
         }
@@ -363,6 +371,7 @@ impl Receiver<'_> {
                                 format!("WAL received at {at} on timeline {timeline} failed validation; it was not spooled or uploaded")
                             })?;
                             expected = at.plus(data.len() as u64);
+                            self.resume = (timeline, expected);
                             self.positions.set_received(expected);
                             self.positions.set_server(server_end.max(expected));
                             self.writer.send(WriteCmd::Data { timeline, start: at, data }).await?;
