@@ -66,7 +66,7 @@ use tokio_postgres::fallible_iterator::FallibleIterator;
 
 pub use self::error::{classify, ErrorContext, ReplError, ServerError};
 pub(crate) use self::wire::server_error as wire_server_error;
-use self::wire::{Backend, CopyPayload, Wire};
+use self::wire::{Backend, Wire};
 use crate::pg::conninfo::REPLICATION_PASSFILE_DB;
 pub use crate::pg::conninfo::{ConnParams, Host, Password, SslMode, Target};
 use crate::pg::lsn::{Lsn, TimelineId};
@@ -774,22 +774,7 @@ impl ReplicationStream {
         match (&mut self.state, msg) {
             (StreamState::Streaming, Backend::Msg(Message::CopyData(body))) => {
                 match wire::parse_copy_payload(body.into_bytes()) {
-                    Ok(CopyPayload::XLogData {
-                        start,
-                        server_end,
-                        data,
-                    }) => Ok(Some(ReplMessage::XLogData {
-                        start,
-                        server_end,
-                        data,
-                    })),
-                    Ok(CopyPayload::Keepalive {
-                        server_end,
-                        reply_requested,
-                    }) => Ok(Some(ReplMessage::Keepalive {
-                        server_end,
-                        reply_requested,
-                    })),
+                    Ok(m) => Ok(Some(m)),
                     Err(detail) => Err(conn.wire.protocol("streaming WAL", detail)),
                 }
             }

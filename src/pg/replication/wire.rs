@@ -27,6 +27,7 @@ use tokio_postgres::fallible_iterator::FallibleIterator;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
 use super::error::{ReplError, ServerError};
+use super::ReplMessage;
 use crate::pg::lsn::Lsn;
 
 /// A byte stream to the server: TCP, Unix socket or TLS over TCP.
@@ -250,24 +251,8 @@ pub fn pg_now_micros() -> i64 {
     since_unix - PG_EPOCH_OFFSET_MICROS
 }
 
-/// A decoded CopyData payload of the physical replication stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CopyPayload {
-    /// `w`.
-    XLogData {
-        start: Lsn,
-        server_end: Lsn,
-        data: Bytes,
-    },
-    /// `k`.
-    Keepalive {
-        server_end: Lsn,
-        reply_requested: bool,
-    },
-}
-
-/// Decodes a CopyData payload (`w` or `k`).
-pub fn parse_copy_payload(mut b: Bytes) -> Result<CopyPayload, String> {
+/// Decodes a CopyData payload (`w` XLogData or `k` keepalive).
+pub fn parse_copy_payload(mut b: Bytes) -> Result<ReplMessage, String> {
     if b.is_empty() {
         return Err("empty CopyData message".into());
     }
@@ -280,7 +265,7 @@ pub fn parse_copy_payload(mut b: Bytes) -> Result<CopyPayload, String> {
             let start = Lsn(b.get_u64());
             let server_end = Lsn(b.get_u64());
             let _send_time = b.get_i64();
-            Ok(CopyPayload::XLogData {
+            Ok(ReplMessage::XLogData {
                 start,
                 server_end,
                 data: b,
@@ -294,7 +279,7 @@ pub fn parse_copy_payload(mut b: Bytes) -> Result<CopyPayload, String> {
             let server_end = Lsn(b.get_u64());
             let _send_time = b.get_i64();
             let reply_requested = b.get_u8() != 0;
-            Ok(CopyPayload::Keepalive {
+            Ok(ReplMessage::Keepalive {
                 server_end,
                 reply_requested,
             })
@@ -344,7 +329,7 @@ mod tests {
         w.put_slice(b"walbytes");
         assert_eq!(
             parse_copy_payload(w.freeze()).unwrap(),
-            CopyPayload::XLogData {
+            ReplMessage::XLogData {
                 start: Lsn(0x1_0000_0000),
                 server_end: Lsn(0x1_0000_0010),
                 data: Bytes::from_static(b"walbytes"),
@@ -357,7 +342,7 @@ mod tests {
         k.put_u8(1);
         assert_eq!(
             parse_copy_payload(k.freeze()).unwrap(),
-            CopyPayload::Keepalive {
+            ReplMessage::Keepalive {
                 server_end: Lsn(77),
                 reply_requested: true
             }
