@@ -26,6 +26,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::pg::{PgCluster, PgOptions, TestDir};
+use common::setup::parse_lsn;
 use common::walsafe::{Agent, Settings};
 
 const LOAD_SECONDS: u64 = 20;
@@ -37,11 +38,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn lsn(text: &str) -> u64 {
-    let (hi, lo) = text.trim().split_once('/').expect("an LSN");
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
 }
 
 /// (user+system CPU seconds, peak RSS in MiB) of a live process.
@@ -72,7 +68,7 @@ fn receivewal_flush(pg: &PgCluster) -> u64 {
     if t.is_empty() {
         0
     } else {
-        lsn(&t)
+        parse_lsn(&t)
     }
 }
 
@@ -164,25 +160,15 @@ fn max_rate() {
         "\n== scenario 1: PostgreSQL writing WAL as fast as it can ({LOAD_SECONDS} s, 2 sessions)"
     );
     let (dir, pg, settings, config) = start_pair("bench-rate");
-    let recv_dir = dir.subdir("receivewal");
-    let recv = pg.spawn_pg_receivewal(&recv_dir, Some("recv"));
-    let agent = Agent::start(&config, settings.metrics_port);
-    let repo = settings.repo_url.trim_start_matches("file://").into();
-    let pair = Pair {
-        _dir: dir,
-        pg,
-        agent,
-        recv,
-        repo,
-    };
-    let start = lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+    let pair = Pair::start(dir, pg, &settings, &config, true);
+    let start = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
     let seconds = env_u64("WALSAFE_BENCH_SECONDS", LOAD_SECONDS);
     let t0 = Instant::now();
     for h in spawn_load(&pair.pg, 2, seconds) {
         h.join().unwrap();
     }
     let load_time = t0.elapsed().as_secs_f64();
-    let end = lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+    let end = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
     let behind_w = end.saturating_sub(pair.agent.gauge("walsafe_archived_lsn_bytes") as u64);
     let behind_r = end.saturating_sub(receivewal_flush(&pair.pg));
     let stop = Instant::now();
@@ -213,23 +199,13 @@ fn backlog() {
     let (dir, pg, settings, config) = start_pair("bench-backlog");
     pg.psql("SELECT pg_create_physical_replication_slot('walsafe', true)");
     pg.psql("CREATE TABLE load (id bigserial, pad text)");
-    let start = lsn(&pg.psql("SELECT pg_current_wal_lsn()"));
-    while lsn(&pg.psql("SELECT pg_current_wal_lsn()")) - start < mb << 20 {
+    let start = parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()"));
+    while parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()")) - start < mb << 20 {
         pg.psql("INSERT INTO load (pad) SELECT repeat(md5(g::text), 4) FROM generate_series(1, 100000) g");
     }
-    let end = lsn(&pg.psql("SELECT pg_current_wal_lsn()"));
-    let recv_dir = dir.subdir("receivewal");
+    let end = parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()"));
     let t0 = Instant::now();
-    let recv = pg.spawn_pg_receivewal(&recv_dir, Some("recv"));
-    let agent = Agent::spawn(&config, settings.metrics_port);
-    let repo = settings.repo_url.trim_start_matches("file://").into();
-    let pair = Pair {
-        _dir: dir,
-        pg,
-        agent,
-        recv,
-        repo,
-    };
+    let pair = Pair::start(dir, pg, &settings, &config, false);
     let (w, r) = wait_both(&pair, end, t0);
     let bytes = end - start;
     let mib = bytes as f64 / 1048576.0;
@@ -280,7 +256,7 @@ fn rpo() {
                 .query_one("SELECT pg_current_wal_lsn()::text", &[])
                 .await
                 .unwrap();
-            let at = lsn(row.get::<_, &str>(0));
+            let at = parse_lsn(row.get::<_, &str>(0));
             while !stored(&repo, at, seg) {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 assert!(
@@ -351,6 +327,26 @@ fn dir_size(p: &Path) -> u64 {
 }
 
 impl Pair {
+    /// Starts pg_receivewal (slot `recv`) and walsafe side by side;
+    /// `wait` waits until walsafe streams.
+    fn start(dir: TestDir, pg: PgCluster, settings: &Settings, config: &Path, wait: bool) -> Pair {
+        let recv_dir = dir.subdir("receivewal");
+        let recv = pg.spawn_pg_receivewal(&recv_dir, Some("recv"));
+        let agent = if wait {
+            Agent::start(config, settings.metrics_port)
+        } else {
+            Agent::spawn(config, settings.metrics_port)
+        };
+        let repo = settings.repo_url.trim_start_matches("file://").into();
+        Pair {
+            _dir: dir,
+            pg,
+            agent,
+            recv,
+            repo,
+        }
+    }
+
     fn agent_pid(&self) -> u32 {
         self.agent.pid()
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::pg::{PgCluster, PgOptions, TestDir};
 use common::s3::S3Server;
-use common::setup::current_lsn;
+use common::setup::{current_lsn, keygen};
 use common::walsafe::{restore_promoted, walsafe, Agent, Settings};
 
 #[test]
@@ -21,15 +21,7 @@ fn s3_repository_streams_and_restores_to_the_last_commit() {
     let mut settings = Settings::new(dir.path(), &pg.conninfo());
     settings.repo_url = s3.url("cluster-a");
     settings.repo_options = s3.repo_options().into_iter().collect();
-    let key = dir.join("repo.key");
-    let o = std::process::Command::new(common::walsafe::bin())
-        .arg("keygen")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    common::pg::chown_postgres(&key);
-    settings.key_file = Some(key);
+    settings.key_file = Some(keygen(dir.path(), "repo.key"));
     let config = settings.write(&dir.join("walsafe.toml"));
     let mut agent = Agent::start(&config, settings.metrics_port);
 
