@@ -9,9 +9,9 @@
 use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use walsafe::config::Compression;
 use walsafe::repository::envelope::{decode, encode};
 use walsafe::repository::key::Key;
+use walsafe::repository::Compression;
 
 const NAME: &str = "00000001000000000000001D";
 

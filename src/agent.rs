@@ -28,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::gaps::Gap;
+use crate::gap::Gap;
 use crate::logging::ReopenableFile;
+use crate::pg::error::PgError;
 use crate::pg::page::ClusterIdentity;
-use crate::pg::replication::{ReplError, ReplicationConnection};
+use crate::pg::replication::ReplicationConnection;
 use crate::pg::{Lsn, TimelineId, WAL_BLOCK_SIZE};
 use crate::positions::Positions;
 use crate::receive::{Receiver, SpoolEvent, SpoolWriterHandle, StreamEnd};
@@ -73,8 +74,8 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<(ReplicationConnection, Ser
 
 fn is_retryable(e: &anyhow::Error) -> bool {
     e.chain()
-        .find_map(|c| c.downcast_ref::<ReplError>())
-        .is_some_and(ReplError::is_retryable)
+        .find_map(|c| c.downcast_ref::<PgError>())
+        .is_some_and(PgError::is_retryable)
 }
 
 /// The spool and its uploader, running.
@@ -148,7 +149,7 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
 
     let result = stream_until_stopped(&cfg, &repo, &positions, &mut pipeline, &cancel).await;
     if let Err(e) = &result {
-        error!("{}", crate::cli::error_line(e));
+        error!("{}", crate::report::error_line(e));
     }
     cancel.cancel();
     if let Some(p) = pipeline {
@@ -222,7 +223,7 @@ async fn stream_until_stopped(
         if let Err(e) = receiver.fetch_history(&mut conn, TimelineId(t)).await {
             warn!(
                 "could not fetch the history file of timeline {t}: {}",
-                crate::cli::error_line(&e)
+                crate::report::error_line(&e)
             );
         }
     }
@@ -248,7 +249,7 @@ async fn stream_until_stopped(
                 }
                 Err(e) if is_retryable(&e) => {
                     positions.receive_heartbeat();
-                    warn!("cannot reconnect yet: {}", crate::cli::error_line(&e));
+                    warn!("cannot reconnect yet: {}", crate::report::error_line(&e));
                     if sleep_or_cancel(cancel, &mut backoff).await {
                         break Ok(());
                     }
@@ -264,10 +265,10 @@ async fn stream_until_stopped(
             }
             Err(e) if is_retryable(&e) => warn!(
                 "replication interrupted: {}; reconnecting",
-                crate::cli::error_line(&e)
+                crate::report::error_line(&e)
             ),
             Err(e) if wal_lost(&e) => {
-                error!("{}", crate::cli::error_line(&e));
+                error!("{}", crate::report::error_line(&e));
                 match skip_lost_wal(cfg, repo, &receiver, server.segment_size).await {
                     Ok((t, l)) => {
                         tli = t;
@@ -296,11 +297,11 @@ async fn stream_until_stopped(
 /// Did streaming fail because the server no longer has the WAL we need?
 fn wal_lost(e: &anyhow::Error) -> bool {
     e.chain()
-        .find_map(|c| c.downcast_ref::<ReplError>())
+        .find_map(|c| c.downcast_ref::<PgError>())
         .is_some_and(|r| {
             matches!(
                 r,
-                ReplError::WalRemoved { .. } | ReplError::SlotInvalidated { .. }
+                PgError::WalRemoved { .. } | PgError::SlotInvalidated { .. }
             )
         })
 }
@@ -364,7 +365,7 @@ async fn skip_lost_wal(
     );
     let dir = cfg.spool.dir.clone();
     let g = gap.clone();
-    tokio::task::spawn_blocking(move || crate::gaps::record(&dir, &g))
+    tokio::task::spawn_blocking(move || crate::gap::record(&dir, &g))
         .await?
         .with_context(|| format!("cannot record a gap in {}", cfg.spool.dir.display()))?;
     if let Err(e) = repo
@@ -374,11 +375,11 @@ async fn skip_lost_wal(
     {
         warn!("could not record the gap in the repository: {e}");
     }
-    crate::metrics::set_gaps(crate::gaps::load(&cfg.spool.dir).len());
+    crate::metrics::set_gaps(crate::gap::load(&cfg.spool.dir).len());
     error!(
         %timeline, from = %lost_from, to = %resume, bytes = gap.len(),
         "GAP: WAL from {lost_from} to {resume} is lost and will never be in the repository; a restore cannot pass it: take a new base backup now (acknowledge by deleting {}/{})",
-        cfg.spool.dir.display(), crate::gaps::GAPS_FILE
+        cfg.spool.dir.display(), crate::gap::GAPS_FILE
     );
     for t in timeline.0 + 1..=info.timeline.0 {
         receiver.fetch_history(&mut conn, TimelineId(t)).await?;
@@ -407,7 +408,7 @@ async fn connect_until_ready(
         match connect(cfg).await {
             Ok(r) => return Ok(Some(r)),
             Err(e) if is_retryable(&e) && tokio::time::Instant::now() + backoff < give_up => {
-                warn!("cannot connect yet: {}", crate::cli::error_line(&e));
+                warn!("cannot connect yet: {}", crate::report::error_line(&e));
                 if sleep_or_cancel(cancel, &mut backoff).await {
                     return Ok(None);
                 }

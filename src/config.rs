@@ -43,6 +43,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::repository::{Compression, RepositoryConfig};
+
 /// Where the configuration is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walsafe/walsafe.toml";
 /// Physical replication slot name when none is configured.
@@ -94,28 +96,6 @@ pub struct PostgresConfig {
 pub struct SpoolConfig {
     /// Directory of spooled WAL; one agent per directory.
     pub dir: PathBuf,
-}
-
-/// Compression of repository objects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    Zstd,
-    None,
-}
-
-#[derive(Debug, Clone)]
-pub struct RepositoryConfig {
-    /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
-    pub url: String,
-    /// Repository key; `None` = no encryption (a checksum still guards integrity).
-    pub key_file: Option<PathBuf>,
-    pub compression: Compression,
-    pub compression_level: i32,
-    /// Extra `object_store` options (`aws_endpoint`, `aws_region`, ...).
-    pub options: BTreeMap<String, String>,
-    /// Attempts per storage operation.
-    pub retries: u32,
 }
 
 /// When the flush position reported to PostgreSQL may advance.

@@ -39,11 +39,11 @@ use anyhow::{anyhow, bail, Context};
 use futures::{StreamExt, TryStreamExt};
 use tracing::{debug, warn};
 
-use crate::cli::{EXIT_FATAL, EXIT_NOT_FOUND};
 use crate::config::Config;
 use crate::pg::page::{validate_segment, ClusterIdentity};
 use crate::pg::walfile::{classify, NameKind};
 use crate::pg::{SegmentName, WAL_BLOCK_SIZE};
+use crate::report::{EXIT_FATAL, EXIT_NOT_FOUND};
 use crate::repository::descriptor::Descriptor;
 use crate::repository::Repository;
 
@@ -75,7 +75,7 @@ pub async fn wal_fetch_command(cfg: Config, name: String, dest: PathBuf) -> Exit
         Err(e) => {
             eprintln!(
                 "walsafe wal-fetch: FATAL: {name}: {}; recovery must stop here: fix the cause and start the server again",
-                crate::cli::error_line(&e)
+                crate::report::error_line(&e)
             );
             ExitCode::from(EXIT_FATAL)
         }
@@ -176,11 +176,11 @@ async fn refuse_if_in_gap(
 ) -> anyhow::Result<()> {
     let start = seg.start_lsn(segment_size);
     let end = seg.end_lsn(segment_size);
-    for obj in repo.store().list(crate::gaps::GAPS_PREFIX).await? {
+    for obj in repo.store().list(crate::gap::GAPS_PREFIX).await? {
         let Some(bytes) = repo.store().get(&obj.key).await? else {
             continue;
         };
-        let Ok(gap) = serde_json::from_slice::<crate::gaps::Gap>(&bytes) else {
+        let Ok(gap) = serde_json::from_slice::<crate::gap::Gap>(&bytes) else {
             continue;
         };
         let (Ok(from), Ok(to)) = (

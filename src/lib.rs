@@ -4,31 +4,36 @@
 //! The data's path, module by module:
 //!
 //! ```text
-//! pg::replication ─▶ receive ─▶ spool ─▶ upload ─▶ repository ─▶ fetch
-//!   (protocol)      (loop,      (local   (chunks,   (layout,      (restore_command,
-//!                    acks)       WAL)     segments)  envelope,     prefetch)
-//!                                                    store)
+//! pg ─▶ upstream ─▶ receive ─▶ spool ─▶ upload ─▶ repository ─▶ fetch
+//! (protocol,  (session:   (protocol  (local WAL,  (chunks,   (objects,      (restore_command,
+//!  LSN, WAL    connect,    loop,      writer       segments)  envelope,      prefetch)
+//!  files,      identify,   acks)      thread,                 store)
+//!  pages)      slot)                  retention)
 //! ```
+//!
+//! `agent` conducts the stages for `walsafe run`; `cmd` holds the other
+//! commands and the command line. The shared pieces every stage may use:
+//! `config`, `durable` (fsync primitives), `retry` (the one backoff
+//! helper), `metrics`, `positions`, `gap` (recorded losses), `report`
+//! (exit codes, error lines), `logging`, `service` (systemd), `state`.
+//! Imports only ever point down this list: no stage imports a later one,
+//! and nothing imports `cmd`.
 
 pub mod agent;
-pub mod check;
-pub mod cli;
+pub mod cmd;
 pub mod config;
-pub mod demo;
 pub mod durable;
 pub mod fetch;
-pub mod gaps;
+pub mod gap;
 pub mod logging;
 pub mod metrics;
 pub mod pg;
 pub mod positions;
-pub mod push;
 pub mod receive;
+pub mod report;
 pub mod repository;
 pub mod retry;
 pub mod service;
 pub mod spool;
 pub mod state;
-pub mod status;
 pub mod upload;
-pub mod verify;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::LogFormat;
+use crate::report::LogFormat;
 
 /// A log file that can be reopened in place (after logrotate moved it).
 #[derive(Clone)]

@@ -1,4 +1,4 @@
 //! The `walsafe` binary; everything lives in the library.
 fn main() -> std::process::ExitCode {
-    walsafe::cli::main()
+    walsafe::cmd::main()
 }

@@ -14,6 +14,9 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 
+use anyhow::Context;
+
+use crate::pg::Lsn;
 use crate::positions::{now_ms, Positions};
 
 /// Kind of uploaded object, as labelled in metrics.
@@ -55,6 +58,9 @@ pub const RECONNECTS_TOTAL: &str = "walsafe_reconnects_total";
 pub const UPLOAD_BYTES_TOTAL: &str = "walsafe_upload_bytes_total";
 pub const SPOOL_BYTES: &str = "walsafe_spool_bytes";
 pub const SPOOL_PENDING_SEGMENTS: &str = "walsafe_spool_pending_segments";
+
+/// How long the metrics endpoint may take to answer a scrape.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Buckets for fsync latency: 1 ms … 30 s.
 const FSYNC_BUCKETS: &[f64] = &[
@@ -238,4 +244,99 @@ pub fn set_spool(bytes: u64, pending_segments: u64) {
 /// Counts a create-only conflict (different content under the same name).
 pub fn conflict() {
     counter!(UPLOAD_CONFLICTS_TOTAL).increment(1);
+}
+
+/// What a running agent's metrics endpoint says about its positions (for
+/// `walsafe status` and `walsafe check`, which may run where the state file
+/// cannot be read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scraped {
+    pub connected: bool,
+    pub timeline: u32,
+    pub server: Lsn,
+    pub received: Lsn,
+    pub flushed: Lsn,
+    pub archived: Lsn,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    /// When the repository last advanced (unix ms), if it ever did.
+    pub last_archived_ms: Option<u64>,
+}
+
+/// Scrapes `http://addr/metrics` (HTTP/1.0, no keep-alive).
+pub async fn scrape(addr: SocketAddr) -> anyhow::Result<Scraped> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let body = tokio::time::timeout(SCRAPE_TIMEOUT, async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    })
+    .await
+    .with_context(|| format!("metrics endpoint {addr} did not answer"))?
+    .with_context(|| format!("cannot scrape the metrics endpoint {addr}"))?;
+    parse_exposition(&body).with_context(|| format!("metrics endpoint {addr}"))
+}
+
+/// Reads walsafe's gauges from a Prometheus text exposition.
+pub fn parse_exposition(text: &str) -> anyhow::Result<Scraped> {
+    let get = |name: &str| -> Option<f64> {
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.trim().parse().ok()).flatten()
+        })
+    };
+    let lsn = |name: &str| Lsn(get(name).unwrap_or(0.0) as u64);
+    let flushed = get(FLUSHED_LSN_BYTES).ok_or_else(|| {
+        anyhow::anyhow!("no {FLUSHED_LSN_BYTES} gauge: is this walsafe's metrics endpoint?")
+    })?;
+    Ok(Scraped {
+        connected: get(REPLICATION_CONNECTED) == Some(1.0),
+        timeline: get(TIMELINE).unwrap_or(0.0) as u32,
+        server: lsn(SERVER_LSN_BYTES),
+        received: lsn(RECEIVED_LSN_BYTES),
+        flushed: Lsn(flushed as u64),
+        archived: lsn(ARCHIVED_LSN_BYTES),
+        lag_bytes: get(ARCHIVE_LAG_BYTES).unwrap_or(0.0) as u64,
+        lag_seconds: get(ARCHIVE_LAG_SECONDS).unwrap_or(0.0),
+        last_archived_ms: get(LAST_ARCHIVED_TIMESTAMP_SECONDS)
+            .filter(|s| *s > 0.0)
+            .map(|s| (s * 1000.0) as u64),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_text_is_parsed() {
+        let text = "# HELP walsafe_flushed_lsn_bytes x\n\
+                    # TYPE walsafe_flushed_lsn_bytes gauge\n\
+                    walsafe_flushed_lsn_bytes 83886080\n\
+                    walsafe_server_lsn_bytes 83886080\n\
+                    walsafe_received_lsn_bytes 83886080\n\
+                    walsafe_archived_lsn_bytes 83882000\n\
+                    walsafe_archive_lag_bytes 4080\n\
+                    walsafe_archive_lag_seconds 0.25\n\
+                    walsafe_timeline 2\n\
+                    walsafe_replication_connected 1\n\
+                    walsafe_last_archived_timestamp_seconds 1763718000.5\n\
+                    walsafe_uploads_total{kind=\"chunk\",result=\"ok\"} 7\n";
+        let s = parse_exposition(text).unwrap();
+        assert_eq!(s.flushed.to_string(), "0/5000000");
+        assert_eq!(s.archived, Lsn(83882000));
+        assert_eq!(s.timeline, 2);
+        assert!(s.connected);
+        assert_eq!(s.lag_bytes, 4080);
+        assert_eq!(s.last_archived_ms, Some(1763718000500));
+        assert!(parse_exposition("something_else 1\n").is_err());
+    }
 }

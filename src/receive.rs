@@ -188,7 +188,7 @@ fn writer_thread(
         Ok(())
     })();
     if let Err(e) = &result {
-        tracing::error!("spool writer stopped: {}", crate::cli::error_line(e));
+        tracing::error!("spool writer stopped: {}", crate::report::error_line(e));
     }
     result
 }

@@ -430,13 +430,13 @@ impl Uploader {
                     .downcast_ref::<RepositoryError>()
                     .is_some_and(|r| matches!(r, RepositoryError::Conflict { .. }));
                 if conflict {
-                    error!("{}; the local copy is kept in the spool and this object will not be retried until restart", crate::cli::error_line(&e));
+                    error!("{}; the local copy is kept in the spool and this object will not be retried until restart", crate::report::error_line(&e));
                     crate::metrics::conflict();
                     self.jobs.insert(job, State::Conflict);
                 } else {
                     warn!(
                         "upload of {job:?} failed, will retry: {}",
-                        crate::cli::error_line(&e)
+                        crate::report::error_line(&e)
                     );
                     self.jobs.insert(job, State::Waiting);
                 }
@@ -488,7 +488,7 @@ impl Uploader {
             if let Err(e) = r {
                 warn!(
                     "start-up cleanup of superseded chunks failed: {}",
-                    crate::cli::error_line(&e)
+                    crate::report::error_line(&e)
                 );
             }
         });

@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::pg::{chown_postgres, PgCluster, PgOptions};
 use common::setup::{parse_lsn, setup, Setup};
 use common::walsafe::{wait_until, walsafe, Agent, Settings};
-use walsafe::config::Compression;
+use walsafe::repository::Compression;
 use walsafe::repository::{ClusterIdentity, Key, Repository, Store};
 
 impl Setup {

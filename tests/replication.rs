@@ -9,9 +9,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::pg::{PgCluster, PgOptions};
-use walsafe::pg::replication::{
-    AuthMethod, ReplError, ReplMessage, ReplicationConnection, ReplicationStream,
-};
+use walsafe::pg::error::PgError;
+use walsafe::pg::replication::{AuthMethod, ReplMessage, ReplicationConnection, ReplicationStream};
 use walsafe::pg::sql;
 use walsafe::pg::{Lsn, SegmentName, TimelineId};
 
@@ -24,7 +23,7 @@ async fn connect(conninfo: &str) -> ReplicationConnection {
         .unwrap_or_else(|e| panic!("connect {conninfo}: {e}"))
 }
 
-async fn connect_err(conninfo: &str) -> ReplError {
+async fn connect_err(conninfo: &str) -> PgError {
     ReplicationConnection::connect(conninfo, APP)
         .await
         .expect_err("connection should have failed")
@@ -142,7 +141,7 @@ async fn trust_over_unix_socket_identify_system_and_settings() {
 
     // Nothing listening: a retryable connect error naming the socket.
     let e = connect_err("host=/nonexistent/dir port=5999 user=postgres").await;
-    assert!(matches!(e, ReplError::Connect { .. }), "{e:?}");
+    assert!(matches!(e, PgError::Connect { .. }), "{e:?}");
     assert!(e.is_retryable());
     assert!(
         e.to_string().contains("/nonexistent/dir/.s.PGSQL.5999"),
@@ -189,7 +188,7 @@ async fn password_methods_over_tcp_and_failures() {
     ] {
         let e = connect_err(&pg.tcp_conninfo(user, Some(wrong))).await;
         let text = e.to_string();
-        assert!(matches!(e, ReplError::AuthFailed { .. }), "{e:?}");
+        assert!(matches!(e, PgError::AuthFailed { .. }), "{e:?}");
         assert_eq!(e.sqlstate(), Some("28P01"));
         assert!(!e.is_retryable());
         assert!(
@@ -210,7 +209,7 @@ async fn password_methods_over_tcp_and_failures() {
     }
 
     let e = connect_err(&pg.tcp_conninfo("norepl_user", None)).await;
-    assert!(matches!(e, ReplError::NotReplicationRole { .. }), "{e:?}");
+    assert!(matches!(e, PgError::NotReplicationRole { .. }), "{e:?}");
     assert!(
         e.to_string()
             .starts_with("role \"norepl_user\" lacks the REPLICATION attribute; run ALTER ROLE norepl_user REPLICATION"),
@@ -220,7 +219,7 @@ async fn password_methods_over_tcp_and_failures() {
     assert!(!e.is_retryable());
 
     let e = connect_err(&pg.tcp_conninfo("nobody_user", None)).await;
-    assert!(matches!(e, ReplError::RoleRejected { .. }), "{e:?}");
+    assert!(matches!(e, PgError::RoleRejected { .. }), "{e:?}");
     assert_eq!(e.sqlstate(), Some("28000"));
 
     // The SQL connection shares the resolution, and falls back to database
@@ -236,7 +235,7 @@ async fn password_methods_over_tcp_and_failures() {
     let e = sql::connect_sql(&pg.tcp_conninfo("scram_user", Some("nope-nope")), APP)
         .await
         .unwrap_err();
-    assert!(matches!(e, ReplError::AuthFailed { .. }), "{e:?}");
+    assert!(matches!(e, PgError::AuthFailed { .. }), "{e:?}");
     assert!(!e.to_string().contains("nope-nope"));
 }
 
@@ -246,7 +245,7 @@ async fn missing_pg_hba_entry_and_wal_senders_exhausted() {
     opts.default_replication_hba = false;
     let pg = PgCluster::start(&opts);
     let e = connect_err(&pg.tcp_conninfo("postgres", None)).await;
-    assert!(matches!(e, ReplError::HbaRejected { .. }), "{e:?}");
+    assert!(matches!(e, PgError::HbaRejected { .. }), "{e:?}");
     assert_eq!(e.sqlstate(), Some("28000"));
     let text = e.to_string();
     assert!(
@@ -267,7 +266,7 @@ async fn missing_pg_hba_entry_and_wal_senders_exhausted() {
     std::thread::sleep(Duration::from_millis(500));
     let _first = connect(&pg.conninfo()).await;
     let e = connect_err(&pg.conninfo()).await;
-    assert!(matches!(e, ReplError::WalSendersExhausted { .. }), "{e:?}");
+    assert!(matches!(e, PgError::WalSendersExhausted { .. }), "{e:?}");
     assert_eq!(e.sqlstate(), Some("53300"));
     assert!(e.is_retryable());
 }
@@ -303,12 +302,12 @@ async fn password_file_and_environment() {
     std::fs::write(&other, "*:*:*:*:nothing-matches\n").unwrap();
     std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
     let e = connect_err(&format!("{conninfo} passfile={}", other.display())).await;
-    assert!(matches!(e, ReplError::AuthFailed { .. }), "{e:?}");
+    assert!(matches!(e, PgError::AuthFailed { .. }), "{e:?}");
 
     // A group-readable file is ignored, like libpq does.
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o640)).unwrap();
     let e = connect_err(&conninfo).await;
-    assert!(matches!(e, ReplError::PasswordMissing { .. }), "{e:?}");
+    assert!(matches!(e, PgError::PasswordMissing { .. }), "{e:?}");
     assert!(
         e.to_string()
             .contains("asks for a password for user \"pf_user\""),
@@ -340,7 +339,7 @@ async fn slots_create_exists_read_and_active_elsewhere() {
     assert!(lsn > Lsn(0), "{lsn}");
     let e = conn.create_physical_slot("walsafe_t").await.unwrap_err();
     assert!(
-        matches!(e, ReplError::SlotExists { ref slot, .. } if slot == "walsafe_t"),
+        matches!(e, PgError::SlotExists { ref slot, .. } if slot == "walsafe_t"),
         "{e:?}"
     );
     assert_eq!(e.sqlstate(), Some("42710"));
@@ -357,7 +356,7 @@ async fn slots_create_exists_read_and_active_elsewhere() {
     );
     assert!(matches!(
         conn.create_physical_slot("Bad-Name").await,
-        Err(ReplError::InvalidSlotName(_))
+        Err(PgError::InvalidSlotName(_))
     ));
 
     let client = sql::connect_sql(&pg.conninfo(), APP).await.unwrap();
@@ -380,7 +379,7 @@ async fn slots_create_exists_read_and_active_elsewhere() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e, ReplError::SlotMissing { ref slot, .. } if slot == "no_such_slot"),
+        matches!(e, PgError::SlotMissing { ref slot, .. } if slot == "no_such_slot"),
         "{e:?}"
     );
     assert_eq!(e.sqlstate(), Some("42704"));
@@ -400,7 +399,7 @@ async fn slots_create_exists_read_and_active_elsewhere() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e, ReplError::SlotActive { pid: Some(p), .. } if p == first_pid),
+        matches!(e, PgError::SlotActive { pid: Some(p), .. } if p == first_pid),
         "{e:?}"
     );
     assert!(
@@ -612,7 +611,7 @@ async fn end_of_timeline_after_promotion_then_history_and_next_timeline() {
         .unwrap();
     assert!(matches!(
         stream.next_message().await,
-        Err(ReplError::InvalidState(_))
+        Err(PgError::InvalidState(_))
     ));
 
     let mut conn = stream.into_connection().unwrap();
@@ -700,13 +699,13 @@ async fn wal_already_removed_is_its_own_error() {
             // The stream is unusable after an error.
             assert!(matches!(
                 stream.next_message().await,
-                Err(ReplError::InvalidState(_))
+                Err(PgError::InvalidState(_))
             ));
             e
         }
     };
     assert!(
-        matches!(e, ReplError::WalRemoved { start, .. } if start == old),
+        matches!(e, PgError::WalRemoved { start, .. } if start == old),
         "{e:?}"
     );
     assert_eq!(e.sqlstate(), Some("58P01"));

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::s3::{S3Server, SECRET_ACCESS_KEY};
 use object_store::ObjectStore;
-use walsafe::config::{Compression, RepositoryConfig};
 use walsafe::repository::envelope::EnvelopeError;
 use walsafe::repository::key::{write_key_file, Key};
 use walsafe::repository::store::{PutResult, Store, StoreError};
 use walsafe::repository::{ClusterIdentity, ErrorClass, PutOutcome, Repository, RepositoryError};
+use walsafe::repository::{Compression, RepositoryConfig};
 
 const SEG: &str = "000000010000000000000003";
 const SEG2: &str = "000000010000000000000004";

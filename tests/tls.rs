@@ -19,7 +19,8 @@ use rcgen::{
     KeyPair,
 };
 use tokio_postgres::Client;
-use walsafe::pg::replication::{ReplError, ReplMessage, ReplicationConnection};
+use walsafe::pg::error::PgError;
+use walsafe::pg::replication::{ReplMessage, ReplicationConnection};
 use walsafe::pg::sql;
 use walsafe::pg::tls::TlsError;
 use walsafe::pg::{Lsn, TimelineId};
@@ -130,11 +131,11 @@ fn no_home_files(dir: &Path) -> String {
     )
 }
 
-async fn repl(conninfo: &str) -> Result<ReplicationConnection, ReplError> {
+async fn repl(conninfo: &str) -> Result<ReplicationConnection, PgError> {
     ReplicationConnection::connect(conninfo, APP).await
 }
 
-async fn sql_client(conninfo: &str) -> Result<Client, ReplError> {
+async fn sql_client(conninfo: &str) -> Result<Client, PgError> {
     sql::connect_sql(conninfo, APP).await
 }
 
@@ -198,12 +199,12 @@ async fn every_sslmode_against_an_ssl_server() {
 
     // disable: plain, which pg_hba.conf rejects.
     let e = repl(&format!("{base} sslmode=disable")).await.unwrap_err();
-    assert!(matches!(e, ReplError::HbaRejected { .. }), "{e:?}");
+    assert!(matches!(e, PgError::HbaRejected { .. }), "{e:?}");
     assert!(e.to_string().contains("no encryption"), "{e}");
     let e = sql_client(&format!("{base} sslmode=disable"))
         .await
         .unwrap_err();
-    assert!(matches!(e, ReplError::HbaRejected { .. }), "{e:?}");
+    assert!(matches!(e, PgError::HbaRejected { .. }), "{e:?}");
 
     // allow: plain is refused, so TLS; prefer and require: TLS at once.
     for mode in ["allow", "prefer", "require"] {
@@ -241,7 +242,7 @@ async fn every_sslmode_against_an_ssl_server() {
             sql_client(&conninfo).await.unwrap_err(),
         ] {
             assert!(
-                matches!(e, ReplError::Tls(TlsError::CertificateRejected { .. })),
+                matches!(e, PgError::Tls(TlsError::CertificateRejected { .. })),
                 "{mode}: {e:?}"
             );
             assert!(
@@ -260,14 +261,14 @@ async fn every_sslmode_against_an_ssl_server() {
     ))
     .await
     .unwrap_err();
-    assert!(matches!(e, ReplError::HbaRejected { .. }), "{e:?}");
+    assert!(matches!(e, PgError::HbaRejected { .. }), "{e:?}");
 
     // verify-ca without any root file.
     let e = repl(&format!("{base} sslmode=verify-ca"))
         .await
         .unwrap_err();
     assert!(
-        matches!(e, ReplError::Tls(TlsError::RootCertMissing { .. })),
+        matches!(e, PgError::Tls(TlsError::RootCertMissing { .. })),
         "{e:?}"
     );
     assert!(
@@ -321,7 +322,7 @@ async fn verify_full_refuses_a_certificate_for_another_host_name() {
         sql_client(&conninfo).await.unwrap_err(),
     ] {
         assert!(
-            matches!(e, ReplError::Tls(TlsError::HostnameMismatch { .. })),
+            matches!(e, PgError::Tls(TlsError::HostnameMismatch { .. })),
             "{e:?}"
         );
         let text = e.to_string();
@@ -371,7 +372,7 @@ async fn server_without_ssl_prefer_falls_back_and_require_fails() {
             sql_client(&conninfo).await.unwrap_err(),
         ] {
             assert!(
-                matches!(e, ReplError::Tls(TlsError::ServerRefusedTls { .. })),
+                matches!(e, PgError::Tls(TlsError::ServerRefusedTls { .. })),
                 "{mode}: {e:?}"
             );
             assert_eq!(
@@ -504,7 +505,7 @@ async fn client_certificates_scram_channel_binding_and_streaming_over_tls() {
         sql_client(&conninfo_stranger).await.unwrap_err(),
     ] {
         assert!(
-            matches!(e, ReplError::Tls(TlsError::ServerAlert { .. })),
+            matches!(e, PgError::Tls(TlsError::ServerAlert { .. })),
             "{e:?}"
         );
         assert!(e.to_string().contains("check sslcert/sslkey"), "{e}");
@@ -515,7 +516,7 @@ async fn client_certificates_scram_channel_binding_and_streaming_over_tls() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let e = repl(&conninfo).await.unwrap_err();
     assert!(
-        matches!(e, ReplError::Tls(TlsError::KeyPermissions { .. })),
+        matches!(e, PgError::Tls(TlsError::KeyPermissions { .. })),
         "{e:?}"
     );
     assert!(e.to_string().contains(&key.display().to_string()), "{e}");
@@ -542,7 +543,7 @@ async fn client_certificates_scram_channel_binding_and_streaming_over_tls() {
     let e = repl(&scram.replace("scr4m-over-tls", "wrong"))
         .await
         .unwrap_err();
-    assert!(matches!(e, ReplError::AuthFailed { .. }), "{e:?}");
+    assert!(matches!(e, PgError::AuthFailed { .. }), "{e:?}");
 }
 
 #[test]

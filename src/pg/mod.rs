@@ -3,11 +3,13 @@
 //! client ([`replication`]) and the ordinary SQL connection ([`sql`]).
 
 pub mod conninfo;
+pub mod error;
 pub mod lsn;
 pub mod page;
 pub mod replication;
 pub mod sql;
 pub mod tls;
+pub mod transport;
 pub mod walfile;
 
 pub use lsn::{Lsn, TimelineId};

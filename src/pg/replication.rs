@@ -27,7 +27,7 @@
 //! Errors about the requested start position (WAL already removed, an
 //! invalidated slot) may come after CopyBothResponse, when the walsender
 //! first reads WAL: [`ReplicationStream::next_message`]'s first call then
-//! returns them, classified like any other ([`ReplError::WalRemoved`], …).
+//! returns them, classified like any other ([`PgError::WalRemoved`], …).
 //!
 //! If START_REPLICATION asks for exactly the end of a historic timeline the
 //! server skips CopyBoth and answers with the next-timeline result set at
@@ -43,14 +43,13 @@
 //!   next call.
 //! - No password is ever formatted: see [`super::conninfo::Password`].
 //! - Every server error keeps its SQLSTATE ([`ServerError`]) and is
-//!   classified into a [`ReplError`] variant that says what to do.
+//!   classified into a [`PgError`] variant that says what to do.
 //!
 //! `application_name` passed to [`ReplicationConnection::connect`] is a
 //! fallback, like libpq's `fallback_application_name`: one set in the
 //! conninfo or in `PGAPPNAME` wins, so an operator can name the standby in
 //! `synchronous_standby_names`.
 
-mod error;
 mod wire;
 
 use std::time::Duration;
@@ -64,13 +63,12 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
-pub use self::error::{classify, ErrorContext, ReplError, ServerError};
-pub(crate) use self::wire::server_error as wire_server_error;
 use self::wire::{Backend, Wire};
 use crate::pg::conninfo::REPLICATION_PASSFILE_DB;
 pub use crate::pg::conninfo::{ConnParams, Host, Password, SslMode, Target};
+use crate::pg::error::{classify, server_error, ErrorContext, PgError};
 use crate::pg::lsn::{Lsn, TimelineId};
-use crate::pg::tls::{self, Attempt, Failed};
+use crate::pg::transport::{self, Attempt, Failed};
 
 /// How long connecting plus authenticating may take when the conninfo sets
 /// no `connect_timeout`: a server that accepts TCP but never answers must
@@ -175,7 +173,7 @@ impl std::fmt::Debug for ReplicationConnection {
 impl ReplicationConnection {
     /// Resolves `conninfo` (see [`ConnParams`]) and opens a physical
     /// replication connection to the first host that accepts it.
-    pub async fn connect(conninfo: &str, application_name: &str) -> Result<Self, ReplError> {
+    pub async fn connect(conninfo: &str, application_name: &str) -> Result<Self, PgError> {
         let params = ConnParams::parse(conninfo)?;
         Self::connect_params(&params, application_name).await
     }
@@ -184,7 +182,7 @@ impl ReplicationConnection {
     pub async fn connect_params(
         params: &ConnParams,
         application_name: &str,
-    ) -> Result<Self, ReplError> {
+    ) -> Result<Self, PgError> {
         let mut last = None;
         for target in &params.targets {
             match Self::connect_target(params, target, application_name).await {
@@ -197,16 +195,16 @@ impl ReplicationConnection {
                 }
             }
         }
-        Err(last.unwrap_or(ReplError::InvalidState("the conninfo names no host")))
+        Err(last.unwrap_or(PgError::InvalidState("the conninfo names no host")))
     }
 
     async fn connect_target(
         params: &ConnParams,
         target: &Target,
         application_name: &str,
-    ) -> Result<Self, ReplError> {
+    ) -> Result<Self, PgError> {
         let limit = params.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        tls::with_fallback(params, target, limit, |attempt| {
+        transport::with_fallback(params, target, limit, |attempt| {
             Self::handshake(params, target, application_name, attempt)
         })
         .await
@@ -220,7 +218,7 @@ impl ReplicationConnection {
         application_name: &str,
         attempt: Attempt,
     ) -> Result<Self, Failed> {
-        let stream = tls::open(params, target, attempt).await?;
+        let stream = transport::open(params, target, attempt).await?;
         let encrypted = stream.is_encrypted();
         let end_point = stream.tls_server_end_point();
         Self::startup(
@@ -247,7 +245,7 @@ impl ReplicationConnection {
         application_name: &str,
         transport: wire::BoxedTransport,
         tls_end_point: Option<Vec<u8>>,
-    ) -> Result<Self, ReplError> {
+    ) -> Result<Self, PgError> {
         let mut wire = Wire::new(transport, target.to_string());
         let app = params
             .application_name
@@ -286,7 +284,7 @@ impl ReplicationConnection {
                 }
                 Backend::Msg(Message::ReadyForQuery(_)) => break,
                 Backend::Msg(Message::ErrorResponse(e)) => {
-                    return Err(classify(wire::server_error(&e), &ctx))
+                    return Err(classify(server_error(&e), &ctx))
                 }
                 other => {
                     return Err(wire.protocol(
@@ -357,7 +355,7 @@ impl ReplicationConnection {
         &mut self,
         sql: &str,
         ctx: &ErrorContext,
-    ) -> Result<QueryResult, ReplError> {
+    ) -> Result<QueryResult, PgError> {
         let what = ctx.command.as_str();
         frontend::query(sql, self.wire.queue())
             .map_err(|e| self.wire.protocol(what, e.to_string()))?;
@@ -383,7 +381,7 @@ impl ReplicationConnection {
                 ),
                 Backend::Msg(Message::CommandComplete(_) | Message::EmptyQueryResponse) => {}
                 Backend::Msg(Message::ErrorResponse(e)) => {
-                    error.get_or_insert(wire::server_error(&e));
+                    error.get_or_insert(server_error(&e));
                 }
                 Backend::Msg(Message::ReadyForQuery(_)) => break,
                 other => {
@@ -404,7 +402,7 @@ impl ReplicationConnection {
         &mut self,
         sql: &str,
         ctx: &ErrorContext,
-    ) -> Result<Vec<Option<String>>, ReplError> {
+    ) -> Result<Vec<Option<String>>, PgError> {
         let r = self.simple_query(sql, ctx).await?;
         if r.rows.len() != 1 {
             return Err(self.wire.protocol(
@@ -423,7 +421,7 @@ impl ReplicationConnection {
     }
 
     /// IDENTIFY_SYSTEM: system identifier, timeline, WAL position.
-    pub async fn identify_system(&mut self) -> Result<IdentifySystem, ReplError> {
+    pub async fn identify_system(&mut self) -> Result<IdentifySystem, PgError> {
         let ctx = self.ctx("IDENTIFY_SYSTEM");
         let row = self.single_row("IDENTIFY_SYSTEM", &ctx).await?;
         let field = |i: usize| row.get(i).cloned().flatten();
@@ -449,13 +447,13 @@ impl ReplicationConnection {
     }
 
     /// SHOW `name`: a server setting as text ("16MB").
-    pub async fn show(&mut self, name: &str) -> Result<String, ReplError> {
+    pub async fn show(&mut self, name: &str) -> Result<String, PgError> {
         if name.is_empty()
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
         {
-            return Err(ReplError::InvalidState("SHOW takes a plain setting name"));
+            return Err(PgError::InvalidState("SHOW takes a plain setting name"));
         }
         let ctx = self.ctx(&format!("SHOW {name}"));
         let row = self.single_row(&format!("SHOW {name}"), &ctx).await?;
@@ -466,7 +464,7 @@ impl ReplicationConnection {
     }
 
     /// The server's WAL segment size in bytes.
-    pub async fn segment_size(&mut self) -> Result<u64, ReplError> {
+    pub async fn segment_size(&mut self) -> Result<u64, PgError> {
         let text = self.show("wal_segment_size").await?;
         parse_size_setting(&text)
             .filter(|s| crate::pg::walfile::is_valid_segment_size(*s))
@@ -479,14 +477,14 @@ impl ReplicationConnection {
     }
 
     /// READ_REPLICATION_SLOT (PostgreSQL 15+): `None` if the slot does not
-    /// exist; [`ReplError::Unsupported`] on older servers.
+    /// exist; [`PgError::Unsupported`] on older servers.
     pub async fn read_replication_slot(
         &mut self,
         slot: &str,
-    ) -> Result<Option<SlotPosition>, ReplError> {
+    ) -> Result<Option<SlotPosition>, PgError> {
         check_slot_name(slot)?;
         if self.server_version_num < 150000 {
-            return Err(ReplError::Unsupported {
+            return Err(PgError::Unsupported {
                 what: "READ_REPLICATION_SLOT",
                 needs: "15",
                 server_version_num: self.server_version_num,
@@ -528,7 +526,7 @@ impl ReplicationConnection {
     /// consistent point for physical slots, so on PostgreSQL 15+ the slot's
     /// restart_lsn is read back; on older servers the consistent point is
     /// returned as is.
-    pub async fn create_physical_slot(&mut self, slot: &str) -> Result<Lsn, ReplError> {
+    pub async fn create_physical_slot(&mut self, slot: &str) -> Result<Lsn, PgError> {
         check_slot_name(slot)?;
         let mut ctx = self.ctx("CREATE_REPLICATION_SLOT");
         ctx.slot = Some(slot.to_string());
@@ -560,10 +558,7 @@ impl ReplicationConnection {
     }
 
     /// TIMELINE_HISTORY `tli`: the history file's name and raw content.
-    pub async fn timeline_history(
-        &mut self,
-        tli: TimelineId,
-    ) -> Result<(String, Bytes), ReplError> {
+    pub async fn timeline_history(&mut self, tli: TimelineId) -> Result<(String, Bytes), PgError> {
         let ctx = self.ctx("TIMELINE_HISTORY");
         let r = self
             .simple_query(&format!("TIMELINE_HISTORY {}", tli.0), &ctx)
@@ -590,7 +585,7 @@ impl ReplicationConnection {
         slot: Option<&str>,
         start: Lsn,
         timeline: TimelineId,
-    ) -> Result<ReplicationStream, ReplError> {
+    ) -> Result<ReplicationStream, PgError> {
         let mut ctx = self.ctx("START_REPLICATION");
         ctx.start = Some((start, timeline));
         let mut sql = String::from("START_REPLICATION ");
@@ -623,7 +618,7 @@ impl ReplicationConnection {
                 }
                 Backend::Msg(Message::CommandComplete(_)) => {}
                 Backend::Msg(Message::ErrorResponse(e)) => {
-                    error.get_or_insert(wire::server_error(&e));
+                    error.get_or_insert(server_error(&e));
                 }
                 Backend::Msg(Message::ReadyForQuery(_)) => {
                     if let Some(e) = error {
@@ -660,7 +655,7 @@ impl ReplicationConnection {
     fn parse_next_timeline(
         &self,
         row: &postgres_protocol::message::backend::DataRowBody,
-    ) -> Result<(TimelineId, Lsn), ReplError> {
+    ) -> Result<(TimelineId, Lsn), PgError> {
         let what = "reading the end-of-timeline result";
         let values = wire::row_values(row).map_err(|e| self.wire.protocol(what, e.to_string()))?;
         let text = |i: usize| {
@@ -722,26 +717,26 @@ impl std::fmt::Debug for ReplicationStream {
 }
 
 impl ReplicationStream {
-    fn conn(&mut self) -> Result<&mut ReplicationConnection, ReplError> {
+    fn conn(&mut self) -> Result<&mut ReplicationConnection, PgError> {
         self.conn
             .as_mut()
-            .ok_or(ReplError::InvalidState("the replication stream is closed"))
+            .ok_or(PgError::InvalidState("the replication stream is closed"))
     }
 
     /// The next message from the server.
     ///
     /// Cancel-safe: may be used in tokio::select! (whole messages are
     /// buffered internally; a cancelled call loses nothing).
-    pub async fn next_message(&mut self) -> Result<ReplMessage, ReplError> {
+    pub async fn next_message(&mut self) -> Result<ReplMessage, PgError> {
         loop {
             match &mut self.state {
                 StreamState::Ended { pending, .. } => {
                     return pending
                         .take()
-                        .ok_or(ReplError::InvalidState("the replication stream has ended"));
+                        .ok_or(PgError::InvalidState("the replication stream has ended"));
                 }
                 StreamState::Failed => {
-                    return Err(ReplError::InvalidState(
+                    return Err(PgError::InvalidState(
                         "the replication stream failed earlier",
                     ))
                 }
@@ -751,7 +746,7 @@ impl ReplicationStream {
             if let Err(e) = &result {
                 // I/O and server errors end the stream for good; a
                 // cancellation never reaches here.
-                if !matches!(e, ReplError::InvalidState(_)) {
+                if !matches!(e, PgError::InvalidState(_)) {
                     self.state = StreamState::Failed;
                 }
             }
@@ -762,7 +757,7 @@ impl ReplicationStream {
     }
 
     /// Reads and handles one message; `Some` when it is for the caller.
-    async fn step(&mut self) -> Result<Option<ReplMessage>, ReplError> {
+    async fn step(&mut self) -> Result<Option<ReplMessage>, PgError> {
         let conn = self.conn()?;
         if conn.wire.has_pending_writes() {
             conn.wire
@@ -817,7 +812,7 @@ impl ReplicationStream {
                 Ok(Some(m))
             }
             (_, Backend::Msg(Message::ErrorResponse(e))) => {
-                Err(classify(wire::server_error(&e), &self.ctx))
+                Err(classify(server_error(&e), &self.ctx))
             }
             (_, other) => Err(conn.wire.protocol(
                 "streaming WAL",
@@ -837,7 +832,7 @@ impl ReplicationStream {
         flush: Lsn,
         apply: Lsn,
         reply_requested: bool,
-    ) -> Result<(), ReplError> {
+    ) -> Result<(), PgError> {
         if !matches!(self.state, StreamState::Streaming) {
             tracing::debug!("standby status not sent: streaming has ended");
             return Ok(());
@@ -856,20 +851,20 @@ impl ReplicationStream {
     }
 
     /// After ReplMessage::EndOfTimeline: the connection, ready for TIMELINE_HISTORY / START_REPLICATION.
-    pub fn into_connection(mut self) -> Result<ReplicationConnection, ReplError> {
+    pub fn into_connection(mut self) -> Result<ReplicationConnection, PgError> {
         match self.state {
             StreamState::Ended { reusable: true, .. } => self
                 .conn
                 .take()
-                .ok_or(ReplError::InvalidState("the replication stream is closed")),
-            _ => Err(ReplError::InvalidState(
+                .ok_or(PgError::InvalidState("the replication stream is closed")),
+            _ => Err(PgError::InvalidState(
                 "into_connection needs a stream that ended with EndOfTimeline",
             )),
         }
     }
 
     /// Clean stop: send CopyDone, drain to ReadyForQuery (bounded wait), close.
-    pub async fn stop(mut self) -> Result<(), ReplError> {
+    pub async fn stop(mut self) -> Result<(), PgError> {
         let Some(mut conn) = self.conn.take() else {
             return Ok(());
         };
@@ -888,7 +883,7 @@ impl ReplicationStream {
                     match conn.wire.recv("stopping replication").await? {
                         Backend::Msg(Message::ReadyForQuery(_)) => return Ok(()),
                         Backend::Msg(Message::ErrorResponse(e)) => {
-                            return Err(classify(wire::server_error(&e), &self.ctx))
+                            return Err(classify(server_error(&e), &self.ctx))
                         }
                         _ => {}
                     }
@@ -896,7 +891,7 @@ impl ReplicationStream {
             };
             match tokio::time::timeout(STOP_TIMEOUT, drain).await {
                 Ok(Ok(())) => {}
-                Ok(Err(ReplError::Closed { .. })) => return Ok(()),
+                Ok(Err(PgError::Closed { .. })) => return Ok(()),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => tracing::warn!(
                     target = %conn.wire.target,
@@ -918,12 +913,12 @@ async fn authenticate(
     passfile_db: &str,
     ctx: &ErrorContext,
     tls_end_point: Option<Vec<u8>>,
-) -> Result<(AuthMethod, bool), ReplError> {
+) -> Result<(AuthMethod, bool), PgError> {
     const WHAT: &str = "authenticating";
-    let password = |wire: &Wire| -> Result<Password, ReplError> {
+    let password = |wire: &Wire| -> Result<Password, PgError> {
         params
             .password_for(target, passfile_db, &mut |w| tracing::warn!("{w}"))
-            .ok_or_else(|| ReplError::PasswordMissing {
+            .ok_or_else(|| PgError::PasswordMissing {
                 target: wire.target.clone(),
                 user: params.user.clone(),
                 passfile: params
@@ -962,7 +957,7 @@ async fn authenticate(
                 }
                 let plus = mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
                 if !plus && !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
-                    return Err(ReplError::UnsupportedAuth {
+                    return Err(PgError::UnsupportedAuth {
                         target: wire.target.clone(),
                         method: format!("SASL ({})", mechanisms.join(", ")),
                     });
@@ -992,7 +987,7 @@ async fn authenticate(
                             .map_err(|e| wire.protocol("SCRAM exchange", e.to_string()))?;
                     }
                     Backend::Msg(Message::ErrorResponse(e)) => {
-                        return Err(classify(wire::server_error(&e), ctx))
+                        return Err(classify(server_error(&e), ctx))
                     }
                     other => {
                         return Err(wire.protocol(
@@ -1014,7 +1009,7 @@ async fn authenticate(
                         })?;
                     }
                     Backend::Msg(Message::ErrorResponse(e)) => {
-                        return Err(classify(wire::server_error(&e), ctx))
+                        return Err(classify(server_error(&e), ctx))
                     }
                     other => {
                         return Err(wire.protocol(
@@ -1024,22 +1019,20 @@ async fn authenticate(
                     }
                 }
             }
-            Backend::Msg(Message::ErrorResponse(e)) => {
-                return Err(classify(wire::server_error(&e), ctx))
-            }
+            Backend::Msg(Message::ErrorResponse(e)) => return Err(classify(server_error(&e), ctx)),
             Backend::Msg(
                 Message::AuthenticationGss
                 | Message::AuthenticationSspi
                 | Message::AuthenticationKerberosV5
                 | Message::AuthenticationGssContinue(_),
             ) => {
-                return Err(ReplError::UnsupportedAuth {
+                return Err(PgError::UnsupportedAuth {
                     target: wire.target.clone(),
                     method: "GSSAPI/SSPI/Kerberos".into(),
                 })
             }
             Backend::Msg(Message::AuthenticationScmCredential) => {
-                return Err(ReplError::UnsupportedAuth {
+                return Err(PgError::UnsupportedAuth {
                     target: wire.target.clone(),
                     method: "SCM credential".into(),
                 })
@@ -1091,7 +1084,7 @@ pub fn parse_size_setting(text: &str) -> Option<u64> {
 }
 
 /// Slot names PostgreSQL accepts: 1–63 of `a-z0-9_`.
-fn check_slot_name(slot: &str) -> Result<(), ReplError> {
+fn check_slot_name(slot: &str) -> Result<(), PgError> {
     let ok = !slot.is_empty()
         && slot.len() < 64
         && slot
@@ -1100,7 +1093,7 @@ fn check_slot_name(slot: &str) -> Result<(), ReplError> {
     if ok {
         Ok(())
     } else {
-        Err(ReplError::InvalidSlotName(slot.to_string()))
+        Err(PgError::InvalidSlotName(slot.to_string()))
     }
 }
 
@@ -1141,7 +1134,7 @@ mod tests {
         fn send_type<T: Send>() {}
         send_type::<ReplicationConnection>();
         send_type::<ReplicationStream>();
-        send_type::<ReplError>();
+        send_type::<PgError>();
         // Futures must be Send so the receive loop can run in tokio::spawn.
         let _ = |mut s: ReplicationStream| {
             send(&s.next_message());

@@ -9,7 +9,7 @@
 //! configured, walsafe falls back to `postgres`. Hosts are tried in order,
 //! each with its own password-file lookup.
 //!
-//! The socket and TLS come from [`crate::pg::tls::open`], exactly as for
+//! The socket and TLS come from [`crate::pg::transport::open`], exactly as for
 //! the replication connection (same sslmode rules, same errors); the
 //! negotiated stream is handed to tokio-postgres with `connect_raw`, over
 //! TLS as `sslnegotiation=direct` with a pass-through connector
@@ -21,9 +21,10 @@ use tokio_postgres::config::{SslMode as PgSslMode, SslNegotiation};
 use tokio_postgres::Client;
 
 use crate::pg::conninfo::{ConnParams, Target};
+use crate::pg::error::{classify, ErrorContext, PgError, ServerError};
 use crate::pg::lsn::Lsn;
-use crate::pg::replication::{classify, ErrorContext, ReplError, ServerError};
-use crate::pg::tls::{self, Failed, Negotiated};
+use crate::pg::tls;
+use crate::pg::transport::{self, Failed, Negotiated};
 
 /// Database tried when the default (the user's name) does not exist.
 pub const FALLBACK_DBNAME: &str = "postgres";
@@ -40,7 +41,7 @@ pub struct SlotState {
 }
 
 /// Connects with tokio-postgres and spawns the connection task.
-pub async fn connect_sql(conninfo: &str, application_name: &str) -> Result<Client, ReplError> {
+pub async fn connect_sql(conninfo: &str, application_name: &str) -> Result<Client, PgError> {
     let params = ConnParams::parse(conninfo)?;
     connect_sql_params(&params, application_name).await
 }
@@ -49,7 +50,7 @@ pub async fn connect_sql(conninfo: &str, application_name: &str) -> Result<Clien
 pub async fn connect_sql_params(
     params: &ConnParams,
     application_name: &str,
-) -> Result<Client, ReplError> {
+) -> Result<Client, PgError> {
     let mut last = None;
     for target in &params.targets {
         let attempt = match &params.dbname {
@@ -71,7 +72,7 @@ pub async fn connect_sql_params(
             }
         }
     }
-    Err(last.unwrap_or(ReplError::InvalidState("the conninfo names no host")))
+    Err(last.unwrap_or(PgError::InvalidState("the conninfo names no host")))
 }
 
 async fn connect_one(
@@ -79,7 +80,7 @@ async fn connect_one(
     target: &Target,
     dbname: &str,
     application_name: &str,
-) -> Result<Client, ReplError> {
+) -> Result<Client, PgError> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.user(&params.user).dbname(dbname).application_name(
         params
@@ -104,11 +105,11 @@ async fn connect_one(
     let limit = params
         .connect_timeout
         .unwrap_or(crate::pg::replication::DEFAULT_CONNECT_TIMEOUT);
-    tls::with_fallback(params, target, limit, |attempt| {
+    transport::with_fallback(params, target, limit, |attempt| {
         let mut cfg = cfg.clone();
         let ctx = &ctx;
         async move {
-            let stream = tls::open(params, target, attempt).await?;
+            let stream = transport::open(params, target, attempt).await?;
             let encrypted = stream.is_encrypted();
             if encrypted {
                 // Already negotiated: tokio-postgres must not send its own
@@ -138,9 +139,9 @@ async fn connect_one(
 }
 
 /// Maps a tokio-postgres error: server errors through the same classifier
-/// as the replication connection, everything else as [`ReplError::Sql`].
-/// A missing password becomes [`ReplError::PasswordMissing`].
-pub fn sql_error(e: tokio_postgres::Error, ctx: &ErrorContext) -> ReplError {
+/// as the replication connection, everything else as [`PgError::Sql`].
+/// A missing password becomes [`PgError::PasswordMissing`].
+pub fn sql_error(e: tokio_postgres::Error, ctx: &ErrorContext) -> PgError {
     if let Some(db) = e.as_db_error() {
         let server = ServerError {
             severity: db.severity().to_string(),
@@ -155,20 +156,20 @@ pub fn sql_error(e: tokio_postgres::Error, ctx: &ErrorContext) -> ReplError {
         .and_then(|s| s.downcast_ref::<std::io::Error>())
         .and_then(tls::alert_in)
     {
-        return ReplError::Tls(tls::TlsError::ServerAlert {
+        return PgError::Tls(tls::TlsError::ServerAlert {
             target: ctx.target.clone(),
             context: ctx.command.clone(),
             alert,
         });
     }
     if e.to_string().contains("password missing") {
-        return ReplError::PasswordMissing {
+        return PgError::PasswordMissing {
             target: ctx.target.clone(),
             user: ctx.user.clone(),
             passfile: "PGPASSFILE or ~/.pgpass".into(),
         };
     }
-    ReplError::Sql {
+    PgError::Sql {
         target: ctx.target.clone(),
         context: ctx.command.clone(),
         source: e,
@@ -183,9 +184,9 @@ fn query_ctx(what: &str) -> ErrorContext {
     }
 }
 
-fn parse_lsn(text: Option<String>, what: &str) -> Result<Option<Lsn>, ReplError> {
+fn parse_lsn(text: Option<String>, what: &str) -> Result<Option<Lsn>, PgError> {
     text.map(|t| {
-        Lsn::from_str(&t).map_err(|e| ReplError::Protocol {
+        Lsn::from_str(&t).map_err(|e| PgError::Protocol {
             target: "the SQL connection".into(),
             context: what.to_string(),
             detail: e.to_string(),
@@ -195,7 +196,7 @@ fn parse_lsn(text: Option<String>, what: &str) -> Result<Option<Lsn>, ReplError>
 }
 
 /// The slot's state, `None` if no slot has that name.
-pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, ReplError> {
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, PgError> {
     const WHAT: &str = "reading pg_replication_slots";
     let mut ctx = query_ctx(WHAT);
     ctx.slot = Some(slot.to_string());
@@ -218,7 +219,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
 /// The server's current WAL position: `pg_current_wal_lsn()` on a primary;
 /// on a standby the last received position (or the replayed one when
 /// nothing was received by streaming).
-pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, ReplError> {
+pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, PgError> {
     const WHAT: &str = "reading the current WAL position";
     let row = client
         .query_one(
@@ -229,7 +230,7 @@ pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, ReplError> {
         )
         .await
         .map_err(|e| sql_error(e, &query_ctx(WHAT)))?;
-    parse_lsn(row.get(0), WHAT)?.ok_or_else(|| ReplError::Protocol {
+    parse_lsn(row.get(0), WHAT)?.ok_or_else(|| PgError::Protocol {
         target: "the SQL connection".into(),
         context: WHAT.into(),
         detail: "the server reported no WAL position".into(),
@@ -238,13 +239,13 @@ pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, ReplError> {
 
 /// `pg_switch_wal()`: closes the current segment; returns the end of the
 /// switch record (primary only).
-pub async fn switch_wal(client: &Client) -> Result<Lsn, ReplError> {
+pub async fn switch_wal(client: &Client) -> Result<Lsn, PgError> {
     const WHAT: &str = "switching WAL segment (pg_switch_wal)";
     let row = client
         .query_one("SELECT pg_switch_wal()::text", &[])
         .await
         .map_err(|e| sql_error(e, &query_ctx(WHAT)))?;
-    parse_lsn(row.get(0), WHAT)?.ok_or_else(|| ReplError::Protocol {
+    parse_lsn(row.get(0), WHAT)?.ok_or_else(|| PgError::Protocol {
         target: "the SQL connection".into(),
         context: WHAT.into(),
         detail: "pg_switch_wal returned NULL".into(),

@@ -86,7 +86,14 @@ use sha2::{Digest, Sha256};
 use zstd::zstd_safe;
 
 use super::key::{Key, KEY_ID_LEN};
-use crate::config::Compression;
+
+/// Compression of repository objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+    None,
+}
 
 /// First 8 bytes of every object.
 pub const MAGIC: [u8; 8] = *b"\x89WALSAFE";

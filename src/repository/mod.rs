@@ -33,22 +33,38 @@
 
 pub mod descriptor;
 pub mod envelope;
+pub mod inventory;
 pub mod key;
 pub mod layout;
 pub mod store;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 pub use descriptor::{ClusterIdentity, Descriptor, DescriptorError};
-pub use envelope::EnvelopeError;
+pub use envelope::{Compression, EnvelopeError};
 pub use key::{Key, KeyError};
 pub use layout::LayoutError;
 pub use store::{PutResult, Store, StoreError};
 
-use crate::config::{Compression, RepositoryConfig};
+/// A repository as configured (`[repository]`).
+#[derive(Debug, Clone)]
+pub struct RepositoryConfig {
+    /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
+    pub url: String,
+    /// Repository key; `None` = no encryption (a checksum still guards integrity).
+    pub key_file: Option<PathBuf>,
+    pub compression: Compression,
+    pub compression_level: i32,
+    /// Extra `object_store` options (`aws_endpoint`, `aws_region`, ...).
+    pub options: BTreeMap<String, String>,
+    /// Attempts per storage operation.
+    pub retries: u32,
+}
 
 /// Envelope encode/decode jobs running at once, process-wide, per lane.
 pub const CPU_PERMITS_PER_LANE: usize = 1;

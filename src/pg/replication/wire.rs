@@ -20,14 +20,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use postgres_protocol::message::backend::{DataRowBody, ErrorResponseBody, Message};
+use postgres_protocol::message::backend::{DataRowBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
-use super::error::{ReplError, ServerError};
 use super::ReplMessage;
+use crate::pg::error::{error_fields, PgError, ServerError};
 use crate::pg::lsn::Lsn;
 
 /// A byte stream to the server: TCP, Unix socket or TLS over TCP.
@@ -122,7 +122,7 @@ impl Wire {
     }
 
     /// Sends everything queued. Cancel-safe: what is not yet sent stays queued.
-    pub async fn flush(&mut self, context: &str) -> Result<(), ReplError> {
+    pub async fn flush(&mut self, context: &str) -> Result<(), PgError> {
         SinkExt::<Bytes>::flush(&mut self.framed)
             .await
             .map_err(|e| self.io_error(context, e))
@@ -130,18 +130,18 @@ impl Wire {
 
     /// The next message, skipping (and recording) notices and parameter
     /// changes. Cancel-safe.
-    pub async fn recv(&mut self, context: &str) -> Result<Backend, ReplError> {
+    pub async fn recv(&mut self, context: &str) -> Result<Backend, PgError> {
         loop {
             match self.framed.next().await {
                 None => {
-                    return Err(ReplError::Closed {
+                    return Err(PgError::Closed {
                         target: self.target.clone(),
                         context: context.to_string(),
                     })
                 }
                 Some(Err(e)) => return Err(self.io_error(context, e)),
                 Some(Ok(Backend::Msg(Message::NoticeResponse(n)))) => {
-                    let fields = collect_fields(n.fields());
+                    let fields = error_fields(n.fields());
                     let notice = ServerError::from_fields(fields.iter().map(|(t, v)| (*t, &v[..])));
                     tracing::info!(target = %self.target, "server notice: {notice}");
                 }
@@ -164,17 +164,17 @@ impl Wire {
         let _ = self.framed.get_mut().shutdown().await;
     }
 
-    fn io_error(&self, context: &str, source: io::Error) -> ReplError {
+    fn io_error(&self, context: &str, source: io::Error) -> PgError {
         // TLS 1.3 servers reject a client certificate after the handshake,
         // so the alert arrives here, on the first read.
         if let Some(alert) = crate::pg::tls::alert_in(&source) {
-            return ReplError::Tls(crate::pg::tls::TlsError::ServerAlert {
+            return PgError::Tls(crate::pg::tls::TlsError::ServerAlert {
                 target: self.target.clone(),
                 context: context.to_string(),
                 alert,
             });
         }
-        ReplError::Io {
+        PgError::Io {
             target: self.target.clone(),
             context: context.to_string(),
             source,
@@ -182,29 +182,13 @@ impl Wire {
     }
 
     /// A protocol violation error naming where we are.
-    pub fn protocol(&self, context: &str, detail: impl Into<String>) -> ReplError {
-        ReplError::Protocol {
+    pub fn protocol(&self, context: &str, detail: impl Into<String>) -> PgError {
+        PgError::Protocol {
             target: self.target.clone(),
             context: context.to_string(),
             detail: detail.into(),
         }
     }
-}
-
-fn collect_fields(
-    mut it: postgres_protocol::message::backend::ErrorFields<'_>,
-) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    while let Ok(Some(f)) = it.next() {
-        out.push((f.type_(), f.value_bytes().to_vec()));
-    }
-    out
-}
-
-/// The fields of an ErrorResponse.
-pub fn server_error(body: &ErrorResponseBody) -> ServerError {
-    let fields = collect_fields(body.fields());
-    ServerError::from_fields(fields.iter().map(|(t, v)| (*t, &v[..])))
 }
 
 /// The columns of a DataRow, `None` for SQL NULL. Values share the

@@ -60,14 +60,15 @@ use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::pg::conninfo::ConnParams;
-use crate::pg::replication::{parse_size_setting, AuthMethod, ReplError, ReplicationConnection};
+use crate::pg::error::PgError;
+use crate::pg::replication::{parse_size_setting, AuthMethod, ReplicationConnection};
 use crate::pg::sql::{connect_sql, current_wal_lsn, slot_state, switch_wal};
 use crate::pg::{Lsn, SegmentName, TimelineId};
+use crate::report::human_bytes;
 use crate::repository::{
     key, ClusterIdentity, Descriptor, Key, PutResult, Repository, RepositoryError, Store,
     StoreError,
 };
-use crate::status::human_bytes;
 
 /// How long `--switch-wal` waits for the switched segment to be stored.
 pub const SWITCH_WAL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -202,20 +203,20 @@ struct Identity {
 }
 
 /// The fix for a connection error, in one line.
-pub fn fix_for(e: &ReplError, user: &str) -> String {
+pub fn fix_for(e: &PgError, user: &str) -> String {
     match e {
-        ReplError::Conninfo(_) => "correct [postgres] conninfo (libpq syntax, e.g. \"host=/var/run/postgresql user=walsafe\")".into(),
-        ReplError::Connect { .. } => "start PostgreSQL, or fix host/port in [postgres] conninfo (PGHOST/PGPORT)".into(),
-        ReplError::PasswordMissing { .. } => format!("add password=... to [postgres] conninfo, set PGPASSWORD, or add a line for role {user} to the password file of the user walsafe runs as"),
-        ReplError::AuthFailed { .. } => format!("put role {user}'s right password in [postgres] conninfo, PGPASSWORD or the password file, or reset it: ALTER ROLE {user} PASSWORD '...'"),
-        ReplError::HbaRejected { .. } => format!("add `host replication {user} <walsafe's address>/32 scram-sha-256` (or `local replication {user} peer`) to pg_hba.conf, then SELECT pg_reload_conf()"),
-        ReplError::RoleRejected { .. } => format!("CREATE ROLE {user} LOGIN REPLICATION PASSWORD '...', or fix user in [postgres] conninfo"),
-        ReplError::NotReplicationRole { .. } => format!("as a superuser: ALTER ROLE {user} REPLICATION;"),
-        ReplError::UnsupportedAuth { .. } => format!("use scram-sha-256, md5, password or trust for role {user} in pg_hba.conf"),
-        ReplError::TooManyConnections { .. } => "raise max_connections (restart) or close idle sessions".into(),
-        ReplError::WalSendersExhausted { .. } => "set max_wal_senders = 10 (with wal_level = replica) in postgresql.conf and restart PostgreSQL, or stop another replication client".into(),
-        ReplError::ServerUnavailable { .. } => "wait until PostgreSQL has started (or finished recovery), then run walsafe check again".into(),
-        ReplError::WalLevelTooLow { .. } => "set wal_level = replica in postgresql.conf and restart PostgreSQL".into(),
+        PgError::Conninfo(_) => "correct [postgres] conninfo (libpq syntax, e.g. \"host=/var/run/postgresql user=walsafe\")".into(),
+        PgError::Connect { .. } => "start PostgreSQL, or fix host/port in [postgres] conninfo (PGHOST/PGPORT)".into(),
+        PgError::PasswordMissing { .. } => format!("add password=... to [postgres] conninfo, set PGPASSWORD, or add a line for role {user} to the password file of the user walsafe runs as"),
+        PgError::AuthFailed { .. } => format!("put role {user}'s right password in [postgres] conninfo, PGPASSWORD or the password file, or reset it: ALTER ROLE {user} PASSWORD '...'"),
+        PgError::HbaRejected { .. } => format!("add `host replication {user} <walsafe's address>/32 scram-sha-256` (or `local replication {user} peer`) to pg_hba.conf, then SELECT pg_reload_conf()"),
+        PgError::RoleRejected { .. } => format!("CREATE ROLE {user} LOGIN REPLICATION PASSWORD '...', or fix user in [postgres] conninfo"),
+        PgError::NotReplicationRole { .. } => format!("as a superuser: ALTER ROLE {user} REPLICATION;"),
+        PgError::UnsupportedAuth { .. } => format!("use scram-sha-256, md5, password or trust for role {user} in pg_hba.conf"),
+        PgError::TooManyConnections { .. } => "raise max_connections (restart) or close idle sessions".into(),
+        PgError::WalSendersExhausted { .. } => "set max_wal_senders = 10 (with wal_level = replica) in postgresql.conf and restart PostgreSQL, or stop another replication client".into(),
+        PgError::ServerUnavailable { .. } => "wait until PostgreSQL has started (or finished recovery), then run walsafe check again".into(),
+        PgError::WalLevelTooLow { .. } => "set wal_level = replica in postgresql.conf and restart PostgreSQL".into(),
         _ => "see the message; fix it and run walsafe check again".into(),
     }
 }
@@ -302,7 +303,7 @@ async fn agent_seen(cfg: &Config) -> Option<AgentSeen> {
         return Some(AgentSeen::StateFile(s.pid));
     }
     match cfg.metrics.listen {
-        Some(addr) if crate::status::scrape_metrics(addr).await.is_ok() => Some(AgentSeen::Metrics),
+        Some(addr) if crate::metrics::scrape(addr).await.is_ok() => Some(AgentSeen::Metrics),
         _ => None,
     }
 }
@@ -355,7 +356,7 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
                 version_text(c.server_version_num())
             ),
         )),
-        (None, Some(e @ ReplError::NotReplicationRole { .. })) => run.push(Item::ok(
+        (None, Some(e @ PgError::NotReplicationRole { .. })) => run.push(Item::ok(
             CONN,
             format!("authenticated as role \"{user}\", but the server refused the replication connection ({})", e.server_error().map(|s| s.message.as_str()).unwrap_or("")),
         )),
@@ -366,7 +367,7 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
     const PRIV: &str = "REPLICATION privilege";
     match (&repl, &repl_err) {
         (Some(_), _) => run.push(Item::ok(PRIV, format!("role \"{user}\" may stream WAL"))),
-        (None, Some(e @ ReplError::NotReplicationRole { .. })) => {
+        (None, Some(e @ PgError::NotReplicationRole { .. })) => {
             run.push(Item::failed(PRIV, e.to_string(), fix_for(e, &user)))
         }
         _ => match &sql {
@@ -482,7 +483,7 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
                 SENDERS,
                 "a WAL sender was free (this check got one); cannot count the others without the SQL connection",
             )),
-            Some(e @ ReplError::WalSendersExhausted { .. }) => {
+            Some(e @ PgError::WalSendersExhausted { .. }) => {
                 run.push(Item::failed(SENDERS, e.to_string(), fix_for(e, &user)))
             }
             Some(_) => run.push(Item::skipped(SENDERS, "no connection")),
@@ -634,7 +635,7 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
     run.report
 }
 
-async fn identify_repl(c: &mut ReplicationConnection) -> Result<Identity, ReplError> {
+async fn identify_repl(c: &mut ReplicationConnection) -> Result<Identity, PgError> {
     let id = c.identify_system().await?;
     let segment_size = c.segment_size().await?;
     Ok(Identity {
@@ -1190,7 +1191,7 @@ fn check_spool(dir: &Path, segment_size: u64, agent: Option<AgentSeen>) -> Vec<I
     };
     match at.map(|a| free_bytes(&a)) {
         Some(Ok(free)) => {
-            let usage = crate::status::spool_status(dir);
+            let usage = crate::spool::inspect::list(dir);
             let used = format!(
                 "{} free; the spool holds {} ({} complete segment(s) not yet stored, {} .partial)",
                 human_bytes(free),
@@ -1452,9 +1453,9 @@ mod tests {
 
     #[test]
     fn fixes_name_the_role() {
-        let e = ReplError::NotReplicationRole {
+        let e = PgError::NotReplicationRole {
             user: "app".into(),
-            server: Box::new(crate::pg::replication::ServerError {
+            server: Box::new(crate::pg::error::ServerError {
                 severity: "FATAL".into(),
                 code: "42501".into(),
                 message: "must be superuser or replication role to start walsender".into(),

@@ -1,28 +1,23 @@
 //! Command line: `walsafe [--config FILE] <command>`.
 //!
-//! Each subcommand maps to one module; this file only parses and
-//! dispatches, and owns the exit-code contract:
-//!
-//! | command      | exit codes |
-//! | ------------ | ---------- |
-//! | `wal-fetch`  | 0 restored, 1 not in the archive, 126 anything else (PostgreSQL then aborts recovery rather than promote early) |
-//! | `wal-verify` | 0 no gap, 1 gaps, 2 error |
-//! | `status`     | 0 status read (whatever it says), 1 it could not be read (e.g. repository unreachable) |
-//! | `check`      | 0 nothing FAILED, 1 at least one item FAILED |
-//! | others       | 0 success, 1 failure |
+//! This module parses and dispatches; each command's work lives in its own
+//! module (`cmd::*` for the tools, [`crate::agent`] for `walsafe run`,
+//! [`crate::fetch`] for `wal-fetch`), and the exit-code contract in
+//! [`crate::report`].
+
+pub mod check;
+pub mod demo;
+pub mod push;
+pub mod status;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-
-/// Exit code of `wal-fetch` when the file is not in the archive.
-pub const EXIT_NOT_FOUND: u8 = 1;
-/// Exit code of `wal-fetch` for anything that must abort recovery
-/// (PostgreSQL treats exit codes above 125 as fatal).
-pub const EXIT_FATAL: u8 = 126;
+use crate::report::{error_line, LogFormat, EXIT_FATAL, EXIT_VERIFY_ERROR};
 
 /// Streams PostgreSQL WAL into a crash-safe spool and on to object storage.
 #[derive(Debug, Parser)]
@@ -42,13 +37,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,7 +168,7 @@ pub fn main() -> ExitCode {
             duration,
         } => {
             let dir = dir.clone();
-            runtime(move || async move { report(crate::demo::run(&dir, keep, duration).await) })
+            runtime(move || async move { report(demo::run(&dir, keep, duration).await) })
         }
         _ => {
             let cfg = match Config::load(&cli.config) {
@@ -188,7 +176,7 @@ pub fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("walsafe: {e}");
                     return ExitCode::from(if matches!(cli.command, Command::WalVerify { .. }) {
-                        2
+                        EXIT_VERIFY_ERROR
                     } else {
                         1
                     });
@@ -199,11 +187,11 @@ pub fn main() -> ExitCode {
                     runtime(|| async move { report(crate::agent::run(cfg, log_file).await) })
                 }
                 Command::WalPush { path } => {
-                    runtime(|| async move { report(crate::push::wal_push(&cfg, &path).await) })
+                    runtime(|| async move { report(push::wal_push(&cfg, &path).await) })
                 }
-                Command::WalVerify { json } => runtime(|| crate::verify::command(cfg, json)),
-                Command::Status { json } => runtime(|| crate::status::command(cfg, json)),
-                Command::Check { switch_wal } => runtime(|| crate::check::command(cfg, switch_wal)),
+                Command::WalVerify { json } => runtime(|| verify::command(cfg, json)),
+                Command::Status { json } => runtime(|| status::command(cfg, json)),
+                Command::Check { switch_wal } => runtime(|| check::command(cfg, switch_wal)),
                 Command::WalPrefetch { name } => {
                     runtime(|| async move { report(crate::fetch::prefetch(&cfg, &name).await) })
                 }
@@ -229,23 +217,6 @@ where
     rt.block_on(f())
 }
 
-/// An error and its causes on one line, each cause once: error types that
-/// already print their source in their own message are not repeated.
-pub fn error_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
-}
-
 fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -260,19 +231,6 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-
-    #[test]
-    fn error_line_says_each_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("wrapped: {0}")]
-        struct Wrapping(#[source] std::io::Error);
-        let io = std::io::Error::other("key id a, configured b");
-        let e = anyhow::Error::new(Wrapping(io)).context("fetching X");
-        assert_eq!(
-            error_line(&e),
-            "fetching X: wrapped: key id a, configured b"
-        );
-    }
 
     #[test]
     fn cli_is_well_formed() {

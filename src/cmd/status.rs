@@ -5,7 +5,7 @@
 //! | part            | source |
 //! | --------------- | ------ |
 //! | repository      | `walsafe.repo` (URL, pinned system identifier, PostgreSQL major version, segment size, key id) |
-//! | archived range  | [`crate::verify::verify`]: per timeline first/last segment, segment count, gaps |
+//! | archived range  | [`crate::repository::inventory`]: per timeline first/last segment, segment count, gaps |
 //! | last archived   | the agent's state file (`archived_lsn`, `last_archived_ms`); the newest stored segment otherwise |
 //! | spool backlog   | a listing of `[spool] dir`: complete segments not yet stored, `.partial` files, history files |
 //! | live positions  | `<spool>/walsafe.state` ([`crate::state`]) when fresh and its pid alive; else a scrape of `[metrics] listen` |
@@ -25,27 +25,24 @@
 //! agent or a gap is news, not an error of this command), 1 when it could
 //! not (configuration, repository unreachable), with the cause on stderr.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Config;
-use crate::pg::walfile::{classify, NameKind};
-use crate::pg::Lsn;
+use crate::metrics::Scraped;
 use crate::positions::now_ms;
+use crate::report::{error_line, human_age, human_bytes};
+use crate::repository::inventory::Hole;
 use crate::repository::{key, Repository, Store};
+use crate::spool::inspect::Listing;
 use crate::state::{AgentState, STATE_FILE};
-use crate::verify::Gap;
 
 /// Attempts per storage request: a status screen should answer quickly
 /// even when storage is down.
 pub const STATUS_STORE_ATTEMPTS: u32 = 3;
-/// How long the metrics endpoint may take to answer.
-pub const METRICS_SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything `walsafe status` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -53,7 +50,7 @@ pub struct Status {
     pub repository: RepositoryStatus,
     pub timelines: Vec<TimelineStatus>,
     pub last_archived: LastArchived,
-    pub spool: SpoolStatus,
+    pub spool: Listing,
     pub agent: AgentStatus,
 }
 
@@ -90,7 +87,7 @@ pub struct TimelineStatus {
     pub gap_ranges: Vec<GapRange>,
 }
 
-/// One gap (see [`crate::verify::Gap`]).
+/// One hole (see [`crate::repository::inventory::Hole`]).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct GapRange {
     pub from: String,
@@ -98,8 +95,8 @@ pub struct GapRange {
     pub reason: String,
 }
 
-impl From<Gap> for GapRange {
-    fn from(g: Gap) -> Self {
+impl From<Hole> for GapRange {
+    fn from(g: Hole) -> Self {
         GapRange {
             from: g.from,
             to: g.to,
@@ -121,26 +118,6 @@ pub struct LastArchived {
     /// Where `lsn` and `at_ms` come from: "agent state file",
     /// "metrics endpoint", or "unknown".
     pub source: String,
-}
-
-/// The spool directory's content.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct SpoolStatus {
-    pub dir: PathBuf,
-    pub exists: bool,
-    /// Complete segments not yet stored in the repository (the uploader
-    /// removes each once stored).
-    pub complete_segments: u64,
-    pub complete_bytes: u64,
-    /// `.partial` files: the segment being filled, and closed ends of
-    /// earlier timelines.
-    pub partial_files: u64,
-    pub partial_bytes: u64,
-    pub history_files: u64,
-    /// Every file in the directory.
-    pub total_bytes: u64,
-    /// Why the directory could not be listed, if it could not.
-    pub error: Option<String>,
 }
 
 /// The agent's liveness and live positions.
@@ -180,6 +157,21 @@ impl From<&AgentState> for LivePositions {
             archived_lsn: s.archived_lsn.clone(),
             archive_lag_bytes: s.archive_lag_bytes,
             archive_lag_seconds: s.archive_lag_seconds,
+        }
+    }
+}
+
+impl From<&Scraped> for LivePositions {
+    fn from(m: &Scraped) -> Self {
+        LivePositions {
+            connected: m.connected,
+            timeline: m.timeline,
+            server_lsn: m.server.to_string(),
+            received_lsn: m.received.to_string(),
+            flushed_lsn: m.flushed.to_string(),
+            archived_lsn: m.archived.to_string(),
+            archive_lag_bytes: m.lag_bytes,
+            archive_lag_seconds: m.lag_seconds,
         }
     }
 }
@@ -235,7 +227,7 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
                 repository.key_problem = Some(e.to_string());
             }
         }
-        for t in crate::verify::verify(&repo)
+        for t in crate::repository::inventory::inventory(&repo)
             .await
             .with_context(|| format!("cannot list the archived WAL in {}", repo.url()))?
         {
@@ -250,12 +242,12 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
             });
         }
     }
-    let spool = spool_status(&cfg.spool.dir);
+    let spool = crate::spool::inspect::list(&cfg.spool.dir);
     let state = crate::state::read(&cfg.spool.dir);
     let scraped = match &state {
         Some(s) if s.is_live() => None,
         _ => match cfg.metrics.listen {
-            Some(addr) => scrape_metrics(addr).await.ok(),
+            Some(addr) => crate::metrics::scrape(addr).await.ok(),
             None => None,
         },
     };
@@ -268,47 +260,6 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
         spool,
         agent,
     })
-}
-
-/// Lists the spool directory (without opening or locking it).
-pub fn spool_status(dir: &Path) -> SpoolStatus {
-    let mut s = SpoolStatus {
-        dir: dir.to_path_buf(),
-        ..SpoolStatus::default()
-    };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return s,
-        Err(e) => {
-            s.exists = true;
-            s.error = Some(format!("cannot list {}: {e}", dir.display()));
-            return s;
-        }
-    };
-    s.exists = true;
-    for entry in entries.flatten() {
-        let Ok(meta) = entry.metadata() else {
-            continue; // removed by the uploader while we listed
-        };
-        if !meta.is_file() {
-            continue;
-        }
-        let len = meta.len();
-        s.total_bytes += len;
-        match classify(&entry.file_name().to_string_lossy()) {
-            Some(NameKind::Segment) => {
-                s.complete_segments += 1;
-                s.complete_bytes += len;
-            }
-            Some(NameKind::Partial) => {
-                s.partial_files += 1;
-                s.partial_bytes += len;
-            }
-            Some(NameKind::History(_)) => s.history_files += 1,
-            None => {}
-        }
-    }
-    s
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -363,7 +314,7 @@ fn agent_status(
                     .map(|a| a.to_string())
                     .unwrap_or_default()
             ),
-            positions: Some(m.positions.clone()),
+            positions: Some(LivePositions::from(m)),
         };
     }
     let metrics_note = match cfg.metrics.listen {
@@ -400,7 +351,7 @@ fn last_archived(
     }
     if let Some(m) = scraped {
         return LastArchived {
-            lsn: Some(m.positions.archived_lsn.clone()),
+            lsn: Some(m.archived.to_string()),
             at_ms: m.last_archived_ms,
             age_seconds: m.last_archived_ms.map(age),
             newest_segment,
@@ -413,97 +364,6 @@ fn last_archived(
         age_seconds: None,
         newest_segment,
         source: "unknown".into(),
-    }
-}
-
-/// What the metrics endpoint said.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Scraped {
-    pub positions: LivePositions,
-    pub last_archived_ms: Option<u64>,
-}
-
-/// Scrapes `http://addr/metrics` (HTTP/1.0, no keep-alive).
-pub async fn scrape_metrics(addr: std::net::SocketAddr) -> anyhow::Result<Scraped> {
-    let addr = if addr.ip().is_unspecified() {
-        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    };
-    let body = tokio::time::timeout(METRICS_SCRAPE_TIMEOUT, async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await?;
-        Ok::<_, std::io::Error>(text)
-    })
-    .await
-    .with_context(|| format!("metrics endpoint {addr} did not answer"))?
-    .with_context(|| format!("cannot scrape the metrics endpoint {addr}"))?;
-    parse_metrics(&body).with_context(|| format!("metrics endpoint {addr}"))
-}
-
-/// Reads walsafe's gauges from a Prometheus text exposition.
-pub fn parse_metrics(text: &str) -> anyhow::Result<Scraped> {
-    use crate::metrics as m;
-    let get = |name: &str| -> Option<f64> {
-        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name).then(|| v.trim().parse().ok()).flatten()
-        })
-    };
-    let lsn = |name: &str| Lsn(get(name).unwrap_or(0.0) as u64).to_string();
-    let flushed = get(m::FLUSHED_LSN_BYTES).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no {} gauge: is this walsafe's metrics endpoint?",
-            m::FLUSHED_LSN_BYTES
-        )
-    })?;
-    Ok(Scraped {
-        positions: LivePositions {
-            connected: get(m::REPLICATION_CONNECTED) == Some(1.0),
-            timeline: get(m::TIMELINE).unwrap_or(0.0) as u32,
-            server_lsn: lsn(m::SERVER_LSN_BYTES),
-            received_lsn: lsn(m::RECEIVED_LSN_BYTES),
-            flushed_lsn: Lsn(flushed as u64).to_string(),
-            archived_lsn: lsn(m::ARCHIVED_LSN_BYTES),
-            archive_lag_bytes: get(m::ARCHIVE_LAG_BYTES).unwrap_or(0.0) as u64,
-            archive_lag_seconds: get(m::ARCHIVE_LAG_SECONDS).unwrap_or(0.0),
-        },
-        last_archived_ms: get(m::LAST_ARCHIVED_TIMESTAMP_SECONDS)
-            .filter(|s| *s > 0.0)
-            .map(|s| (s * 1000.0) as u64),
-    })
-}
-
-/// Bytes for humans: "16.0 MiB".
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} bytes");
-    }
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
-}
-
-/// Seconds for humans: "0.4 s", "3 min 7 s", "2 h 5 min".
-pub fn human_age(secs: f64) -> String {
-    if secs < 60.0 {
-        return format!("{secs:.1} s");
-    }
-    let s = secs as u64;
-    if s < 3600 {
-        format!("{} min {} s", s / 60, s % 60)
-    } else if s < 86400 {
-        format!("{} h {} min", s / 3600, (s % 3600) / 60)
-    } else {
-        format!("{} d {} h", s / 86400, (s % 86400) / 3600)
     }
 }
 
@@ -664,7 +524,7 @@ pub async fn command(cfg: Config, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("walsafe status: {}", crate::cli::error_line(&e));
+            eprintln!("walsafe status: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -673,52 +533,6 @@ pub async fn command(cfg: Config, json: bool) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metrics_text_is_parsed() {
-        let text = "# HELP walsafe_flushed_lsn_bytes x\n\
-                    # TYPE walsafe_flushed_lsn_bytes gauge\n\
-                    walsafe_flushed_lsn_bytes 83886080\n\
-                    walsafe_server_lsn_bytes 83886080\n\
-                    walsafe_received_lsn_bytes 83886080\n\
-                    walsafe_archived_lsn_bytes 83882000\n\
-                    walsafe_archive_lag_bytes 4080\n\
-                    walsafe_archive_lag_seconds 0.25\n\
-                    walsafe_timeline 2\n\
-                    walsafe_replication_connected 1\n\
-                    walsafe_last_archived_timestamp_seconds 1763718000.5\n\
-                    walsafe_uploads_total{kind=\"chunk\",result=\"ok\"} 7\n";
-        let s = parse_metrics(text).unwrap();
-        assert_eq!(s.positions.flushed_lsn, "0/5000000");
-        assert_eq!(s.positions.archived_lsn, Lsn(83882000).to_string());
-        assert_eq!(s.positions.timeline, 2);
-        assert!(s.positions.connected);
-        assert_eq!(s.positions.archive_lag_bytes, 4080);
-        assert_eq!(s.last_archived_ms, Some(1763718000500));
-        assert!(parse_metrics("something_else 1\n").is_err());
-    }
-
-    #[test]
-    fn spool_listing_counts_backlog() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("000000010000000000000003"), vec![0; 100]).unwrap();
-        std::fs::write(d.path().join("000000010000000000000004"), vec![0; 100]).unwrap();
-        std::fs::write(
-            d.path().join("000000010000000000000005.partial"),
-            vec![0; 50],
-        )
-        .unwrap();
-        std::fs::write(d.path().join("00000002.history"), b"1\t0/3000000\tx\n").unwrap();
-        std::fs::write(d.path().join("walsafe.lock"), b"1\n").unwrap();
-        let s = spool_status(d.path());
-        assert!(s.exists && s.error.is_none());
-        assert_eq!((s.complete_segments, s.complete_bytes), (2, 200));
-        assert_eq!((s.partial_files, s.partial_bytes), (1, 50));
-        assert_eq!(s.history_files, 1);
-        assert_eq!(s.total_bytes, 200 + 50 + 14 + 2);
-        let missing = spool_status(&d.path().join("nope"));
-        assert!(!missing.exists);
-    }
 
     fn cfg(dir: &Path) -> Config {
         Config::parse(
@@ -774,13 +588,5 @@ mod tests {
         assert!(text.contains("not pinned yet"), "{text}");
         assert!(text.contains("agent not running"), "{text}");
         assert!(text.contains("does not exist yet"), "{text}");
-    }
-
-    #[test]
-    fn human_units() {
-        assert_eq!(human_bytes(16 << 20), "16.0 MiB");
-        assert_eq!(human_bytes(12), "12 bytes");
-        assert_eq!(human_age(0.44), "0.4 s");
-        assert_eq!(human_age(187.0), "3 min 7 s");
     }
 }

@@ -1,6 +1,7 @@
-//! Errors of the replication client, classified so that the receive loop
-//! knows whether to retry ([`ReplError::is_retryable`]) and the operator
-//! knows what to do (every message names the fix).
+//! The error of every PostgreSQL connection, replication and SQL alike,
+//! classified so that the caller knows whether to retry
+//! ([`PgError::is_retryable`]) and the operator knows what to do (every
+//! message names the fix).
 //!
 //! Server errors are mapped by SQLSTATE first and by message text second
 //! (several distinct situations share one SQLSTATE, e.g. 55000). The
@@ -9,6 +10,9 @@
 
 use std::fmt;
 use std::io;
+
+use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody};
+use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use crate::pg::conninfo::ConninfoError;
 use crate::pg::lsn::{Lsn, TimelineId};
@@ -55,6 +59,21 @@ impl ServerError {
     }
 }
 
+/// The fields of an ErrorResponse or NoticeResponse, as (type byte, value).
+pub fn error_fields(mut it: ErrorFields<'_>) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Ok(Some(f)) = it.next() {
+        out.push((f.type_(), f.value_bytes().to_vec()));
+    }
+    out
+}
+
+/// The server's error in an ErrorResponse.
+pub fn server_error(body: &ErrorResponseBody) -> ServerError {
+    let fields = error_fields(body.fields());
+    ServerError::from_fields(fields.iter().map(|(t, v)| (*t, &v[..])))
+}
+
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -74,7 +93,7 @@ impl fmt::Display for ServerError {
 
 /// Everything that can go wrong on a replication (or SQL) connection.
 #[derive(Debug, thiserror::Error)]
-pub enum ReplError {
+pub enum PgError {
     /// The conninfo or the environment is invalid.
     #[error(transparent)]
     Conninfo(#[from] ConninfoError),
@@ -258,20 +277,20 @@ pub enum ReplError {
     },
 }
 
-impl ReplError {
+impl PgError {
     /// Whether waiting and trying again can succeed without anyone acting.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ReplError::Tls(e) => e.is_retryable(),
+            PgError::Tls(e) => e.is_retryable(),
             // A TLS failure inside the stream (an alert) repeats; resets do not.
-            ReplError::Io { source, .. } => io_error_is_transient(source),
-            ReplError::Connect { .. }
-            | ReplError::Closed { .. }
-            | ReplError::TooManyConnections { .. }
-            | ReplError::WalSendersExhausted { .. }
-            | ReplError::ServerUnavailable { .. } => true,
-            ReplError::Server { server, .. } => sqlstate_is_transient(&server.code),
-            ReplError::Sql { source, .. } => match source.as_db_error() {
+            PgError::Io { source, .. } => io_error_is_transient(source),
+            PgError::Connect { .. }
+            | PgError::Closed { .. }
+            | PgError::TooManyConnections { .. }
+            | PgError::WalSendersExhausted { .. }
+            | PgError::ServerUnavailable { .. } => true,
+            PgError::Server { server, .. } => sqlstate_is_transient(&server.code),
+            PgError::Sql { source, .. } => match source.as_db_error() {
                 Some(db) => sqlstate_is_transient(db.code().code()),
                 None => {
                     source.is_closed()
@@ -292,20 +311,20 @@ impl ReplError {
     /// The server's error, when this came from the server.
     pub fn server_error(&self) -> Option<&ServerError> {
         match self {
-            ReplError::AuthFailed { server, .. }
-            | ReplError::HbaRejected { server, .. }
-            | ReplError::RoleRejected { server, .. }
-            | ReplError::NotReplicationRole { server, .. }
-            | ReplError::TooManyConnections { server, .. }
-            | ReplError::WalSendersExhausted { server, .. }
-            | ReplError::ServerUnavailable { server, .. }
-            | ReplError::SlotActive { server, .. }
-            | ReplError::SlotMissing { server, .. }
-            | ReplError::SlotExists { server, .. }
-            | ReplError::SlotInvalidated { server, .. }
-            | ReplError::WalRemoved { server, .. }
-            | ReplError::WalLevelTooLow { server }
-            | ReplError::Server { server, .. } => Some(server),
+            PgError::AuthFailed { server, .. }
+            | PgError::HbaRejected { server, .. }
+            | PgError::RoleRejected { server, .. }
+            | PgError::NotReplicationRole { server, .. }
+            | PgError::TooManyConnections { server, .. }
+            | PgError::WalSendersExhausted { server, .. }
+            | PgError::ServerUnavailable { server, .. }
+            | PgError::SlotActive { server, .. }
+            | PgError::SlotMissing { server, .. }
+            | PgError::SlotExists { server, .. }
+            | PgError::SlotInvalidated { server, .. }
+            | PgError::WalRemoved { server, .. }
+            | PgError::WalLevelTooLow { server }
+            | PgError::Server { server, .. } => Some(server),
             _ => None,
         }
     }
@@ -338,8 +357,8 @@ pub struct ErrorContext {
     pub start: Option<(Lsn, TimelineId)>,
 }
 
-/// Turns a server error into the most specific [`ReplError`].
-pub fn classify(server: ServerError, ctx: &ErrorContext) -> ReplError {
+/// Turns a server error into the most specific [`PgError`].
+pub fn classify(server: ServerError, ctx: &ErrorContext) -> PgError {
     let msg = server.message.clone();
     let msg = msg.as_str();
     let detail = server.detail.clone().unwrap_or_default();
@@ -353,22 +372,22 @@ pub fn classify(server: ServerError, ctx: &ErrorContext) -> ReplError {
     let target = ctx.target.clone();
     let user = ctx.user.clone();
     match code.as_str() {
-        "28P01" => ReplError::AuthFailed {
+        "28P01" => PgError::AuthFailed {
             target,
             user,
             server,
         },
-        "28000" if msg.contains("pg_hba.conf") => ReplError::HbaRejected {
+        "28000" if msg.contains("pg_hba.conf") => PgError::HbaRejected {
             target,
             user,
             server,
         },
-        "28000" if msg.starts_with("role ") => ReplError::RoleRejected {
+        "28000" if msg.starts_with("role ") => PgError::RoleRejected {
             target,
             user,
             server,
         },
-        "28000" => ReplError::AuthFailed {
+        "28000" => PgError::AuthFailed {
             target,
             user,
             server,
@@ -378,46 +397,46 @@ pub fn classify(server: ServerError, ctx: &ErrorContext) -> ReplError {
                 || msg.contains("WAL sender")
                 || msg.contains("replication role") =>
         {
-            ReplError::NotReplicationRole { user, server }
+            PgError::NotReplicationRole { user, server }
         }
         "53300" if msg.contains("max_wal_senders") => {
-            ReplError::WalSendersExhausted { target, server }
+            PgError::WalSendersExhausted { target, server }
         }
-        "53300" => ReplError::TooManyConnections { target, server },
-        "57P01" | "57P02" | "57P03" | "57P05" => ReplError::ServerUnavailable { target, server },
-        "55006" if msg.contains("replication slot") => ReplError::SlotActive {
+        "53300" => PgError::TooManyConnections { target, server },
+        "57P01" | "57P02" | "57P03" | "57P05" => PgError::ServerUnavailable { target, server },
+        "55006" if msg.contains("replication slot") => PgError::SlotActive {
             slot: slot(),
             pid: pid_in(msg),
             server,
         },
         "58P01" if msg.contains("has already been removed") => {
             let (start, timeline) = ctx.start.unwrap_or((Lsn::INVALID, TimelineId(0)));
-            ReplError::WalRemoved {
+            PgError::WalRemoved {
                 start,
                 timeline,
                 server,
             }
         }
-        "42704" if msg.contains("replication slot") => ReplError::SlotMissing {
+        "42704" if msg.contains("replication slot") => PgError::SlotMissing {
             slot: slot(),
             server,
         },
-        "42710" if msg.contains("replication slot") => ReplError::SlotExists {
+        "42710" if msg.contains("replication slot") => PgError::SlotExists {
             slot: slot(),
             server,
         },
-        "55000" if msg.contains("wal_level") => ReplError::WalLevelTooLow { server },
+        "55000" if msg.contains("wal_level") => PgError::WalLevelTooLow { server },
         "55000"
             if msg.contains("can no longer get changes from replication slot")
                 || msg.contains("invalidated")
                 || detail.contains("has been invalidated") =>
         {
-            ReplError::SlotInvalidated {
+            PgError::SlotInvalidated {
                 slot: slot(),
                 server,
             }
         }
-        _ => ReplError::Server {
+        _ => PgError::Server {
             target,
             context: ctx.command.clone(),
             server,
@@ -475,7 +494,7 @@ mod tests {
             &c,
         );
         assert!(
-            matches!(&e, ReplError::SlotActive { pid: Some(4242), slot, .. } if slot == "walsafe")
+            matches!(&e, PgError::SlotActive { pid: Some(4242), slot, .. } if slot == "walsafe")
         );
         let text = e.to_string();
         assert!(text.starts_with("replication slot \"walsafe\" is active for PID 4242; is another walsafe running against this cluster?"), "{text}");
@@ -492,7 +511,7 @@ mod tests {
         );
         assert!(matches!(
             e,
-            ReplError::WalRemoved {
+            PgError::WalRemoved {
                 start: Lsn(0x1000000),
                 ..
             }
@@ -504,12 +523,12 @@ mod tests {
             err("42704", "replication slot \"other\" does not exist", None),
             &c,
         );
-        assert!(matches!(&e, ReplError::SlotMissing { slot, .. } if slot == "other"));
+        assert!(matches!(&e, PgError::SlotMissing { slot, .. } if slot == "other"));
         let e = classify(
             err("42710", "replication slot \"walsafe\" already exists", None),
             &c,
         );
-        assert!(matches!(e, ReplError::SlotExists { .. }));
+        assert!(matches!(e, PgError::SlotExists { .. }));
         let e = classify(
             err(
                 "55000",
@@ -518,7 +537,7 @@ mod tests {
             ),
             &c,
         );
-        assert!(matches!(e, ReplError::WalLevelTooLow { .. }));
+        assert!(matches!(e, PgError::WalLevelTooLow { .. }));
         assert!(e.to_string().contains("wal_level = replica"));
         let e = classify(
             err(
@@ -530,7 +549,7 @@ mod tests {
             ),
             &c,
         );
-        assert!(matches!(e, ReplError::SlotInvalidated { .. }));
+        assert!(matches!(e, PgError::SlotInvalidated { .. }));
         assert!(!e.is_retryable());
 
         let e = classify(
@@ -541,10 +560,10 @@ mod tests {
             ),
             &c,
         );
-        assert!(matches!(e, ReplError::WalSendersExhausted { .. }));
+        assert!(matches!(e, PgError::WalSendersExhausted { .. }));
         assert!(e.is_retryable());
         let e = classify(err("53300", "sorry, too many clients already", None), &c);
-        assert!(matches!(e, ReplError::TooManyConnections { .. }));
+        assert!(matches!(e, PgError::TooManyConnections { .. }));
         assert!(e.is_retryable());
         for (code, msg) in [
             ("57P03", "the database system is starting up"),
@@ -555,7 +574,7 @@ mod tests {
             ),
         ] {
             let e = classify(err(code, msg, None), &c);
-            assert!(matches!(e, ReplError::ServerUnavailable { .. }), "{code}");
+            assert!(matches!(e, PgError::ServerUnavailable { .. }), "{code}");
             assert!(e.is_retryable());
         }
 
@@ -576,7 +595,7 @@ mod tests {
             err("42501", "permission denied to start WAL sender", None),
             &c,
         );
-        assert!(matches!(e, ReplError::NotReplicationRole { .. }));
+        assert!(matches!(e, PgError::NotReplicationRole { .. }));
 
         let e = classify(
             err(
@@ -586,19 +605,19 @@ mod tests {
             ),
             &c,
         );
-        assert!(matches!(e, ReplError::AuthFailed { .. }));
+        assert!(matches!(e, PgError::AuthFailed { .. }));
         assert!(!e.is_retryable());
         let e = classify(
             err("28000", "no pg_hba.conf entry for replication connection from host \"127.0.0.1\", user \"walsafe\", no encryption", None),
             &c,
         );
-        assert!(matches!(e, ReplError::HbaRejected { .. }));
+        assert!(matches!(e, PgError::HbaRejected { .. }));
         assert!(e.to_string().contains("host replication walsafe"));
         let e = classify(err("28000", "role \"walsafe\" does not exist", None), &c);
-        assert!(matches!(e, ReplError::RoleRejected { .. }));
+        assert!(matches!(e, PgError::RoleRejected { .. }));
 
         let e = classify(err("XX000", "something odd", None), &c);
-        assert!(matches!(e, ReplError::Server { .. }));
+        assert!(matches!(e, PgError::Server { .. }));
         assert!(!e.is_retryable());
         let e = classify(err("08006", "connection failure", None), &c);
         assert!(e.is_retryable());

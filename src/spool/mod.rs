@@ -102,6 +102,8 @@
 //! full disk shows up only when a new segment is created, where the writer
 //! can stop cleanly (the temp file is removed, nothing moved) and be retried.
 
+pub mod inspect;
+
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};

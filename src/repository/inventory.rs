@@ -1,8 +1,9 @@
-//! verify: `walsafe wal-verify`, every gap in the repository, per timeline.
+//! inventory: what the repository holds, per timeline, and every hole in
+//! it (for `wal-verify`, `status`, and later backups and retention).
 //!
 //! For each timeline, the segments stored (`wal/<name>`, `wal/<name>.partial`
 //! or chunks) must form one contiguous run from the first to the last. A
-//! missing segment inside the run is a gap; so is a chunked segment whose
+//! missing segment inside the run is a hole; so is a chunked segment whose
 //! chunks do not start at offset 0 or have a hole, a chunked (still
 //! filling) segment that is not the last of its timeline, and a `.partial`
 //! that is not the last of its timeline (WAL after its end was lost).
@@ -11,18 +12,19 @@
 //! the first needs its `<TLI>.history`, and its parent must be archived up
 //! to the segment holding the switch point, or recovery cannot cross from
 //! one to the other. Gaps the agent recorded (`gaps/…`, WAL the server
-//! removed before it was streamed) are listed with their reason.
+//! removed before it was streamed, see [`crate::gap`]) are listed as holes
+//! with their reason.
 //!
-//! Exit codes: 0 no gap, 1 gaps, 2 error (WAL-G's wal-verify exits 0
-//! whatever it finds; walsafe's does not).
+//! A [`Hole`] is *computed* from what is stored; a [`crate::gap::Gap`] is a
+//! loss the agent *recorded* when it happened. Every recorded gap shows up
+//! as a hole, but not every hole was recorded (a deleted object, a broken
+//! upload): that difference is what `wal-verify` exists to find.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::ExitCode;
 
 use anyhow::anyhow;
 use serde::Serialize;
 
-use crate::config::Config;
 use crate::pg::{SegmentName, TimelineId};
 use crate::repository::Repository;
 
@@ -34,12 +36,12 @@ pub struct TimelineReport {
     pub last: String,
     pub segments: usize,
     pub history: bool,
-    pub gaps: Vec<Gap>,
+    pub gaps: Vec<Hole>,
 }
 
-/// A range of WAL missing from the repository.
+/// A range of WAL missing from the repository, as computed from what is stored.
 #[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct Gap {
+pub struct Hole {
     pub from: String,
     pub to: String,
     pub reason: String,
@@ -58,7 +60,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let url = format!("file://{}", d.path().display());
         let store = Store::open(&url, &Default::default(), 1).unwrap();
-        let repo = Repository::from_parts(store, None, crate::config::Compression::Zstd, 1);
+        let repo = Repository::from_parts(store, None, crate::repository::Compression::Zstd, 1);
         repo.pin(&ClusterIdentity {
             system_identifier: 42,
             pg_version_num: 150000,
@@ -86,7 +88,7 @@ mod tests {
             ("000000020000000000000003", b"x"),
         ])
         .await;
-        let r = verify(&repo).await.unwrap();
+        let r = inventory(&repo).await.unwrap();
         assert!(r.iter().all(|t| t.gaps.is_empty()), "{r:?}");
     }
 
@@ -102,7 +104,7 @@ mod tests {
             ("000000030000000000000004", b"x"),
         ])
         .await;
-        let r = verify(&repo).await.unwrap();
+        let r = inventory(&repo).await.unwrap();
         let tl2 = r.iter().find(|t| t.timeline == 2).unwrap();
         assert_eq!(tl2.gaps.len(), 1, "{tl2:?}");
         assert_eq!(tl2.gaps[0].from, "000000010000000000000002");
@@ -134,7 +136,7 @@ struct Stored {
 }
 
 /// Builds the per-timeline report.
-pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
+pub async fn inventory(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
     let d = repo
         .descriptor()
         .await?
@@ -198,8 +200,8 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
             }
         }
     }
-    let mut recorded: Vec<crate::gaps::Gap> = Vec::new();
-    for obj in repo.store().list(crate::gaps::GAPS_PREFIX).await? {
+    let mut recorded: Vec<crate::gap::Gap> = Vec::new();
+    for obj in repo.store().list(crate::gap::GAPS_PREFIX).await? {
         if let Some(bytes) = repo.store().get(&obj.key).await? {
             if let Ok(g) = serde_json::from_slice(&bytes) {
                 recorded.push(g);
@@ -236,7 +238,7 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
         let mut expect = first;
         for &n in &all {
             if n > expect {
-                gaps.push(Gap {
+                gaps.push(Hole {
                     from: name(expect),
                     to: name(n - 1),
                     reason: "segments missing".into(),
@@ -250,13 +252,13 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
                 segno: n,
             };
             if let Some(r) = chunk_gaps.get(&s) {
-                gaps.push(Gap {
+                gaps.push(Hole {
                     from: name(n),
                     to: name(n),
                     reason: r.clone(),
                 });
             } else if n != last {
-                gaps.push(Gap {
+                gaps.push(Hole {
                     from: name(n),
                     to: name(n),
                     reason: "only chunks stored, but later segments exist: the complete segment is missing".into(),
@@ -265,7 +267,7 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
         }
         for &n in &st.partial {
             if n != last && !st.full.contains(&n) {
-                gaps.push(Gap {
+                gaps.push(Hole {
                     from: name(n),
                     to: name(n),
                     reason: "segment stored only as .partial, but later segments exist: WAL after its end was lost".into(),
@@ -273,7 +275,7 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
             }
         }
         for g in recorded.iter().filter(|g| g.timeline == tli.0) {
-            gaps.push(Gap {
+            gaps.push(Hole {
                 from: g.from.clone(),
                 to: g.to.clone(),
                 reason: format!("recorded by the agent at {}: {}", g.detected_at, g.reason),
@@ -286,7 +288,7 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
             let parent_needed = at.saturating_sub(1) / seg;
             if let Some(&(_, parent_last)) = ranges.get(&parent) {
                 if parent_last < parent_needed {
-                    gaps.push(Gap {
+                    gaps.push(Hole {
                         from: SegmentName { timeline: TimelineId(parent), segno: parent_last + 1 }.file_name(seg),
                         to: SegmentName { timeline: TimelineId(parent), segno: parent_needed }.file_name(seg),
                         reason: format!("timeline {parent} is not archived up to the switch to timeline {} at {}", tli.0, crate::pg::Lsn(at)),
@@ -294,7 +296,7 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
                 }
             }
             if first > switch_seg {
-                gaps.push(Gap {
+                gaps.push(Hole {
                     from: name(switch_seg),
                     to: name(first - 1),
                     reason: format!(
@@ -309,7 +311,7 @@ pub async fn verify(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>> {
         let history = tli.0 == 1 || histories.contains(&tli.0);
         if !history {
             let h = crate::pg::walfile::history_file_name(tli);
-            gaps.push(Gap {
+            gaps.push(Hole {
                 from: h.clone(),
                 to: h,
                 reason: "timeline history file missing: recovery cannot follow this timeline"
@@ -341,48 +343,4 @@ fn last_switch(content: &str) -> Option<(u32, u64)> {
             let at: crate::pg::Lsn = f.next()?.parse().ok()?;
             Some((parent, at.0))
         })
-}
-
-/// `walsafe wal-verify [--json]`.
-pub async fn command(cfg: Config, json: bool) -> ExitCode {
-    let result = async {
-        let repo = Repository::open(&cfg.repository)?;
-        verify(&repo).await
-    }
-    .await;
-    match result {
-        Err(e) => {
-            eprintln!("walsafe wal-verify: {}", crate::cli::error_line(&e));
-            ExitCode::from(2)
-        }
-        Ok(report) => {
-            let gaps: usize = report.iter().map(|t| t.gaps.len()).sum();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "timelines": report, "gaps": gaps })
-                );
-            } else {
-                for t in &report {
-                    println!(
-                        "timeline {}: {} .. {} ({} segments{})",
-                        t.timeline,
-                        t.first,
-                        t.last,
-                        t.segments,
-                        if t.history {
-                            ""
-                        } else {
-                            ", history file MISSING"
-                        }
-                    );
-                    for g in &t.gaps {
-                        println!("  GAP {} .. {}: {}", g.from, g.to, g.reason);
-                    }
-                }
-                println!("{gaps} gap(s)");
-            }
-            ExitCode::from(u8::from(gaps > 0))
-        }
-    }
 }
