@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -35,9 +34,10 @@ use crate::pg::page::ClusterIdentity;
 use crate::pg::replication::ReplicationConnection;
 use crate::pg::{Lsn, TimelineId, WAL_BLOCK_SIZE};
 use crate::positions::Positions;
-use crate::receive::{Receiver, SpoolEvent, SpoolWriterHandle, StreamEnd};
+use crate::receive::{Receiver, StreamEnd};
 use crate::repository::{ClusterIdentity as RepoIdentity, Repository};
-use crate::spool::{Recovered, Spool};
+use crate::spool::retention::Retention;
+use crate::spool::{Publisher, Recovered, Spool, WriterHandle};
 use crate::upload::Uploader;
 
 /// First wait before reconnecting; doubles up to [`RECONNECT_MAX`].
@@ -83,7 +83,8 @@ struct Pipeline {
     spool: Arc<Spool>,
     recovered: Recovered,
     archived: tokio::sync::watch::Receiver<Lsn>,
-    events: mpsc::UnboundedSender<SpoolEvent>,
+    /// The spool's news, for the writer thread once streaming starts.
+    publisher: Option<Publisher>,
     upload_cancel: CancellationToken,
     upload_task: tokio::task::JoinHandle<()>,
 }
@@ -96,26 +97,31 @@ async fn start_pipeline(
     segment_size: u64,
 ) -> anyhow::Result<Pipeline> {
     let dir = cfg.spool.dir.clone();
-    let (spool, recovered) = tokio::task::spawn_blocking(move || Spool::open(&dir, segment_size))
-        .await?
-        .with_context(|| format!("cannot open the spool {}", cfg.spool.dir.display()))?;
+    let fsync = cfg.fsync;
+    let (spool, recovered) =
+        tokio::task::spawn_blocking(move || Spool::open(&dir, segment_size, fsync))
+            .await?
+            .with_context(|| format!("cannot open the spool {}", cfg.spool.dir.display()))?;
     let spool = Arc::new(spool);
-    let (events, events_rx) = mpsc::unbounded_channel();
+    let (publisher, feed) = crate::spool::feed(recovered.durable(segment_size));
+    positions.follow_durable(feed.durable.clone());
+    let retention = Arc::new(Retention::new(spool.clone(), 1));
     let (uploader, archived) = Uploader::new(
         repo.clone(),
         spool.clone(),
+        retention,
         positions.clone(),
         &recovered,
         cfg.archive.partial_interval,
         cfg.archive.upload_concurrency,
     );
     let upload_cancel = CancellationToken::new();
-    let upload_task = tokio::spawn(uploader.run(events_rx, upload_cancel.clone()));
+    let upload_task = tokio::spawn(uploader.run(feed, upload_cancel.clone()));
     Ok(Pipeline {
         spool,
         recovered,
         archived,
-        events,
+        publisher: Some(publisher),
         upload_cancel,
         upload_task,
     })
@@ -197,24 +203,22 @@ async fn stream_until_stopped(
     if pipeline.is_none() {
         *pipeline = Some(start_pipeline(cfg, repo, positions, server.segment_size).await?);
     }
-    let p = pipeline.as_ref().expect("started above");
+    let p = pipeline.as_mut().expect("started above");
     let (timeline, start) = start_position(cfg, &mut conn, &server, &p.recovered).await?;
     info!(%timeline, %start, "streaming starts here");
     positions.reset(timeline, start);
-    let writer = SpoolWriterHandle::start(
-        p.spool.writer(),
-        timeline,
-        p.events.clone(),
-        positions.clone(),
-    );
+    let publisher = p
+        .publisher
+        .take()
+        .expect("the spool writer starts once per pipeline");
+    let spool = p.spool.clone();
+    let writer = WriterHandle::start(spool.writer(), publisher, positions.clone());
     let mut receiver = Receiver {
         cfg,
         identity,
-        spool: p.spool.clone(),
         writer: &writer,
         positions: positions.clone(),
         archived: p.archived.clone(),
-        events: p.events.clone(),
         cancel: cancel.clone(),
         resume: (timeline, start),
     };
@@ -269,7 +273,7 @@ async fn stream_until_stopped(
             ),
             Err(e) if wal_lost(&e) => {
                 error!("{}", crate::report::error_line(&e));
-                match skip_lost_wal(cfg, repo, &receiver, server.segment_size).await {
+                match skip_lost_wal(cfg, repo, &spool, &receiver, server.segment_size).await {
                     Ok((t, l)) => {
                         tli = t;
                         from = l;
@@ -314,6 +318,7 @@ fn wal_lost(e: &anyhow::Error) -> bool {
 async fn skip_lost_wal(
     cfg: &Config,
     repo: &Repository,
+    spool: &Arc<Spool>,
     receiver: &Receiver<'_>,
     segment_size: u64,
 ) -> anyhow::Result<(TimelineId, Lsn)> {
@@ -363,23 +368,18 @@ async fn skip_lost_wal(
         resume,
         "the server removed WAL before walsafe streamed it (replication slot invalidated, dropped, or max_slot_wal_keep_size exceeded)",
     );
-    let dir = cfg.spool.dir.clone();
-    let g = gap.clone();
-    tokio::task::spawn_blocking(move || crate::gap::record(&dir, &g))
+    let (s, g) = (spool.clone(), gap.clone());
+    tokio::task::spawn_blocking(move || s.record_gap(&g))
         .await?
         .with_context(|| format!("cannot record a gap in {}", cfg.spool.dir.display()))?;
-    if let Err(e) = repo
-        .store()
-        .put_if_absent(&gap.object_key(), serde_json::to_vec(&gap)?.into())
-        .await
-    {
+    if let Err(e) = repo.record_gap(&gap).await {
         warn!("could not record the gap in the repository: {e}");
     }
-    crate::metrics::set_gaps(crate::gap::load(&cfg.spool.dir).len());
+    crate::metrics::set_gaps(crate::spool::gaps::load(&cfg.spool.dir).len());
     error!(
         %timeline, from = %lost_from, to = %resume, bytes = gap.len(),
         "GAP: WAL from {lost_from} to {resume} is lost and will never be in the repository; a restore cannot pass it: take a new base backup now (acknowledge by deleting {}/{})",
-        cfg.spool.dir.display(), crate::gap::GAPS_FILE
+        cfg.spool.dir.display(), crate::spool::gaps::GAPS_FILE
     );
     for t in timeline.0 + 1..=info.timeline.0 {
         receiver.fetch_history(&mut conn, TimelineId(t)).await?;

@@ -43,6 +43,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::durable::Fsync;
 use crate::repository::{Compression, RepositoryConfig};
 
 /// Where the configuration is read from when `--config` is not given.
@@ -71,6 +72,9 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9851";
 pub struct Config {
     /// Path the configuration was read from.
     pub path: PathBuf,
+    /// Whether the spool, the `file://` store and `wal-fetch` really fsync:
+    /// always, except in tests that set `WALSAFE_UNSAFE_NO_FSYNC=1`.
+    pub fsync: Fsync,
     pub postgres: PostgresConfig,
     pub spool: SpoolConfig,
     pub repository: RepositoryConfig,
@@ -387,8 +391,10 @@ impl Config {
                 problems,
             });
         }
+        let fsync = Fsync::from_env();
         Ok(Config {
             path: path.to_path_buf(),
+            fsync,
             postgres: PostgresConfig {
                 conninfo,
                 slot,
@@ -403,6 +409,7 @@ impl Config {
                 compression_level,
                 options,
                 retries,
+                fsync,
             },
             archive: ArchiveConfig {
                 partial_interval,

@@ -44,8 +44,9 @@ use crate::pg::page::{validate_segment, ClusterIdentity};
 use crate::pg::walfile::{classify, NameKind};
 use crate::pg::{SegmentName, WAL_BLOCK_SIZE};
 use crate::report::{EXIT_FATAL, EXIT_NOT_FOUND};
+use crate::repository::chunks::{self, Uncovered};
 use crate::repository::descriptor::Descriptor;
-use crate::repository::Repository;
+use crate::repository::{ObjectName, Repository, SegmentFile};
 
 /// Chunk downloads in flight while assembling a segment.
 const CHUNK_FETCH_CONCURRENCY: usize = 8;
@@ -110,7 +111,8 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
         return Ok(Fetched::NotFound);
     };
     let dest = dest.to_path_buf();
-    tokio::task::spawn_blocking(move || crate::durable::write_atomically(&dest, &data, 0o600))
+    let fsync = cfg.fsync;
+    tokio::task::spawn_blocking(move || fsync.write_atomically(&dest, &data, 0o600))
         .await?
         .with_context(|| format!("cannot write the restored file to {name}"))?;
     Ok(Fetched::Restored)
@@ -136,13 +138,14 @@ async fn fetch_segment(
             d.segment_size >> 20
         )
     })?;
-    let data = match from_prefetch(cfg, repo, name).await {
+    let file = SegmentFile::of(seg, d.segment_size);
+    let data = match from_prefetch(cfg, repo, &file).await {
         Some(data) => Some(data),
-        None => match repo.get_wal(name).await? {
+        None => match repo.get(&ObjectName::Segment(file.clone())).await? {
             Some(data) => Some(data),
-            None => match repo.get_wal(&format!("{name}.partial")).await? {
+            None => match repo.get(&ObjectName::ClosedPartial(file.clone())).await? {
                 Some(data) => Some(data),
-                None => assemble_chunks(repo, name, d.segment_size).await?,
+                None => assemble_chunks(repo, &file, d.segment_size).await?,
             },
         },
     };
@@ -174,25 +177,11 @@ async fn refuse_if_in_gap(
     seg: SegmentName,
     segment_size: u64,
 ) -> anyhow::Result<()> {
-    let start = seg.start_lsn(segment_size);
-    let end = seg.end_lsn(segment_size);
-    for obj in repo.store().list(crate::gap::GAPS_PREFIX).await? {
-        let Some(bytes) = repo.store().get(&obj.key).await? else {
-            continue;
-        };
-        let Ok(gap) = serde_json::from_slice::<crate::gap::Gap>(&bytes) else {
-            continue;
-        };
-        let (Ok(from), Ok(to)) = (
-            gap.from.parse::<crate::pg::Lsn>(),
-            gap.to.parse::<crate::pg::Lsn>(),
-        ) else {
-            continue;
-        };
-        if gap.timeline == seg.timeline.0 && from < end && to > start {
+    for gap in repo.gaps().await? {
+        if gap.touches(seg, segment_size) {
             bail!(
-                "this segment lies in a recorded gap: WAL from {from} to {to} on timeline {} was lost before it was archived ({}, detected {}). Recovery cannot pass it; to end recovery just before it, set recovery_target_lsn = '{from}' and recovery_target_action = 'promote', or restore a base backup taken after {to}",
-                gap.timeline, gap.reason, gap.detected_at
+                "this segment lies in a recorded gap: WAL from {} to {} on timeline {} was lost before it was archived ({}, detected {}). Recovery cannot pass it; to end recovery just before it, set recovery_target_lsn = '{}' and recovery_target_action = 'promote', or restore a base backup taken after {}",
+                gap.from, gap.to, gap.timeline, gap.reason, gap.detected_at, gap.from, gap.to
             );
         }
     }
@@ -200,11 +189,15 @@ async fn refuse_if_in_gap(
 }
 
 /// A prefetched raw object, decoded and verified; `None` when absent or bad.
-async fn from_prefetch(cfg: &Config, repo: &Repository, name: &str) -> Option<Vec<u8>> {
+async fn from_prefetch(cfg: &Config, repo: &Repository, file: &SegmentFile) -> Option<Vec<u8>> {
+    let name = file.as_str();
     let path = cfg.fetch.dir.join(name);
     let raw = tokio::fs::read(&path).await.ok()?;
     let _ = tokio::fs::remove_file(&path).await;
-    match repo.decode_wal(name, raw.into()).await {
+    match repo
+        .decode_raw(&ObjectName::Segment(file.clone()), raw.into())
+        .await
+    {
         Ok(data) => Some(data),
         Err(e) => {
             warn!("discarding prefetched {name}: {e}; fetching it from the repository");
@@ -217,24 +210,31 @@ async fn from_prefetch(cfg: &Config, repo: &Repository, name: &str) -> Option<Ve
 /// the segment has no chunks at all.
 pub async fn assemble_chunks(
     repo: &Repository,
-    name: &str,
+    file: &SegmentFile,
     segment_size: u64,
 ) -> anyhow::Result<Option<Vec<u8>>> {
     // A chunk listed and then gone means the complete segment was stored and
     // its chunks deleted meanwhile: look again, once.
     for attempt in 0..2 {
         if attempt > 0 {
-            if let Some(full) = repo.get_wal(name).await? {
+            if let Some(full) = repo.get(&ObjectName::Segment(file.clone())).await? {
                 return Ok(Some(full));
             }
         }
-        let mut chunks = repo.list_chunks(name).await?;
+        let chunks = repo.list_chunks(file).await?;
         if chunks.is_empty() {
             return Ok(None);
         }
-        let plan = plan_chunks(&mut chunks, name)?;
+        let plan = chunks::plan(&chunks).map_err(|u| match u {
+            Uncovered::MissingStart { first } => anyhow!(
+                "the chunks of {file} do not start at offset 0 (first at {first:08X}): WAL at the start of this segment is missing from the repository"
+            ),
+            Uncovered::Hole { from, to } => anyhow!(
+                "the chunks of {file} have a hole from {from:08X} to {to:08X}: WAL is missing from the repository"
+            ),
+        })?;
         let parts: Vec<Option<Vec<u8>>> = futures::stream::iter(plan.iter().copied())
-            .map(|(s, e)| repo.get_chunk(name, s, e))
+            .map(|(s, e)| repo.get_chunk(file, s, e))
             .buffered(CHUNK_FETCH_CONCURRENCY)
             .try_collect()
             .await?;
@@ -247,55 +247,24 @@ pub async fn assemble_chunks(
             let part = part.expect("checked above");
             if part.len() as u64 != end - start || *end > segment_size {
                 bail!(
-                    "chunk {start:08X}-{end:08X} of {name} holds {} bytes",
+                    "chunk {start:08X}-{end:08X} of {file} holds {} bytes",
                     part.len()
                 );
             }
             let overlap = (pos - start) as usize;
             if buf[*start as usize..pos as usize] != part[..overlap] {
-                bail!("overlapping chunks of {name} disagree at {start:08X}-{pos:08X}: the repository holds two different versions of this WAL");
+                bail!("overlapping chunks of {file} disagree at {start:08X}-{pos:08X}: the repository holds two different versions of this WAL");
             }
             buf[pos as usize..*end as usize].copy_from_slice(&part[overlap..]);
             pos = *end;
         }
         debug!(
-            "assembled {name} from {} chunk(s), {pos} bytes of WAL",
+            "assembled {file} from {} chunk(s), {pos} bytes of WAL",
             plan.len()
         );
         return Ok(Some(buf));
     }
-    bail!("the chunks of {name} kept changing while it was being read; try again")
-}
-
-/// Picks chunks covering [0, end) greedily; errors on a missing start or a hole.
-fn plan_chunks(chunks: &mut [(u64, u64)], name: &str) -> anyhow::Result<Vec<(u64, u64)>> {
-    chunks.sort_unstable();
-    let mut plan = Vec::new();
-    let mut pos = 0u64;
-    loop {
-        let best = chunks
-            .iter()
-            .filter(|(s, e)| *s <= pos && *e > pos)
-            .max_by_key(|(_, e)| *e)
-            .copied();
-        match best {
-            Some(c) => {
-                plan.push(c);
-                pos = c.1;
-            }
-            None => break,
-        }
-    }
-    if plan.is_empty() {
-        bail!(
-            "the chunks of {name} do not start at offset 0 (first at {:08X}): WAL at the start of this segment is missing from the repository",
-            chunks[0].0
-        );
-    }
-    if let Some((s, _)) = chunks.iter().find(|(s, _)| *s > pos) {
-        bail!("the chunks of {name} have a hole from {pos:08X} to {s:08X}: WAL is missing from the repository");
-    }
-    Ok(plan)
+    bail!("the chunks of {file} kept changing while it was being read; try again")
 }
 
 fn spawn_prefetcher(cfg: &Config, name: &str) {
@@ -323,7 +292,8 @@ fn spawn_prefetcher(cfg: &Config, name: &str) {
 /// One prefetcher per directory at a time (lock file); a second just exits.
 pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
     let dir = &cfg.fetch.dir;
-    crate::durable::create_dir_all_durably(dir)
+    cfg.fsync
+        .create_dir_all(dir)
         .with_context(|| format!("cannot create the prefetch directory {}", dir.display()))?;
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -359,41 +329,19 @@ pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
         if path.exists() {
             continue;
         }
-        match repo.get_wal_object(&n).await? {
+        match repo
+            .get_raw(&ObjectName::Segment(SegmentFile::of(next, d.segment_size)))
+            .await?
+        {
             Some(raw) => {
                 let p = path.clone();
-                tokio::task::spawn_blocking(move || {
-                    crate::durable::write_atomically(&p, &raw, 0o600)
-                })
-                .await??;
+                let fsync = cfg.fsync;
+                tokio::task::spawn_blocking(move || fsync.write_atomically(&p, &raw, 0o600))
+                    .await??;
             }
             None => break,
         }
     }
     drop(lock);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plan_picks_longest_contiguous_cover() {
-        let mut c = vec![(0, 10), (10, 20), (0, 15), (20, 30)];
-        assert_eq!(
-            plan_chunks(&mut c, "x").unwrap(),
-            vec![(0, 15), (10, 20), (20, 30)]
-        );
-    }
-
-    #[test]
-    fn plan_refuses_missing_start_and_holes() {
-        let e = plan_chunks(&mut [(8, 10)], "X").unwrap_err().to_string();
-        assert!(e.contains("do not start at offset 0"), "{e}");
-        let e = plan_chunks(&mut [(0, 10), (12, 20)], "X")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("hole from 0000000A to 0000000C"), "{e}");
-    }
 }

@@ -1,5 +1,5 @@
-//! gaps: WAL known to be lost, recorded, never skipped quietly (DESIGN
-//! rule 2).
+//! gap: WAL known to be lost, recorded when the loss happened, never
+//! skipped quietly (rule 2 in README's Guarantees).
 //!
 //! A gap arises when the server no longer has WAL walsafe still needs: the
 //! slot was invalidated (`max_slot_wal_keep_size`), dropped, or streaming
@@ -8,36 +8,34 @@
 //! WAL the server still has. A restore across a gap stops at it; a new base
 //! backup is needed to restore past it.
 //!
+//! A [`Gap`] is written twice: in the spool (`walsafe.gaps`, see
+//! `spool::gaps`), which the agent's metric counts and the operator
+//! acknowledges, and in the repository (`gaps/…`, see
+//! `repository::object`), authenticated like every other object, which
+//! `wal-fetch` and `wal-verify` read. Its JSON:
+//!
 //! ```text
-//! <spool>/walsafe.gaps           one JSON object per line, appended and fsynced
-//! <repository>/gaps/<TLI 8 hex>-<from 16 hex>-<to 16 hex>
-//!                                the same JSON, so wal-verify and status see it
 //! {"timeline":1,"from":"0/3000000","to":"0/9000000",
 //!  "detected_at":"2026-11-21T10:00:00Z","reason":"..."}
 //! ```
 //!
-//! `walsafe_archive_gaps` counts the records in the spool's file. Once a
-//! new base backup makes them irrelevant, acknowledge them by deleting
-//! `walsafe.gaps` (the repository's records stay, as history).
-
-use std::io::Write;
-use std::path::Path;
+//! Not to be confused with a *hole* (`repository::inventory::Hole`): a
+//! range `wal-verify` finds missing from what is stored, recorded or not.
 
 use serde::{Deserialize, Serialize};
 
-use crate::pg::{Lsn, TimelineId};
-
-/// File name inside the spool directory.
-pub const GAPS_FILE: &str = "walsafe.gaps";
-/// Prefix of gap records in the repository.
-pub const GAPS_PREFIX: &str = "gaps/";
+use crate::pg::{Lsn, SegmentName, TimelineId};
 
 /// One lost range of WAL: `[from, to)` on `timeline`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gap {
-    pub timeline: u32,
-    pub from: String,
-    pub to: String,
+    #[serde(with = "timeline_number")]
+    pub timeline: TimelineId,
+    #[serde(with = "lsn_text")]
+    pub from: Lsn,
+    #[serde(with = "lsn_text")]
+    pub to: Lsn,
+    /// RFC 3339, UTC.
     pub detected_at: String,
     pub reason: String,
 }
@@ -46,60 +44,59 @@ impl Gap {
     /// A gap detected now.
     pub fn new(timeline: TimelineId, from: Lsn, to: Lsn, reason: &str) -> Gap {
         Gap {
-            timeline: timeline.0,
-            from: from.to_string(),
-            to: to.to_string(),
+            timeline,
+            from,
+            to,
             detected_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             reason: reason.to_string(),
         }
     }
 
-    /// The repository key of this record.
-    pub fn object_key(&self) -> String {
-        let p = |s: &str| s.parse::<Lsn>().map(|l| l.0).unwrap_or(0);
-        format!(
-            "{GAPS_PREFIX}{:08X}-{:016X}-{:016X}",
-            self.timeline,
-            p(&self.from),
-            p(&self.to)
-        )
-    }
-
     /// Bytes of WAL lost.
     pub fn len(&self) -> u64 {
-        let p = |s: &str| s.parse::<Lsn>().unwrap_or_default();
-        p(&self.to).bytes_after(p(&self.from))
+        self.to.bytes_after(self.from)
     }
 
     /// True for an empty range (never recorded).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether any byte of `seg` lies in the gap.
+    pub fn touches(&self, seg: SegmentName, segment_size: u64) -> bool {
+        self.timeline == seg.timeline
+            && self.from < seg.end_lsn(segment_size)
+            && self.to > seg.start_lsn(segment_size)
+    }
 }
 
-/// The gaps recorded in a spool directory.
-pub fn load(spool_dir: &Path) -> Vec<Gap> {
-    std::fs::read_to_string(spool_dir.join(GAPS_FILE))
-        .map(|t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
-        .unwrap_or_default()
+mod lsn_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::pg::Lsn;
+
+    pub fn serialize<S: Serializer>(l: &Lsn, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(l)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
-/// Appends a gap to the spool's record, durably.
-pub fn record(spool_dir: &Path, gap: &Gap) -> std::io::Result<()> {
-    let path = spool_dir.join(GAPS_FILE);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)?;
-    let mut line = serde_json::to_string(gap).expect("serializable");
-    line.push('\n');
-    f.write_all(line.as_bytes())?;
-    crate::durable::sync_all(&f)?;
-    crate::durable::sync_dir(spool_dir)
+mod timeline_number {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::pg::TimelineId;
+
+    pub fn serialize<S: Serializer>(t: &TimelineId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(t.0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TimelineId, D::Error> {
+        u32::deserialize(d).map(TimelineId)
+    }
 }
 
 #[cfg(test)]
@@ -107,22 +104,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gaps_are_appended_and_reloaded() {
-        let d = tempfile::tempdir().unwrap();
-        assert!(load(d.path()).is_empty());
+    fn json_keeps_its_shape() {
         let g = Gap::new(
             TimelineId(1),
             Lsn(0x3000000),
             Lsn(0x9000000),
             "slot invalidated",
         );
-        record(d.path(), &g).unwrap();
-        record(d.path(), &g).unwrap();
-        assert_eq!(load(d.path()), vec![g.clone(), g.clone()]);
-        assert_eq!(g.len(), 0x6000000);
-        assert_eq!(
-            g.object_key(),
-            "gaps/00000001-0000000003000000-0000000009000000"
+        let text = serde_json::to_string(&g).unwrap();
+        assert!(
+            text.starts_with(r#"{"timeline":1,"from":"0/3000000","to":"0/9000000","#),
+            "{text}"
         );
+        assert_eq!(serde_json::from_str::<Gap>(&text).unwrap(), g);
+        assert_eq!(g.len(), 0x6000000);
+        let seg = |segno| SegmentName {
+            timeline: TimelineId(1),
+            segno,
+        };
+        let size = 16 << 20;
+        assert!(!g.touches(seg(2), size));
+        assert!(g.touches(seg(3), size));
+        assert!(g.touches(seg(8), size));
+        assert!(!g.touches(seg(9), size));
     }
 }

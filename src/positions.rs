@@ -11,15 +11,29 @@
 //!   on a power cut).
 //! * `flushed`:  the end of WAL fsynced in the spool. Survives any crash.
 //!   The only position that may be reported as `flush` to PostgreSQL in ack
-//!   mode `local`.
+//!   mode `local`. Its one publisher is the spool writer thread (a
+//!   [`Durable`] watch); [`Positions`] only follows that watch
+//!   ([`Positions::follow_durable`]), it never holds a copy of its own.
 //! * `archived`: the end of WAL contiguously stored in the repository, from
 //!   the point where this agent began. The only position that may be
 //!   reported as `flush` in ack mode `remote`.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
 
 use crate::pg::{Lsn, TimelineId};
+
+/// The end of WAL durable in the spool, on the timeline being written, as
+/// the spool writer thread publishes it (see `spool::thread`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Durable {
+    pub timeline: TimelineId,
+    /// Every byte before it is fsynced, and every segment before its
+    /// segment is complete under its final name.
+    pub flushed: Lsn,
+}
 
 /// Shared positions; cheap to clone.
 #[derive(Clone, Default)]
@@ -30,7 +44,8 @@ struct Inner {
     server: AtomicU64,
     received: AtomicU64,
     written: AtomicU64,
-    flushed: AtomicU64,
+    /// The spool's durable position, followed (see [`Positions::follow_durable`]).
+    durable: RwLock<Option<watch::Receiver<Durable>>>,
     archived: AtomicU64,
     timeline: AtomicU32,
     /// Unix time (ms) of the oldest flushed WAL not yet archived; 0 when caught up.
@@ -65,7 +80,6 @@ impl Positions {
     position!(server, set_server, server);
     position!(received, set_received, received);
     position!(written, set_written, written);
-    position!(flushed, set_flushed, flushed);
     position!(archived, advance_archived, archived);
 
     /// Sets `archived` as the uploader computed it. The uploader is its only
@@ -75,15 +89,27 @@ impl Positions {
         self.0.archived.store(lsn.0, Ordering::Release);
     }
 
-    /// Resets every position to `lsn` (start of streaming or a timeline
-    /// switch), where moving backwards is legitimate.
+    /// Follows the spool's durable position from now on.
+    pub fn follow_durable(&self, durable: watch::Receiver<Durable>) {
+        *self.0.durable.write().unwrap_or_else(|e| e.into_inner()) = Some(durable);
+    }
+
+    /// Current `flushed` position: the spool's durable end (`0/0` before
+    /// the spool is open).
+    pub fn flushed(&self) -> Lsn {
+        self.0
+            .durable
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(Lsn::INVALID, |d| d.borrow().flushed)
+    }
+
+    /// Resets every position this struct holds to `lsn` (start of
+    /// streaming or a timeline switch), where moving backwards is
+    /// legitimate; `flushed` is the spool's to say.
     pub fn reset(&self, timeline: TimelineId, lsn: Lsn) {
-        for a in [
-            &self.0.received,
-            &self.0.written,
-            &self.0.flushed,
-            &self.0.archived,
-        ] {
+        for a in [&self.0.received, &self.0.written, &self.0.archived] {
             a.store(lsn.0, Ordering::Release);
         }
         self.0.server.fetch_max(lsn.0, Ordering::AcqRel);
@@ -187,11 +213,28 @@ mod tests {
     #[test]
     fn positions_only_advance_except_on_reset() {
         let p = Positions::default();
-        p.set_flushed(Lsn(100));
-        p.set_flushed(Lsn(50));
-        assert_eq!(p.flushed(), Lsn(100));
+        p.set_received(Lsn(100));
+        p.set_received(Lsn(50));
+        assert_eq!(p.received(), Lsn(100));
         p.reset(TimelineId(2), Lsn(10));
-        assert_eq!(p.flushed(), Lsn(10));
+        assert_eq!(p.received(), Lsn(10));
         assert_eq!(p.timeline(), TimelineId(2));
+    }
+
+    #[test]
+    fn flushed_follows_the_spool() {
+        let p = Positions::default();
+        assert_eq!(p.flushed(), Lsn::INVALID);
+        let (tx, rx) = watch::channel(Durable {
+            timeline: TimelineId(1),
+            flushed: Lsn(0x100),
+        });
+        p.follow_durable(rx);
+        assert_eq!(p.flushed(), Lsn(0x100));
+        tx.send_replace(Durable {
+            timeline: TimelineId(1),
+            flushed: Lsn(0x200),
+        });
+        assert_eq!(p.flushed(), Lsn(0x200));
     }
 }

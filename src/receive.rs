@@ -1,19 +1,16 @@
 //! receive: the replication stream, validated, into the spool; durable
 //! positions back to PostgreSQL.
 //!
-//! Two actors:
+//! The receive loop (async) reads the walsender's CopyData messages,
+//! validates every WAL page header ([`PageValidator`]) *before* the bytes
+//! go anywhere, and hands XLogData to the spool writer thread
+//! ([`WriterHandle`], owned by [`crate::spool`]) through its bounded queue.
+//! When the queue is full the loop stops reading the socket: that is
+//! backpressure, and PostgreSQL keeps the WAL in its slot. This module
+//! speaks the protocol; the spool decides what is durable and says so
+//! through its [`Durable`] watch.
 //!
-//! * the **receive task** (async) reads the walsender's CopyData messages,
-//!   validates every WAL page header ([`PageValidator`]) *before* the bytes
-//!   go anywhere, and hands XLogData to the spool writer through a bounded
-//!   channel. When the channel is full the task stops reading the socket:
-//!   that is backpressure, and PostgreSQL keeps the WAL in its slot.
-//! * the **spool writer thread** (blocking, one OS thread, owns the
-//!   [`SpoolWriter`]) writes what is queued, then fsyncs once for the whole
-//!   batch (group commit): while one fsync runs, the next batch queues up.
-//!   After each fsync it publishes the new `flushed` position.
-//!
-//! The receive task sends a standby status update after every fsync batch
+//! The receive loop sends a standby status update after every fsync batch
 //! (so walsafe can serve as a synchronous standby), whenever the server asks
 //! for one, and every [`STATUS_INTERVAL`]. The update reports
 //! `write = received` and `flush = ack`, where `ack` is `flushed` (ack mode
@@ -29,187 +26,22 @@
 //! and streaming resumes on the next timeline from the start of the segment
 //! holding the switch point, as `pg_receivewal` does.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use anyhow::{bail, Context};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
 use crate::pg::page::{ClusterIdentity, PageValidator};
 use crate::pg::replication::{ReplMessage, ReplicationConnection, ReplicationStream};
-use crate::pg::{Lsn, SegmentName, TimelineId};
+use crate::pg::{Lsn, TimelineId};
 use crate::positions::Positions;
-use crate::spool::{Spool, SpoolWriter};
+use crate::spool::{Durable, WriterHandle};
 
 /// Interval of unsolicited status updates (PostgreSQL's `wal_receiver_status_interval` default).
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
-/// XLogData messages queued for the spool writer before the socket is left unread.
-pub const WRITE_QUEUE_MESSAGES: usize = 32;
-/// Bytes written before the writer fsyncs even if more is queued, bounding commit latency.
-pub const MAX_BATCH_BYTES: usize = 4 << 20;
-
-/// What the spool writer tells the uploader.
-#[derive(Debug, Clone)]
-pub enum SpoolEvent {
-    /// WAL up to `flushed` on `timeline` is durable; `completed` segments were renamed complete.
-    Flushed {
-        timeline: TimelineId,
-        flushed: Lsn,
-        completed: Vec<SegmentName>,
-    },
-    /// A timeline ended; `closed` is its last segment, left `.partial` in the spool.
-    TimelineEnded {
-        closed: Option<SegmentName>,
-        next: TimelineId,
-    },
-    /// A timeline history file was spooled.
-    History(TimelineId),
-}
-
-enum WriteCmd {
-    Data {
-        timeline: TimelineId,
-        start: Lsn,
-        data: Bytes,
-    },
-    EndTimeline {
-        next: TimelineId,
-        reply: oneshot::Sender<anyhow::Result<()>>,
-    },
-}
-
-/// Handle to the spool writer thread.
-pub struct SpoolWriterHandle {
-    tx: mpsc::Sender<WriteCmd>,
-    flushed: watch::Receiver<Lsn>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl SpoolWriterHandle {
-    /// Starts the writer thread. It runs until the handle is dropped or
-    /// [`SpoolWriterHandle::finish`] is called; it must finish its last
-    /// fsync before the process exits, so shutdown waits for it.
-    pub fn start(
-        writer: SpoolWriter,
-        timeline: TimelineId,
-        events: mpsc::UnboundedSender<SpoolEvent>,
-        positions: Positions,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE_MESSAGES);
-        let (flushed_tx, flushed) = watch::channel(writer.flushed());
-        let thread = std::thread::Builder::new()
-            .name("walsafe-spool".into())
-            .spawn(move || writer_thread(writer, timeline, rx, flushed_tx, events, positions))
-            .expect("spawn spool writer thread");
-        SpoolWriterHandle {
-            tx,
-            flushed,
-            thread: Some(thread),
-        }
-    }
-
-    /// Durable end of the spool.
-    pub fn flushed(&self) -> watch::Receiver<Lsn> {
-        self.flushed.clone()
-    }
-
-    /// Waits until everything queued is written and fsynced, then stops the thread.
-    pub async fn finish(mut self) -> anyhow::Result<()> {
-        let thread = self.thread.take();
-        drop(self.tx);
-        match thread {
-            Some(t) => tokio::task::spawn_blocking(move || t.join())
-                .await?
-                .map_err(|_| anyhow!("spool writer thread panicked"))?,
-            None => Ok(()),
-        }
-    }
-
-    async fn send(&self, cmd: WriteCmd) -> anyhow::Result<()> {
-        if self.tx.send(cmd).await.is_err() {
-            bail!("the spool writer stopped (see the error logged before this one)");
-        }
-        Ok(())
-    }
-}
-
-fn writer_thread(
-    mut w: SpoolWriter,
-    mut timeline: TimelineId,
-    mut rx: mpsc::Receiver<WriteCmd>,
-    flushed_tx: watch::Sender<Lsn>,
-    events: mpsc::UnboundedSender<SpoolEvent>,
-    positions: Positions,
-) -> anyhow::Result<()> {
-    let result = (|| -> anyhow::Result<()> {
-        while let Some(first) = rx.blocking_recv() {
-            let mut next = Some(first);
-            let mut batch = 0usize;
-            while let Some(cmd) = next.take() {
-                match cmd {
-                    WriteCmd::Data {
-                        timeline: t,
-                        start,
-                        data,
-                    } => {
-                        timeline = t;
-                        w.write(t, start, &data)?;
-                        positions.set_written(w.written());
-                        batch += data.len();
-                    }
-                    WriteCmd::EndTimeline { next: nt, reply } => {
-                        let r = (|| -> anyhow::Result<()> {
-                            flush_and_publish(&mut w, timeline, &flushed_tx, &events, &positions)?;
-                            let closed = w.end_timeline()?;
-                            let _ = events.send(SpoolEvent::TimelineEnded { closed, next: nt });
-                            Ok(())
-                        })();
-                        let failed = r.is_err();
-                        let _ = reply.send(r);
-                        if failed {
-                            bail!("could not close timeline {timeline} in the spool");
-                        }
-                        batch = 0;
-                    }
-                }
-                if batch >= MAX_BATCH_BYTES {
-                    break;
-                }
-                next = rx.try_recv().ok();
-            }
-            if w.written() > w.flushed() {
-                flush_and_publish(&mut w, timeline, &flushed_tx, &events, &positions)?;
-            }
-        }
-        Ok(())
-    })();
-    if let Err(e) = &result {
-        tracing::error!("spool writer stopped: {}", crate::report::error_line(e));
-    }
-    result
-}
-
-fn flush_and_publish(
-    w: &mut SpoolWriter,
-    timeline: TimelineId,
-    flushed_tx: &watch::Sender<Lsn>,
-    events: &mpsc::UnboundedSender<SpoolEvent>,
-    positions: &Positions,
-) -> anyhow::Result<()> {
-    let f = w.flush()?;
-    positions.set_flushed(f.flushed);
-    flushed_tx.send_replace(f.flushed);
-    let _ = events.send(SpoolEvent::Flushed {
-        timeline,
-        flushed: f.flushed,
-        completed: f.completed,
-    });
-    Ok(())
-}
 
 /// How one streaming session ended.
 #[derive(Debug)]
@@ -224,11 +56,9 @@ pub enum StreamEnd {
 pub struct Receiver<'a> {
     pub cfg: &'a Config,
     pub identity: ClusterIdentity,
-    pub spool: Arc<Spool>,
-    pub writer: &'a SpoolWriterHandle,
+    pub writer: &'a WriterHandle,
     pub positions: Positions,
     pub archived: watch::Receiver<Lsn>,
-    pub events: mpsc::UnboundedSender<SpoolEvent>,
     pub cancel: CancellationToken,
     /// Where streaming must resume after an interruption: the timeline and
     /// the end of the WAL handed to the spool writer on it (the writer
@@ -272,12 +102,7 @@ impl Receiver<'_> {
                     switch_point,
                 } => {
                     info!(from = %timeline, to = %next, %switch_point, "timeline switch");
-                    let (reply, done) = oneshot::channel();
-                    self.writer
-                        .send(WriteCmd::EndTimeline { next, reply })
-                        .await?;
-                    done.await
-                        .map_err(|_| anyhow!("spool writer stopped during a timeline switch"))??;
+                    self.writer.end_timeline(next).await?;
                     conn = (*stream).into_connection()?;
                     self.fetch_history(&mut conn, next).await?;
                     timeline = next;
@@ -292,15 +117,7 @@ impl Receiver<'_> {
     /// as such), so that streaming can resume at a later segment boundary
     /// after WAL was lost (a recorded gap).
     pub async fn close_segment_for_gap(&self, timeline: TimelineId) -> anyhow::Result<()> {
-        let (reply, done) = oneshot::channel();
-        self.writer
-            .send(WriteCmd::EndTimeline {
-                next: timeline,
-                reply,
-            })
-            .await?;
-        done.await
-            .map_err(|_| anyhow!("spool writer stopped while closing a segment"))?
+        self.writer.end_timeline(timeline).await
     }
 
     /// Fetches `<tli>.history` from the server and spools it.
@@ -316,13 +133,10 @@ impl Receiver<'_> {
             .timeline_history(tli)
             .await
             .with_context(|| format!("TIMELINE_HISTORY {tli} failed"))?;
-        let spool = self.spool.clone();
-        tokio::task::spawn_blocking(move || spool.write_history(tli, &content))
-            .await?
-            .with_context(|| format!("could not spool the history file of timeline {tli}"))?;
-        // The uploader learns of it through the same event stream as WAL.
-        let _ = self.events.send(SpoolEvent::History(tli));
-        Ok(())
+        self.writer
+            .write_history(tli, content)
+            .await
+            .with_context(|| format!("could not spool the history file of timeline {tli}"))
     }
 
     async fn stream_timeline(
@@ -333,7 +147,7 @@ impl Receiver<'_> {
     ) -> anyhow::Result<TimelineEnd> {
         let mut validator = PageValidator::new(self.identity, timeline);
         let mut expected = start;
-        let mut flushed = self.writer.flushed();
+        let mut durable = self.writer.durable();
         let mut archived = self.archived.clone();
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -349,7 +163,7 @@ impl Receiver<'_> {
                     }
                     return Ok(TimelineEnd::Stopped(StreamEnd::Cancelled));
                 }
-                r = flushed.changed() => {
+                r = durable.changed() => {
                     if r.is_err() {
                         bail!("the spool writer stopped (see the error logged before this one)");
                     }
@@ -374,7 +188,7 @@ impl Receiver<'_> {
                             self.resume = (timeline, expected);
                             self.positions.set_received(expected);
                             self.positions.set_server(server_end.max(expected));
-                            self.writer.send(WriteCmd::Data { timeline, start: at, data }).await?;
+                            self.writer.write(timeline, at, data).await?;
                         }
                         ReplMessage::Keepalive { server_end, reply_requested } => {
                             self.positions.set_server(server_end);
@@ -400,7 +214,7 @@ impl Receiver<'_> {
 
     /// The flush position PostgreSQL may be told about.
     fn ack_position(&self) -> Lsn {
-        let flushed = *self.writer.flushed.borrow();
+        let Durable { flushed, .. } = *self.writer.durable().borrow();
         match self.cfg.archive.ack {
             AckMode::Local => flushed,
             AckMode::Remote => flushed.min(*self.archived.borrow()),

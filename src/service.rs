@@ -52,7 +52,7 @@ pub fn spawn_monitor(
             if n % 10 == 0 {
                 let spool_bytes = crate::spool::usage_bytes_of(&spool_dir).unwrap_or(0);
                 crate::metrics::set_spool(spool_bytes, positions.pending_segments());
-                let gaps = crate::gap::load(&spool_dir).len();
+                let gaps = crate::spool::gaps::load(&spool_dir).len();
                 crate::metrics::set_gaps(gaps);
                 let state = AgentState::snapshot(
                     &positions,

@@ -125,7 +125,11 @@ mod tests {
     fn state_round_trips() {
         let d = tempfile::tempdir().unwrap();
         let p = Positions::default();
-        p.set_flushed(Lsn(0x5000000));
+        let (_tx, rx) = tokio::sync::watch::channel(crate::positions::Durable {
+            timeline: crate::pg::TimelineId(1),
+            flushed: Lsn(0x5000000),
+        });
+        p.follow_durable(rx);
         let s = AgentState::snapshot(&p, true, 1, 2, 0);
         write(d.path(), &s).unwrap();
         let r = read(d.path()).unwrap();

@@ -1,15 +1,18 @@
 //! upload: durable WAL from the spool to the repository, continuously.
 //!
 //! The uploader never touches WAL that is not fsynced: it learns what is
-//! durable only from [`SpoolEvent`]s sent after each fsync batch, and reads
-//! the bytes back from the spool files.
+//! durable only from the spool's [`Feed`] (the [`Durable`] watch and the
+//! [`SpoolEvent`] queue, published after each fsync batch), and reads the
+//! bytes back from the spool files. It never removes a spool file: it
+//! reports each stored file to [`Retention`], which decides.
 //!
 //! What it ships:
 //!
 //! * **complete segments**, one object each (`wal/<name>`), up to
 //!   `upload_concurrency` at a time. A segment file leaves the spool only
 //!   after its object is stored (or found already stored with the same
-//!   content); then the segment's chunk objects are deleted.
+//!   content), when [`Retention`] says so; then the segment's chunk objects
+//!   are deleted.
 //! * **chunks** of the segment still filling: every `partial_interval`, the
 //!   bytes fsynced since the last chunk (`chunks/<name>/<start>-<end>`), one
 //!   chunk upload at a time so that a segment's chunks are contiguous from
@@ -34,18 +37,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Kind;
-use crate::pg::walfile::history_file_name;
 use crate::pg::{Lsn, SegmentName, TimelineId};
 use crate::positions::{now_ms, Positions};
-use crate::receive::SpoolEvent;
-use crate::repository::{PutOutcome, Repository, RepositoryError};
-use crate::spool::{Recovered, Spool};
+use crate::repository::{ObjectName, PutOutcome, Repository, RepositoryError, SegmentFile};
+use crate::spool::retention::{Retention, SpoolFile};
+use crate::spool::{Durable, Feed, Recovered, Spool, SpoolEvent};
 
 /// Wait before re-queueing an upload whose retries were exhausted.
 pub const REQUEUE_DELAY: Duration = Duration::from_secs(5);
@@ -95,6 +97,7 @@ struct Filling {
 pub struct Uploader {
     repo: Arc<Repository>,
     spool: Arc<Spool>,
+    retention: Arc<Retention>,
     positions: Positions,
     segment_size: u64,
     interval: Duration,
@@ -103,6 +106,9 @@ pub struct Uploader {
     filling: Option<Filling>,
     /// Per segment not yet stored whole: the offset up to which its chunks are stored.
     chunked: BTreeMap<SegmentName, u64>,
+    /// The newest segment closed by the writer (end of a timeline, or before
+    /// a gap): a durable position inside it or before it is old news.
+    last_closed: Option<SegmentName>,
     flushed: Lsn,
     /// (flushed position, unix ms when it became durable), oldest first.
     durable_times: VecDeque<(Lsn, u64)>,
@@ -124,6 +130,7 @@ impl Uploader {
     pub fn new(
         repo: Arc<Repository>,
         spool: Arc<Spool>,
+        retention: Arc<Retention>,
         positions: Positions,
         recovered: &Recovered,
         interval: Duration,
@@ -146,12 +153,11 @@ impl Uploader {
             jobs.insert(Job::History(*t), State::Queued);
         }
         let resume = recovered.resume.map_or(Lsn::INVALID, |(_, l)| l);
-        let mut flushed = resume;
+        let flushed = recovered.durable(segment_size).flushed;
         let mut filling = None;
-        if let (Some(seg), Some((t, hint))) = (reopened, recovered.flushed_hint) {
-            let off = hint.bytes_after(seg.start_lsn(segment_size));
-            if t == seg.timeline && off > 0 && off < segment_size {
-                flushed = hint;
+        if let Some(seg) = reopened {
+            let off = flushed.bytes_after(seg.start_lsn(segment_size));
+            if off > 0 && off < segment_size {
                 filling = Some(Filling {
                     seg,
                     flushed: off,
@@ -165,6 +171,7 @@ impl Uploader {
         let u = Uploader {
             repo,
             spool,
+            retention,
             positions,
             segment_size,
             interval,
@@ -172,6 +179,7 @@ impl Uploader {
             jobs,
             filling,
             chunked: BTreeMap::new(),
+            last_closed: None,
             flushed,
             durable_times: VecDeque::new(),
             archived_tx,
@@ -186,11 +194,12 @@ impl Uploader {
     /// Runs until `cancel` fires and in-flight uploads have finished (or
     /// [`SHUTDOWN_GRACE`] passed); whatever is not stored stays in the spool
     /// for the next start.
-    pub async fn run(
-        mut self,
-        mut events: mpsc::UnboundedReceiver<SpoolEvent>,
-        cancel: CancellationToken,
-    ) {
+    pub async fn run(mut self, feed: Feed, cancel: CancellationToken) {
+        let Feed {
+            mut durable,
+            mut events,
+        } = feed;
+        let mut writer_alive = true;
         let mut tasks: JoinSet<(Job, Result<PutOutcome, anyhow::Error>)> = JoinSet::new();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -206,6 +215,19 @@ impl Uploader {
                     Some(ev) => self.on_event(ev),
                     None => break,
                 },
+                r = durable.changed(), if writer_alive => {
+                    if r.is_err() {
+                        writer_alive = false;
+                        continue;
+                    }
+                    // Events are queued before the position that covers
+                    // them is published: take them first.
+                    while let Ok(ev) = events.try_recv() {
+                        self.on_event(ev);
+                    }
+                    let d = *durable.borrow_and_update();
+                    self.on_durable(d);
+                }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
                     Ok((job, result)) => self.on_done(job, result),
                     Err(e) => error!("upload task failed: {e}"),
@@ -241,51 +263,17 @@ impl Uploader {
 
     fn on_event(&mut self, ev: SpoolEvent) {
         match ev {
-            SpoolEvent::Flushed {
-                timeline,
-                flushed,
-                completed,
-            } => {
-                for s in completed {
-                    self.jobs.entry(Job::Segment(s)).or_insert(State::Queued);
-                    if self.filling.is_some_and(|f| f.seg == s) {
-                        self.filling = None;
-                    }
-                }
-                if flushed > self.flushed {
-                    // One sample per 100 ms at most, so that a long outage
-                    // does not grow this queue per fsync batch. Extending
-                    // the newest sample keeps its older time: the reported
-                    // lag errs high by < 100 ms, never low.
-                    let now = now_ms();
-                    match self.durable_times.back_mut() {
-                        Some((lsn, t)) if now.saturating_sub(*t) < LAG_SAMPLE_MS => *lsn = flushed,
-                        _ => self.durable_times.push_back((flushed, now)),
-                    }
-                }
-                self.flushed = self.flushed.max(flushed);
-                let off = flushed.segment_offset(self.segment_size);
-                if off > 0 {
-                    let seg = SegmentName::containing(timeline, flushed, self.segment_size);
-                    match &mut self.filling {
-                        Some(f) if f.seg == seg => f.flushed = f.flushed.max(off),
-                        _ => {
-                            self.filling = Some(Filling {
-                                seg,
-                                flushed: off,
-                                chunk_in_flight: false,
-                                // A new segment: its growth so far counts from 0.
-                                at_last_tick: 0,
-                                last_tick: Instant::now(),
-                            })
-                        }
-                    }
+            SpoolEvent::Completed(s) => {
+                self.jobs.entry(Job::Segment(s)).or_insert(State::Queued);
+                if self.filling.is_some_and(|f| f.seg == s) {
+                    self.filling = None;
                 }
             }
             SpoolEvent::TimelineEnded { closed, next } => {
                 info!(next = %next, closed = ?closed.map(|c| c.file_name(self.segment_size)), "timeline ended");
                 if let Some(c) = closed {
                     self.jobs.insert(Job::Closed(c), State::Queued);
+                    self.last_closed = self.last_closed.max(Some(c));
                     if self.filling.is_some_and(|f| f.seg == c) {
                         self.filling = None;
                     }
@@ -293,6 +281,43 @@ impl Uploader {
             }
             SpoolEvent::History(t) => {
                 self.jobs.insert(Job::History(t), State::Queued);
+            }
+        }
+    }
+
+    fn on_durable(&mut self, d: Durable) {
+        let Durable { timeline, flushed } = d;
+        if flushed > self.flushed {
+            // One sample per 100 ms at most, so that a long outage does not
+            // grow this queue per fsync batch. Extending the newest sample
+            // keeps its older time: the reported lag errs high by < 100 ms,
+            // never low.
+            let now = now_ms();
+            match self.durable_times.back_mut() {
+                Some((lsn, t)) if now.saturating_sub(*t) < LAG_SAMPLE_MS => *lsn = flushed,
+                _ => self.durable_times.push_back((flushed, now)),
+            }
+        }
+        self.flushed = self.flushed.max(flushed);
+        let off = flushed.segment_offset(self.segment_size);
+        if off == 0 {
+            return;
+        }
+        let seg = SegmentName::containing(timeline, flushed, self.segment_size);
+        if self.last_closed.is_some_and(|c| seg <= c) {
+            return; // closed already: shipped as a .partial
+        }
+        match &mut self.filling {
+            Some(f) if f.seg == seg => f.flushed = f.flushed.max(off),
+            _ => {
+                self.filling = Some(Filling {
+                    seg,
+                    flushed: off,
+                    chunk_in_flight: false,
+                    // A new segment: its growth so far counts from 0.
+                    at_last_tick: 0,
+                    last_tick: Instant::now(),
+                })
             }
         }
     }
@@ -362,9 +387,10 @@ impl Uploader {
             self.jobs.insert(job, State::InFlight);
             let repo = self.repo.clone();
             let spool = self.spool.clone();
+            let retention = self.retention.clone();
             let seg_size = self.segment_size;
             tasks.spawn(async move {
-                let r = upload_one(&repo, &spool, seg_size, job).await;
+                let r = upload_one(&repo, &spool, &retention, seg_size, job).await;
                 (job, r)
             });
         }
@@ -459,7 +485,7 @@ impl Uploader {
     /// A complete or closed segment is stored: its chunks go, in the background.
     fn after_segment_stored(&self, seg: SegmentName) {
         let repo = self.repo.clone();
-        let name = seg.file_name(self.segment_size);
+        let name = SegmentFile::of(seg, self.segment_size);
         tokio::spawn(async move {
             if let Err(e) = repo.delete_chunks(&name).await {
                 warn!(
@@ -476,9 +502,11 @@ impl Uploader {
         let repo = self.repo.clone();
         tokio::spawn(async move {
             let r: anyhow::Result<()> = async {
-                let stored: BTreeSet<String> = repo.list_wal().await?.into_iter().collect();
+                let stored: BTreeSet<ObjectName> = repo.list_wal().await?.into_iter().collect();
                 for seg in repo.list_chunked_segments().await? {
-                    if stored.contains(&seg) || stored.contains(&format!("{seg}.partial")) {
+                    if stored.contains(&ObjectName::Segment(seg.clone()))
+                        || stored.contains(&ObjectName::ClosedPartial(seg.clone()))
+                    {
                         repo.delete_chunks(&seg).await?;
                     }
                 }
@@ -544,6 +572,7 @@ impl Uploader {
 async fn upload_one(
     repo: &Repository,
     spool: &Arc<Spool>,
+    retention: &Arc<Retention>,
     segment_size: u64,
     job: Job,
 ) -> anyhow::Result<PutOutcome> {
@@ -557,17 +586,15 @@ async fn upload_one(
     };
     let (kind, outcome) = match job {
         Job::Segment(seg) => {
-            let name = seg.file_name(segment_size);
-            let o = repo.put_wal_file(&name, spool.complete_path(seg)).await?;
-            let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.remove_complete(seg)).await??;
+            let name = ObjectName::Segment(SegmentFile::of(seg, segment_size));
+            let o = repo.put_file(&name, spool.complete_path(seg)).await?;
+            release(retention, SpoolFile::Complete(seg)).await?;
             (Kind::Segment, o)
         }
         Job::Closed(seg) => {
-            let name = format!("{}.partial", seg.file_name(segment_size));
-            let o = repo.put_wal_file(&name, spool.partial_path(seg)).await?;
-            let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.remove_partial(seg)).await??;
+            let name = ObjectName::ClosedPartial(SegmentFile::of(seg, segment_size));
+            let o = repo.put_file(&name, spool.partial_path(seg)).await?;
+            release(retention, SpoolFile::ClosedPartial(seg)).await?;
             (Kind::Partial, o)
         }
         Job::History(t) => {
@@ -575,19 +602,28 @@ async fn upload_one(
                 let spool = spool.clone();
                 tokio::task::spawn_blocking(move || spool.read_history(t)).await??
             };
-            let o = repo
-                .put_wal(&history_file_name(t), Bytes::from(data))
-                .await?;
+            let o = repo.put(&ObjectName::History(t), Bytes::from(data)).await?;
             (Kind::History, o)
         }
         Job::Chunk { seg, start, end } => {
             let data = read(Spool::read_range, seg, start, end).await?;
             let o = repo
-                .put_chunk(&seg.file_name(segment_size), start, Bytes::from(data))
+                .put_chunk(
+                    &SegmentFile::of(seg, segment_size),
+                    start,
+                    Bytes::from(data),
+                )
                 .await?;
             (Kind::Chunk, o)
         }
     };
     crate::metrics::upload_duration(kind, started.elapsed());
     Ok(outcome)
+}
+
+/// Tells retention that this (the only, for now) repository stored `file`.
+async fn release(retention: &Arc<Retention>, file: SpoolFile) -> anyhow::Result<()> {
+    let retention = retention.clone();
+    tokio::task::spawn_blocking(move || retention.stored(file, 0)).await??;
+    Ok(())
 }

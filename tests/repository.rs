@@ -13,14 +13,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::s3::{S3Server, SECRET_ACCESS_KEY};
 use object_store::ObjectStore;
+use walsafe::durable::Fsync;
 use walsafe::repository::envelope::EnvelopeError;
 use walsafe::repository::key::{write_key_file, Key};
 use walsafe::repository::store::{PutResult, Store, StoreError};
 use walsafe::repository::{ClusterIdentity, ErrorClass, PutOutcome, Repository, RepositoryError};
-use walsafe::repository::{Compression, RepositoryConfig};
+use walsafe::repository::{Compression, ObjectName, RepositoryConfig, SegmentFile};
 
 const SEG: &str = "000000010000000000000003";
 const SEG2: &str = "000000010000000000000004";
+
+fn sf(name: &str) -> SegmentFile {
+    SegmentFile::parse(name).unwrap()
+}
 
 /// One storage backend under test, with raw access to its objects.
 enum Backend {
@@ -36,7 +41,6 @@ enum Backend {
 
 impl Backend {
     fn file() -> Backend {
-        walsafe::durable::set_fsync_enabled(false);
         Backend::File {
             dir: tempfile::tempdir().unwrap(),
         }
@@ -83,6 +87,7 @@ impl Backend {
             compression_level: 1,
             options: self.options(),
             retries,
+            fsync: Fsync::Off,
         }
     }
 
@@ -173,11 +178,9 @@ async fn round_trip_already_stored_and_conflict_on_both_backends() {
         assert_eq!(r.get_wal(SEG2).await.unwrap(), None, "{}", b.name());
         assert_eq!(
             r.list_wal().await.unwrap(),
-            vec![
-                SEG.to_string(),
-                "000000010000000000000005.partial".to_string(),
-                "00000002.history".to_string(),
-            ]
+            [SEG, "000000010000000000000005.partial", "00000002.history"]
+                .map(|n| ObjectName::wal(n).unwrap())
+                .to_vec()
         );
 
         // Same content again: success, nothing rewritten.
@@ -240,19 +243,21 @@ async fn chunks_on_both_backends() {
         let cuts = [0usize, 0x2000, 0x12000, 0x30000];
         for w in cuts.windows(2) {
             let out = r
-                .put_chunk(SEG, w[0] as u64, all.slice(w[0]..w[1]))
+                .put_chunk(&sf(SEG), w[0] as u64, all.slice(w[0]..w[1]))
                 .await
                 .unwrap();
             assert_eq!(out, PutOutcome::Stored);
         }
-        r.put_chunk(SEG2, 0, wal(100, 1)).await.unwrap();
+        r.put_chunk(&sf(SEG2), 0, wal(100, 1)).await.unwrap();
         // A re-upload of the same chunk is fine.
         assert_eq!(
-            r.put_chunk(SEG, 0, all.slice(0..0x2000)).await.unwrap(),
+            r.put_chunk(&sf(SEG), 0, all.slice(0..0x2000))
+                .await
+                .unwrap(),
             PutOutcome::AlreadyStored
         );
         assert_eq!(
-            r.list_chunks(SEG).await.unwrap(),
+            r.list_chunks(&sf(SEG)).await.unwrap(),
             vec![(0, 0x2000), (0x2000, 0x12000), (0x12000, 0x30000)],
             "{}",
             b.name()
@@ -262,22 +267,19 @@ async fn chunks_on_both_backends() {
             .await
             .is_some());
         let mut assembled = Vec::new();
-        for (s, e) in r.list_chunks(SEG).await.unwrap() {
-            assembled.extend(r.get_chunk(SEG, s, e).await.unwrap().unwrap());
+        for (s, e) in r.list_chunks(&sf(SEG)).await.unwrap() {
+            assembled.extend(r.get_chunk(&sf(SEG), s, e).await.unwrap().unwrap());
         }
         assert_eq!(assembled, all.to_vec());
-        assert_eq!(r.get_chunk(SEG, 0x30000, 0x31000).await.unwrap(), None);
+        assert_eq!(r.get_chunk(&sf(SEG), 0x30000, 0x31000).await.unwrap(), None);
         assert_eq!(
             r.list_chunked_segments().await.unwrap(),
-            vec![SEG.to_string(), SEG2.to_string()]
+            vec![sf(SEG), sf(SEG2)]
         );
-        r.delete_chunks(SEG).await.unwrap();
-        assert!(r.list_chunks(SEG).await.unwrap().is_empty());
-        assert_eq!(r.list_chunks(SEG2).await.unwrap(), vec![(0, 100)]);
-        assert_eq!(
-            r.list_chunked_segments().await.unwrap(),
-            vec![SEG2.to_string()]
-        );
+        r.delete_chunks(&sf(SEG)).await.unwrap();
+        assert!(r.list_chunks(&sf(SEG)).await.unwrap().is_empty());
+        assert_eq!(r.list_chunks(&sf(SEG2)).await.unwrap(), vec![(0, 100)]);
+        assert_eq!(r.list_chunked_segments().await.unwrap(), vec![sf(SEG2)]);
         // Chunks never show up as WAL.
         assert!(r.list_wal().await.unwrap().is_empty());
     }
@@ -410,7 +412,7 @@ async fn damaged_objects_give_corrupt_errors_on_both_backends() {
         assert!(matches!(e, EnvelopeError::KeyRequired { .. }), "{e:?}");
 
         // A plaintext object planted in the encrypted repository is refused.
-        let planted = keyless.store().url().to_string();
+        let planted = keyless.url().to_string();
         assert_eq!(planted, b.url());
         let plain_repo = Repository::open(&b.config(None, 3)).unwrap();
         plain_repo

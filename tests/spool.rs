@@ -333,7 +333,7 @@ fn real_wal_through_the_spool_survives_a_crash_byte_exact() {
     let start = Lsn(SEG);
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     {
-        let (spool, rec) = Spool::open(dir.path(), SEG).unwrap();
+        let (spool, rec) = Spool::open(dir.path(), SEG, walsafe::durable::Fsync::On).unwrap();
         assert_eq!(rec.resume, None);
         let mut w = spool.writer();
         let mut off = 0;
@@ -348,7 +348,7 @@ fn real_wal_through_the_spool_survives_a_crash_byte_exact() {
         }
         // "kill -9": the writer and the spool vanish without a last flush.
     }
-    let (spool, rec) = Spool::open(dir.path(), SEG).unwrap();
+    let (spool, rec) = Spool::open(dir.path(), SEG, walsafe::durable::Fsync::On).unwrap();
     assert_eq!(rec.resume, Some((TimelineId(1), start)));
     assert_eq!(rec.partials, vec![seg1_name()]);
     let mut w = spool.writer();

@@ -66,8 +66,8 @@ use crate::pg::sql::{connect_sql, current_wal_lsn, slot_state, switch_wal};
 use crate::pg::{Lsn, SegmentName, TimelineId};
 use crate::report::human_bytes;
 use crate::repository::{
-    key, ClusterIdentity, Descriptor, Key, PutResult, Repository, RepositoryError, Store,
-    StoreError,
+    key, ClusterIdentity, Descriptor, Key, ObjectName, PutResult, Repository, RepositoryError,
+    SegmentFile, Store, StoreError,
 };
 
 /// How long `--switch-wal` waits for the switched segment to be stored.
@@ -80,8 +80,6 @@ pub const SPOOL_WARN_SEGMENTS: u64 = 4;
 pub const CHECK_STORE_ATTEMPTS: u32 = 3;
 /// Segment size assumed when neither the server nor the repository tells.
 const DEFAULT_SEGMENT_SIZE: u64 = 16 << 20;
-/// Prefix of the probe objects in the repository.
-pub const PROBE_PREFIX: &str = "check/";
 
 /// How one item ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -548,7 +546,7 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
                 cfg.repository.compression_level,
             );
             let reach = async {
-                store.list(PROBE_PREFIX).await?;
+                repo.list_probes().await?;
                 repo.descriptor().await
             }
             .await;
@@ -567,7 +565,7 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
                         ),
                     ));
                     descriptor = Some(d);
-                    for item in probe_store(&store).await {
+                    for item in probe_repository(&repo).await {
                         run.push(item);
                     }
                 }
@@ -844,8 +842,10 @@ async fn check_slot(
     items
 }
 
-/// The repository probe: write, create-only, read back, delete.
-async fn probe_store(store: &Store) -> Vec<Item> {
+/// The repository probe: write, create-only, read back, delete, all
+/// through the repository (so the probe is encoded, and authenticated
+/// under the key, like every object).
+async fn probe_repository(repo: &Repository) -> Vec<Item> {
     const W: &str = "repository write";
     const C: &str = "create-only writes";
     const R: &str = "repository read-back";
@@ -854,11 +854,13 @@ async fn probe_store(store: &Store) -> Vec<Item> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let key = format!("{PROBE_PREFIX}probe-{}-{nanos:x}", std::process::id());
+    let probe = ObjectName::probe(&format!("probe-{}-{nanos:x}", std::process::id()))
+        .expect("a valid probe name");
+    let key = probe.key();
     let first = Bytes::from(format!("walsafe check probe {nanos:x} (first)"));
     let second = Bytes::from(format!("walsafe check probe {nanos:x} (second)"));
     let mut items = Vec::new();
-    match store.put_if_absent(&key, first.clone()).await {
+    match repo.create(&probe, first.clone()).await {
         Ok(PutResult::Created) => items.push(Item::ok(W, format!("wrote {key}"))),
         Ok(PutResult::AlreadyExists) => {
             items.push(Item::failed(
@@ -872,7 +874,7 @@ async fn probe_store(store: &Store) -> Vec<Item> {
             return items;
         }
         Err(e) => {
-            let fix = store_fix(&e);
+            let fix = repository_error_fix(&e);
             items.push(Item::failed(W, e.to_string(), fix));
             for n in [C, R, D] {
                 items.push(Item::skipped(n, "the probe could not be written"));
@@ -880,7 +882,7 @@ async fn probe_store(store: &Store) -> Vec<Item> {
             return items;
         }
     }
-    match store.put_if_absent(&key, second.clone()).await {
+    match repo.create(&probe, second.clone()).await {
         Ok(PutResult::AlreadyExists) => items.push(Item::ok(
             C,
             "a second create of the same key was refused, as it must be",
@@ -891,11 +893,11 @@ async fn probe_store(store: &Store) -> Vec<Item> {
             "use a store with conditional writes (S3 If-None-Match, a local filesystem), or for S3-compatible servers enable conditional PUT support",
         )),
         Err(e) => {
-            let fix = store_fix(&e);
+            let fix = repository_error_fix(&e);
             items.push(Item::failed(C, e.to_string(), fix));
         }
     }
-    match store.get(&key).await {
+    match repo.get(&probe).await {
         Ok(Some(b)) if b == first => items.push(Item::ok(R, "the probe reads back unchanged")),
         Ok(Some(b)) if b == second => items.push(Item::failed(
             R,
@@ -913,12 +915,12 @@ async fn probe_store(store: &Store) -> Vec<Item> {
             "the store is not read-after-write consistent: do not use it for WAL",
         )),
         Err(e) => {
-            let fix = store_fix(&e);
+            let fix = repository_error_fix(&e);
             items.push(Item::failed(R, e.to_string(), fix));
         }
     }
-    match store.delete(&key).await {
-        Ok(()) => match store.get(&key).await {
+    match repo.delete(&probe).await {
+        Ok(()) => match repo.get_raw(&probe).await {
             Ok(None) => items.push(Item::ok(D, "the probe was deleted")),
             Ok(Some(_)) => items.push(Item::failed(
                 D,
@@ -926,7 +928,7 @@ async fn probe_store(store: &Store) -> Vec<Item> {
                 "grant delete permission (walsafe deletes chunks once their segment is stored), then remove the probe by hand",
             )),
             Err(e) => {
-                let fix = store_fix(&e);
+                let fix = repository_error_fix(&e);
                 items.push(Item::failed(D, e.to_string(), fix));
             }
         },
@@ -1243,8 +1245,8 @@ async fn check_switch(c: &Client, id: &Identity, repo: &Repository, agent_live: 
         }
     };
     // The segment holding the last byte before the switch point.
-    let name =
-        SegmentName::containing(id.timeline, Lsn(lsn.0.saturating_sub(1)), seg).file_name(seg);
+    let seg_name = SegmentName::containing(id.timeline, Lsn(lsn.0.saturating_sub(1)), seg);
+    let name = seg_name.file_name(seg);
     let started = Instant::now();
     let mut last_note = Instant::now();
     let mut last_err = None;
@@ -1253,7 +1255,7 @@ async fn check_switch(c: &Client, id: &Identity, repo: &Repository, agent_live: 
         SWITCH_WAL_TIMEOUT.as_secs()
     );
     while started.elapsed() < SWITCH_WAL_TIMEOUT {
-        match repo.get_wal_object(&name).await {
+        match repo.get_raw(&ObjectName::Segment(SegmentFile::of(seg_name, seg))).await {
             Ok(Some(_)) => {
                 return Item::ok(
                     S,
@@ -1434,19 +1436,25 @@ mod tests {
 
     #[tokio::test]
     async fn store_probe_on_a_local_repository() {
-        crate::durable::set_fsync_enabled(false);
         let d = tempfile::tempdir().unwrap();
         let store = Store::open(
             &format!("file://{}", d.path().display()),
             &Default::default(),
             1,
         )
-        .unwrap();
-        let items = probe_store(&store).await;
+        .unwrap()
+        .with_fsync(crate::durable::Fsync::Off);
+        let repo = Repository::from_parts(
+            store,
+            Some(Key::generate()),
+            crate::repository::Compression::Zstd,
+            1,
+        );
+        let items = probe_repository(&repo).await;
         assert_eq!(items.len(), 4);
         assert!(items.iter().all(|i| i.outcome == Outcome::Ok), "{items:?}");
         assert!(
-            store.list(PROBE_PREFIX).await.unwrap().is_empty(),
+            repo.list_probes().await.unwrap().is_empty(),
             "probe deleted"
         );
     }

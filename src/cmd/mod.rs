@@ -120,7 +120,6 @@ fn tune_allocator() {
 pub fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    crate::durable::init_from_env();
     let log_file = match crate::logging::init(cli.log_format, cli.log_file.as_deref()) {
         Ok(f) => f,
         Err(e) => {

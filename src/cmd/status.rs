@@ -577,7 +577,6 @@ mod tests {
 
     #[tokio::test]
     async fn fresh_repository_status_renders() {
-        crate::durable::set_fsync_enabled(false);
         let d = tempfile::tempdir().unwrap();
         let c = cfg(d.path());
         std::fs::create_dir_all(d.path().join("repo")).unwrap();

@@ -65,7 +65,7 @@ impl FromStr for Lsn {
 }
 
 /// A timeline: one line of the cluster's history. Starts at 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct TimelineId(pub u32);
 
 impl fmt::Display for TimelineId {

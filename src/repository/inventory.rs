@@ -26,7 +26,7 @@ use anyhow::anyhow;
 use serde::Serialize;
 
 use crate::pg::{SegmentName, TimelineId};
-use crate::repository::Repository;
+use crate::repository::{chunks, ObjectName, Repository};
 
 /// What is stored for one timeline.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -145,17 +145,16 @@ pub async fn inventory(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>>
     let mut tls: BTreeMap<TimelineId, Stored> = BTreeMap::new();
     let mut histories = BTreeSet::new();
     for name in repo.list_wal().await? {
-        if let Some(t) = name.strip_suffix(".history") {
-            if let Ok(t) = u32::from_str_radix(t, 16) {
-                histories.insert(t);
+        let (file, partial) = match name {
+            ObjectName::History(t) => {
+                histories.insert(t.0);
+                continue;
             }
-            continue;
-        }
-        let (base, partial) = match name.strip_suffix(".partial") {
-            Some(b) => (b, true),
-            None => (name.as_str(), false),
+            ObjectName::Segment(f) => (f, false),
+            ObjectName::ClosedPartial(f) => (f, true),
+            _ => continue,
         };
-        if let Some(s) = SegmentName::parse(base, seg) {
+        if let Some(s) = file.segment(seg) {
             let e = tls.entry(s.timeline).or_default();
             if partial {
                 e.partial.insert(s.segno);
@@ -165,8 +164,8 @@ pub async fn inventory(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>>
         }
     }
     let mut chunk_gaps: BTreeMap<SegmentName, String> = BTreeMap::new();
-    for name in repo.list_chunked_segments().await? {
-        let Some(s) = SegmentName::parse(&name, seg) else {
+    for file in repo.list_chunked_segments().await? {
+        let Some(s) = file.segment(seg) else {
             continue;
         };
         let e = tls.entry(s.timeline).or_default();
@@ -174,18 +173,12 @@ pub async fn inventory(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>>
             continue; // superseded chunks, not yet deleted
         }
         e.chunked.insert(s.segno);
-        let mut chunks = repo.list_chunks(&name).await?;
-        chunks.sort_unstable();
-        let mut pos = 0;
-        for (s0, e0) in chunks {
-            if s0 > pos {
-                chunk_gaps.insert(
-                    s,
-                    format!("chunks missing from offset {pos:08X} to {s0:08X}"),
-                );
-                break;
-            }
-            pos = pos.max(e0);
+        if let Err(u) = chunks::plan(&repo.list_chunks(&file).await?) {
+            let (from, to) = u.range();
+            chunk_gaps.insert(
+                s,
+                format!("chunks missing from offset {from:08X} to {to:08X}"),
+            );
         }
     }
     // Switch points from the history files: child timeline -> (parent, switch LSN).
@@ -200,14 +193,7 @@ pub async fn inventory(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>>
             }
         }
     }
-    let mut recorded: Vec<crate::gap::Gap> = Vec::new();
-    for obj in repo.store().list(crate::gap::GAPS_PREFIX).await? {
-        if let Some(bytes) = repo.store().get(&obj.key).await? {
-            if let Ok(g) = serde_json::from_slice(&bytes) {
-                recorded.push(g);
-            }
-        }
-    }
+    let recorded = repo.gaps().await?;
     let mut out = Vec::new();
     let ranges: BTreeMap<u32, (u64, u64)> = tls
         .iter()
@@ -274,10 +260,10 @@ pub async fn inventory(repo: &Repository) -> anyhow::Result<Vec<TimelineReport>>
                 });
             }
         }
-        for g in recorded.iter().filter(|g| g.timeline == tli.0) {
+        for g in recorded.iter().filter(|g| g.timeline == tli) {
             gaps.push(Hole {
-                from: g.from.clone(),
-                to: g.to.clone(),
+                from: g.from.to_string(),
+                to: g.to.to_string(),
                 reason: format!("recorded by the agent at {}: {}", g.detected_at, g.reason),
             });
         }

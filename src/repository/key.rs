@@ -206,12 +206,12 @@ pub fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyError> {
     let result = (|| {
         // The umask may have narrowed the mode further; never widened it.
         f.write_all(key.to_file_text().as_bytes())?;
-        crate::durable::sync_all(&f)?;
+        crate::durable::Fsync::On.sync_all(&f)?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        crate::durable::sync_dir(dir)
+        crate::durable::Fsync::On.sync_dir(dir)
     })();
     if let Err(e) = result {
         // A half-written key file is worse than none.

@@ -31,11 +31,12 @@
 //!   chunk — which is what the RPO waits for — never queues behind a 16 MiB
 //!   segment being compressed.
 
+pub mod chunks;
 pub mod descriptor;
 pub mod envelope;
 pub mod inventory;
 pub mod key;
-pub mod layout;
+pub mod object;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -48,8 +49,11 @@ use tokio::sync::Semaphore;
 pub use descriptor::{ClusterIdentity, Descriptor, DescriptorError};
 pub use envelope::{Compression, EnvelopeError};
 pub use key::{Key, KeyError};
-pub use layout::LayoutError;
+pub use object::{Lane, LayoutError, ObjectName, SegmentFile};
 pub use store::{PutResult, Store, StoreError};
+
+use crate::durable::Fsync;
+use crate::gap::Gap;
 
 /// A repository as configured (`[repository]`).
 #[derive(Debug, Clone)]
@@ -64,22 +68,29 @@ pub struct RepositoryConfig {
     pub options: BTreeMap<String, String>,
     /// Attempts per storage operation.
     pub retries: u32,
+    /// Whether a `file://` repository fsyncs its writes ([`Fsync::Off`]
+    /// only in tests).
+    pub fsync: Fsync,
 }
 
 /// Envelope encode/decode jobs running at once, process-wide, per lane.
 pub const CPU_PERMITS_PER_LANE: usize = 1;
-/// Whole segments, `.partial` and `.history` files.
+/// Whole segments, `.partial` and `.history` files ([`Lane::Bulk`]).
 static BULK_LANE: Semaphore = Semaphore::const_new(CPU_PERMITS_PER_LANE);
-/// Chunks of the filling segment.
-static CHUNK_LANE: Semaphore = Semaphore::const_new(CPU_PERMITS_PER_LANE);
+/// Chunks of the filling segment, gap records, probes ([`Lane::Small`]).
+static SMALL_LANE: Semaphore = Semaphore::const_new(CPU_PERMITS_PER_LANE);
 
 /// Runs CPU-heavy `f` on the blocking pool, within the lane of `name`.
 async fn on_cpu_lane<T: Send + 'static>(
-    name: &str,
+    name: &ObjectName,
     what: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, RepositoryError> {
-    let _permit = lane(name)
+    let lane = match name.lane() {
+        Lane::Bulk => &BULK_LANE,
+        Lane::Small => &SMALL_LANE,
+    };
+    let _permit = lane
         .acquire()
         .await
         .expect("the CPU semaphore is never closed");
@@ -89,15 +100,6 @@ async fn on_cpu_lane<T: Send + 'static>(
             what: format!("{what} {name}"),
             message: e.to_string(),
         })
-}
-
-/// The lane for an object's logical name (chunk names hold a `/`).
-fn lane(name: &str) -> &'static Semaphore {
-    if name.contains('/') {
-        &CHUNK_LANE
-    } else {
-        &BULK_LANE
-    }
 }
 
 /// Where the plaintext of an upload is, for comparing with an object
@@ -210,6 +212,13 @@ pub enum RepositoryError {
     /// A key is configured for an unencrypted repository.
     #[error("repository {url} is not encrypted, but a key (id {configured}) is configured; remove key_file, or start an encrypted repository at another URL or prefix")]
     KeyUnexpected { url: String, configured: String },
+    /// A record (e.g. a gap record) verified but does not parse.
+    #[error("repository {url}: {key} cannot be used: {reason}")]
+    BadRecord {
+        url: String,
+        key: String,
+        reason: String,
+    },
     /// The plaintext is larger than any WAL file.
     #[error("{name} is {len} bytes, more than the {limit}-byte limit of a repository object")]
     TooLarge { name: String, len: u64, limit: u64 },
@@ -234,7 +243,8 @@ impl RepositoryError {
             | VersionMismatch { .. }
             | KeyMissing { .. }
             | KeyMismatch { .. }
-            | KeyUnexpected { .. } => ErrorClass::Corrupt,
+            | KeyUnexpected { .. }
+            | BadRecord { .. } => ErrorClass::Corrupt,
             Key(_) | Layout(_) | TooLarge { .. } | Internal { .. } => ErrorClass::Invalid,
         }
     }
@@ -268,7 +278,7 @@ impl Repository {
     /// Opens the repository of a configuration: the store (no network yet)
     /// and the key file, if any.
     pub fn open(cfg: &RepositoryConfig) -> Result<Repository, RepositoryError> {
-        let store = Store::open(&cfg.url, &cfg.options, cfg.retries)?;
+        let store = Store::open(&cfg.url, &cfg.options, cfg.retries)?.with_fsync(cfg.fsync);
         let key = match &cfg.key_file {
             Some(p) => Some(key::load_key_file(p)?),
             None => None,
@@ -296,11 +306,6 @@ impl Repository {
         }
     }
 
-    /// The underlying store.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// The repository URL, for messages.
     pub fn url(&self) -> &str {
         self.store.url()
@@ -316,23 +321,27 @@ impl Repository {
     }
 
     /// Encodes on the blocking pool, within the CPU budget.
-    pub async fn encode(&self, name: &str, plaintext: Bytes) -> Result<Bytes, RepositoryError> {
+    pub async fn encode(
+        &self,
+        name: &ObjectName,
+        plaintext: Bytes,
+    ) -> Result<Bytes, RepositoryError> {
         if plaintext.len() as u64 > envelope::MAX_PLAIN_LEN {
             return Err(RepositoryError::TooLarge {
-                name: name.to_string(),
+                name: name.logical(),
                 len: plaintext.len() as u64,
                 limit: envelope::MAX_PLAIN_LEN,
             });
         }
-        let (name_owned, key, c, level) = (
-            name.to_string(),
+        let (logical, key, c, level) = (
+            name.logical(),
             self.key.clone(),
             self.compression,
             self.level,
         );
         on_cpu_lane(name, "encoding", move || {
             Bytes::from(envelope::encode(
-                &name_owned,
+                &logical,
                 &plaintext,
                 c,
                 level,
@@ -345,37 +354,25 @@ impl Repository {
     /// Verifies and decodes on the blocking pool, within the CPU budget.
     async fn decode(
         &self,
-        name: &str,
+        name: &ObjectName,
         object: Bytes,
     ) -> Result<Result<Vec<u8>, EnvelopeError>, RepositoryError> {
-        let (name_owned, key) = (name.to_string(), self.key.clone());
+        let (logical, key) = (name.logical(), self.key.clone());
         on_cpu_lane(name, "decoding", move || {
-            envelope::decode(&name_owned, &object, key.as_deref())
+            envelope::decode(&logical, &object, key.as_deref())
         })
         .await
-    }
-
-    /// Create-only write of `plaintext` as object `key` named `name`.
-    async fn put_object(
-        &self,
-        key: &str,
-        name: &str,
-        plaintext: Bytes,
-    ) -> Result<PutOutcome, RepositoryError> {
-        let encoded = self.encode(name, plaintext.clone()).await?;
-        self.put_encoded(key, name, encoded, Plain::Memory(plaintext))
-            .await
     }
 
     /// Encodes the file at `path` by streaming it through the envelope, so
     /// the plaintext is never held whole in memory.
     async fn encode_file(
         &self,
-        name: &str,
-        path: std::path::PathBuf,
+        name: &ObjectName,
+        path: PathBuf,
     ) -> Result<Bytes, RepositoryError> {
-        let (name_owned, key, c, level) = (
-            name.to_string(),
+        let (logical, key, c, level) = (
+            name.logical(),
             self.key.clone(),
             self.compression,
             self.level,
@@ -384,7 +381,7 @@ impl Repository {
             let mut f = std::fs::File::open(&path)?;
             let len = f.metadata()?.len();
             let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut f);
-            envelope::encode_from(&name_owned, len, &mut reader, c, level, key.as_deref())
+            envelope::encode_from(&logical, len, &mut reader, c, level, key.as_deref())
                 .map(Bytes::from)
         })
         .await?
@@ -394,40 +391,63 @@ impl Repository {
         })
     }
 
+    /// Create-only write of `plaintext` as `name`. The same plaintext
+    /// already stored is [`PutOutcome::AlreadyStored`]; anything else under
+    /// the name is [`RepositoryError::Conflict`].
+    pub async fn put(
+        &self,
+        name: &ObjectName,
+        plaintext: Bytes,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let encoded = self.encode(name, plaintext.clone()).await?;
+        self.put_encoded(name, encoded, Plain::Memory(plaintext))
+            .await
+    }
+
+    /// Create-only write of the file at `path` (a segment or closed
+    /// partial), streamed through the envelope: memory holds the compressed
+    /// object, never the whole plaintext.
+    pub async fn put_file(
+        &self,
+        name: &ObjectName,
+        path: PathBuf,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let encoded = self.encode_file(name, path.clone()).await?;
+        self.put_encoded(name, encoded, Plain::File(path)).await
+    }
+
     /// Create-only write of an encoded object; when the name is taken, the
     /// stored plaintext is compared with ours (`plain`).
     async fn put_encoded(
         &self,
-        key: &str,
-        name: &str,
+        name: &ObjectName,
         encoded: Bytes,
         plain: Plain,
     ) -> Result<PutOutcome, RepositoryError> {
+        let key = name.key();
         // The existing object can vanish between our put and our get (a
         // chunk deleted once its segment is stored); then put again.
         for _ in 0..3 {
-            if self.store.put_if_absent(key, encoded.clone()).await? == PutResult::Created {
+            if self.store.put_if_absent(&key, encoded.clone()).await? == PutResult::Created {
                 crate::metrics::upload_bytes(encoded.len() as u64);
                 return Ok(PutOutcome::Stored);
             }
-            let Some(existing) = self.store.get(key).await? else {
+            let Some(existing) = self.store.get(&key).await? else {
                 continue;
             };
             let ours = match &plain {
                 Plain::Memory(b) => b.clone(),
                 Plain::File(p) => {
                     let p = p.clone();
+                    let reread = |e: String| RepositoryError::Internal {
+                        what: format!("re-reading {name}"),
+                        message: e,
+                    };
                     Bytes::from(
                         tokio::task::spawn_blocking(move || std::fs::read(p))
                             .await
-                            .map_err(|e| RepositoryError::Internal {
-                                what: format!("re-reading {name}"),
-                                message: e.to_string(),
-                            })?
-                            .map_err(|e| RepositoryError::Internal {
-                                what: format!("re-reading {name}"),
-                                message: e.to_string(),
-                            })?,
+                            .map_err(|e| reread(e.to_string()))?
+                            .map_err(|e| reread(e.to_string()))?,
                     )
                 }
             };
@@ -435,13 +455,13 @@ impl Repository {
                 Ok(stored) if stored[..] == ours[..] => Ok(PutOutcome::AlreadyStored),
                 Ok(stored) => Err(RepositoryError::Conflict {
                     url: self.url_s(),
-                    name: name.to_string(),
-                    key: key.to_string(),
+                    name: name.logical(),
+                    key,
                     detail: describe_difference(&stored, &ours),
                 }),
                 Err(source) => Err(RepositoryError::ExistingUnreadable {
                     url: self.url_s(),
-                    key: key.to_string(),
+                    key,
                     source,
                 }),
             };
@@ -449,96 +469,126 @@ impl Repository {
         Err(RepositoryError::Store(StoreError::Other {
             url: self.url_s(),
             op: "put",
-            key: key.to_string(),
+            key,
             message: "the object exists when written and is gone when read, three times over; is something deleting it?".into(),
         }))
     }
 
-    /// Fetches and verifies object `key` named `name`; `None` if absent.
-    async fn get_object(&self, key: &str, name: &str) -> Result<Option<Vec<u8>>, RepositoryError> {
-        let Some(object) = self.store.get(key).await? else {
-            return Ok(None);
-        };
-        match self.decode(name, object).await? {
-            Ok(p) => Ok(Some(p)),
-            Err(source) => Err(RepositoryError::Envelope {
-                url: self.url_s(),
-                key: key.to_string(),
-                source,
-            }),
-        }
+    /// Create-only write of `plaintext` as `name` that reports whether the
+    /// name was taken, without comparing contents: for probes of the
+    /// store's own semantics (`walsafe check`). WAL goes through [`Repository::put`].
+    pub async fn create(
+        &self,
+        name: &ObjectName,
+        plaintext: Bytes,
+    ) -> Result<PutResult, RepositoryError> {
+        let encoded = self.encode(name, plaintext).await?;
+        Ok(self.store.put_if_absent(&name.key(), encoded).await?)
     }
 
-    /// Stores a WAL file (segment, `.partial` or `.history`) create-only.
+    /// The probes `walsafe check` left (normally none).
+    pub async fn list_probes(&self) -> Result<Vec<ObjectName>, RepositoryError> {
+        Ok(self
+            .store
+            .list(object::PROBE_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| ObjectName::parse_key(&o.key))
+            .collect())
+    }
+
+    /// `name`, verified and decoded; `None` when the repository does not
+    /// have it.
+    pub async fn get(&self, name: &ObjectName) -> Result<Option<Vec<u8>>, RepositoryError> {
+        let Some(object) = self.store.get(&name.key()).await? else {
+            return Ok(None);
+        };
+        self.decode_raw(name, object).await.map(Some)
+    }
+
+    /// The raw (still encoded, unverified) object of `name`; `None` when
+    /// absent. For the prefetcher, which keeps objects as they are so that
+    /// [`Repository::decode_raw`] verifies them exactly like a download.
+    pub async fn get_raw(&self, name: &ObjectName) -> Result<Option<Bytes>, RepositoryError> {
+        Ok(self.store.get(&name.key()).await?)
+    }
+
+    /// Verifies and decodes a raw object of `name` obtained earlier.
+    pub async fn decode_raw(
+        &self,
+        name: &ObjectName,
+        object: Bytes,
+    ) -> Result<Vec<u8>, RepositoryError> {
+        self.decode(name, object)
+            .await?
+            .map_err(|source| RepositoryError::Envelope {
+                url: self.url_s(),
+                key: name.key(),
+                source,
+            })
+    }
+
+    /// Deletes `name`; an absent object is not an error.
+    pub async fn delete(&self, name: &ObjectName) -> Result<(), RepositoryError> {
+        Ok(self.store.delete(&name.key()).await?)
+    }
+
+    /// Stores a WAL file by its PostgreSQL name (segment, `.partial` or
+    /// `.history`), create-only.
     pub async fn put_wal(
         &self,
         name: &str,
         plaintext: Bytes,
     ) -> Result<PutOutcome, RepositoryError> {
-        let key = layout::wal_key(name)?;
-        self.put_object(&key, name, plaintext).await
+        self.put(&ObjectName::wal(name)?, plaintext).await
     }
 
-    /// Stores the WAL file at `path` (segment or `.partial`) create-only,
-    /// streaming it through the envelope: memory holds the compressed
-    /// object, never the whole plaintext.
-    pub async fn put_wal_file(
-        &self,
-        name: &str,
-        path: std::path::PathBuf,
-    ) -> Result<PutOutcome, RepositoryError> {
-        let key = layout::wal_key(name)?;
-        let encoded = self.encode_file(name, path.clone()).await?;
-        self.put_encoded(&key, name, encoded, Plain::File(path))
-            .await
-    }
-
-    /// A verified WAL file; `None` when the archive does not have it.
+    /// A verified WAL file by its PostgreSQL name; `None` when the archive
+    /// does not have it.
     pub async fn get_wal(&self, name: &str) -> Result<Option<Vec<u8>>, RepositoryError> {
-        let key = layout::wal_key(name)?;
-        self.get_object(&key, name).await
-    }
-
-    /// The raw (still encoded, unverified) object of a WAL file; `None`
-    /// when absent. For the prefetcher, which stores objects as they are so
-    /// that [`Repository::decode_wal`] verifies them exactly like a download.
-    pub async fn get_wal_object(&self, name: &str) -> Result<Option<Bytes>, RepositoryError> {
-        let key = layout::wal_key(name)?;
-        Ok(self.store.get(&key).await?)
-    }
-
-    /// Verifies and decodes a raw WAL object obtained earlier.
-    pub async fn decode_wal(&self, name: &str, object: Bytes) -> Result<Vec<u8>, RepositoryError> {
-        let key = layout::wal_key(name)?;
-        self.decode(name, object)
-            .await?
-            .map_err(|source| RepositoryError::Envelope {
-                url: self.url_s(),
-                key,
-                source,
-            })
+        self.get(&ObjectName::wal(name)?).await
     }
 
     /// Stores bytes `[start, start + len)` of a still-filling segment.
     pub async fn put_chunk(
         &self,
-        segment: &str,
+        segment: &SegmentFile,
         start: u64,
         plaintext: Bytes,
     ) -> Result<PutOutcome, RepositoryError> {
         let end = start + plaintext.len() as u64;
-        let name = layout::chunk_name(segment, start, end)?;
-        let key = layout::chunk_key(segment, start, end)?;
-        self.put_object(&key, &name, plaintext).await
+        self.put(&ObjectName::chunk(segment, start, end)?, plaintext)
+            .await
+    }
+
+    /// A verified chunk; `None` when absent.
+    pub async fn get_chunk(
+        &self,
+        segment: &SegmentFile,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<Vec<u8>>, RepositoryError> {
+        let r = self.get(&ObjectName::chunk(segment, start, end)?).await?;
+        if let Some(p) = &r {
+            // The name binds the range; a verified chunk has its length.
+            debug_assert_eq!(p.len() as u64, end - start);
+        }
+        Ok(r)
     }
 
     /// The chunk ranges stored for `segment`, sorted by start.
-    pub async fn list_chunks(&self, segment: &str) -> Result<Vec<(u64, u64)>, RepositoryError> {
-        let prefix = layout::chunks_prefix(segment)?;
+    pub async fn list_chunks(
+        &self,
+        segment: &SegmentFile,
+    ) -> Result<Vec<(u64, u64)>, RepositoryError> {
         let mut ranges = Vec::new();
-        for o in self.store.list(&prefix).await? {
-            match layout::parse_chunk_key(&o.key) {
-                Some(c) if c.segment == segment => ranges.push((c.start, c.end)),
+        for o in self.store.list(&object::chunks_prefix(segment)).await? {
+            match ObjectName::parse_key(&o.key) {
+                Some(ObjectName::Chunk {
+                    segment: s,
+                    start,
+                    end,
+                }) if s == *segment => ranges.push((start, end)),
                 _ => tracing::warn!(
                     "ignoring unexpected object {} in {} (not a walsafe chunk)",
                     o.key,
@@ -550,60 +600,85 @@ impl Repository {
         Ok(ranges)
     }
 
-    /// A verified chunk; `None` when absent.
-    pub async fn get_chunk(
-        &self,
-        segment: &str,
-        start: u64,
-        end: u64,
-    ) -> Result<Option<Vec<u8>>, RepositoryError> {
-        let name = layout::chunk_name(segment, start, end)?;
-        let key = layout::chunk_key(segment, start, end)?;
-        let r = self.get_object(&key, &name).await?;
-        if let Some(p) = &r {
-            // The name binds the range; a verified chunk has its length.
-            debug_assert_eq!(p.len() as u64, end - start);
-        }
-        Ok(r)
-    }
-
     /// Deletes every chunk of `segment` (after the full segment is stored).
-    pub async fn delete_chunks(&self, segment: &str) -> Result<(), RepositoryError> {
-        let prefix = layout::chunks_prefix(segment)?;
-        for o in self.store.list(&prefix).await? {
+    pub async fn delete_chunks(&self, segment: &SegmentFile) -> Result<(), RepositoryError> {
+        for o in self.store.list(&object::chunks_prefix(segment)).await? {
             self.store.delete(&o.key).await?;
         }
         Ok(())
     }
 
-    /// Names of every WAL file under `wal/`, sorted.
-    pub async fn list_wal(&self) -> Result<Vec<String>, RepositoryError> {
+    /// Every WAL file under `wal/` (segments, closed partials, history
+    /// files), sorted by key.
+    pub async fn list_wal(&self) -> Result<Vec<ObjectName>, RepositoryError> {
         Ok(self
             .store
-            .list(layout::WAL_PREFIX)
+            .list(object::WAL_PREFIX)
             .await?
             .into_iter()
-            .filter_map(|o| layout::parse_wal_key(&o.key).map(str::to_string))
+            .filter_map(|o| ObjectName::parse_key(&o.key))
             .collect())
     }
 
     /// Segments that have chunks, sorted.
-    pub async fn list_chunked_segments(&self) -> Result<Vec<String>, RepositoryError> {
-        let mut segs: Vec<String> = self
+    pub async fn list_chunked_segments(&self) -> Result<Vec<SegmentFile>, RepositoryError> {
+        let mut segs: Vec<SegmentFile> = self
             .store
-            .list(layout::CHUNKS_PREFIX)
+            .list(object::CHUNKS_PREFIX)
             .await?
             .into_iter()
-            .filter_map(|o| layout::parse_chunk_segment(&o.key).map(str::to_string))
+            .filter_map(|o| ObjectName::chunk_segment_of_key(&o.key))
             .collect();
         segs.dedup();
         Ok(segs)
     }
 
+    /// Records a loss of WAL, authenticated like every other object.
+    pub async fn record_gap(&self, gap: &Gap) -> Result<PutOutcome, RepositoryError> {
+        let json = serde_json::to_vec(gap).expect("a gap serializes");
+        self.put(&ObjectName::gap(gap), Bytes::from(json)).await
+    }
+
+    /// Every recorded gap. A record that fails verification is an error:
+    /// a forged or damaged record must not pass unnoticed, and a dropped one
+    /// would hide a loss.
+    pub async fn gaps(&self) -> Result<Vec<Gap>, RepositoryError> {
+        let mut out = Vec::new();
+        for o in self.store.list(object::GAPS_PREFIX).await? {
+            let Some(name) = ObjectName::parse_key(&o.key) else {
+                tracing::warn!("ignoring unexpected object {} in {}", o.key, self.url());
+                continue;
+            };
+            let Some(raw) = self.store.get(&o.key).await? else {
+                continue; // deleted while we listed
+            };
+            // walsafe before the typed repository wrote gap records as bare
+            // JSON. Honouring one can only stop a recovery, never let one
+            // pass lost WAL, so they are still read.
+            let bytes = if raw.first() == Some(&b'{') {
+                tracing::debug!(
+                    "{} is an unauthenticated gap record of an older walsafe",
+                    o.key
+                );
+                raw.to_vec()
+            } else {
+                self.decode_raw(&name, raw).await?
+            };
+            let gap: Gap =
+                serde_json::from_slice(&bytes).map_err(|e| RepositoryError::BadRecord {
+                    url: self.url_s(),
+                    key: o.key.clone(),
+                    reason: format!("not a gap record ({e})"),
+                })?;
+            out.push(gap);
+        }
+        Ok(out)
+    }
+
     /// `walsafe.repo`, parsed but not verified (see [`Repository::verify_descriptor`]);
     /// `None` for a repository nobody has pinned yet.
     pub async fn descriptor(&self) -> Result<Option<Descriptor>, RepositoryError> {
-        let Some(bytes) = self.store.get(layout::DESCRIPTOR_KEY).await? else {
+        let Some(bytes) = self.store.get(object::DESCRIPTOR_KEY).await? else {
             return Ok(None);
         };
         Descriptor::parse(&bytes)
@@ -692,7 +767,7 @@ impl Repository {
         );
         match self
             .store
-            .put_if_absent(layout::DESCRIPTOR_KEY, Bytes::from(d.to_json()))
+            .put_if_absent(object::DESCRIPTOR_KEY, Bytes::from(d.to_json()))
             .await?
         {
             PutResult::Created => {
@@ -712,7 +787,7 @@ impl Repository {
                 None => Err(RepositoryError::Store(StoreError::Other {
                     url: self.url_s(),
                     op: "get",
-                    key: layout::DESCRIPTOR_KEY.into(),
+                    key: object::DESCRIPTOR_KEY.into(),
                     message: "walsafe.repo exists when written but is gone when read".into(),
                 })),
             },
@@ -743,12 +818,17 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn repo(dir: &std::path::Path, key: Option<Key>) -> Repository {
-        crate::durable::set_fsync_enabled(false);
-        let store = Store::open(&format!("file://{}", dir.display()), &BTreeMap::new(), 1).unwrap();
+        let store = Store::open(&format!("file://{}", dir.display()), &BTreeMap::new(), 1)
+            .unwrap()
+            .with_fsync(Fsync::Off);
         Repository::from_parts(store, key, Compression::Zstd, 1)
     }
 
     const SEG: &str = "000000010000000000000003";
+
+    fn sf() -> SegmentFile {
+        SegmentFile::parse(SEG).unwrap()
+    }
 
     #[tokio::test]
     async fn put_get_conflict() {
@@ -774,7 +854,10 @@ mod tests {
         );
         assert_eq!(r.get_wal(SEG).await.unwrap().unwrap(), wal.to_vec());
         assert_eq!(r.get_wal("000000010000000000000004").await.unwrap(), None);
-        assert_eq!(r.list_wal().await.unwrap(), vec![SEG.to_string()]);
+        assert_eq!(
+            r.list_wal().await.unwrap(),
+            vec![ObjectName::wal(SEG).unwrap()]
+        );
         let e = r.put_wal("bogus", wal).await.unwrap_err();
         assert_eq!(e.class(), ErrorClass::Invalid);
     }
@@ -783,21 +866,18 @@ mod tests {
     async fn chunks() {
         let d = tempfile::tempdir().unwrap();
         let r = repo(d.path(), None);
-        r.put_chunk(SEG, 0, Bytes::from_static(b"aaaa"))
+        r.put_chunk(&sf(), 0, Bytes::from_static(b"aaaa"))
             .await
             .unwrap();
-        r.put_chunk(SEG, 4, Bytes::from_static(b"bb"))
+        r.put_chunk(&sf(), 4, Bytes::from_static(b"bb"))
             .await
             .unwrap();
-        assert_eq!(r.list_chunks(SEG).await.unwrap(), vec![(0, 4), (4, 6)]);
-        assert_eq!(r.get_chunk(SEG, 4, 6).await.unwrap().unwrap(), b"bb");
-        assert_eq!(r.get_chunk(SEG, 6, 8).await.unwrap(), None);
-        assert_eq!(
-            r.list_chunked_segments().await.unwrap(),
-            vec![SEG.to_string()]
-        );
-        r.delete_chunks(SEG).await.unwrap();
-        assert!(r.list_chunks(SEG).await.unwrap().is_empty());
+        assert_eq!(r.list_chunks(&sf()).await.unwrap(), vec![(0, 4), (4, 6)]);
+        assert_eq!(r.get_chunk(&sf(), 4, 6).await.unwrap().unwrap(), b"bb");
+        assert_eq!(r.get_chunk(&sf(), 6, 8).await.unwrap(), None);
+        assert_eq!(r.list_chunked_segments().await.unwrap(), vec![sf()]);
+        r.delete_chunks(&sf()).await.unwrap();
+        assert!(r.list_chunks(&sf()).await.unwrap().is_empty());
         assert!(r.list_chunked_segments().await.unwrap().is_empty());
     }
 

@@ -60,6 +60,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
+use crate::durable::Fsync;
 use crate::retry::{retry, RetryPolicy};
 
 /// Outcome of a create-only write.
@@ -256,6 +257,8 @@ pub struct Store {
     url: String,
     /// Root directory for `file://`, where puts are written durably by hand.
     local_root: Option<PathBuf>,
+    /// Whether `file://` writes are fsynced ([`Fsync::Off`] only in tests).
+    fsync: Fsync,
     policy: RetryPolicy,
     /// Credential values to scrub from messages.
     secrets: Arc<Vec<String>>,
@@ -353,7 +356,7 @@ impl Store {
                                 .into(),
                         ));
                     }
-                    crate::durable::create_dir_all_durably(&root).map_err(|e| {
+                    Fsync::On.create_dir_all(&root).map_err(|e| {
                         let message =
                             format!("cannot create repository directory {}: {e}", root.display());
                         if e.kind() == io::ErrorKind::PermissionDenied {
@@ -425,9 +428,16 @@ impl Store {
             prefix,
             url: shown,
             local_root,
+            fsync: Fsync::On,
             policy,
             secrets,
         })
+    }
+
+    /// The same store, fsyncing `file://` writes as `fsync` says.
+    pub fn with_fsync(mut self, fsync: Fsync) -> Store {
+        self.fsync = fsync;
+        self
     }
 
     /// The repository URL (without credentials), for messages.
@@ -497,11 +507,13 @@ impl Store {
             return self
                 .retried("put", key, || {
                     let (root, rel, data) = (root.clone(), rel.clone(), data.clone());
+                    let fsync = self.fsync;
                     async move {
-                        let r =
-                            tokio::task::spawn_blocking(move || local_create(&root, &rel, &data))
-                                .await
-                                .map_err(|e| io::Error::other(e.to_string()));
+                        let r = tokio::task::spawn_blocking(move || {
+                            local_create(&root, &rel, &data, fsync)
+                        })
+                        .await
+                        .map_err(|e| io::Error::other(e.to_string()));
                         match r.and_then(|r| r) {
                             Ok(true) => Ok(PutResult::Created),
                             Ok(false) => Ok(PutResult::AlreadyExists),
@@ -772,7 +784,7 @@ fn find_in_chain<'a, T: std::error::Error + 'static>(
 
 /// Creates the missing directories from `root` down to `dir`, each made
 /// durable in its parent.
-fn ensure_dirs_durably(root: &FsPath, dir: &FsPath) -> io::Result<()> {
+fn ensure_dirs_durably(root: &FsPath, dir: &FsPath, fsync: Fsync) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut cur = dir;
     while cur != root && !cur.is_dir() {
@@ -789,14 +801,14 @@ fn ensure_dirs_durably(root: &FsPath, dir: &FsPath) -> io::Result<()> {
             Err(e) => return Err(e),
         }
         if let Some(parent) = d.parent() {
-            crate::durable::sync_dir(parent)?;
+            fsync.sync_dir(parent)?;
         }
     }
     Ok(())
 }
 
 /// Durable create-only write of `root/rel`; `Ok(false)` when it exists.
-fn local_create(root: &FsPath, rel: &str, data: &[u8]) -> io::Result<bool> {
+fn local_create(root: &FsPath, rel: &str, data: &[u8], fsync: Fsync) -> io::Result<bool> {
     use std::os::unix::fs::OpenOptionsExt;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let target = root.join(rel);
@@ -812,7 +824,7 @@ fn local_create(root: &FsPath, rel: &str, data: &[u8]) -> io::Result<bool> {
     // and our create; try again a few times.
     let mut tries = 0;
     let (tmp, mut file) = loop {
-        ensure_dirs_durably(root, &dir)?;
+        ensure_dirs_durably(root, &dir, fsync)?;
         let n = ((std::process::id() as u64) << 32) | COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!("{file_name}#{n}"));
         match std::fs::OpenOptions::new()
@@ -829,11 +841,11 @@ fn local_create(root: &FsPath, rel: &str, data: &[u8]) -> io::Result<bool> {
     };
     let result = (|| {
         file.write_all(data)?;
-        crate::durable::sync_all(&file)?;
+        fsync.sync_all(&file)?;
         drop(file);
         match std::fs::hard_link(&tmp, &target) {
             Ok(()) => {
-                crate::durable::sync_dir(&dir)?;
+                fsync.sync_dir(&dir)?;
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
@@ -928,11 +940,12 @@ mod tests {
 
     #[tokio::test]
     async fn file_store_create_only_get_list_delete() {
-        crate::durable::set_fsync_enabled(false);
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("repo");
         let url = format!("file://{}", root.display());
-        let s = Store::open(&url, &BTreeMap::new(), 2).unwrap();
+        let s = Store::open(&url, &BTreeMap::new(), 2)
+            .unwrap()
+            .with_fsync(Fsync::Off);
         assert!(root.is_dir());
         assert_eq!(s.get("wal/a").await.unwrap(), None);
         assert_eq!(

@@ -102,7 +102,14 @@
 //! full disk shows up only when a new segment is created, where the writer
 //! can stop cleanly (the temp file is removed, nothing moved) and be retried.
 
+pub mod gaps;
 pub mod inspect;
+pub mod retention;
+mod thread;
+mod writer;
+
+pub use thread::{feed, Durable, Feed, Publisher, SpoolEvent, WriterHandle};
+pub use writer::{Flushed, SpoolWriter};
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -112,7 +119,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::durable;
+use crate::durable::Fsync;
 use crate::pg::walfile::{history_file_name, is_valid_segment_size};
 use crate::pg::{Lsn, SegmentName, TimelineId, WalFileName};
 
@@ -121,7 +128,7 @@ pub const LOCK_FILE: &str = "walsafe.lock";
 /// Name of the flushed-position hint inside the spool directory.
 pub const FLUSHED_HINT_FILE: &str = "walsafe.flushed";
 
-fn format_hint(t: TimelineId, lsn: Lsn) -> String {
+pub(crate) fn format_hint(t: TimelineId, lsn: Lsn) -> String {
     format!("{:08X} {:016X}\n", t.0, lsn.0)
 }
 
@@ -131,11 +138,11 @@ fn parse_hint(text: &str) -> Option<(TimelineId, Lsn)> {
     Some((TimelineId(t), Lsn(u64::from_str_radix(l, 16).ok()?)))
 }
 
-/// Marker in the names of temp files made by [`durable::temp_path_for`].
+/// Marker in the names of temp files made by [`crate::durable::temp_path_for`].
 const TEMP_MARKER: &str = ".walsafe-tmp.";
 
 /// Size of the zero buffer used to pre-size segments.
-const ZERO_CHUNK: usize = 1 << 20;
+pub(crate) const ZERO_CHUNK: usize = 1 << 20;
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -259,6 +266,31 @@ pub struct Recovered {
 }
 
 impl Recovered {
+    /// What the spool holds durably, as far as it can tell before the writer
+    /// runs: the flushed hint when it lies in the segment streaming resumes
+    /// in, else the resume position (start of that segment, or the end of
+    /// the newest complete one).
+    pub fn durable(&self, segment_size: u64) -> Durable {
+        let Some((t, resume)) = self.resume else {
+            return Durable::default();
+        };
+        let seg = SegmentName::containing(t, resume, segment_size);
+        let flushed = match self.flushed_hint {
+            Some((ht, hint))
+                if ht == t
+                    && hint > resume
+                    && SegmentName::containing(t, hint, segment_size) == seg =>
+            {
+                hint
+            }
+            _ => resume,
+        };
+        Durable {
+            timeline: t,
+            flushed,
+        }
+    }
+
     /// The `.partial` files that are closed (everything but the segment
     /// streaming resumes in).
     pub fn closed_partials(&self, segment_size: u64) -> Vec<SegmentName> {
@@ -273,26 +305,17 @@ impl Recovered {
     }
 }
 
-/// Result of a group commit.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Flushed {
-    /// End of WAL now durable on the writer's timeline.
-    pub flushed: Lsn,
-    /// Segments that became complete (renamed), in order.
-    pub completed: Vec<SegmentName>,
-}
-
 /// State shared by the spool and its writer.
 #[derive(Default)]
-struct Shared {
+pub(crate) struct Shared {
     /// A [`SpoolWriter`] is alive.
-    writer_alive: AtomicBool,
+    pub(crate) writer_alive: AtomicBool,
     /// `.partial` files the writer has open (may not be removed).
-    open: Mutex<BTreeSet<SegmentName>>,
+    pub(crate) open: Mutex<BTreeSet<SegmentName>>,
 }
 
 impl Shared {
-    fn open_set(&self) -> std::sync::MutexGuard<'_, BTreeSet<SegmentName>> {
+    pub(crate) fn open_set(&self) -> std::sync::MutexGuard<'_, BTreeSet<SegmentName>> {
         // A panic while holding this lock cannot leave the set inconsistent.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -302,12 +325,14 @@ impl Shared {
 pub struct Spool {
     dir: PathBuf,
     segment_size: u64,
+    /// Whether the spool really fsyncs ([`Fsync::Off`] only in tests).
+    fsync: Fsync,
     shared: Arc<Shared>,
     /// Holds the flock for as long as the spool is open.
     _lock: File,
 }
 
-fn partial_name(seg: SegmentName, segment_size: u64) -> String {
+pub(crate) fn partial_name(seg: SegmentName, segment_size: u64) -> String {
     format!("{}.partial", seg.file_name(segment_size))
 }
 
@@ -318,16 +343,22 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
 impl Spool {
     /// Opens (creating it durably if needed) and locks the spool directory,
     /// cleans up after a crash and reports what is there.
-    pub fn open(dir: &Path, segment_size: u64) -> Result<(Spool, Recovered), SpoolError> {
+    pub fn open(
+        dir: &Path,
+        segment_size: u64,
+        fsync: Fsync,
+    ) -> Result<(Spool, Recovered), SpoolError> {
         if !is_valid_segment_size(segment_size) {
             return Err(SpoolError::InvalidSegmentSize { size: segment_size });
         }
-        durable::create_dir_all_durably(dir)
+        fsync
+            .create_dir_all(dir)
             .map_err(|e| SpoolError::io("create the spool directory", dir, e))?;
         let lock = lock_dir(dir)?;
         let spool = Spool {
             dir: dir.to_path_buf(),
             segment_size,
+            fsync,
             shared: Arc::new(Shared::default()),
             _lock: lock,
         };
@@ -348,7 +379,8 @@ impl Spool {
             let Some(name) = name.to_str() else { continue };
             let path = entry.path();
             if name.starts_with('.') && name.contains(TEMP_MARKER) {
-                durable::durable_remove(&path)
+                self.fsync
+                    .durable_remove(&path)
                     .map_err(|e| SpoolError::io("remove the leftover temp file", &path, e))?;
                 tracing::info!(file = %path.display(), "removed a leftover temp file from the spool");
                 continue;
@@ -402,7 +434,8 @@ impl Spool {
                 // The rest of the run holds only WAL never reported flushed.
                 for later in &unfinished[1..] {
                     let path = dir.join(partial_name(*later, seg_size));
-                    durable::durable_remove(&path)
+                    self.fsync
+                        .durable_remove(&path)
                         .map_err(|e| SpoolError::io("remove the unflushed segment", &path, e))?;
                     tracing::info!(file = %path.display(), "removed a segment that was never flushed; it will be re-streamed");
                     partials.retain(|p| p != later);
@@ -446,19 +479,12 @@ impl Spool {
             "a SpoolWriter for {} already exists",
             self.dir.display()
         );
-        SpoolWriter {
-            dir: self.dir.clone(),
-            segment_size: self.segment_size,
-            shared: self.shared.clone(),
-            timeline: None,
-            ended: true,
-            written: Lsn::INVALID,
-            flushed: Lsn::INVALID,
-            current: None,
-            closing: Vec::new(),
-            poisoned: None,
-            hint: None,
-        }
+        SpoolWriter::new(
+            self.dir.clone(),
+            self.segment_size,
+            self.fsync,
+            self.shared.clone(),
+        )
     }
 
     /// Path of a complete segment file.
@@ -529,7 +555,9 @@ impl Spool {
     /// Removes a complete segment, durably (after the repository stored it).
     pub fn remove_complete(&self, seg: SegmentName) -> io::Result<()> {
         let path = self.complete_path(seg);
-        durable::durable_remove(&path).map_err(|e| with_path(e, "remove", &path))
+        self.fsync
+            .durable_remove(&path)
+            .map_err(|e| with_path(e, "remove", &path))
     }
 
     /// Removes a closed `.partial` (the end of an old timeline), durably,
@@ -542,13 +570,9 @@ impl Spool {
                 path.display()
             )));
         }
-        durable::durable_remove(&path).map_err(|e| with_path(e, "remove", &path))
-    }
-
-    /// Stores a timeline history file durably (temp file, fsync, rename).
-    pub fn write_history(&self, tli: TimelineId, content: &[u8]) -> io::Result<()> {
-        let path = self.history_path(tli);
-        durable::write_atomically(&path, content, 0o600).map_err(|e| with_path(e, "write", &path))
+        self.fsync
+            .durable_remove(&path)
+            .map_err(|e| with_path(e, "remove", &path))
     }
 
     /// Reads a timeline history file.
@@ -560,7 +584,9 @@ impl Spool {
     /// Removes a timeline history file durably.
     pub fn remove_history(&self, tli: TimelineId) -> io::Result<()> {
         let path = self.history_path(tli);
-        durable::durable_remove(&path).map_err(|e| with_path(e, "remove", &path))
+        self.fsync
+            .durable_remove(&path)
+            .map_err(|e| with_path(e, "remove", &path))
     }
 
     /// Bytes used by the files in the spool (their lengths; segments are
@@ -616,374 +642,6 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     Ok(file)
 }
 
-/// A segment file the writer has open.
-struct OpenSegment {
-    name: SegmentName,
-    path: PathBuf,
-    file: File,
-    /// Written since the last fdatasync.
-    dirty: bool,
-}
-
-/// The single writer of the spool. Owns the positions:
-///
-/// * `written`: end of WAL handed to the kernel on the writer's timeline
-///   (lost on a power cut);
-/// * `flushed`: end of WAL fdatasynced, every segment before it complete
-///   under its final name. `flushed <= written`. Only `flushed` may be
-///   reported to PostgreSQL.
-///
-/// Dropping the writer without [`flush`](Self::flush) is what a crash
-/// does: nothing is lost that was flushed.
-pub struct SpoolWriter {
-    dir: PathBuf,
-    segment_size: u64,
-    shared: Arc<Shared>,
-    /// Timeline of the WAL written; `None` before the first write.
-    timeline: Option<TimelineId>,
-    /// True before the first write and after [`end_timeline`](Self::end_timeline):
-    /// the next write may start at any segment boundary.
-    ended: bool,
-    written: Lsn,
-    flushed: Lsn,
-    /// The segment being filled.
-    current: Option<OpenSegment>,
-    /// Full segments awaiting fdatasync and rename, in order.
-    closing: Vec<OpenSegment>,
-    /// Set when an fsync or rename failed.
-    poisoned: Option<String>,
-    /// The flushed-position hint file, opened at the first flush.
-    hint: Option<File>,
-}
-
-impl SpoolWriter {
-    /// Writes WAL at `start` on `timeline`.
-    ///
-    /// The first write after open (or after [`end_timeline`](Self::end_timeline))
-    /// must start at a segment boundary, or, on the same timeline, at the
-    /// written end; later writes must be contiguous. Crossing a segment
-    /// boundary moves the full file to the group waiting for the next
-    /// [`flush`](Self::flush) (kept open until then) and opens the next one,
-    /// pre-sized to `segment_size` with zeros (see the module doc for why).
-    ///
-    /// On error nothing after [`written`](Self::written) was written; the
-    /// caller may retry the rest from there (a full disk is retryable).
-    pub fn write(
-        &mut self,
-        timeline: TimelineId,
-        start: Lsn,
-        data: &[u8],
-    ) -> Result<(), SpoolError> {
-        self.check_poisoned()?;
-        let seg_size = self.segment_size;
-        match self.timeline {
-            Some(current) if timeline < current => {
-                return Err(SpoolError::TimelineDecreased {
-                    current,
-                    got: timeline,
-                })
-            }
-            Some(current) if timeline == current && (!self.ended || start == self.written) => {
-                if start != self.written {
-                    return Err(SpoolError::NotContiguous {
-                        expected: self.written,
-                        got: start,
-                    });
-                }
-            }
-            Some(current)
-                if timeline > current && (self.current.is_some() || !self.closing.is_empty()) =>
-            {
-                return Err(SpoolError::TimelineNotEnded {
-                    current,
-                    got: timeline,
-                })
-            }
-            _ => {
-                // Start-up, a new timeline, or a restart at a boundary.
-                if start.segment_offset(seg_size) != 0 {
-                    return Err(SpoolError::NotAtSegmentStart {
-                        timeline,
-                        got: start,
-                        segment_start: start.segment_start(seg_size),
-                    });
-                }
-                if self.timeline != Some(timeline) || start != self.written {
-                    // A new position: close whatever is open (all flushed
-                    // or empty, see the arms above) and start afresh.
-                    if let Some(seg) = self.current.take() {
-                        self.forget(seg.name);
-                    }
-                    self.written = start;
-                    self.flushed = start;
-                }
-                self.timeline = Some(timeline);
-            }
-        }
-        self.ended = false;
-
-        let mut pos = start;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let offset = pos.segment_offset(seg_size);
-            if self.current.is_none() {
-                let seg = SegmentName::containing(timeline, pos, seg_size);
-                self.current = Some(self.open_segment(seg, pos)?);
-            }
-            let cur = self.current.as_mut().expect("opened above");
-            let n = rest.len().min((seg_size - offset) as usize);
-            cur.file
-                .write_all_at(&rest[..n], offset)
-                .map_err(|e| SpoolError::io("write WAL to", &cur.path, e))?;
-            cur.dirty = true;
-            pos = pos.plus(n as u64);
-            rest = &rest[n..];
-            self.written = pos;
-            if offset + n as u64 == seg_size {
-                let full = self.current.take().expect("current segment");
-                self.closing.push(full);
-            }
-        }
-        Ok(())
-    }
-
-    /// Opens the `.partial` file for `seg`, to write at `at`; creates it,
-    /// pre-sized with zeros, when it does not exist.
-    fn open_segment(&mut self, seg: SegmentName, at: Lsn) -> Result<OpenSegment, SpoolError> {
-        let complete = self.dir.join(seg.file_name(self.segment_size));
-        if complete.exists() {
-            return Err(SpoolError::AlreadyComplete {
-                file: complete,
-                start: at,
-            });
-        }
-        let path = self.dir.join(partial_name(seg, self.segment_size));
-        let file = match OpenOptions::new().write(true).open(&path) {
-            Ok(f) => {
-                let len = f
-                    .metadata()
-                    .map_err(|e| SpoolError::io("stat", &path, e))?
-                    .len();
-                if len != self.segment_size {
-                    return Err(SpoolError::WrongSegmentSize {
-                        file: path,
-                        size: len,
-                        expected: self.segment_size,
-                    });
-                }
-                f
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if at.segment_offset(self.segment_size) != 0 {
-                    // Continuing a segment that is gone: nothing to continue.
-                    return Err(SpoolError::NotAtSegmentStart {
-                        timeline: seg.timeline,
-                        got: at,
-                        segment_start: at.segment_start(self.segment_size),
-                    });
-                }
-                self.create_presized(&path)?;
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| SpoolError::io("open", &path, e))?
-            }
-            Err(e) => return Err(SpoolError::io("open", &path, e)),
-        };
-        self.shared.open_set().insert(seg);
-        Ok(OpenSegment {
-            name: seg,
-            path,
-            file,
-            dirty: false,
-        })
-    }
-
-    /// Creates `path` full-size and zero-filled, durably: temp file, zeros,
-    /// fsync, rename, fsync directory. A crash leaves at most a temp file.
-    fn create_presized(&self, path: &Path) -> Result<(), SpoolError> {
-        let tmp = durable::temp_path_for(path);
-        let result = (|| {
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| SpoolError::io("create", &tmp, e))?;
-            let zeros = vec![0u8; ZERO_CHUNK];
-            let mut off = 0u64;
-            while off < self.segment_size {
-                let n = (self.segment_size - off).min(ZERO_CHUNK as u64) as usize;
-                f.write_all_at(&zeros[..n], off)
-                    .map_err(|e| SpoolError::io("pre-size (zero-fill)", &tmp, e))?;
-                off += n as u64;
-            }
-            drop(f);
-            durable::durable_rename(&tmp, path)
-                .map_err(|e| SpoolError::io("durably rename into place", &tmp, e))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
-    }
-
-    fn forget(&self, seg: SegmentName) {
-        self.shared.open_set().remove(&seg);
-    }
-
-    fn check_poisoned(&self) -> Result<(), SpoolError> {
-        match &self.poisoned {
-            Some(reason) => Err(SpoolError::Poisoned {
-                reason: reason.clone(),
-            }),
-            None => Ok(()),
-        }
-    }
-
-    fn poison(&mut self, e: SpoolError) -> SpoolError {
-        self.poisoned = Some(e.to_string());
-        e
-    }
-
-    /// Group commit: fdatasyncs every file written since the last flush,
-    /// then durably renames the completed segments to their final names, in
-    /// order. Returns the new flushed end and the segments completed.
-    ///
-    /// A failure poisons the writer (every later call fails): after a failed
-    /// fsync the kernel may have dropped the dirty pages, and retrying would
-    /// report WAL as durable that is not. Restart and re-stream instead.
-    pub fn flush(&mut self) -> Result<Flushed, SpoolError> {
-        self.check_poisoned()?;
-        let mut failure = None;
-        for seg in self.closing.iter_mut().chain(self.current.as_mut()) {
-            if seg.dirty {
-                if let Err(e) = durable::sync_data(&seg.file) {
-                    failure = Some(SpoolError::io("fdatasync", &seg.path, e));
-                    break;
-                }
-                seg.dirty = false;
-            }
-        }
-        if let Some(err) = failure {
-            return Err(self.poison(err));
-        }
-        let mut completed = Vec::with_capacity(self.closing.len());
-        let mut closing = std::mem::take(&mut self.closing).into_iter();
-        while let Some(OpenSegment {
-            name, path, file, ..
-        }) = closing.next()
-        {
-            drop(file);
-            let to = self.dir.join(name.file_name(self.segment_size));
-            let renamed = durable::durable_rename(&path, &to);
-            self.forget(name);
-            if let Err(e) = renamed {
-                for rest in closing {
-                    self.forget(rest.name);
-                }
-                let err = SpoolError::io("durably rename the complete segment", &path, e);
-                return Err(self.poison(err));
-            }
-            completed.push(name);
-        }
-        self.flushed = self.written;
-        self.write_hint();
-        Ok(Flushed {
-            flushed: self.flushed,
-            completed,
-        })
-    }
-
-    /// Records `flushed` in the hint file (best effort: a failure only
-    /// means a restart without a server ships less).
-    fn write_hint(&mut self) {
-        let Some(t) = self.timeline else { return };
-        if self.hint.is_none() {
-            let path = self.dir.join(FLUSHED_HINT_FILE);
-            match OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-            {
-                Ok(f) => self.hint = Some(f),
-                Err(e) => {
-                    tracing::warn!("cannot open {}: {e}", path.display());
-                    return;
-                }
-            }
-        }
-        if let Some(f) = &self.hint {
-            let _ = f.write_at(format_hint(t, self.flushed).as_bytes(), 0);
-        }
-    }
-
-    /// End of WAL handed to the kernel (`0/0` before the first write).
-    pub fn written(&self) -> Lsn {
-        self.written
-    }
-
-    /// End of WAL durable in the spool (`0/0` before the first write).
-    pub fn flushed(&self) -> Lsn {
-        self.flushed
-    }
-
-    /// The timeline being written, once something was.
-    pub fn timeline(&self) -> Option<TimelineId> {
-        self.timeline
-    }
-
-    /// End of a timeline: flushes, then closes the open segment, which stays
-    /// `.partial` (the switch point lies inside it), and returns it. The next
-    /// write may start a new timeline at a segment boundary.
-    ///
-    /// The closed file is zeroed from the written end (the switch point) to
-    /// its end and fdatasynced, so that it holds exactly this timeline's WAL
-    /// even where an earlier run had written further (WAL the old primary
-    /// sent past the point where the new timeline forked off).
-    ///
-    /// Call [`flush`](Self::flush) first to learn which segments completed:
-    /// the flush done here reports only its position.
-    pub fn end_timeline(&mut self) -> Result<Option<SegmentName>, SpoolError> {
-        self.flush()?;
-        self.ended = true;
-        let Some(seg) = self.current.take() else {
-            return Ok(None);
-        };
-        self.forget(seg.name);
-        let mut off = self.written.segment_offset(self.segment_size);
-        let zeros = vec![0u8; ZERO_CHUNK];
-        while off < self.segment_size {
-            let n = (self.segment_size - off).min(ZERO_CHUNK as u64) as usize;
-            seg.file
-                .write_all_at(&zeros[..n], off)
-                .map_err(|e| SpoolError::io("zero the tail of", &seg.path, e))?;
-            off += n as u64;
-        }
-        if let Err(e) = durable::sync_data(&seg.file) {
-            let err = SpoolError::io("fdatasync", &seg.path, e);
-            return Err(self.poison(err));
-        }
-        Ok(Some(seg.name))
-    }
-}
-
-impl Drop for SpoolWriter {
-    fn drop(&mut self) {
-        let names: Vec<SegmentName> = self
-            .closing
-            .iter()
-            .chain(self.current.as_ref())
-            .map(|s| s.name)
-            .collect();
-        for n in names {
-            self.forget(n);
-        }
-        self.shared.writer_alive.store(false, Ordering::Release);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1017,7 +675,7 @@ mod tests {
     }
 
     fn open(dir: &Path) -> (Spool, Recovered) {
-        Spool::open(dir, SEG).unwrap()
+        Spool::open(dir, SEG, Fsync::On).unwrap()
     }
 
     #[test]
@@ -1261,7 +919,7 @@ mod tests {
     fn second_open_fails_with_the_pid() {
         let d = tempfile::tempdir().unwrap();
         let (_spool, _) = open(d.path());
-        let e = match Spool::open(d.path(), SEG) {
+        let e = match Spool::open(d.path(), SEG, Fsync::On) {
             Err(e) => e,
             Ok(_) => panic!("a second open of a locked spool succeeded"),
         };
@@ -1340,7 +998,7 @@ mod tests {
     #[test]
     fn leftover_temp_files_are_removed_and_foreign_sizes_refused() {
         let d = tempfile::tempdir().unwrap();
-        let tmp = durable::temp_path_for(&d.path().join("000000010000000000000003.partial"));
+        let tmp = crate::durable::temp_path_for(&d.path().join("000000010000000000000003.partial"));
         std::fs::write(&tmp, b"half a pre-size").unwrap();
         std::fs::write(d.path().join("README"), b"not WAL").unwrap();
         {
@@ -1350,7 +1008,7 @@ mod tests {
         assert_eq!(names(d.path()), vec!["README", "walsafe.lock"]);
 
         std::fs::write(d.path().join("000000010000000000000003"), vec![0u8; 4096]).unwrap();
-        match Spool::open(d.path(), SEG) {
+        match Spool::open(d.path(), SEG, Fsync::On) {
             Err(e @ SpoolError::WrongSegmentSize { .. }) => {
                 assert!(e.to_string().contains("000000010000000000000003"), "{e}")
             }
@@ -1358,7 +1016,7 @@ mod tests {
             Ok(_) => panic!("a segment of the wrong size was accepted"),
         }
         assert!(matches!(
-            Spool::open(d.path(), 3 << 20),
+            Spool::open(d.path(), 3 << 20, Fsync::On),
             Err(SpoolError::InvalidSegmentSize { .. })
         ));
     }
@@ -1368,10 +1026,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let (spool, _) = open(d.path());
-            spool
-                .write_history(T2, b"1\t0/5000BB8\tno recovery target specified\n")
+            let mut w = spool.writer();
+            w.write_history(T2, b"1\t0/5000BB8\tno recovery target specified\n")
                 .unwrap();
-            spool.write_history(TimelineId(3), b"x").unwrap();
+            w.write_history(TimelineId(3), b"x").unwrap();
             assert_eq!(
                 spool.read_history(T2).unwrap(),
                 b"1\t0/5000BB8\tno recovery target specified\n"

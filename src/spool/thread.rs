@@ -1,0 +1,285 @@
+//! The spool writer thread, and what the spool tells the rest of the agent.
+//!
+//! One OS thread owns the [`SpoolWriter`]. The receive loop hands it WAL
+//! through a bounded queue ([`WriterHandle::write`]); when the queue is
+//! full the receive loop waits, leaving the socket unread (backpressure:
+//! PostgreSQL keeps the WAL in its slot). The thread writes what is queued,
+//! then fsyncs once for the whole batch (group commit): while one fsync
+//! runs, the next batch queues up.
+//!
+//! # One publisher
+//!
+//! The thread is the only publisher of what the spool holds durably:
+//!
+//! ```text
+//! writer thread ──▶ Durable { timeline, flushed }   watch: latest value only
+//!               └─▶ SpoolEvent::Completed(seg)      queue: every event, in order
+//!                   SpoolEvent::TimelineEnded { closed, next }
+//!                   SpoolEvent::History(tli)
+//! ```
+//!
+//! `flushed` lives in the [`Durable`] watch and nowhere else: the receive
+//! loop reads it for its standby status updates, [`crate::positions`]
+//! reads it for metrics, and the uploader for the bytes it may ship. The
+//! queue carries what a "latest value" cannot: which segments became
+//! complete, which timeline ended where, which history file was written.
+//!
+//! Ordering rule: every event is queued *before* the [`Durable`] value
+//! that covers it is published. A subscriber that first drains the queue
+//! and then reads the watch therefore never sees `flushed` inside segment
+//! N+1 without having seen that segment N completed.
+
+use anyhow::{anyhow, bail};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::SpoolWriter;
+use crate::pg::{Lsn, SegmentName, TimelineId};
+pub use crate::positions::Durable;
+use crate::positions::Positions;
+
+/// XLogData messages queued for the spool writer before the socket is left unread.
+pub const WRITE_QUEUE_MESSAGES: usize = 32;
+/// Bytes written before the writer fsyncs even if more is queued, bounding commit latency.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// What changed in the spool, besides `flushed` (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpoolEvent {
+    /// A segment is complete under its final name.
+    Completed(SegmentName),
+    /// A timeline ended (or a segment was closed at a gap); `closed` is the
+    /// segment left `.partial` in the spool, holding WAL up to the end.
+    TimelineEnded {
+        closed: Option<SegmentName>,
+        next: TimelineId,
+    },
+    /// A timeline history file was written.
+    History(TimelineId),
+}
+
+/// The writer thread's side of the spool's news.
+pub struct Publisher {
+    durable: watch::Sender<Durable>,
+    events: mpsc::UnboundedSender<SpoolEvent>,
+}
+
+/// The subscribers' side: clone the watch as often as needed; the event
+/// queue has one reader (the uploader).
+pub struct Feed {
+    pub durable: watch::Receiver<Durable>,
+    pub events: mpsc::UnboundedReceiver<SpoolEvent>,
+}
+
+/// A publisher and its feed, starting at `initial` (what the spool
+/// recovered as durable).
+pub fn feed(initial: Durable) -> (Publisher, Feed) {
+    let (durable_tx, durable) = watch::channel(initial);
+    let (events_tx, events) = mpsc::unbounded_channel();
+    (
+        Publisher {
+            durable: durable_tx,
+            events: events_tx,
+        },
+        Feed { durable, events },
+    )
+}
+
+impl Publisher {
+    /// Another subscriber of the durable position.
+    pub fn subscribe(&self) -> watch::Receiver<Durable> {
+        self.durable.subscribe()
+    }
+
+    fn event(&self, e: SpoolEvent) {
+        // The uploader may have stopped first at shutdown; nothing to tell then.
+        let _ = self.events.send(e);
+    }
+
+    fn durable(&self, d: Durable) {
+        self.durable.send_replace(d);
+    }
+}
+
+enum WriteCmd {
+    Data {
+        timeline: TimelineId,
+        start: Lsn,
+        data: Bytes,
+    },
+    EndTimeline {
+        next: TimelineId,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+    History {
+        timeline: TimelineId,
+        content: Bytes,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+}
+
+/// Handle to the spool writer thread.
+pub struct WriterHandle {
+    tx: mpsc::Sender<WriteCmd>,
+    durable: watch::Receiver<Durable>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl WriterHandle {
+    /// Starts the writer thread. It runs until [`WriterHandle::finish`] (or
+    /// the handle is dropped) and must finish its last fsync before the
+    /// process exits, so shutdown waits for it.
+    pub fn start(writer: SpoolWriter, publisher: Publisher, positions: Positions) -> Self {
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_MESSAGES);
+        let durable = publisher.subscribe();
+        let thread = std::thread::Builder::new()
+            .name("walsafe-spool".into())
+            .spawn(move || writer_thread(writer, rx, publisher, positions))
+            .expect("spawn spool writer thread");
+        WriterHandle {
+            tx,
+            durable,
+            thread: Some(thread),
+        }
+    }
+
+    /// The durable end of the spool, as the thread publishes it.
+    pub fn durable(&self) -> watch::Receiver<Durable> {
+        self.durable.clone()
+    }
+
+    /// Queues WAL at `start` on `timeline`; waits while the queue is full.
+    pub async fn write(&self, timeline: TimelineId, start: Lsn, data: Bytes) -> anyhow::Result<()> {
+        self.send(WriteCmd::Data {
+            timeline,
+            start,
+            data,
+        })
+        .await
+    }
+
+    /// Flushes, then closes the segment being filled: it stays `.partial`
+    /// (a timeline ended inside it, or WAL after it was lost), and the next
+    /// write may start `next` at a segment boundary.
+    pub async fn end_timeline(&self, next: TimelineId) -> anyhow::Result<()> {
+        let (reply, done) = oneshot::channel();
+        self.send(WriteCmd::EndTimeline { next, reply }).await?;
+        done.await
+            .map_err(|_| anyhow!("the spool writer stopped while closing a segment"))?
+    }
+
+    /// Writes `<timeline>.history` durably and announces it.
+    pub async fn write_history(&self, timeline: TimelineId, content: Bytes) -> anyhow::Result<()> {
+        let (reply, done) = oneshot::channel();
+        self.send(WriteCmd::History {
+            timeline,
+            content,
+            reply,
+        })
+        .await?;
+        done.await
+            .map_err(|_| anyhow!("the spool writer stopped while writing a history file"))?
+    }
+
+    /// Waits until everything queued is written and fsynced, then stops the thread.
+    pub async fn finish(mut self) -> anyhow::Result<()> {
+        let thread = self.thread.take();
+        drop(self.tx);
+        match thread {
+            Some(t) => tokio::task::spawn_blocking(move || t.join())
+                .await?
+                .map_err(|_| anyhow!("spool writer thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+
+    async fn send(&self, cmd: WriteCmd) -> anyhow::Result<()> {
+        if self.tx.send(cmd).await.is_err() {
+            bail!("the spool writer stopped (see the error logged before this one)");
+        }
+        Ok(())
+    }
+}
+
+fn writer_thread(
+    mut w: SpoolWriter,
+    mut rx: mpsc::Receiver<WriteCmd>,
+    publisher: Publisher,
+    positions: Positions,
+) -> anyhow::Result<()> {
+    let mut timeline = w.timeline().unwrap_or_default();
+    let result = (|| -> anyhow::Result<()> {
+        while let Some(first) = rx.blocking_recv() {
+            let mut next = Some(first);
+            let mut batch = 0usize;
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    WriteCmd::Data {
+                        timeline: t,
+                        start,
+                        data,
+                    } => {
+                        timeline = t;
+                        w.write(t, start, &data)?;
+                        positions.set_written(w.written());
+                        batch += data.len();
+                    }
+                    WriteCmd::EndTimeline { next: nt, reply } => {
+                        let r = (|| -> anyhow::Result<()> {
+                            flush_and_publish(&mut w, timeline, &publisher)?;
+                            let closed = w.end_timeline()?;
+                            publisher.event(SpoolEvent::TimelineEnded { closed, next: nt });
+                            Ok(())
+                        })();
+                        let failed = r.is_err();
+                        let _ = reply.send(r);
+                        if failed {
+                            bail!("could not close timeline {timeline} in the spool");
+                        }
+                        batch = 0;
+                    }
+                    WriteCmd::History {
+                        timeline: t,
+                        content,
+                        reply,
+                    } => {
+                        let r = w.write_history(t, &content).map_err(anyhow::Error::from);
+                        if r.is_ok() {
+                            publisher.event(SpoolEvent::History(t));
+                        }
+                        let _ = reply.send(r);
+                    }
+                }
+                if batch >= MAX_BATCH_BYTES {
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+            if w.written() > w.flushed() {
+                flush_and_publish(&mut w, timeline, &publisher)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = &result {
+        tracing::error!("spool writer stopped: {}", crate::report::error_line(e));
+    }
+    result
+}
+
+/// Group commit, then the news, in the order the module doc promises.
+fn flush_and_publish(
+    w: &mut SpoolWriter,
+    timeline: TimelineId,
+    publisher: &Publisher,
+) -> anyhow::Result<()> {
+    let f = w.flush()?;
+    for seg in f.completed {
+        publisher.event(SpoolEvent::Completed(seg));
+    }
+    publisher.durable(Durable {
+        timeline,
+        flushed: f.flushed,
+    });
+    Ok(())
+}
