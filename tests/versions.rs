@@ -191,3 +191,65 @@ fn postgresql_17() {
 fn postgresql_18() {
     matrix(18);
 }
+
+/// PostgreSQL 13 lacks READ_REPLICATION_SLOT and this role may not open an
+/// SQL connection (pg_hba.conf admits it for replication only), so walsafe
+/// cannot read where its slot holds WAL from. It creates the slot when
+/// missing and resumes from its spool when the slot exists; with an empty
+/// spool and an existing slot it stops with an error naming the slot
+/// instead of skipping the WAL the slot holds.
+#[test]
+fn postgresql_13_without_sql_access() {
+    let mut s = setup(
+        "pg13nosql",
+        PgOptions::default()
+            .major(13)
+            .hba("local all walsafe reject")
+            .hba("host all walsafe 127.0.0.1/32 reject"),
+    );
+    s.pg.psql("CREATE ROLE walsafe LOGIN REPLICATION");
+    s.settings.conninfo = s.pg.conninfo().replace("user=postgres", "user=walsafe");
+    let config = s.settings.write(&s.config);
+    s.pg.psql("CREATE TABLE t (n int)");
+
+    // No slot yet: created over the replication connection.
+    let mut agent = Agent::start(&config, s.settings.metrics_port);
+    s.pg.psql("INSERT INTO t VALUES (1)");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(30));
+    agent.kill9();
+
+    // The slot exists, the spool says where to resume.
+    s.pg.psql("INSERT INTO t VALUES (2)");
+    let end = current_lsn(&s.pg);
+    let mut agent = Agent::start(&config, s.settings.metrics_port);
+    agent.wait_archived(end, Duration::from_secs(30));
+    agent.kill9();
+    assert!(
+        agent
+            .log()
+            .contains("cannot read where the replication slot holds WAL from"),
+        "the agent should have said why it cannot read the slot; log:\n{}",
+        agent.log()
+    );
+
+    // Spool lost, slot kept: where to start is unknown, so walsafe stops.
+    std::fs::remove_dir_all(&s.settings.spool).unwrap();
+    let mut agent = Agent::spawn(&config, s.settings.metrics_port);
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            status = agent.try_wait();
+            status.is_some()
+        }),
+        "walsafe kept running without knowing where its slot starts; log:\n{}",
+        agent.log()
+    );
+    assert!(!status.unwrap().success());
+    assert!(
+        agent
+            .log()
+            .contains("the position of replication slot \"walsafe\" is unknown"),
+        "log:\n{}",
+        agent.log()
+    );
+}
