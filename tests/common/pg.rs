@@ -25,7 +25,9 @@
 //! 14, 16 and 17 hold only `initdb`, `pg_ctl` and `postgres`: client tools
 //! missing from a major's own directory (psql, pg_basebackup,
 //! pg_receivewal) come from the newest major installed (18), which speaks
-//! to every older server; what pg_controldata would tell is read over SQL.
+//! to every older server. Their pg_controldata would misread another
+//! major's control file: the system identifier is read over SQL instead,
+//! and their restored clusters are taken to have 16 MiB segments.
 //!
 //! Clean-up: `Drop` stops the server (`-m immediate`) and removes the
 //! directory, also while unwinding from a failed assertion. In case the test
