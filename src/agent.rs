@@ -9,7 +9,13 @@
 //! 4. open the spool (lock, recover what is durable);
 //! 5. choose where to stream from: the spool first (re-streaming the
 //!    filling segment from its start), else the slot's restart position,
-//!    else a new slot's reserved position — always a segment start;
+//!    else a new slot's reserved position — always a segment start.
+//!    PostgreSQL 13 and 14 lack READ_REPLICATION_SLOT: there the slot is
+//!    read from `pg_replication_slots` over SQL, its timeline from the
+//!    server's history; without an SQL connection an existing slot's
+//!    position is unknown, which is fine while the spool says where to
+//!    resume and an error otherwise (streaming from the server's current
+//!    position would skip the WAL the slot holds);
 //! 6. start the spool writer thread, the uploader, the metrics refresher,
 //!    then the receive loop, which reconnects on retryable errors and
 //!    resumes at the end of what it queued to the spool.
@@ -30,8 +36,9 @@ use crate::config::Config;
 use crate::gap::Gap;
 use crate::logging::ReopenableFile;
 use crate::pg::error::PgError;
+use crate::pg::lsn::timeline_of_point;
 use crate::pg::page::ClusterIdentity;
-use crate::pg::replication::ReplicationConnection;
+use crate::pg::replication::{ReplicationConnection, SlotPosition};
 use crate::pg::{Lsn, TimelineId, WAL_BLOCK_SIZE};
 use crate::positions::Positions;
 use crate::receive::{Receiver, StreamEnd};
@@ -424,6 +431,16 @@ async fn connect_until_ready(
     }
 }
 
+/// Where the slot holds WAL from, as far as start-up can tell.
+enum SlotStart {
+    /// The slot's restart position (segment start) with its timeline;
+    /// `None` when it reserves no WAL.
+    Known(Option<(TimelineId, Lsn)>),
+    /// The slot exists but its position cannot be read (PostgreSQL 13 or
+    /// 14 without an SQL connection); why, for the error if it is needed.
+    Unknown(anyhow::Error),
+}
+
 /// Spool first, then the slot's restart position, then a new slot's.
 async fn start_position(
     cfg: &Config,
@@ -431,33 +448,8 @@ async fn start_position(
     server: &ServerInfo,
     recovered: &Recovered,
 ) -> anyhow::Result<(TimelineId, Lsn)> {
-    let slot = &cfg.postgres.slot;
     let seg = server.segment_size;
-    let existing = conn
-        .read_replication_slot(slot)
-        .await
-        .with_context(|| format!("cannot read replication slot \"{slot}\""))?;
-    let slot_start = match existing {
-        Some(pos) => pos.restart_lsn.map(|l| {
-            (
-                pos.restart_tli.unwrap_or(server.timeline),
-                l.segment_start(seg),
-            )
-        }),
-        None => {
-            let reserved = conn
-                .create_physical_slot(slot)
-                .await
-                .with_context(|| format!("cannot create replication slot \"{slot}\""))?;
-            info!(%slot, %reserved, "created the replication slot");
-            let at = if reserved == Lsn::INVALID {
-                server.xlogpos
-            } else {
-                reserved
-            };
-            Some((server.timeline, at.segment_start(seg)))
-        }
-    };
+    let slot_start = find_or_create_slot(cfg, conn, server).await?;
     if let Some((t, l)) = recovered.resume {
         if t > server.timeline {
             bail!(
@@ -468,7 +460,117 @@ async fn start_position(
         }
         return Ok((t, l));
     }
-    Ok(slot_start.unwrap_or((server.timeline, server.xlogpos.segment_start(seg))))
+    match slot_start {
+        SlotStart::Known(start) => {
+            Ok(start.unwrap_or((server.timeline, server.xlogpos.segment_start(seg))))
+        }
+        // Starting at the server's current position would skip, silently,
+        // the WAL the slot holds for us (DESIGN rule 2).
+        SlotStart::Unknown(e) => Err(e.context(format!(
+            "the spool {} is empty and the position of replication slot \"{}\" is unknown; let walsafe's role connect to a database (pg_hba.conf) so that it can read pg_replication_slots, or drop the slot to start at the server's current position",
+            cfg.spool.dir.display(),
+            cfg.postgres.slot
+        ))),
+    }
+}
+
+/// Reads the slot (READ_REPLICATION_SLOT; on PostgreSQL 13 and 14, which
+/// lack it, `pg_replication_slots` over SQL), creating it when missing.
+async fn find_or_create_slot(
+    cfg: &Config,
+    conn: &mut ReplicationConnection,
+    server: &ServerInfo,
+) -> anyhow::Result<SlotStart> {
+    let slot = &cfg.postgres.slot;
+    let seg = server.segment_size;
+    let existing = match conn.read_replication_slot(slot).await {
+        Ok(found) => Ok(found),
+        Err(PgError::Unsupported { .. }) => slot_position_over_sql(cfg, conn, server).await,
+        Err(e) => {
+            return Err(
+                anyhow::Error::new(e).context(format!("cannot read replication slot \"{slot}\""))
+            )
+        }
+    };
+    let create_error = match existing {
+        Ok(Some(pos)) => {
+            return Ok(SlotStart::Known(pos.restart_lsn.map(|l| {
+                (
+                    pos.restart_tli.unwrap_or(server.timeline),
+                    l.segment_start(seg),
+                )
+            })))
+        }
+        Ok(None) => None,
+        Err(e) => Some(e),
+    };
+    match conn.create_physical_slot(slot).await {
+        Ok(reserved) => {
+            info!(%slot, %reserved, "created the replication slot");
+            let at = if reserved == Lsn::INVALID {
+                server.xlogpos
+            } else {
+                reserved
+            };
+            Ok(SlotStart::Known(Some((
+                server.timeline,
+                at.segment_start(seg),
+            ))))
+        }
+        // Only reached when the slot could not be read over SQL.
+        Err(PgError::SlotExists { .. }) if create_error.is_some() => {
+            let e = create_error.expect("checked above");
+            warn!(
+                %slot,
+                "cannot read where the replication slot holds WAL from: {}",
+                crate::report::error_line(&e)
+            );
+            Ok(SlotStart::Unknown(e))
+        }
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("cannot create replication slot \"{slot}\"")))
+        }
+    }
+}
+
+/// READ_REPLICATION_SLOT's answer for servers without the command: the
+/// slot's `restart_lsn` from `pg_replication_slots`, and its timeline from
+/// the server's history (what PostgreSQL 15 computes itself). `Err` when no
+/// SQL connection is possible (e.g. pg_hba.conf admits the role for
+/// replication only).
+async fn slot_position_over_sql(
+    cfg: &Config,
+    conn: &mut ReplicationConnection,
+    server: &ServerInfo,
+) -> anyhow::Result<Option<SlotPosition>> {
+    let slot = &cfg.postgres.slot;
+    let sql = crate::pg::sql::connect_sql(&cfg.postgres.conninfo, &cfg.postgres.application_name)
+        .await
+        .with_context(|| {
+            format!(
+                "PostgreSQL {} has no READ_REPLICATION_SLOT, and an SQL connection to read slot \"{slot}\" from pg_replication_slots failed",
+                server.version_num / 10000
+            )
+        })?;
+    let Some(state) = crate::pg::sql::slot_state(&sql, slot).await? else {
+        return Ok(None);
+    };
+    let restart_tli = match state.restart_lsn {
+        Some(l) if server.timeline.0 > 1 => {
+            let (_, history) = conn.timeline_history(server.timeline).await?;
+            Some(timeline_of_point(
+                &String::from_utf8_lossy(&history),
+                l,
+                server.timeline,
+            ))
+        }
+        Some(_) => Some(server.timeline),
+        None => None,
+    };
+    Ok(Some(SlotPosition {
+        restart_lsn: state.restart_lsn,
+        restart_tli,
+    }))
 }
 
 /// SIGTERM/SIGINT: orderly shutdown. SIGHUP: reopen the log file.

@@ -3,7 +3,9 @@
 //! An [`Lsn`] is a byte position in PostgreSQL's write-ahead log, printed the
 //! way PostgreSQL prints it (`16/B374D848`: high and low 32 bits in hex).
 //! A [`TimelineId`] names one history of the cluster; promotion of a standby
-//! starts a new, higher one.
+//! starts a new, higher one. A timeline's history file lists its
+//! ancestors, one line each, `parentTLI<TAB>switchLSN<TAB>reason`: the
+//! parent's WAL ends (exclusive) where the next timeline's begins.
 
 use std::fmt;
 use std::str::FromStr;
@@ -74,9 +76,43 @@ impl fmt::Display for TimelineId {
     }
 }
 
+/// The timeline that holds `point`, per the history file of `current`
+/// (what PostgreSQL's `tliOfPointInHistory` computes): the first ancestor
+/// whose switch point lies beyond `point`, else `current`. Lines that do
+/// not parse (comments, blank) are skipped.
+pub fn timeline_of_point(history: &str, point: Lsn, current: TimelineId) -> TimelineId {
+    history
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let tli = f.next()?.parse().ok()?;
+            let switch: Lsn = f.next()?.parse().ok()?;
+            Some((TimelineId(tli), switch))
+        })
+        .find(|&(_, switch)| point < switch)
+        .map_or(current, |(tli, _)| tli)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_point_belongs_to_the_timeline_whose_range_holds_it() {
+        let history = "1\t0/5000028\tno recovery target specified\n\n\
+                       2\t0/9000000\tno recovery target specified\n";
+        let of = |l: u64| timeline_of_point(history, Lsn(l), TimelineId(3));
+        assert_eq!(of(0x1000000), TimelineId(1));
+        assert_eq!(of(0x5000027), TimelineId(1));
+        // The switch point itself is the child's first byte.
+        assert_eq!(of(0x5000028), TimelineId(2));
+        assert_eq!(of(0x8FFFFFF), TimelineId(2));
+        assert_eq!(of(0x9000000), TimelineId(3));
+        assert_eq!(
+            timeline_of_point("# none\n", Lsn(1), TimelineId(1)),
+            TimelineId(1)
+        );
+    }
 
     #[test]
     fn lsn_round_trips_through_text() {

