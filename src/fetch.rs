@@ -40,9 +40,9 @@ use futures::{StreamExt, TryStreamExt};
 use tracing::{debug, warn};
 
 use crate::config::Config;
-use crate::pg::page::{validate_segment, ClusterIdentity};
+use crate::pg::page::validate_segment;
 use crate::pg::walfile::{classify, NameKind};
-use crate::pg::{SegmentName, WAL_BLOCK_SIZE};
+use crate::pg::SegmentName;
 use crate::report::{EXIT_FATAL, EXIT_NOT_FOUND};
 use crate::repository::chunks::{self, Uncovered};
 use crate::repository::descriptor::Descriptor;
@@ -118,14 +118,6 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
     Ok(Fetched::Restored)
 }
 
-fn identity(d: &Descriptor) -> ClusterIdentity {
-    ClusterIdentity {
-        system_identifier: d.system_identifier,
-        segment_size: d.segment_size,
-        block_size: WAL_BLOCK_SIZE,
-    }
-}
-
 async fn fetch_segment(
     cfg: &Config,
     repo: &Repository,
@@ -160,7 +152,7 @@ async fn fetch_segment(
             d.segment_size
         );
     }
-    let ident = identity(d);
+    let ident = d.identity();
     let data =
         tokio::task::spawn_blocking(move || validate_segment(&ident, seg, &data).map(|()| data))
             .await?

@@ -37,3 +37,4 @@ pub mod service;
 pub mod spool;
 pub mod state;
 pub mod upload;
+pub mod upstream;

@@ -34,9 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
-use crate::pg::page::{ClusterIdentity, PageValidator};
+use crate::pg::page::PageValidator;
 use crate::pg::replication::{ReplMessage, ReplicationConnection, ReplicationStream};
-use crate::pg::{Lsn, TimelineId};
+use crate::pg::{ClusterIdentity, Lsn, TimelineId};
 use crate::positions::Positions;
 use crate::spool::{Durable, WriterHandle};
 

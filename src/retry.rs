@@ -1,13 +1,21 @@
-//! The one retry helper: capped exponential backoff with jitter.
+//! Backoff, in one place: capped exponential delays with jitter, all from
+//! `backon`.
 //!
-//! Every remote operation walsafe performs (object storage today) goes
-//! through [`retry`], so the policy lives in one place:
+//! Two shapes of the same policy:
+//!
+//! * [`retry`] runs one operation until it succeeds, for every storage
+//!   call (`repository::store`);
+//! * [`Backoff`] hands out the delays of a loop that retries by itself and
+//!   may reset on success: reconnecting to PostgreSQL (`upstream`), chunk
+//!   uploads after a failure (`upload`).
+//!
+//! For [`retry`]:
 //!
 //! * at most [`RetryPolicy::attempts`] attempts in total (1 = no retry);
 //! * between attempts, an exponentially growing delay starting at
 //!   [`RetryPolicy::min_delay`], capped at [`RetryPolicy::max_delay`], with
-//!   full jitter so that many uploads failing together do not retry in
-//!   lock-step;
+//!   jitter (each delay is stretched by a random 0–100 %) so that many
+//!   uploads failing together do not retry in lock-step;
 //! * only errors the caller's classifier calls retryable are retried; a
 //!   permanent error (permission denied, bad configuration, a conflict)
 //!   returns at once.
@@ -20,7 +28,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 
 /// First delay between attempts.
 pub const DEFAULT_MIN_DELAY: Duration = Duration::from_millis(100);
@@ -48,8 +56,8 @@ impl RetryPolicy {
         }
     }
 
-    /// The worst-case total delay spent sleeping between attempts (without
-    /// jitter, which only shortens delays), for messages and tests.
+    /// The total delay spent sleeping between attempts before jitter (which
+    /// stretches each delay by up to 100 %), for messages and tests.
     pub fn max_total_delay(&self) -> Duration {
         let mut total = Duration::ZERO;
         let mut d = self.min_delay;
@@ -67,6 +75,43 @@ impl RetryPolicy {
             .with_factor(2.0)
             .with_jitter()
             .with_max_times(self.attempts.max(1) as usize - 1)
+    }
+}
+
+/// The delays of a retrying loop: `min`, doubling up to `max`, each
+/// stretched by a random 0–100 % (jitter); never exhausted. [`Backoff::reset`]
+/// after a success starts again from `min`.
+#[derive(Debug)]
+pub struct Backoff {
+    builder: ExponentialBuilder,
+    current: backon::ExponentialBackoff,
+}
+
+impl Backoff {
+    /// Delays from `min` doubling up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        let builder = ExponentialBuilder::default()
+            .with_min_delay(min)
+            .with_max_delay(max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
+        Backoff {
+            current: builder.build(),
+            builder,
+        }
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        self.current
+            .next()
+            .expect("a backoff without max_times never ends")
+    }
+
+    /// Starts again from the first delay.
+    pub fn reset(&mut self) {
+        self.current = self.builder.build();
     }
 }
 
@@ -186,5 +231,20 @@ mod tests {
         };
         // 100 + 200 + 300 + 300
         assert_eq!(p.max_total_delay(), Duration::from_millis(900));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_millis(400);
+        let mut b = Backoff::new(min, max);
+        let d: Vec<Duration> = (0..5).map(|_| b.next_delay()).collect();
+        // Jitter stretches each delay by up to 100 %.
+        for (got, base) in d.iter().zip([100, 200, 400, 400, 400]) {
+            let base = Duration::from_millis(base);
+            assert!(*got >= base && *got <= base * 2, "{d:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= min * 2);
     }
 }

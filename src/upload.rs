@@ -46,6 +46,7 @@ use crate::metrics::Kind;
 use crate::pg::{Lsn, SegmentName, TimelineId};
 use crate::positions::{now_ms, Positions};
 use crate::repository::{ObjectName, PutOutcome, Repository, RepositoryError, SegmentFile};
+use crate::retry::Backoff;
 use crate::spool::retention::{Retention, SpoolFile};
 use crate::spool::{Durable, Feed, Recovered, Spool, SpoolEvent};
 
@@ -116,8 +117,8 @@ pub struct Uploader {
     last_chunk: Instant,
     /// After a failed chunk upload: no new chunk before this instant.
     chunk_not_before: Instant,
-    /// Wait after the next chunk failure (doubles up to [`REQUEUE_DELAY`]).
-    chunk_backoff: Duration,
+    /// Delays after chunk failures ([`CHUNK_RETRY_MIN`] doubling up to [`REQUEUE_DELAY`], jittered).
+    chunk_backoff: Backoff,
     /// Uploads failed in a row, and since when (for escalation).
     failing: Option<(u32, Instant)>,
 }
@@ -185,7 +186,7 @@ impl Uploader {
             archived_tx,
             last_chunk: Instant::now(),
             chunk_not_before: Instant::now(),
-            chunk_backoff: CHUNK_RETRY_MIN,
+            chunk_backoff: Backoff::new(CHUNK_RETRY_MIN, REQUEUE_DELAY),
             failing: None,
         };
         (u, archived_rx)
@@ -434,7 +435,7 @@ impl Uploader {
                 self.jobs.remove(&job);
                 match job {
                     Job::Chunk { seg, end, .. } => {
-                        self.chunk_backoff = CHUNK_RETRY_MIN;
+                        self.chunk_backoff.reset();
                         let stored = self.chunked.entry(seg).or_insert(0);
                         *stored = (*stored).max(end);
                         if let Some(f) = &mut self.filling {
@@ -469,8 +470,7 @@ impl Uploader {
                 if let Job::Chunk { seg, .. } = job {
                     // The next chunk (from the same offset, with whatever is
                     // new) waits, with capped exponential backoff.
-                    self.chunk_not_before = Instant::now() + self.chunk_backoff;
-                    self.chunk_backoff = (self.chunk_backoff * 2).min(REQUEUE_DELAY);
+                    self.chunk_not_before = Instant::now() + self.chunk_backoff.next_delay();
                     self.jobs.remove(&job);
                     if let Some(f) = &mut self.filling {
                         if f.seg == seg {

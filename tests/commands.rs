@@ -13,8 +13,9 @@ use std::time::Duration;
 use common::pg::{chown_postgres, PgCluster, PgOptions};
 use common::setup::{parse_lsn, setup, Setup};
 use common::walsafe::{wait_until, walsafe, Agent, Settings};
+use walsafe::pg::ClusterIdentity;
 use walsafe::repository::Compression;
-use walsafe::repository::{ClusterIdentity, Key, Repository, Store};
+use walsafe::repository::{Key, Repository, Store};
 
 impl Setup {
     /// Rewrites the config after changing the settings.
@@ -24,11 +25,11 @@ impl Setup {
     }
 
     fn identity(&self) -> ClusterIdentity {
-        ClusterIdentity {
-            system_identifier: self.pg.system_identifier(),
-            pg_version_num: self.pg.psql("SHOW server_version_num").parse().unwrap(),
-            segment_size: self.pg.segment_size(),
-        }
+        ClusterIdentity::new(
+            self.pg.system_identifier(),
+            self.pg.psql("SHOW server_version_num").parse().unwrap(),
+            self.pg.segment_size(),
+        )
     }
 
     /// Pins the (file://) repository with the library, as another agent

@@ -109,17 +109,24 @@ async fn trust_over_unix_socket_identify_system_and_settings() {
     );
     assert_eq!(conn.auth_method(), AuthMethod::Trust);
     let id = conn.identify_system().await.unwrap();
-    assert_eq!(id.systemid, pg.system_identifier());
+    assert_eq!(id.identity.system_identifier, pg.system_identifier());
     assert_eq!(id.timeline, TimelineId(1));
     assert!(id.xlogpos > Lsn(0));
-    assert_eq!(id.dbname, None);
+    assert_eq!(id.identity.segment_size, MB);
     assert_eq!(conn.show("wal_segment_size").await.unwrap(), "1MB");
     assert_eq!(conn.segment_size().await.unwrap(), MB);
     let e = conn.show("no_such_setting").await.unwrap_err();
     assert!(e.to_string().contains("no_such_setting"), "{e}");
     assert_eq!(e.sqlstate(), Some("42704"));
     // The connection is still usable after an error.
-    assert_eq!(conn.identify_system().await.unwrap().systemid, id.systemid);
+    assert_eq!(
+        conn.identify_system()
+            .await
+            .unwrap()
+            .identity
+            .system_identifier,
+        id.identity.system_identifier
+    );
 
     // The walsender is visible with our application_name.
     let pid = conn.backend_pid().unwrap();
@@ -137,7 +144,14 @@ async fn trust_over_unix_socket_identify_system_and_settings() {
         pg.port()
     );
     let mut c2 = connect(&multi).await;
-    assert_eq!(c2.identify_system().await.unwrap().systemid, id.systemid);
+    assert_eq!(
+        c2.identify_system()
+            .await
+            .unwrap()
+            .identity
+            .system_identifier,
+        id.identity.system_identifier
+    );
 
     // Nothing listening: a retryable connect error naming the socket.
     let e = connect_err("host=/nonexistent/dir port=5999 user=postgres").await;
@@ -169,7 +183,11 @@ async fn password_methods_over_tcp_and_failures() {
     let mut c = connect(&pg.tcp_conninfo("scram_user", Some("scr4m-s3cret"))).await;
     assert_eq!(c.auth_method(), AuthMethod::ScramSha256);
     assert_eq!(
-        c.identify_system().await.unwrap().systemid,
+        c.identify_system()
+            .await
+            .unwrap()
+            .identity
+            .system_identifier,
         pg.system_identifier()
     );
 
@@ -323,7 +341,11 @@ async fn password_file_and_environment() {
     std::env::set_var("PGUSER", "postgres");
     let mut c = connect("").await;
     assert_eq!(
-        c.identify_system().await.unwrap().systemid,
+        c.identify_system()
+            .await
+            .unwrap()
+            .identity
+            .system_identifier,
         pg.system_identifier()
     );
     // Like libpq, sslmode is ignored over a Unix socket: no TLS, no error.

@@ -14,11 +14,12 @@ use bytes::Bytes;
 use common::s3::{S3Server, SECRET_ACCESS_KEY};
 use object_store::ObjectStore;
 use walsafe::durable::Fsync;
+use walsafe::pg::ClusterIdentity;
 use walsafe::repository::envelope::EnvelopeError;
 use walsafe::repository::key::{write_key_file, Key};
 use walsafe::repository::store::{PutResult, Store, StoreError};
-use walsafe::repository::{ClusterIdentity, ErrorClass, PutOutcome, Repository, RepositoryError};
 use walsafe::repository::{Compression, ObjectName, RepositoryConfig, SegmentFile};
+use walsafe::repository::{ErrorClass, PutOutcome, Repository, RepositoryError};
 
 const SEG: &str = "000000010000000000000003";
 const SEG2: &str = "000000010000000000000004";
@@ -290,11 +291,7 @@ async fn descriptor_pins_the_repository_on_both_backends() {
     for b in Backend::both() {
         let (kf, key) = b.key_file("pin");
         let (other_kf, _) = b.key_file("other");
-        let me = ClusterIdentity {
-            system_identifier: 7_301_234_567_890_123_456,
-            pg_version_num: 150007,
-            segment_size: 16 << 20,
-        };
+        let me = ClusterIdentity::new(7_301_234_567_890_123_456, 150007, 16 << 20);
         let r = Repository::open(&b.config(Some(kf.clone()), 3)).unwrap();
         assert_eq!(r.descriptor().await.unwrap(), None);
         let d = r.pin(&me).await.unwrap();

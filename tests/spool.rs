@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use walsafe::pg::page::{
-    pg_major_of_magic, read_long_header, validate_segment, ClusterIdentity, PageError,
-    PageValidator, XLP_LONG_HEADER,
+    pg_major_of_magic, read_long_header, validate_segment, PageError, PageValidator,
+    XLP_LONG_HEADER,
 };
+use walsafe::pg::ClusterIdentity;
 use walsafe::pg::{Lsn, SegmentName, TimelineId, WAL_BLOCK_SIZE};
 use walsafe::spool::Spool;
 
@@ -120,7 +121,7 @@ fn seg1_name() -> SegmentName {
 }
 
 fn identity(f: &Fixture) -> ClusterIdentity {
-    ClusterIdentity::new(f.sysid, SEG)
+    ClusterIdentity::new(f.sysid, 150000, SEG)
 }
 
 /// Feeds `bytes` (WAL from `start`) to a fresh validator in random pieces
@@ -285,7 +286,7 @@ fn wrong_segment_size_is_refused() {
     let e = validate_segment(&identity(f), seg1_name(), &f.seg1[..f.seg1.len() - BS]).unwrap_err();
     assert!(matches!(e, PageError::WrongFileSize { .. }), "{e}");
     // A repository pinned to 64 MiB segments refuses this cluster's WAL.
-    let big = ClusterIdentity::new(f.sysid, 64 * 1024 * 1024);
+    let big = ClusterIdentity::new(f.sysid, 150000, 64 * 1024 * 1024);
     let mut v = PageValidator::new(big, TimelineId(1));
     assert!(matches!(
         v.feed(Lsn(64 * 1024 * 1024), &f.seg1[..BS]),

@@ -159,7 +159,7 @@ async fn both_encrypted(pg: &PgCluster, conninfo: &str) -> (bool, bool) {
         .await
         .unwrap_or_else(|e| panic!("replication connection with {conninfo}: {e}"));
     let id = c.identify_system().await.unwrap();
-    assert_eq!(id.systemid, pg.system_identifier());
+    assert_eq!(id.identity.system_identifier, pg.system_identifier());
     let pid = c.backend_pid().unwrap();
     assert_eq!(c.is_encrypted(), server_says_ssl(pg, pid), "{conninfo}");
     let repl_tls = c.is_encrypted();

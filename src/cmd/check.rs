@@ -63,11 +63,11 @@ use crate::pg::conninfo::ConnParams;
 use crate::pg::error::PgError;
 use crate::pg::replication::{parse_size_setting, AuthMethod, ReplicationConnection};
 use crate::pg::sql::{connect_sql, current_wal_lsn, slot_state, switch_wal};
-use crate::pg::{Lsn, SegmentName, TimelineId};
+use crate::pg::{ClusterIdentity, Lsn, SegmentName, Server, TimelineId};
 use crate::report::human_bytes;
 use crate::repository::{
-    key, ClusterIdentity, Descriptor, Key, ObjectName, PutResult, Repository, RepositoryError,
-    SegmentFile, Store, StoreError,
+    key, Descriptor, Key, ObjectName, PutResult, Repository, RepositoryError, SegmentFile, Store,
+    StoreError,
 };
 
 /// How long `--switch-wal` waits for the switched segment to be stored.
@@ -191,13 +191,6 @@ impl Run<'_> {
         (self.sink)(&item);
         self.report.items.push(item);
     }
-}
-
-/// What is known about the cluster after connecting.
-#[derive(Debug, Clone, Copy)]
-struct Identity {
-    cluster: ClusterIdentity,
-    timeline: TimelineId,
 }
 
 /// The fix for a connection error, in one line.
@@ -601,12 +594,12 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
                 identity_err.as_deref().unwrap_or("no connection")
             ),
         )),
-        (Some(d), Some(id)) => run.push(check_pin(d.as_ref(), &id.cluster)),
+        (Some(d), Some(id)) => run.push(check_pin(d.as_ref(), &id.identity)),
     }
 
     // ---- spool ----
     let segment_size = identity
-        .map(|i| i.cluster.segment_size)
+        .map(|i| i.identity.segment_size)
         .or_else(|| {
             descriptor
                 .as_ref()
@@ -633,43 +626,36 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
     run.report
 }
 
-async fn identify_repl(c: &mut ReplicationConnection) -> Result<Identity, PgError> {
-    let id = c.identify_system().await?;
-    let segment_size = c.segment_size().await?;
-    Ok(Identity {
-        cluster: ClusterIdentity {
-            system_identifier: id.systemid,
-            pg_version_num: c.server_version_num(),
-            segment_size,
-        },
-        timeline: id.timeline,
-    })
+async fn identify_repl(c: &mut ReplicationConnection) -> Result<Server, PgError> {
+    c.identify_system().await
 }
 
-async fn identify_sql(c: &Client) -> Result<Identity, String> {
+async fn identify_sql(c: &Client) -> Result<Server, String> {
     let row = c
         .query_one(
             "SELECT (SELECT system_identifier FROM pg_control_system())::text, \
                     (SELECT timeline_id FROM pg_control_checkpoint())::text, \
-                    current_setting('wal_segment_size'), current_setting('server_version_num')",
+                    current_setting('wal_segment_size'), current_setting('server_version_num'), \
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                          ELSE pg_current_wal_lsn() END)::text",
             &[],
         )
         .await
         .map_err(|e| format!("reading pg_control_system() over SQL: {e}"))?;
     let text = |i: usize| row.get::<_, Option<String>>(i).unwrap_or_default();
     let bad = |what: &str, v: String| format!("pg_control_system() gave a bad {what}: {v:?}");
-    Ok(Identity {
-        cluster: ClusterIdentity {
-            system_identifier: text(0)
+    Ok(Server {
+        identity: ClusterIdentity::new(
+            text(0)
                 .parse()
                 .map_err(|_| bad("system identifier", text(0)))?,
-            pg_version_num: text(3)
+            text(3)
                 .parse()
                 .map_err(|_| bad("server_version_num", text(3)))?,
-            segment_size: parse_size_setting(&text(2))
-                .ok_or_else(|| bad("wal_segment_size", text(2)))?,
-        },
+            parse_size_setting(&text(2)).ok_or_else(|| bad("wal_segment_size", text(2)))?,
+        ),
         timeline: TimelineId(text(1).parse().map_err(|_| bad("timeline", text(1)))?),
+        xlogpos: text(4).parse().unwrap_or(Lsn::INVALID),
     })
 }
 
@@ -1231,9 +1217,9 @@ fn check_spool(dir: &Path, segment_size: u64, agent: Option<AgentSeen>) -> Vec<I
 }
 
 /// `--switch-wal`: switch, then wait for the closed segment in the repository.
-async fn check_switch(c: &Client, id: &Identity, repo: &Repository, agent_live: bool) -> Item {
+async fn check_switch(c: &Client, id: &Server, repo: &Repository, agent_live: bool) -> Item {
     const S: &str = "switched segment";
-    let seg = id.cluster.segment_size;
+    let seg = id.identity.segment_size;
     let lsn = match switch_wal(c).await {
         Ok(l) => l,
         Err(e) => {
@@ -1309,11 +1295,7 @@ mod tests {
     use super::*;
 
     fn ident(sysid: u64) -> ClusterIdentity {
-        ClusterIdentity {
-            system_identifier: sysid,
-            pg_version_num: 150004,
-            segment_size: 16 << 20,
-        }
+        ClusterIdentity::new(sysid, 150004, 16 << 20)
     }
 
     #[test]

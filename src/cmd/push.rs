@@ -19,10 +19,10 @@ use bytes::Bytes;
 use tracing::info;
 
 use crate::config::Config;
-use crate::pg::page::{pg_major_of_magic, read_long_header, validate_segment, ClusterIdentity};
+use crate::pg::page::{pg_major_of_magic, read_long_header, validate_segment};
 use crate::pg::walfile::{classify, NameKind};
-use crate::pg::{SegmentName, WAL_BLOCK_SIZE};
-use crate::repository::{ClusterIdentity as RepoIdentity, PutOutcome, Repository};
+use crate::pg::{ClusterIdentity, SegmentName};
+use crate::repository::{PutOutcome, Repository};
 
 /// Is `name` a backup history file (`000000010000000000000002.00000028.backup`)?
 fn is_backup_history(name: &str) -> bool {
@@ -59,17 +59,13 @@ pub async fn wal_push(cfg: &Config, path: &Path) -> anyhow::Result<()> {
             )
         })?;
         let descriptor = repo
-            .pin(&RepoIdentity {
-                system_identifier: header.system_identifier,
-                pg_version_num: major * 10000,
-                segment_size: u64::from(header.segment_size),
-            })
+            .pin(&ClusterIdentity::new(
+                header.system_identifier,
+                major * 10000,
+                u64::from(header.segment_size),
+            ))
             .await?;
-        let ident = ClusterIdentity {
-            system_identifier: descriptor.system_identifier,
-            segment_size: descriptor.segment_size,
-            block_size: WAL_BLOCK_SIZE,
-        };
+        let ident = descriptor.identity();
         let seg = SegmentName::parse(&name[..24], descriptor.segment_size)
             .ok_or_else(|| anyhow!("{name} is not a valid segment name"))?;
         validate_segment(&ident, seg, &data)

@@ -2,6 +2,7 @@
 //! [`walfile`]), WAL page headers ([`page`]), the replication protocol
 //! client ([`replication`]) and the ordinary SQL connection ([`sql`]).
 
+pub mod cluster;
 pub mod conninfo;
 pub mod error;
 pub mod lsn;
@@ -12,6 +13,7 @@ pub mod tls;
 pub mod transport;
 pub mod walfile;
 
+pub use cluster::{ClusterIdentity, Server};
 pub use lsn::{Lsn, TimelineId};
 pub use walfile::{SegmentName, WalFileName};
 

@@ -83,6 +83,7 @@
 
 use std::fmt;
 
+use super::cluster::ClusterIdentity;
 use super::lsn::{Lsn, TimelineId};
 use super::walfile::{is_valid_segment_size, SegmentName};
 
@@ -130,39 +131,17 @@ fn supported_versions() -> String {
     format!("PostgreSQL {first} to {last}")
 }
 
-/// What a repository is pinned to: the one cluster whose WAL it accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ClusterIdentity {
-    /// The database system identifier (`IDENTIFY_SYSTEM`, `pg_controldata`).
-    pub system_identifier: u64,
-    /// `wal_segment_size` in bytes.
-    pub segment_size: u64,
-    /// `wal_block_size` (`XLOG_BLCKSZ`) in bytes, 8192 unless PostgreSQL was
-    /// built otherwise.
-    pub block_size: u64,
-}
-
-impl ClusterIdentity {
-    /// An identity with PostgreSQL's default WAL block size.
-    pub fn new(system_identifier: u64, segment_size: u64) -> Self {
-        ClusterIdentity {
-            system_identifier,
-            segment_size,
-            block_size: super::WAL_BLOCK_SIZE,
-        }
-    }
-
-    fn check_geometry(&self) -> Result<(), PageError> {
-        let bs = self.block_size;
-        let ok_block = bs.is_power_of_two() && (1024..=65536).contains(&bs);
-        if ok_block && is_valid_segment_size(self.segment_size) && self.segment_size % bs == 0 {
-            Ok(())
-        } else {
-            Err(PageError::UnsupportedGeometry {
-                segment_size: self.segment_size,
-                block_size: self.block_size,
-            })
-        }
+/// Whether PostgreSQL supports `id`'s segment and block sizes.
+fn check_geometry(id: &ClusterIdentity) -> Result<(), PageError> {
+    let bs = id.block_size;
+    let ok_block = bs.is_power_of_two() && (1024..=65536).contains(&bs);
+    if ok_block && is_valid_segment_size(id.segment_size) && id.segment_size % bs == 0 {
+        Ok(())
+    } else {
+        Err(PageError::UnsupportedGeometry {
+            segment_size: id.segment_size,
+            block_size: id.block_size,
+        })
     }
 }
 
@@ -615,7 +594,7 @@ impl PageValidator {
     /// anywhere). On error the validator's state is unspecified: the
     /// stream must be abandoned.
     pub fn feed(&mut self, start: Lsn, data: &[u8]) -> Result<(), PageError> {
-        self.checker.identity.check_geometry()?;
+        check_geometry(&self.checker.identity)?;
         match self.next {
             Some(expected) if expected != start => {
                 return Err(PageError::NotContiguous {
@@ -716,7 +695,7 @@ pub fn validate_segment(
     segment: SegmentName,
     bytes: &[u8],
 ) -> Result<(), PageError> {
-    identity.check_geometry()?;
+    check_geometry(identity)?;
     let seg_size = identity.segment_size;
     if bytes.len() as u64 != seg_size {
         return Err(PageError::WrongFileSize {
@@ -755,7 +734,7 @@ mod tests {
     const BS: u64 = 8192;
 
     fn identity() -> ClusterIdentity {
-        ClusterIdentity::new(SYSID, SEG)
+        ClusterIdentity::new(SYSID, 150000, SEG)
     }
 
     /// Synthetic WAL: `pages` pages from `start`, headers as PostgreSQL 15
@@ -834,7 +813,7 @@ mod tests {
     fn wrong_system_names_both_identifiers() {
         let start = Lsn(3 * SEG);
         let data = wal(start, 2, 1);
-        let other = ClusterIdentity::new(7_398_765_432_109_876_543, SEG);
+        let other = ClusterIdentity::new(7_398_765_432_109_876_543, 150000, SEG);
         let mut v = PageValidator::new(other, TimelineId(1));
         let e = v.feed(start, &data).unwrap_err();
         assert!(e.is_stranger());
@@ -1045,11 +1024,7 @@ mod tests {
 
     #[test]
     fn bad_geometry_is_refused() {
-        let id = ClusterIdentity {
-            system_identifier: 1,
-            segment_size: 3 << 20,
-            block_size: 8192,
-        };
+        let id = ClusterIdentity::new(1, 150000, 3 << 20);
         let mut v = PageValidator::new(id, TimelineId(1));
         assert!(matches!(
             v.feed(Lsn(0), &[0u8; 10]),

@@ -69,6 +69,7 @@ pub use crate::pg::conninfo::{ConnParams, Host, Password, SslMode, Target};
 use crate::pg::error::{classify, server_error, ErrorContext, PgError};
 use crate::pg::lsn::{Lsn, TimelineId};
 use crate::pg::transport::{self, Attempt, Failed};
+use crate::pg::{ClusterIdentity, Server};
 
 /// How long connecting plus authenticating may take when the conninfo sets
 /// no `connect_timeout`: a server that accepts TCP but never answers must
@@ -90,19 +91,6 @@ pub enum AuthMethod {
     /// SCRAM-SHA-256 (with channel binding when
     /// [`ReplicationConnection::channel_binding`] says so).
     ScramSha256,
-}
-
-/// IDENTIFY_SYSTEM's answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IdentifySystem {
-    /// The cluster's unique system identifier (pg_controldata's).
-    pub systemid: u64,
-    /// The server's current timeline.
-    pub timeline: TimelineId,
-    /// The current WAL flush position (on a standby: replay position).
-    pub xlogpos: Lsn,
-    /// Database of a logical replication connection; `None` for physical.
-    pub dbname: Option<String>,
 }
 
 /// READ_REPLICATION_SLOT's answer for an existing physical slot.
@@ -420,29 +408,34 @@ impl ReplicationConnection {
             .collect())
     }
 
-    /// IDENTIFY_SYSTEM: system identifier, timeline, WAL position.
-    pub async fn identify_system(&mut self) -> Result<IdentifySystem, PgError> {
+    /// IDENTIFY_SYSTEM (system identifier, timeline, WAL position) and the
+    /// settings that complete the cluster's identity (segment size,
+    /// version).
+    pub async fn identify_system(&mut self) -> Result<Server, PgError> {
         let ctx = self.ctx("IDENTIFY_SYSTEM");
         let row = self.single_row("IDENTIFY_SYSTEM", &ctx).await?;
-        let field = |i: usize| row.get(i).cloned().flatten();
-        let bad = |what: &str, v: Option<String>| {
-            self.wire
-                .protocol("IDENTIFY_SYSTEM", format!("bad {what}: {v:?}"))
+        let (systemid, timeline, xlogpos) = {
+            let field = |i: usize| row.get(i).cloned().flatten();
+            let bad = |what: &str, v: Option<String>| {
+                self.wire
+                    .protocol("IDENTIFY_SYSTEM", format!("bad {what}: {v:?}"))
+            };
+            let systemid = field(0)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| bad("systemid", field(0)))?;
+            let timeline = field(1)
+                .and_then(|v| v.parse::<u32>().ok())
+                .ok_or_else(|| bad("timeline", field(1)))?;
+            let xlogpos = field(2)
+                .and_then(|v| v.parse::<Lsn>().ok())
+                .ok_or_else(|| bad("xlogpos", field(2)))?;
+            (systemid, timeline, xlogpos)
         };
-        let systemid = field(0)
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| bad("systemid", field(0)))?;
-        let timeline = field(1)
-            .and_then(|v| v.parse::<u32>().ok())
-            .ok_or_else(|| bad("timeline", field(1)))?;
-        let xlogpos = field(2)
-            .and_then(|v| v.parse::<Lsn>().ok())
-            .ok_or_else(|| bad("xlogpos", field(2)))?;
-        Ok(IdentifySystem {
-            systemid,
+        let segment_size = self.segment_size().await?;
+        Ok(Server {
+            identity: ClusterIdentity::new(systemid, self.server_version_num(), segment_size),
             timeline: TimelineId(timeline),
             xlogpos,
-            dbname: field(3),
         })
     }
 

@@ -36,20 +36,10 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::key::Key;
+use crate::pg::ClusterIdentity;
 
 /// The descriptor format this code writes and reads.
 pub const DESCRIPTOR_FORMAT: u32 = 1;
-
-/// The identity of the cluster a repository belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClusterIdentity {
-    /// `pg_control`'s database system identifier (IDENTIFY_SYSTEM's `systemid`).
-    pub system_identifier: u64,
-    /// `server_version_num`, e.g. 150007.
-    pub pg_version_num: u32,
-    /// `wal_segment_size` in bytes.
-    pub segment_size: u64,
-}
 
 /// The content of `walsafe.repo`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,11 +123,11 @@ impl Descriptor {
 
     /// The cluster identity recorded.
     pub fn identity(&self) -> ClusterIdentity {
-        ClusterIdentity {
-            system_identifier: self.system_identifier,
-            pg_version_num: self.pg_version_num,
-            segment_size: self.segment_size,
-        }
+        ClusterIdentity::new(
+            self.system_identifier,
+            self.pg_version_num,
+            self.segment_size,
+        )
     }
 
     fn compute_mac(&self, key: &Key) -> String {
@@ -202,11 +192,7 @@ mod tests {
     use super::*;
 
     fn ident() -> ClusterIdentity {
-        ClusterIdentity {
-            system_identifier: 7_301_234_567_890_123_456,
-            pg_version_num: 150007,
-            segment_size: 16 << 20,
-        }
+        ClusterIdentity::new(7_301_234_567_890_123_456, 150007, 16 << 20)
     }
 
     #[test]

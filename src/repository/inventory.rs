@@ -61,13 +61,9 @@ mod tests {
         let url = format!("file://{}", d.path().display());
         let store = Store::open(&url, &Default::default(), 1).unwrap();
         let repo = Repository::from_parts(store, None, crate::repository::Compression::Zstd, 1);
-        repo.pin(&ClusterIdentity {
-            system_identifier: 42,
-            pg_version_num: 150000,
-            segment_size: SEG,
-        })
-        .await
-        .unwrap();
+        repo.pin(&ClusterIdentity::new(42, 150000, SEG))
+            .await
+            .unwrap();
         for (n, body) in names {
             repo.put_wal(n, bytes::Bytes::copy_from_slice(body))
                 .await

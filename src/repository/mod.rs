@@ -46,7 +46,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-pub use descriptor::{ClusterIdentity, Descriptor, DescriptorError};
+pub use descriptor::{Descriptor, DescriptorError};
 pub use envelope::{Compression, EnvelopeError};
 pub use key::{Key, KeyError};
 pub use object::{Lane, LayoutError, ObjectName, SegmentFile};
@@ -54,6 +54,7 @@ pub use store::{PutResult, Store, StoreError};
 
 use crate::durable::Fsync;
 use crate::gap::Gap;
+use crate::pg::ClusterIdentity;
 
 /// A repository as configured (`[repository]`).
 #[derive(Debug, Clone)]
@@ -886,11 +887,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let k = Key::generate();
         let r = repo(d.path(), Some(k.clone()));
-        let me = ClusterIdentity {
-            system_identifier: 111,
-            pg_version_num: 150004,
-            segment_size: 16 << 20,
-        };
+        let me = ClusterIdentity::new(111, 150004, 16 << 20);
         let desc = r.pin(&me).await.unwrap();
         assert_eq!(desc.system_identifier, 111);
         // Idempotent; a minor version upgrade is fine.
@@ -955,11 +952,7 @@ mod tests {
     #[tokio::test]
     async fn key_for_unencrypted_repository_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        let me = ClusterIdentity {
-            system_identifier: 1,
-            pg_version_num: 150000,
-            segment_size: 16 << 20,
-        };
+        let me = ClusterIdentity::new(1, 150000, 16 << 20);
         repo(d.path(), None).pin(&me).await.unwrap();
         let e = repo(d.path(), Some(Key::generate()))
             .pin(&me)
