@@ -536,35 +536,8 @@ fn home_dir(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
 
 /// Name and home directory of the effective user, from the passwd database.
 fn passwd_entry() -> Option<(String, PathBuf)> {
-    let mut buf = vec![0u8; 4096];
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both valid for the
-    // lengths given; on success `result` points at `pwd`, whose string
-    // pointers point into `buf`, which outlives their use below.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            libc::geteuid(),
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    // SAFETY: non-null, NUL-terminated strings inside `buf` (see above).
-    let (name, dir) = unsafe {
-        (
-            std::ffi::CStr::from_ptr(pwd.pw_name),
-            std::ffi::CStr::from_ptr(pwd.pw_dir),
-        )
-    };
-    Some((
-        name.to_string_lossy().into_owned(),
-        PathBuf::from(dir.to_string_lossy().into_owned()),
-    ))
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok()??;
+    Some((user.name, user.dir))
 }
 
 /// libpq's password-file lookup: the password of the first line whose four
