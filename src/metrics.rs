@@ -263,21 +263,26 @@ pub struct Scraped {
     pub last_archived_ms: Option<u64>,
 }
 
-/// Scrapes `http://addr/metrics` (HTTP/1.0, no keep-alive).
+/// Scrapes `http://addr/metrics`, an agent's own endpoint on this machine:
+/// straight to it, never through a proxy from the environment.
 pub async fn scrape(addr: SocketAddr) -> anyhow::Result<Scraped> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = if addr.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
     } else {
         addr
     };
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .context("cannot set up an HTTP client to scrape the metrics endpoint")?;
     let body = tokio::time::timeout(SCRAPE_TIMEOUT, async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await?;
-        Ok::<_, std::io::Error>(text)
+        client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await
     })
     .await
     .with_context(|| format!("metrics endpoint {addr} did not answer"))?
@@ -338,5 +343,46 @@ mod tests {
         assert_eq!(s.lag_bytes, 4080);
         assert_eq!(s.last_archived_ms, Some(1763718000500));
         assert!(parse_exposition("something_else 1\n").is_err());
+    }
+
+    /// A one-shot endpoint on loopback that answers `response` (or nothing).
+    async fn endpoint(response: Option<&'static str>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = s.read(&mut request).await;
+            match response {
+                Some(r) => s.write_all(r.as_bytes()).await.unwrap(),
+                None => tokio::time::sleep(SCRAPE_TIMEOUT * 2).await,
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn scrape_reads_the_endpoint_and_explains_failures() {
+        let addr = endpoint(Some(
+            "HTTP/1.1 200 OK\r\nContent-Length: 28\r\nConnection: close\r\n\r\n\
+             walsafe_flushed_lsn_bytes 7\n",
+        ))
+        .await;
+        assert_eq!(scrape(addr).await.unwrap().flushed, Lsn(7));
+
+        let addr = endpoint(Some(
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ))
+        .await;
+        let e = format!("{:#}", scrape(addr).await.unwrap_err());
+        assert!(
+            e.contains("cannot scrape the metrics endpoint") && e.contains("404"),
+            "{e}"
+        );
+
+        let addr = endpoint(None).await;
+        let e = format!("{:#}", scrape(addr).await.unwrap_err());
+        assert!(e.contains("did not answer"), "{e}");
     }
 }

@@ -88,10 +88,7 @@ impl AgentState {
 
     /// Is the process that wrote it still alive (and the state fresh)?
     pub fn is_live(&self) -> bool {
-        // SAFETY: kill with signal 0 only checks for the process's existence.
-        let alive = unsafe { libc::kill(self.pid as i32, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        alive && self.age_seconds() < 10.0
+        process_alive(self.pid) && self.age_seconds() < 10.0
     }
 
     /// The archived position, parsed.
@@ -117,9 +114,36 @@ pub fn read(spool_dir: &Path) -> Option<AgentState> {
     serde_json::from_slice(&text).ok()
 }
 
+/// Does process `pid` exist? `kill(pid, 0)` asks without signalling; EPERM
+/// means it exists but belongs to another user, so it counts as alive. Pid 0
+/// and pids beyond `i32::MAX` name process groups, not a process: never alive.
+pub fn process_alive(pid: u32) -> bool {
+    use nix::errno::Errno;
+    match i32::try_from(pid) {
+        Ok(pid) if pid > 0 => matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Ok(()) | Err(Errno::EPERM)
+        ),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_liveness() {
+        assert!(process_alive(std::process::id()));
+        // pid 1 always exists; EPERM for an unprivileged caller still counts.
+        assert!(process_alive(1));
+        assert!(!process_alive(0));
+        assert!(!process_alive(u32::MAX));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
 
     #[test]
     fn state_round_trips() {

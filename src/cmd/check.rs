@@ -241,18 +241,10 @@ fn repository_error_fix(e: &RepositoryError) -> String {
 
 /// Name of the user this process runs as (for "not writable by user X").
 fn user_name() -> String {
-    // SAFETY: geteuid has no preconditions; getpwuid returns NULL or a
-    // pointer to a static record, read at once (the CLI is single-threaded
-    // here: nothing else calls getpwuid).
-    unsafe {
-        let uid = libc::geteuid();
-        let pw = libc::getpwuid(uid);
-        if pw.is_null() || (*pw).pw_name.is_null() {
-            return format!("uid {uid}");
-        }
-        std::ffi::CStr::from_ptr((*pw).pw_name)
-            .to_string_lossy()
-            .into_owned()
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        _ => format!("uid {uid}"),
     }
 }
 
@@ -297,13 +289,6 @@ async fn agent_seen(cfg: &Config) -> Option<AgentSeen> {
         Some(addr) if crate::metrics::scrape(addr).await.is_ok() => Some(AgentSeen::Metrics),
         _ => None,
     }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks for the process's existence.
-    pid != 0
-        && (unsafe { libc::kill(pid as i32, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// Runs every check; each item goes to `sink` as soon as it is decided.
@@ -1055,15 +1040,8 @@ fn existing_ancestor(p: &Path) -> Option<PathBuf> {
 
 /// Free bytes for an unprivileged user on the filesystem of `p`.
 fn free_bytes(p: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid NUL-terminated path, s a valid out pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+    let s = nix::sys::statvfs::statvfs(p)?;
+    Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
 /// Creates, fsyncs and removes a probe file in `dir`.
@@ -1098,7 +1076,7 @@ fn check_spool(dir: &Path, segment_size: u64, agent: Option<AgentSeen>) -> Vec<I
             let lock_pid = lock.as_deref().and_then(|t| t.trim().parse::<u32>().ok());
             let owner = match (agent, lock_pid) {
                 (Some(a), _) => format!("; in use by the running agent ({})", a.describe()),
-                (None, Some(pid)) if pid_alive(pid) => {
+                (None, Some(pid)) if crate::state::process_alive(pid) => {
                     format!("; its lock names pid {pid}, which is alive but publishes no state")
                 }
                 (None, Some(pid)) => format!("; last used by pid {pid}, which is not running"),

@@ -38,24 +38,13 @@ struct User {
 }
 
 fn lookup_user(name: &str) -> Option<User> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam returns a pointer into static storage or null; we
-    // copy what we need before any other call could overwrite it.
-    unsafe {
-        let pw = libc::getpwnam(cname.as_ptr());
-        if pw.is_null() {
-            return None;
-        }
-        let home = std::ffi::CStr::from_ptr((*pw).pw_dir)
-            .to_string_lossy()
-            .into_owned();
-        Some(User {
-            name: name.to_string(),
-            uid: (*pw).pw_uid,
-            gid: (*pw).pw_gid,
-            home: PathBuf::from(home),
-        })
-    }
+    let pw = nix::unistd::User::from_name(name).ok()??;
+    Some(User {
+        name: pw.name,
+        uid: pw.uid.as_raw(),
+        gid: pw.gid.as_raw(),
+        home: pw.dir,
+    })
 }
 
 struct Env {
@@ -69,8 +58,7 @@ impl Env {
         let bindir = pg_bindir().context(
             "PostgreSQL's server binaries were not found (pg_config --bindir, /usr/lib/postgresql/*/bin); install them, e.g. `apt-get install postgresql`",
         )?;
-        // SAFETY: geteuid has no preconditions.
-        let as_user = if unsafe { libc::geteuid() } == 0 {
+        let as_user = if nix::unistd::geteuid().is_root() {
             Some(lookup_user("postgres").context(
                 "running as root, but there is no `postgres` user to run PostgreSQL as; run the demo as an ordinary user, or install PostgreSQL from your distribution (it creates the user)",
             )?)

@@ -262,13 +262,6 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
     })
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks for the process's existence.
-    pid != 0
-        && (unsafe { libc::kill(pid as i32, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
-}
-
 /// Decides whether the agent runs, and says why in one line.
 fn agent_status(
     spool_dir: &Path,
@@ -295,7 +288,7 @@ fn agent_status(
             "state file {:.0} s old, pid {} {}",
             s.age_seconds(),
             s.pid,
-            if pid_alive(s.pid) {
+            if crate::state::process_alive(s.pid) {
                 "alive but not updating it (hung, or not walsafe any more?)"
             } else {
                 "gone"

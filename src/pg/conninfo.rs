@@ -536,35 +536,8 @@ fn home_dir(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
 
 /// Name and home directory of the effective user, from the passwd database.
 fn passwd_entry() -> Option<(String, PathBuf)> {
-    let mut buf = vec![0u8; 4096];
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both valid for the
-    // lengths given; on success `result` points at `pwd`, whose string
-    // pointers point into `buf`, which outlives their use below.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            libc::geteuid(),
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    // SAFETY: non-null, NUL-terminated strings inside `buf` (see above).
-    let (name, dir) = unsafe {
-        (
-            std::ffi::CStr::from_ptr(pwd.pw_name),
-            std::ffi::CStr::from_ptr(pwd.pw_dir),
-        )
-    };
-    Some((
-        name.to_string_lossy().into_owned(),
-        PathBuf::from(dir.to_string_lossy().into_owned()),
-    ))
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok()??;
+    Some((user.name, user.dir))
 }
 
 /// libpq's password-file lookup: the password of the first line whose four
@@ -771,34 +744,33 @@ fn tokenize_kv(s: &str) -> Result<Vec<(String, String)>, ConninfoError> {
     }
 }
 
+/// Decodes a percent-encoded URL parameter as libpq does: every `%` must
+/// begin two hex digits, `%00` is refused, and the result must be UTF-8.
 fn percent_decode(s: &str) -> Result<String, ConninfoError> {
+    // percent_decode_str passes a malformed escape through as text, where
+    // libpq refuses the whole conninfo: check the escapes first.
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            match hex {
-                Some(b) => {
-                    out.push(b);
-                    i += 3;
-                    continue;
-                }
-                None => {
-                    return Err(ConninfoError::Syntax {
-                        reason: format!("invalid percent-encoding in URL parameter \"{s}\""),
-                    })
-                }
+    for (i, _) in s.match_indices('%') {
+        match bytes.get(i + 1..i + 3) {
+            Some(b"00") => {
+                return Err(ConninfoError::Syntax {
+                    reason: format!("forbidden value %00 in URL parameter \"{s}\""),
+                })
+            }
+            Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => {}
+            _ => {
+                return Err(ConninfoError::Syntax {
+                    reason: format!("invalid percent-encoding in URL parameter \"{s}\""),
+                })
             }
         }
-        out.push(bytes[i]);
-        i += 1;
     }
-    String::from_utf8(out).map_err(|_| ConninfoError::Syntax {
-        reason: format!("URL parameter \"{s}\" is not valid UTF-8"),
-    })
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| ConninfoError::Syntax {
+            reason: format!("URL parameter \"{s}\" is not valid UTF-8"),
+        })
 }
 
 #[cfg(test)]
@@ -881,6 +853,24 @@ mod tests {
         assert_eq!(p.sslmode, SslMode::VerifyFull);
         let dbg = format!("{p:?}");
         assert!(dbg.contains("sslrootcert: Some(System)"), "{dbg}");
+    }
+
+    #[test]
+    fn url_parameters_are_percent_decoded_as_libpq_does() {
+        assert_eq!(percent_decode("%2Fa%20b%2fc+d").unwrap(), "/a b/c+d");
+        assert_eq!(percent_decode("caf%C3%A9").unwrap(), "café");
+        for bad in ["%", "%2", "a%zz", "%+1", "%%41"] {
+            let e = percent_decode(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid percent-encoding"), "{bad}: {e}");
+        }
+        let e = percent_decode("a%00b").unwrap_err().to_string();
+        assert!(e.contains("forbidden value %00"), "{e}");
+        let e = percent_decode("%C3%28").unwrap_err().to_string();
+        assert!(e.contains("not valid UTF-8"), "{e}");
+        let e = ConnParams::parse_with_env("postgresql://h/db?sslrootcert=%2", &env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid percent-encoding"), "{e}");
     }
 
     #[test]

@@ -530,67 +530,45 @@ impl ServerCertVerifier for PgVerifier {
 
 /// RFC 5929 `tls-server-end-point`: the certificate hashed with its
 /// signature algorithm's hash (SHA-256 for MD5 and SHA-1); `None` when the
-/// algorithm has no single hash (Ed25519, RSA-PSS) or the DER is odd.
+/// algorithm has no single hash (Ed25519, RSA-PSS) or the certificate does
+/// not parse.
 pub fn tls_server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
-    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE, signatureAlgorithm
-    //                            SEQUENCE { algorithm OID, … }, signature BIT STRING }
-    let (tag, cert, _) = der_element(cert_der)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let (_, _tbs, rest) = der_element(cert)?;
-    let (tag, alg_id, _) = der_element(rest)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let (tag, oid, _) = der_element(alg_id)?;
-    if tag != 0x06 {
-        return None;
-    }
-    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
-    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
-    enum H {
-        S256,
-        S384,
-        S512,
-    }
-    let h = match oid {
-        [r @ .., 0x04 | 0x05 | 0x0b] if r == RSA => H::S256, // md5, sha1, sha256 with RSA
-        [r @ .., 0x0c] if r == RSA => H::S384,
-        [r @ .., 0x0d] if r == RSA => H::S512,
-        [e @ .., 0x01] if e == ECDSA => H::S256, // ecdsa-with-SHA1
-        [e @ .., 0x03, 0x02] if e == ECDSA => H::S256,
-        [e @ .., 0x03, 0x03] if e == ECDSA => H::S384,
-        [e @ .., 0x03, 0x04] if e == ECDSA => H::S512,
-        _ => return None,
+    use x509_parser::certificate::X509CertificateParser;
+    use x509_parser::der_parser::oid;
+    use x509_parser::nom::Parser;
+    use x509_parser::oid_registry::{
+        Oid, OID_PKCS1_MD5WITHRSAENC, OID_PKCS1_SHA1WITHRSA, OID_PKCS1_SHA256WITHRSA,
+        OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256,
+        OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ECDSA_WITH_SHA512,
     };
-    Some(match h {
-        H::S256 => sha2::Sha256::digest(cert_der).to_vec(),
-        H::S384 => sha2::Sha384::digest(cert_der).to_vec(),
-        H::S512 => sha2::Sha512::digest(cert_der).to_vec(),
-    })
-}
-
-/// One DER element: (tag, content, rest). Definite lengths up to 4 bytes.
-fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (first as usize, rest)
+    /// ecdsa-with-SHA1 (RFC 3279), which the OID registry lacks.
+    #[rustfmt::skip]
+    const OID_SIG_ECDSA_WITH_SHA1: Oid<'static> = oid!(1.2.840.10045.4.1);
+    // Only the signature algorithm matters here: extensions are not parsed,
+    // so that an unusual one cannot cost the channel binding.
+    let (_, cert) = X509CertificateParser::new()
+        .with_deep_parse_extensions(false)
+        .parse(cert_der)
+        .ok()?;
+    let alg = &cert.signature_algorithm.algorithm;
+    let sha256 = [
+        OID_PKCS1_MD5WITHRSAENC,
+        OID_PKCS1_SHA1WITHRSA,
+        OID_PKCS1_SHA256WITHRSA,
+        OID_SIG_ECDSA_WITH_SHA1,
+        OID_SIG_ECDSA_WITH_SHA256,
+    ];
+    let sha384 = [OID_PKCS1_SHA384WITHRSA, OID_SIG_ECDSA_WITH_SHA384];
+    let sha512 = [OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA512];
+    if sha256.contains(alg) {
+        Some(sha2::Sha256::digest(cert_der).to_vec())
+    } else if sha384.contains(alg) {
+        Some(sha2::Sha384::digest(cert_der).to_vec())
+    } else if sha512.contains(alg) {
+        Some(sha2::Sha512::digest(cert_der).to_vec())
     } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
+        None
     }
-    Some((tag, &rest[..len], &rest[len..]))
 }
 
 #[cfg(test)]
