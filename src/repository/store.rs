@@ -13,6 +13,13 @@
 //! Keys passed to [`Store`] are relative to the URL's prefix (see
 //! `layout`); the store adds and strips the prefix.
 //!
+//! Emulators: Azurite is reached with `azure_storage_endpoint =
+//! "http://host:port/devstoreaccount1"` plus the account name and key, or
+//! with `azure_storage_use_emulator` and `AZURITE_BLOB_STORAGE_URL`; both
+//! together are refused, because `object_store` would then ignore the
+//! endpoint. A GCS emulator is named by `gcs_base_url` (with
+//! `disable_oauth`) in the service account key.
+//!
 //! # Invariants
 //!
 //! * **Create-only writes.** [`Store::put_if_absent`] never replaces an
@@ -411,6 +418,7 @@ impl Store {
                         let key = AzureConfigKey::from_str(k).map_err(|_| unknown("Azure", k))?;
                         b = b.with_config(key, v);
                     }
+                    check_azure_emulator(&b).map_err(&misconfigured)?;
                     let az = b
                         .with_container_name(container)
                         .with_retry(no_retry)
@@ -649,9 +657,13 @@ impl Store {
         let url = self.url.clone();
         let key_s = key.to_string();
         let message = scrub(&self.secrets, &e.to_string());
+        let cloud = Cloud::of(&self.url);
         let fix = match self.local_root {
-            Some(_) => "make the repository directory readable and writable by the user walsafe runs as".to_string(),
-            None => "check the credentials (environment or [repository.options]) and that they allow GetObject, PutObject, ListBucket and DeleteObject on this bucket and prefix".to_string(),
+            Some(_) => {
+                "make the repository directory readable and writable by the user walsafe runs as"
+                    .to_string()
+            }
+            None => cloud.permission_fix().to_string(),
         };
         match &e {
             object_store::Error::PermissionDenied { .. }
@@ -719,7 +731,7 @@ impl Store {
                     },
                     Some(301 | 307 | 400) => StoreError::Misconfigured {
                         url,
-                        message: format!("{op} {key}: {message}; check the region and endpoint options"),
+                        message: format!("{op} {key}: {message}; {}", cloud.bad_request_fix()),
                     },
                     Some(_) => StoreError::Other {
                         url,
@@ -743,6 +755,69 @@ impl Store {
                 }
             }
         }
+    }
+}
+
+/// The cloud behind a repository URL, for the fixes that error messages
+/// suggest: each names that cloud's own settings and permissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cloud {
+    S3,
+    Gcs,
+    Azure,
+}
+
+impl Cloud {
+    /// From the (redacted) repository URL; anything not gs:// or az:// is S3.
+    fn of(url: &str) -> Cloud {
+        if url.starts_with("gs://") {
+            Cloud::Gcs
+        } else if url.starts_with("az://") || url.starts_with("azure://") {
+            Cloud::Azure
+        } else {
+            Cloud::S3
+        }
+    }
+
+    /// What to check when the credentials are refused or lack a permission.
+    fn permission_fix(self) -> &'static str {
+        match self {
+            Cloud::S3 => "check the credentials (environment or [repository.options]) and that they allow GetObject, PutObject, ListBucket and DeleteObject on this bucket and prefix",
+            Cloud::Gcs => "check the credentials (GOOGLE_SERVICE_ACCOUNT, GOOGLE_APPLICATION_CREDENTIALS or [repository.options]) and that they allow storage.objects.get, create, list and delete on this bucket (roles/storage.objectUser grants them)",
+            Cloud::Azure => "check the credentials (AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY, a SAS or a service principal, in the environment or [repository.options]) and that they may read, write, list and delete blobs in this container (the Storage Blob Data Contributor role grants it)",
+        }
+    }
+
+    /// What to check when the service answers 400 or a redirect.
+    fn bad_request_fix(self) -> &'static str {
+        match self {
+            Cloud::S3 => "check the region and endpoint options",
+            Cloud::Gcs => "check the endpoint (gcs_base_url in the service account key) and that the server speaks the GCS XML API for uploads (PUT /<bucket>/<object>; fake-gcs-server does not)",
+            Cloud::Azure => "check azure_storage_endpoint (for Azurite: http://<host>:<port>/devstoreaccount1) and azure_storage_account_name",
+        }
+    }
+}
+
+/// `object_store` connects an Azure client with `use_emulator` set to
+/// `AZURITE_BLOB_STORAGE_URL` (default `http://127.0.0.1:10000`) and
+/// silently ignores `azure_storage_endpoint`: WAL would go to a different
+/// server than the one configured. That combination is refused, with the
+/// two ways to say what is meant.
+fn check_azure_emulator(b: &MicrosoftAzureBuilder) -> Result<(), String> {
+    let emulator = b
+        .get_config_value(&AzureConfigKey::UseEmulator)
+        .is_some_and(|v| {
+            matches!(
+                v.to_ascii_lowercase().as_str(),
+                "1" | "true" | "on" | "yes" | "y"
+            )
+        });
+    match b.get_config_value(&AzureConfigKey::Endpoint) {
+        Some(endpoint) if emulator => Err(format!(
+            "azure_storage_use_emulator is set, and then object_store ignores azure_storage_endpoint ({endpoint}) and connects to AZURITE_BLOB_STORAGE_URL or http://127.0.0.1:10000; for an emulator at {endpoint}, either remove azure_storage_endpoint and set AZURITE_BLOB_STORAGE_URL={endpoint} in walsafe's environment, or remove azure_storage_use_emulator and set azure_storage_endpoint = \"{}/devstoreaccount1\", azure_storage_account_name, azure_storage_account_key and azure_allow_http = \"true\"",
+            endpoint.trim_end_matches('/')
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -938,6 +1013,56 @@ mod tests {
         assert_eq!(http_status("connection refused"), None);
     }
 
+    #[test]
+    fn fixes_name_the_cloud_in_use() {
+        let mut az = BTreeMap::new();
+        az.insert("azure_storage_account_name".into(), "acct".into());
+        az.insert(
+            "azure_storage_account_key".into(),
+            "a2V5a2V5a2V5a2V5".into(),
+        );
+        let stores = [
+            Store::open("s3://b/p", &BTreeMap::new(), 1).unwrap(),
+            Store::open("gs://b/p", &BTreeMap::new(), 1).unwrap(),
+            Store::open("az://c/p", &az, 1).unwrap(),
+        ];
+        let denied = |s: &Store| {
+            s.classify(
+                "get",
+                "wal/x",
+                object_store::Error::PermissionDenied {
+                    path: "p/wal/x".into(),
+                    source: "403 Forbidden".into(),
+                },
+            )
+        };
+        // What fake-gcs-server answers to object_store's upload.
+        let bad_request = |s: &Store| {
+            s.classify(
+                "put",
+                "wal/x",
+                object_store::Error::Generic {
+                    store: "GCS",
+                    source: "Error performing PUT http://127.0.0.1:1/b/p%2Fwal%2Fx - Server returned non-2xx status code: 400 Bad Request: invalid uploadType".into(),
+                },
+            )
+        };
+        let wants = [
+            ("GetObject, PutObject", "check the region"),
+            ("storage.objects.get", "GCS XML API for uploads"),
+            ("Storage Blob Data Contributor", "azure_storage_endpoint"),
+        ];
+        for (s, (perm, bad)) in stores.iter().zip(wants) {
+            let e = denied(s);
+            assert!(matches!(e, StoreError::PermissionDenied { .. }), "{e}");
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains(perm), "{}: {e}", s.url());
+            let e = bad_request(s);
+            assert!(matches!(e, StoreError::Misconfigured { .. }), "{e}");
+            assert!(e.to_string().contains(bad), "{}: {e}", s.url());
+        }
+    }
+
     #[tokio::test]
     async fn file_store_create_only_get_list_delete() {
         let d = tempfile::tempdir().unwrap();
@@ -1069,6 +1194,34 @@ mod tests {
             "a2V5a2V5a2V5a2V5".to_string(),
         );
         assert!(Store::open("az://container/prefix", &a, 1).is_ok());
+
+        // The emulator switch with an endpoint: object_store would ignore
+        // the endpoint and connect to 127.0.0.1:10000 instead. Refused.
+        let mut emu = BTreeMap::new();
+        emu.insert("azure_storage_use_emulator".to_string(), "True".to_string());
+        assert!(Store::open("az://container/prefix", &emu, 1).is_ok());
+        emu.insert(
+            "azure_storage_endpoint".to_string(),
+            "http://127.0.0.1:41000/".to_string(),
+        );
+        let e = Store::open("az://container/prefix", &emu, 1).unwrap_err();
+        assert!(matches!(e, StoreError::Misconfigured { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("AZURITE_BLOB_STORAGE_URL=http://127.0.0.1:41000/")
+                && msg.contains("\"http://127.0.0.1:41000/devstoreaccount1\""),
+            "{msg}"
+        );
+        emu.insert(
+            "azure_storage_use_emulator".to_string(),
+            "false".to_string(),
+        );
+        emu.insert("azure_storage_account_name".to_string(), "acct".to_string());
+        emu.insert(
+            "azure_storage_account_key".to_string(),
+            "a2V5a2V5".to_string(),
+        );
+        assert!(Store::open("az://container/prefix", &emu, 1).is_ok());
 
         let mut bad = BTreeMap::new();
         bad.insert("aws_no_such_option".to_string(), "1".to_string());

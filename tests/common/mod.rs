@@ -1,8 +1,13 @@
 //! Shared harness for the integration tests: real PostgreSQL clusters
-//! ([`pg`]), a real S3 server ([`s3`]) and the walsafe binary ([`walsafe`]).
+//! ([`pg`]), real storage servers on loopback — S3 ([`s3`], moto), Azure
+//! Blob ([`azure`], Azurite) and GCS ([`gcs`], fake-gcs-server), the last two
+//! over [`server`] — and the walsafe binary ([`walsafe`]).
 #![allow(dead_code)]
 
+pub mod azure;
+pub mod gcs;
 pub mod pg;
 pub mod s3;
+pub mod server;
 pub mod setup;
 pub mod walsafe;
