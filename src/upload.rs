@@ -627,3 +627,106 @@ async fn release(retention: &Arc<Retention>, file: SpoolFile) -> anyhow::Result<
     tokio::task::spawn_blocking(move || retention.stored(file, 0)).await??;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::durable::Fsync;
+    use crate::repository::faults::{Fault, Faults, Op};
+    use crate::repository::{Compression, Store};
+    use crate::spool::WriterHandle;
+
+    const SEG: u64 = 1 << 20;
+
+    /// Waits until `f` holds, for up to `secs`.
+    async fn until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_store_holds_neither_the_spool_writer_nor_its_acknowledgements() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
+        let spool = Arc::new(spool);
+        let faults = Faults::new();
+        faults.set(Some(Op::Put), Fault::Hang);
+        let store = Store::open(
+            &format!("file://{}", d.path().join("repo").display()),
+            &Default::default(),
+            1,
+        )
+        .unwrap()
+        .with_fsync(Fsync::Off)
+        .with_faults(faults.clone());
+        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
+        let positions = Positions::default();
+        let (publisher, feed) = crate::spool::feed(Durable::default());
+        positions.follow_durable(feed.durable.clone());
+        let retention = Arc::new(Retention::new(spool.clone(), 1));
+        let (uploader, archived) = Uploader::new(
+            repo,
+            spool.clone(),
+            retention,
+            positions.clone(),
+            &recovered,
+            Duration::from_millis(50),
+            2,
+        );
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(uploader.run(feed, cancel.clone()));
+        let writer = WriterHandle::start(spool.writer(), publisher, positions.clone());
+
+        // Three and a half segments of WAL while every put hangs.
+        let t = TimelineId(1);
+        let start = Lsn(4 * SEG);
+        let total = 3 * SEG + SEG / 2;
+        let mut at = start;
+        while at < start.plus(total) {
+            writer
+                .write(t, at, Bytes::from(vec![0x5a; 64 << 10]))
+                .await
+                .unwrap();
+            at = at.plus(64 << 10);
+        }
+        let end = at;
+        let durable = writer.durable();
+        assert!(
+            until(10, || durable.borrow().flushed == end).await,
+            "the spool writer waited for the store: flushed {}",
+            durable.borrow().flushed
+        );
+        assert_eq!(positions.flushed(), end);
+        assert!(faults.attempts(Op::Put) > 0, "no upload was even tried");
+        assert_eq!(*archived.borrow(), start, "stored while every put hangs");
+        for segno in 4..7 {
+            let seg = SegmentName { timeline: t, segno };
+            assert!(spool.complete_path(seg).exists(), "{seg:?} left the spool");
+        }
+
+        // Released: everything drains, and the stored segments leave the spool.
+        faults.clear();
+        assert!(
+            until(20, || *archived.borrow() == end).await,
+            "archived {} after the store came back, expected {}",
+            *archived.borrow(),
+            end
+        );
+        for segno in 4..7 {
+            let seg = SegmentName { timeline: t, segno };
+            assert!(
+                until(5, || !spool.complete_path(seg).exists()).await,
+                "{seg:?} stored but still in the spool"
+            );
+        }
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+}

@@ -34,6 +34,7 @@
 pub mod chunks;
 pub mod descriptor;
 pub mod envelope;
+pub mod faults;
 pub mod inventory;
 pub mod key;
 pub mod object;

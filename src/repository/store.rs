@@ -67,6 +67,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
+use super::faults::{Faults, Op, Verdict};
 use crate::durable::Fsync;
 use crate::retry::{retry, RetryPolicy};
 
@@ -269,6 +270,8 @@ pub struct Store {
     policy: RetryPolicy,
     /// Credential values to scrub from messages.
     secrets: Arc<Vec<String>>,
+    /// Faults injected by tests (see [`super::faults`]); `None` otherwise.
+    faults: Option<Arc<Faults>>,
 }
 
 impl fmt::Debug for Store {
@@ -437,6 +440,7 @@ impl Store {
             url: shown,
             local_root,
             fsync: Fsync::On,
+            faults: None,
             policy,
             secrets,
         })
@@ -445,6 +449,12 @@ impl Store {
     /// The same store, fsyncing `file://` writes as `fsync` says.
     pub fn with_fsync(mut self, fsync: Fsync) -> Store {
         self.fsync = fsync;
+        self
+    }
+
+    /// The same store, meeting the faults of `faults` before every attempt.
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> Store {
+        self.faults = Some(faults);
         self
     }
 
@@ -495,7 +505,24 @@ impl Store {
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         let what = format!("{op} {key} at {}", self.url);
-        match retry(&self.policy, &what, StoreError::is_retryable, f).await {
+        let mut f = f;
+        let attempt = || {
+            let fut = f();
+            async move {
+                if let (Some(faults), Some(o)) = (&self.faults, Op::of(op)) {
+                    if let Verdict::Fail = faults.attempt(o).await {
+                        return Err(StoreError::Transient {
+                            url: self.url.clone(),
+                            op,
+                            key: key.to_string(),
+                            message: "injected fault".into(),
+                        });
+                    }
+                }
+                fut.await
+            }
+        };
+        match retry(&self.policy, &what, StoreError::is_retryable, attempt).await {
             Err(StoreError::Transient { message, .. }) => Err(StoreError::Unreachable {
                 url: self.url.clone(),
                 op,

@@ -1104,4 +1104,59 @@ mod tests {
         assert!(!e.is_disk_full());
         assert!(!e.is_retryable());
     }
+
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_failed_fsync_poisons_the_writer_and_nothing_after_it_counts_as_flushed() {
+        let _scenario = fail::FailScenario::setup();
+        let d = tempfile::tempdir().unwrap();
+        let start = Lsn(5 * SEG);
+        let good = start.plus(1000);
+        {
+            let (spool, _) = open(d.path());
+            let mut w = spool.writer();
+            w.write(T1, start, &wal(start, 1000)).unwrap();
+            assert_eq!(w.flush().unwrap().flushed, good);
+            fail::cfg("durable::sync_data", "return(EIO)").unwrap();
+            w.write(T1, good, &wal(good, 1000)).unwrap();
+            let e = w.flush().unwrap_err();
+            assert!(e.to_string().contains("fdatasync"), "{e}");
+            assert_eq!(w.flushed(), good, "a failed fsync moved flushed");
+            // Even once fsync works again: the kernel may have dropped the
+            // dirty pages, so the writer must not report them durable.
+            fail::cfg("durable::sync_data", "off").unwrap();
+            assert!(matches!(w.flush(), Err(SpoolError::Poisoned { .. })));
+            let next = good.plus(1000);
+            assert!(matches!(
+                w.write(T1, next, &wal(next, 10)),
+                Err(SpoolError::Poisoned { .. })
+            ));
+        }
+        // What a restart sees: the hint names the last good flush only, and
+        // streaming resumes at the segment start (re-streamed from there).
+        let (_, rec) = open(d.path());
+        assert_eq!(rec.flushed_hint, Some((T1, good)));
+        assert_eq!(rec.resume, Some((T1, start)));
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn a_full_disk_while_pre_sizing_leaves_nothing_behind_and_may_be_retried() {
+        let _scenario = fail::FailScenario::setup();
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = open(d.path());
+        let mut w = spool.writer();
+        let start = Lsn(2 * SEG);
+        fail::cfg("spool::presize", "return(ENOSPC)").unwrap();
+        let e = w.write(T1, start, &wal(start, 100)).unwrap_err();
+        assert!(e.is_disk_full(), "{e}");
+        assert_eq!(
+            names(d.path()),
+            vec!["walsafe.lock"],
+            "temp file left behind"
+        );
+        fail::cfg("spool::presize", "off").unwrap();
+        w.write(T1, start, &wal(start, 100)).unwrap();
+        assert_eq!(w.flush().unwrap().flushed, start.plus(100));
+    }
 }

@@ -283,3 +283,53 @@ fn flush_and_publish(
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::durable::Fsync;
+    use crate::spool::Spool;
+
+    const SEG: u64 = 1 << 20;
+
+    #[cfg(feature = "failpoints")]
+    #[tokio::test]
+    async fn after_a_failed_fsync_the_durable_position_stays_at_the_last_good_flush() {
+        let _scenario = fail::FailScenario::setup();
+        let d = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(d.path(), SEG, Fsync::On).unwrap();
+        let (publisher, mut feed) = feed(Durable::default());
+        let writer = WriterHandle::start(spool.writer(), publisher, Positions::default());
+        let t = TimelineId(1);
+        let start = Lsn(3 * SEG);
+        writer
+            .write(t, start, Bytes::from(vec![1u8; 4096]))
+            .await
+            .unwrap();
+        let good = start.plus(4096);
+        let mut durable = writer.durable();
+        durable.wait_for(|d| d.flushed == good).await.unwrap();
+        fail::cfg("durable::sync_data", "return(EIO)").unwrap();
+        writer
+            .write(t, good, Bytes::from(vec![2u8; 4096]))
+            .await
+            .unwrap();
+        // The thread stops; the watch closes without ever passing `good`.
+        while durable.changed().await.is_ok() {
+            assert_eq!(durable.borrow().flushed, good);
+        }
+        assert_eq!(durable.borrow().flushed, good);
+        let later = good.plus(4096);
+        let e = loop {
+            if let Err(e) = writer.write(t, later, Bytes::from(vec![3u8; 8])).await {
+                break e;
+            }
+        };
+        assert!(e.to_string().contains("spool writer stopped"), "{e}");
+        assert!(writer.finish().await.is_err());
+        // No completion was announced either.
+        while let Ok(ev) = feed.events.try_recv() {
+            assert!(!matches!(ev, SpoolEvent::Completed(_)), "{ev:?}");
+        }
+    }
+}
