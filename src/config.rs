@@ -1,6 +1,6 @@
 //! The configuration file (TOML), read and validated once at start-up.
 //!
-//! Keys named in DESIGN.md keep their names; every other key has a default,
+//! The keys of the documented contract (README's Configuration) keep their names; every other key has a default,
 //! given here as a named constant. Relative paths are resolved against the
 //! directory of the configuration file, so a config and its spool can move
 //! together. Validation reports every problem at once, each with its fix.

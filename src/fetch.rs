@@ -1,6 +1,6 @@
 //! fetch: `walsafe wal-fetch NAME DEST`, PostgreSQL's `restore_command`.
 //!
-//! Contract with PostgreSQL (DESIGN rule 4):
+//! Contract with PostgreSQL (rule 4 of README's Guarantees):
 //!
 //! * exit 0: DEST holds the complete, verified file (temp file, fsync,
 //!   rename: recovery never sees a torn file);

@@ -25,7 +25,8 @@ pub enum Kind {
     Segment,
     Chunk,
     History,
-    Partial,
+    /// A closed `.partial` (end of a timeline); labelled "partial".
+    ClosedPartial,
 }
 
 impl Kind {
@@ -35,7 +36,7 @@ impl Kind {
             Kind::Segment => "segment",
             Kind::Chunk => "chunk",
             Kind::History => "history",
-            Kind::Partial => "partial",
+            Kind::ClosedPartial => "partial",
         }
     }
 }
@@ -87,7 +88,12 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
     describe();
     // Counters exist from the start at 0, so that rate() and increase()
     // see their first event.
-    for kind in [Kind::Segment, Kind::Chunk, Kind::History, Kind::Partial] {
+    for kind in [
+        Kind::Segment,
+        Kind::Chunk,
+        Kind::History,
+        Kind::ClosedPartial,
+    ] {
         for result in ["ok", "error"] {
             counter!(UPLOADS_TOTAL, "kind" => kind.label(), "result" => result).absolute(0);
         }

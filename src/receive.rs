@@ -15,7 +15,7 @@
 //! for one, and every [`STATUS_INTERVAL`]. The update reports
 //! `write = received` and `flush = ack`, where `ack` is `flushed` (ack mode
 //! `local`) or `min(flushed, archived)` (ack mode `remote`): **never a byte
-//! that is not durable** (DESIGN rule 1). `apply` is reported as 0/0, as
+//! that is not durable** (rule 1 of README's Guarantees). `apply` is reported as 0/0, as
 //! `pg_receivewal` does: walsafe applies nothing, so it cannot serve
 //! `synchronous_commit = remote_apply`.
 //!

@@ -25,7 +25,7 @@
 //! A failed upload is retried by the store (capped exponential backoff
 //! with jitter), then re-queued here after [`REQUEUE_DELAY`]; it is never
 //! dropped. An object that exists with *different* content is a conflict
-//! (DESIGN rule 3): the local copy is kept, the error is logged and
+//! (rule 3 of README's Guarantees): the local copy is kept, the error is logged and
 //! counted, and the segment is not retried until restart.
 //!
 //! `archived` is the end of contiguously stored WAL: the start of the
@@ -65,7 +65,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Job {
     Segment(SegmentName),
-    Closed(SegmentName),
+    ClosedPartial(SegmentName),
     History(TimelineId),
     Chunk {
         seg: SegmentName,
@@ -147,7 +147,7 @@ impl Uploader {
             .map(|(t, l)| SegmentName::containing(t, l, segment_size));
         for p in &recovered.partials {
             if Some(*p) != reopened {
-                jobs.insert(Job::Closed(*p), State::Queued);
+                jobs.insert(Job::ClosedPartial(*p), State::Queued);
             }
         }
         for t in &recovered.histories {
@@ -273,7 +273,7 @@ impl Uploader {
             SpoolEvent::TimelineEnded { closed, next } => {
                 info!(next = %next, closed = ?closed.map(|c| c.file_name(self.segment_size)), "timeline ended");
                 if let Some(c) = closed {
-                    self.jobs.insert(Job::Closed(c), State::Queued);
+                    self.jobs.insert(Job::ClosedPartial(c), State::Queued);
                     self.last_closed = self.last_closed.max(Some(c));
                     if self.filling.is_some_and(|f| f.seg == c) {
                         self.filling = None;
@@ -400,7 +400,7 @@ impl Uploader {
     fn on_done(&mut self, job: Job, result: Result<PutOutcome, anyhow::Error>) {
         let kind = match job {
             Job::Segment(_) => Kind::Segment,
-            Job::Closed(_) => Kind::Partial,
+            Job::ClosedPartial(_) => Kind::ClosedPartial,
             Job::History(_) => Kind::History,
             Job::Chunk { .. } => Kind::Chunk,
         };
@@ -444,7 +444,7 @@ impl Uploader {
                             }
                         }
                     }
-                    Job::Segment(seg) | Job::Closed(seg) => {
+                    Job::Segment(seg) | Job::ClosedPartial(seg) => {
                         self.chunked.remove(&seg);
                         self.after_segment_stored(seg);
                     }
@@ -531,7 +531,7 @@ impl Uploader {
         };
         for job in self.jobs.keys() {
             let end = match job {
-                Job::Segment(s) | Job::Closed(s) => stored_end(s),
+                Job::Segment(s) | Job::ClosedPartial(s) => stored_end(s),
                 Job::Chunk { seg, .. } => stored_end(seg),
                 Job::History(_) => continue,
             };
@@ -547,7 +547,7 @@ impl Uploader {
         let pending = self
             .jobs
             .keys()
-            .filter(|j| matches!(j, Job::Segment(_) | Job::Closed(_)))
+            .filter(|j| matches!(j, Job::Segment(_) | Job::ClosedPartial(_)))
             .count();
         self.positions.set_pending_segments(pending as u64);
         let archived = self.archived();
@@ -576,6 +576,14 @@ async fn upload_one(
     segment_size: u64,
     job: Job,
 ) -> anyhow::Result<PutOutcome> {
+    // Failpoints (feature `failpoints`): `upload::put` fails the upload
+    // before it reaches the store; `upload::stored` fails it after the
+    // object is stored but before the spool is told (a crash between the
+    // two, which a restart must finish: the next put finds it stored).
+    fail::fail_point!("upload::put", |arg| Err(anyhow::anyhow!(
+        "failpoint upload::put: {}",
+        arg.unwrap_or_default()
+    )));
     let started = Instant::now();
     let read = |f: fn(&Spool, SegmentName, u64, u64) -> std::io::Result<Vec<u8>>,
                 seg: SegmentName,
@@ -588,14 +596,17 @@ async fn upload_one(
         Job::Segment(seg) => {
             let name = ObjectName::Segment(SegmentFile::of(seg, segment_size));
             let o = repo.put_file(&name, spool.complete_path(seg)).await?;
+            fail::fail_point!("upload::stored", |_| Err(anyhow::anyhow!(
+                "failpoint upload::stored"
+            )));
             release(retention, SpoolFile::Complete(seg)).await?;
             (Kind::Segment, o)
         }
-        Job::Closed(seg) => {
+        Job::ClosedPartial(seg) => {
             let name = ObjectName::ClosedPartial(SegmentFile::of(seg, segment_size));
             let o = repo.put_file(&name, spool.partial_path(seg)).await?;
             release(retention, SpoolFile::ClosedPartial(seg)).await?;
-            (Kind::Partial, o)
+            (Kind::ClosedPartial, o)
         }
         Job::History(t) => {
             let data = {
@@ -725,6 +736,74 @@ mod tests {
                 "{seg:?} stored but still in the spool"
             );
         }
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+
+    #[cfg(feature = "failpoints")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failure_between_storing_and_releasing_keeps_the_segment_until_a_retry_finds_it_stored(
+    ) {
+        let _scenario = fail::FailScenario::setup();
+        fail::cfg("upload::stored", "1*return").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
+        let spool = Arc::new(spool);
+        let store = Store::open(
+            &format!("file://{}", d.path().join("repo").display()),
+            &Default::default(),
+            1,
+        )
+        .unwrap()
+        .with_fsync(Fsync::Off);
+        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
+        let positions = Positions::default();
+        let (publisher, feed) = crate::spool::feed(Durable::default());
+        let retention = Arc::new(Retention::new(spool.clone(), 1));
+        let (uploader, archived) = Uploader::new(
+            repo.clone(),
+            spool.clone(),
+            retention,
+            positions.clone(),
+            &recovered,
+            Duration::from_millis(50),
+            2,
+        );
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(uploader.run(feed, cancel.clone()));
+        let writer = WriterHandle::start(spool.writer(), publisher, positions);
+        let t = TimelineId(1);
+        let start = Lsn(2 * SEG);
+        writer
+            .write(t, start, Bytes::from(vec![7u8; SEG as usize + 100]))
+            .await
+            .unwrap();
+        let seg = SegmentName {
+            timeline: t,
+            segno: 2,
+        };
+        let object = ObjectName::Segment(SegmentFile::of(seg, SEG));
+        assert!(
+            until(10, || futures::executor::block_on(repo.get_raw(&object))
+                .unwrap()
+                .is_some())
+            .await
+        );
+        // Stored, but the spool was never told: the segment stays, and
+        // archived does not pass it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(spool.complete_path(seg).exists());
+        assert!(*archived.borrow() <= start);
+        // The retry finds the same object stored and releases the segment.
+        assert!(
+            until(REQUEUE_DELAY.as_secs() + 10, || !spool
+                .complete_path(seg)
+                .exists())
+            .await,
+            "the segment never left the spool"
+        );
+        assert!(until(5, || *archived.borrow() == start.plus(SEG + 100)).await);
         cancel.cancel();
         writer.finish().await.unwrap();
         task.await.unwrap();

@@ -225,29 +225,11 @@ impl Drop for Agent {
 }
 
 /// Reads one gauge from the agent's metrics endpoint.
-async fn scrape(port: u16) -> Option<std::collections::HashMap<String, f64>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+/// The demo agent's positions, from its metrics endpoint.
+async fn scrape(port: u16) -> Option<crate::metrics::Scraped> {
+    crate::metrics::scrape(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.ok()?;
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with("walsafe_") && !l.contains('{'))
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_string(), v.trim().parse().ok()?))
-            })
-            .collect(),
-    )
-}
-
-fn lsn(v: f64) -> String {
-    crate::pg::Lsn(v as u64).to_string()
+        .ok()
 }
 
 /// `walsafe demo`.
@@ -354,10 +336,7 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
             .context("cannot start walsafe run")?,
     ));
     wait_for(Duration::from_secs(30), || async {
-        scrape(metrics_port)
-            .await
-            .and_then(|m| m.get("walsafe_replication_connected").copied())
-            == Some(1.0)
+        scrape(metrics_port).await.is_some_and(|m| m.connected)
     })
     .await
     .with_context(|| {
@@ -402,14 +381,13 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
             if let Some(m) = scrape(metrics_port).await {
-                let g = |k: &str| m.get(k).copied().unwrap_or(0.0);
                 println!(
                     "    {:>14} {:>14} {:>14} {:>14} {:>7.2} s",
-                    lsn(g("walsafe_server_lsn_bytes")),
-                    lsn(g("walsafe_received_lsn_bytes")),
-                    lsn(g("walsafe_flushed_lsn_bytes")),
-                    lsn(g("walsafe_archived_lsn_bytes")),
-                    g("walsafe_archive_lag_seconds"),
+                    m.server.to_string(),
+                    m.received.to_string(),
+                    m.flushed.to_string(),
+                    m.archived.to_string(),
+                    m.lag_seconds,
                 );
             }
         }
@@ -432,8 +410,7 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     wait_for(Duration::from_secs(10), || async {
         scrape(metrics_port)
             .await
-            .and_then(|m| m.get("walsafe_archived_lsn_bytes").copied())
-            .is_some_and(|a| a as u64 >= end_lsn.0)
+            .is_some_and(|m| m.archived >= end_lsn)
     })
     .await
     .context("walsafe did not archive the last commit within 10 s")?;

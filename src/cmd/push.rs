@@ -3,10 +3,10 @@
 //! Writes the same objects as the streaming agent, so the two can be used
 //! together: a segment the stream already stored is found with identical
 //! content and the push succeeds; different content under the same name is
-//! refused (DESIGN rule 3) and archive_command fails, which PostgreSQL
+//! refused (rule 3 of README's Guarantees) and archive_command fails, which PostgreSQL
 //! retries and logs, keeping the file in pg_wal.
 //!
-//! A segment is validated page by page before upload (DESIGN rule 5): its
+//! A segment is validated page by page before upload (rule 5 of README's Guarantees): its
 //! long header must carry the repository's system identifier. The first
 //! push into an empty repository pins it to the segment's cluster.
 //! History files, `.partial` segments and backup history files

@@ -20,7 +20,7 @@
 //! * Written once, create-only, by the first agent (or `wal-push`) that
 //!   meets an empty repository; never rewritten. Every later writer
 //!   compares its cluster's identity with it and refuses to archive a
-//!   stranger's WAL (DESIGN.md rule 5).
+//!   stranger's WAL (rule 5 of README's Guarantees).
 //! * With a key, `hmac` = HMAC-SHA256 under a key derived from the master
 //!   key (HKDF-SHA256, info "walsafe descriptor v1") over the descriptor's
 //!   JSON serialisation without the `hmac` field (fields in the order

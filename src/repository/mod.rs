@@ -8,7 +8,7 @@
 //!            ── store                   object_store: file://, s3://, gs://, az://; create-only; retries
 //! ```
 //!
-//! # Invariants (DESIGN.md rules 3, 4 and 5)
+//! # Invariants (rules 3, 4 and 5 of README's Guarantees)
 //!
 //! * **Never overwrite different WAL.** Every object is written create-only.
 //!   When the name is taken, the stored object is fetched, verified and

@@ -11,6 +11,17 @@
 //! The spool is what makes the `flush` position reported to PostgreSQL
 //! honest (data-safety rule 1) and what a restart resumes from (rule 6).
 //!
+//! # Words
+//!
+//! * **filling segment**: the segment the writer is writing, a `.partial`
+//!   file that will become complete;
+//! * **closed partial**: a `.partial` that will never grow again (a
+//!   timeline ended inside it, or WAL after it was lost); shipped as
+//!   `wal/<name>.partial`;
+//! * **chunk**: the bytes of the filling segment fsynced since the last
+//!   chunk, shipped every `[archive] partial_interval` (a contract key,
+//!   hence its name) as `chunks/<name>/<start>-<end>`.
+//!
 //! # Directory format
 //!
 //! ```text
