@@ -284,7 +284,7 @@ fn flush_and_publish(
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "failpoints"))]
 mod tests {
     use super::*;
     use crate::durable::Fsync;
@@ -292,7 +292,6 @@ mod tests {
 
     const SEG: u64 = 1 << 20;
 
-    #[cfg(feature = "failpoints")]
     #[tokio::test]
     async fn after_a_failed_fsync_the_durable_position_stays_at_the_last_good_flush() {
         let _scenario = fail::FailScenario::setup();
