@@ -649,6 +649,62 @@ mod tests {
 
     const SEG: u64 = 1 << 20;
 
+    /// A spool, its writer thread and an uploader to a `file://` repository
+    /// (with `faults`, if any), running.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        spool: Arc<Spool>,
+        repo: Arc<Repository>,
+        positions: Positions,
+        archived: watch::Receiver<Lsn>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+        writer: WriterHandle,
+    }
+
+    fn rig(faults: Option<Arc<Faults>>) -> Rig {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
+        let spool = Arc::new(spool);
+        let mut store = Store::open(
+            &format!("file://{}", d.path().join("repo").display()),
+            &Default::default(),
+            1,
+        )
+        .unwrap()
+        .with_fsync(Fsync::Off);
+        if let Some(f) = faults {
+            store = store.with_faults(f);
+        }
+        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
+        let positions = Positions::default();
+        let (publisher, feed) = crate::spool::feed(Durable::default());
+        positions.follow_durable(feed.durable.clone());
+        let retention = Arc::new(Retention::new(spool.clone(), 1));
+        let (uploader, archived) = Uploader::new(
+            repo.clone(),
+            spool.clone(),
+            retention,
+            positions.clone(),
+            &recovered,
+            Duration::from_millis(50),
+            2,
+        );
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(uploader.run(feed, cancel.clone()));
+        let writer = WriterHandle::start(spool.writer(), publisher, positions.clone());
+        Rig {
+            _dir: d,
+            spool,
+            repo,
+            positions,
+            archived,
+            cancel,
+            task,
+            writer,
+        }
+    }
+
     /// Waits until `f` holds, for up to `secs`.
     async fn until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(secs);
@@ -663,36 +719,18 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hanging_store_holds_neither_the_spool_writer_nor_its_acknowledgements() {
-        let d = tempfile::tempdir().unwrap();
-        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
-        let spool = Arc::new(spool);
         let faults = Faults::new();
         faults.set(Some(Op::Put), Fault::Hang);
-        let store = Store::open(
-            &format!("file://{}", d.path().join("repo").display()),
-            &Default::default(),
-            1,
-        )
-        .unwrap()
-        .with_fsync(Fsync::Off)
-        .with_faults(faults.clone());
-        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
-        let positions = Positions::default();
-        let (publisher, feed) = crate::spool::feed(Durable::default());
-        positions.follow_durable(feed.durable.clone());
-        let retention = Arc::new(Retention::new(spool.clone(), 1));
-        let (uploader, archived) = Uploader::new(
-            repo,
-            spool.clone(),
-            retention,
-            positions.clone(),
-            &recovered,
-            Duration::from_millis(50),
-            2,
-        );
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(uploader.run(feed, cancel.clone()));
-        let writer = WriterHandle::start(spool.writer(), publisher, positions.clone());
+        let Rig {
+            _dir,
+            spool,
+            positions,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig(Some(faults.clone()));
 
         // Three and a half segments of WAL while every put hangs.
         let t = TimelineId(1);
@@ -747,32 +785,16 @@ mod tests {
     ) {
         let _scenario = fail::FailScenario::setup();
         fail::cfg("upload::stored", "1*return").unwrap();
-        let d = tempfile::tempdir().unwrap();
-        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
-        let spool = Arc::new(spool);
-        let store = Store::open(
-            &format!("file://{}", d.path().join("repo").display()),
-            &Default::default(),
-            1,
-        )
-        .unwrap()
-        .with_fsync(Fsync::Off);
-        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
-        let positions = Positions::default();
-        let (publisher, feed) = crate::spool::feed(Durable::default());
-        let retention = Arc::new(Retention::new(spool.clone(), 1));
-        let (uploader, archived) = Uploader::new(
-            repo.clone(),
-            spool.clone(),
-            retention,
-            positions.clone(),
-            &recovered,
-            Duration::from_millis(50),
-            2,
-        );
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(uploader.run(feed, cancel.clone()));
-        let writer = WriterHandle::start(spool.writer(), publisher, positions);
+        let Rig {
+            _dir,
+            spool,
+            repo,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig(None);
         let t = TimelineId(1);
         let start = Lsn(2 * SEG);
         writer
