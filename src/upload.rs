@@ -724,6 +724,7 @@ mod tests {
         let Rig {
             _dir,
             spool,
+            repo,
             positions,
             archived,
             cancel,
@@ -774,6 +775,7 @@ mod tests {
                 "{seg:?} stored but still in the spool"
             );
         }
+        assert_eq!(repo.list_wal().await.unwrap().len(), 3);
         cancel.cancel();
         writer.finish().await.unwrap();
         task.await.unwrap();
