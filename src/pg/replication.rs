@@ -42,7 +42,7 @@
 //!   CopyDone) are queued synchronously and flushed at the start of the
 //!   next call.
 //! - No password is ever formatted: see [`super::conninfo::Password`].
-//! - Every server error keeps its SQLSTATE ([`ServerError`]) and is
+//! - Every server error keeps its SQLSTATE ([`crate::pg::error::ServerError`]) and is
 //!   classified into a [`PgError`] variant that says what to do.
 //!
 //! `application_name` passed to [`ReplicationConnection::connect`] is a

@@ -36,7 +36,7 @@
 //!
 //! # Channel binding
 //!
-//! Over TLS, SCRAM uses `tls-server-end-point` ([`PgStream::tls_server_end_point`]:
+//! Over TLS, SCRAM uses `tls-server-end-point` ([`crate::pg::transport::PgStream::tls_server_end_point`]:
 //! a hash of the server's certificate with the hash of its signature
 //! algorithm, SHA-256 for MD5 and SHA-1) when the server offers
 //! SCRAM-SHA-256-PLUS, which proves that no man in the middle terminated

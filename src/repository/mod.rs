@@ -1,11 +1,17 @@
-//! The repository: where WAL ends up, and the only way walsafe reads it back.
+//! The repository: where WAL ends up, and the only door to storage: every
+//! object walsafe writes or reads (WAL, chunks, history files, gap records,
+//! `check`'s probes, the descriptor) goes through [`Repository`], by a typed
+//! [`ObjectName`].
 //!
 //! ```text
-//! Repository ── layout (which key)      walsafe.repo, wal/<name>, chunks/<segment>/<start>-<end>
+//! Repository ── object (which key)      ObjectName: walsafe.repo, wal/…, chunks/…, gaps/…, check/…
 //!            ── envelope (which bytes)  header + zstd + AES-256-GCM STREAM (or SHA-256 trailer)
 //!            ── key                     the master key, its id
 //!            ── descriptor              pins the repository to one cluster
+//!            ── chunks                  which chunks rebuild a filling segment, and its holes
+//!            ── inventory               what is stored per timeline, and every hole
 //!            ── store                   object_store: file://, s3://, gs://, az://; create-only; retries
+//!            ── faults                  failures, delays and hangs on demand (tests)
 //! ```
 //!
 //! # Invariants (rules 3, 4 and 5 of README's Guarantees)
@@ -25,8 +31,10 @@
 //!   `walsafe.repo` for the first cluster and refuses any other system
 //!   identifier, segment size, major version or key afterwards.
 //! * **Bounded CPU, with a lane for the RPO.** Compression and encryption
-//!   run on the blocking pool in two lanes of one job each: whole segments
-//!   (and history files) in one, chunks of the filling segment in the other.
+//!   run on the blocking pool in two lanes of one job each ([`Lane`], by
+//!   the object's kind): whole segments, closed partials and history files
+//!   in one; chunks of the filling segment, gap records and probes in the
+//!   other.
 //!   walsafe never takes more than two cores from the database, and a
 //!   chunk — which is what the RPO waits for — never queues behind a 16 MiB
 //!   segment being compressed.
