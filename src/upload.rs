@@ -62,11 +62,14 @@ pub const ESCALATE_AFTER_FAILURES: u32 = 5;
 /// How long shutdown waits for in-flight uploads.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// One upload. The order of the variants is the order jobs start in:
+/// history files first (a timeline's WAL waits for its history, see
+/// [`Uploader::waits_for_history`]), then segments oldest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Job {
+    History(TimelineId),
     Segment(SegmentName),
     ClosedPartial(SegmentName),
-    History(TimelineId),
     Chunk {
         seg: SegmentName,
         start: u64,
@@ -110,6 +113,10 @@ pub struct Uploader {
     /// The newest segment closed by the writer (end of a timeline, or before
     /// a gap): a durable position inside it or before it is old news.
     last_closed: Option<SegmentName>,
+    /// Every closed partial known to this run (recovered or closed since):
+    /// while a timeline's history is not stored, the closed end of the
+    /// timeline before it does not count as archived.
+    closed: BTreeSet<SegmentName>,
     flushed: Lsn,
     /// (flushed position, unix ms when it became durable), oldest first.
     durable_times: VecDeque<(Lsn, u64)>,
@@ -145,8 +152,10 @@ impl Uploader {
         let reopened = recovered
             .resume
             .map(|(t, l)| SegmentName::containing(t, l, segment_size));
+        let mut closed = BTreeSet::new();
         for p in &recovered.partials {
             if Some(*p) != reopened {
+                closed.insert(*p);
                 jobs.insert(Job::ClosedPartial(*p), State::Queued);
             }
         }
@@ -181,6 +190,7 @@ impl Uploader {
             filling,
             chunked: BTreeMap::new(),
             last_closed: None,
+            closed,
             flushed,
             durable_times: VecDeque::new(),
             archived_tx,
@@ -275,6 +285,7 @@ impl Uploader {
                 if let Some(c) = closed {
                     self.jobs.insert(Job::ClosedPartial(c), State::Queued);
                     self.last_closed = self.last_closed.max(Some(c));
+                    self.closed.insert(c);
                     if self.filling.is_some_and(|f| f.seg == c) {
                         self.filling = None;
                     }
@@ -370,7 +381,7 @@ impl Uploader {
             .filter(|(j, s)| **s == State::InFlight && !matches!(j, Job::Chunk { .. }))
             .count();
         let mut budget = self.concurrency.saturating_sub(in_flight_bulk);
-        // Chunks first: they carry the RPO. They do not count against the budget.
+        // Chunks carry the RPO: they do not count against the budget.
         let queued: Vec<Job> = self
             .jobs
             .iter()
@@ -378,6 +389,9 @@ impl Uploader {
             .map(|(j, _)| *j)
             .collect();
         for job in queued {
+            if self.waits_for_history(job) {
+                continue;
+            }
             let is_chunk = matches!(job, Job::Chunk { .. });
             if !is_chunk {
                 if budget == 0 {
@@ -395,6 +409,21 @@ impl Uploader {
                 (job, r)
             });
         }
+    }
+
+    /// Whether `job` is WAL of a timeline whose history file (or an
+    /// earlier timeline's) is not stored yet. A restore following
+    /// `recovery_target_timeline = 'latest'` looks for the newest history
+    /// file: WAL of a timeline stored before its history would be passed
+    /// over, and recovery would end (and promote) at the switch point.
+    fn waits_for_history(&self, job: Job) -> bool {
+        let timeline = match job {
+            Job::History(_) => return false,
+            Job::Segment(s) | Job::ClosedPartial(s) | Job::Chunk { seg: s, .. } => s.timeline,
+        };
+        self.jobs
+            .keys()
+            .any(|j| matches!(j, Job::History(t) if *t <= timeline))
     }
 
     fn on_done(&mut self, job: Job, result: Result<PutOutcome, anyhow::Error>) {
@@ -533,7 +562,13 @@ impl Uploader {
             let end = match job {
                 Job::Segment(s) | Job::ClosedPartial(s) => stored_end(s),
                 Job::Chunk { seg, .. } => stored_end(seg),
-                Job::History(_) => continue,
+                // The end of the timeline before `t` is not archived until
+                // `t`'s history is: only up to the start of its last
+                // (closed) segment.
+                Job::History(t) => match self.closed.iter().rev().find(|c| c.timeline < *t) {
+                    Some(c) => c.start_lsn(self.segment_size),
+                    None => continue,
+                },
             };
             archived = archived.min(end);
         }
@@ -828,6 +863,104 @@ mod tests {
             "the segment never left the spool"
         );
         assert!(until(5, || *archived.borrow() == start.plus(SEG + 100)).await);
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_timeline_ships_nothing_before_its_history_file() {
+        let faults = Faults::new();
+        faults.set_for(Some(Op::Put), "wal/00000002.history", Fault::Hang);
+        let Rig {
+            _dir,
+            repo,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig(Some(faults.clone()));
+        let (t1, t2) = (TimelineId(1), TimelineId(2));
+        let start = Lsn(2 * SEG);
+        let switch = start.plus(SEG + SEG / 2);
+        writer
+            .write(t1, start, Bytes::from(vec![1u8; (SEG + SEG / 2) as usize]))
+            .await
+            .unwrap();
+        writer.end_timeline(t2).await.unwrap();
+        writer
+            .write_history(
+                t2,
+                Bytes::from(format!("1\t{switch}\tno recovery target specified\n")),
+            )
+            .await
+            .unwrap();
+        let t2_start = switch.segment_start(SEG);
+        let end = t2_start.plus(2 * SEG + 4096);
+        writer
+            .write(
+                t2,
+                t2_start,
+                Bytes::from(vec![2u8; (end.0 - t2_start.0) as usize]),
+            )
+            .await
+            .unwrap();
+        let durable = writer.durable();
+        assert!(until(10, || durable.borrow().flushed == end).await);
+        // Timeline 1 is stored (its complete segment and its closed
+        // partial); nothing of timeline 2 while its history waits.
+        let t1_closed = ObjectName::ClosedPartial(SegmentFile::of(
+            SegmentName {
+                timeline: t1,
+                segno: 3,
+            },
+            SEG,
+        ));
+        assert!(
+            until(10, || futures::executor::block_on(repo.get_raw(&t1_closed))
+                .unwrap()
+                .is_some())
+            .await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let on_t2 = |names: Vec<ObjectName>| {
+            names.into_iter().any(|n| match n {
+                ObjectName::Segment(f) | ObjectName::ClosedPartial(f) => {
+                    f.as_str().starts_with("00000002")
+                }
+                _ => false,
+            })
+        };
+        assert!(
+            !on_t2(repo.list_wal().await.unwrap()),
+            "timeline 2 WAL stored before its history"
+        );
+        assert!(
+            repo.list_chunked_segments()
+                .await
+                .unwrap()
+                .iter()
+                .all(|f| !f.as_str().starts_with("00000002")),
+            "timeline 2 chunks stored before its history"
+        );
+        assert!(
+            *archived.borrow() <= t2_start,
+            "archived {} passed the switch segment {t2_start} before the history was stored",
+            *archived.borrow()
+        );
+        faults.clear();
+        assert!(
+            until(20, || *archived.borrow() == end).await,
+            "archived {}",
+            *archived.borrow()
+        );
+        assert!(repo
+            .get_raw(&ObjectName::History(t2))
+            .await
+            .unwrap()
+            .is_some());
+        assert!(on_t2(repo.list_wal().await.unwrap()));
         cancel.cancel();
         writer.finish().await.unwrap();
         task.await.unwrap();

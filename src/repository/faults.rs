@@ -54,8 +54,27 @@ pub enum Fault {
 /// The injected faults, shared between the test and the store.
 #[derive(Debug, Default)]
 pub struct Faults {
-    rules: Mutex<Vec<(Option<Op>, Fault)>>,
+    rules: Mutex<Vec<Rule>>,
     calls: Mutex<Vec<Op>>,
+}
+
+/// A fault and what it applies to.
+#[derive(Debug, Clone)]
+struct Rule {
+    op: Option<Op>,
+    /// Keys starting with this (every key with `None`).
+    key_prefix: Option<String>,
+    fault: Fault,
+}
+
+impl Rule {
+    fn matches(&self, op: Op, key: &str) -> bool {
+        self.op.is_none_or(|o| o == op)
+            && self
+                .key_prefix
+                .as_deref()
+                .is_none_or(|p| key.starts_with(p))
+    }
 }
 
 /// What one attempt is to do.
@@ -72,7 +91,21 @@ impl Faults {
 
     /// Adds a fault for `op` (every operation with `None`).
     pub fn set(&self, op: Option<Op>, fault: Fault) {
-        self.lock_rules().push((op, fault));
+        self.lock_rules().push(Rule {
+            op,
+            key_prefix: None,
+            fault,
+        });
+    }
+
+    /// Adds a fault for `op` on keys starting with `key_prefix` (relative
+    /// to the repository's prefix, e.g. `wal/00000002.history`).
+    pub fn set_for(&self, op: Option<Op>, key_prefix: &str, fault: Fault) {
+        self.lock_rules().push(Rule {
+            op,
+            key_prefix: Some(key_prefix.to_string()),
+            fault,
+        });
     }
 
     /// Removes every fault; hung attempts continue.
@@ -90,13 +123,13 @@ impl Faults {
             .count()
     }
 
-    fn lock_rules(&self) -> std::sync::MutexGuard<'_, Vec<(Option<Op>, Fault)>> {
+    fn lock_rules(&self) -> std::sync::MutexGuard<'_, Vec<Rule>> {
         self.rules.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Applies the faults to one attempt of `op`: waits as they say, then
     /// says whether the attempt fails.
-    pub(super) async fn attempt(&self, op: Op) -> Verdict {
+    pub(super) async fn attempt(&self, op: Op, key: &str) -> Verdict {
         self.calls
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -104,16 +137,16 @@ impl Faults {
         loop {
             let now = {
                 let mut rules = self.lock_rules();
-                let i = rules.iter().position(|(o, _)| o.is_none_or(|o| o == op));
+                let i = rules.iter().position(|r| r.matches(op, key));
                 match i {
                     None => return Verdict::Proceed,
                     Some(i) => {
-                        let fault = rules[i].1;
+                        let fault = rules[i].fault;
                         if let Fault::Fail(Some(n)) = fault {
                             if n <= 1 {
                                 rules.remove(i);
                             } else {
-                                rules[i].1 = Fault::Fail(Some(n - 1));
+                                rules[i].fault = Fault::Fail(Some(n - 1));
                             }
                         }
                         fault
@@ -140,17 +173,26 @@ mod tests {
     async fn counted_failures_run_out_and_hangs_release() {
         let f = Faults::new();
         f.set(Some(Op::Put), Fault::Fail(Some(2)));
-        assert!(matches!(f.attempt(Op::Get).await, Verdict::Proceed));
-        assert!(matches!(f.attempt(Op::Put).await, Verdict::Fail));
-        assert!(matches!(f.attempt(Op::Put).await, Verdict::Fail));
-        assert!(matches!(f.attempt(Op::Put).await, Verdict::Proceed));
+        assert!(matches!(f.attempt(Op::Get, "k").await, Verdict::Proceed));
+        assert!(matches!(f.attempt(Op::Put, "k").await, Verdict::Fail));
+        assert!(matches!(f.attempt(Op::Put, "k").await, Verdict::Fail));
+        assert!(matches!(f.attempt(Op::Put, "k").await, Verdict::Proceed));
         f.set(None, Fault::Hang);
         let f2 = f.clone();
-        let hung = tokio::spawn(async move { f2.attempt(Op::List).await });
+        let hung = tokio::spawn(async move { f2.attempt(Op::List, "k").await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!hung.is_finished());
         f.clear();
         assert!(matches!(hung.await.unwrap(), Verdict::Proceed));
         assert_eq!(f.attempts(Op::Put), 3);
+        f.set_for(Some(Op::Get), "wal/00000002", Fault::Fail(None));
+        assert!(matches!(
+            f.attempt(Op::Get, "wal/00000001.x").await,
+            Verdict::Proceed
+        ));
+        assert!(matches!(
+            f.attempt(Op::Get, "wal/00000002.history").await,
+            Verdict::Fail
+        ));
     }
 }

@@ -510,7 +510,7 @@ impl Store {
             let fut = f();
             async move {
                 if let (Some(faults), Some(o)) = (&self.faults, Op::of(op)) {
-                    if let Verdict::Fail = faults.attempt(o).await {
+                    if let Verdict::Fail = faults.attempt(o, key).await {
                         return Err(StoreError::Transient {
                             url: self.url.clone(),
                             op,
