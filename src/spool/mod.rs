@@ -80,9 +80,13 @@
 //!    have run), so like `pg_receivewal` we re-stream the first of them
 //!    from offset 0 and overwrite it with the same bytes. The later ones
 //!    hold only WAL that was never reported as flushed (a flush renames
-//!    segments in order before it reports), so they are removed. With no
-//!    `.partial` on the newest timeline, streaming resumes at the end of
-//!    its newest complete segment.
+//!    segments in order before it reports), so they are removed. A
+//!    `.partial` closed at a recorded gap (the segment holding the gap's
+//!    start, see [`gaps`]) is a closed partial, not part of the run: WAL
+//!    after the gap may be flushed and acknowledged in later segments.
+//!    With no unfinished `.partial` on the newest timeline, streaming
+//!    resumes at the end of its newest complete segment, or after the
+//!    newest gap, whichever is later.
 //!
 //! The `walsafe.flushed` hint is rewritten in place (one `pwrite`, no
 //! fsync) after every group commit. It is never ahead of durable WAL: it is
@@ -435,9 +439,25 @@ impl Spool {
         let mut resume = None;
         if let Some(t) = newest_tli {
             let last_complete = complete.iter().filter(|s| s.timeline == t).max().copied();
+            // A segment closed at a recorded gap is a closed partial, not
+            // part of the unfinished run: streaming went on after the gap.
+            let gaps = gaps::load(dir);
+            let gap_closing = |p: &SegmentName| {
+                gaps.iter().find(|g| {
+                    g.timeline == p.timeline
+                        && g.from.segment_offset(seg_size) != 0
+                        && SegmentName::containing(g.timeline, g.from, seg_size) == *p
+                })
+            };
+            let after_gap = partials
+                .iter()
+                .filter(|p| p.timeline == t && last_complete.is_none_or(|c| p.segno > c.segno))
+                .filter_map(|p| gap_closing(p).map(|g| g.to))
+                .max();
             let unfinished: Vec<SegmentName> = partials
                 .iter()
                 .filter(|p| p.timeline == t && last_complete.is_none_or(|c| p.segno > c.segno))
+                .filter(|p| gap_closing(p).is_none())
                 .copied()
                 .collect();
             if let Some(first) = unfinished.first() {
@@ -451,8 +471,11 @@ impl Spool {
                     tracing::info!(file = %path.display(), "removed a segment that was never flushed; it will be re-streamed");
                     partials.retain(|p| p != later);
                 }
-            } else if let Some(c) = last_complete {
-                resume = Some((t, c.end_lsn(seg_size)));
+            } else {
+                resume = last_complete
+                    .map(|c| c.end_lsn(seg_size))
+                    .max(after_gap)
+                    .map(|l| (t, l));
             }
         }
         let flushed_hint = std::fs::read_to_string(dir.join(FLUSHED_HINT_FILE))
@@ -1169,5 +1192,52 @@ mod tests {
         fail::cfg("spool::presize", "off").unwrap();
         w.write(T1, start, &wal(start, 100)).unwrap();
         assert_eq!(w.flush().unwrap().flushed, start.plus(100));
+    }
+
+    #[test]
+    fn a_segment_closed_at_a_gap_is_not_mistaken_for_the_unfinished_one() {
+        let d = tempfile::tempdir().unwrap();
+        let x = Lsn(3 * SEG);
+        let lost_from = x.plus(5000);
+        let y = Lsn(6 * SEG);
+        {
+            let (spool, _) = open(d.path());
+            let mut w = spool.writer();
+            w.write(T1, x, &wal(x, 5000)).unwrap();
+            w.flush().unwrap();
+            // WAL from 3.5000 to 6.0 was lost on the server: the segment is
+            // closed, the gap recorded, streaming goes on at the next segment
+            // the server still has.
+            assert_eq!(w.end_timeline().unwrap(), Some(seg(T1, 3)));
+            spool
+                .record_gap(&crate::gap::Gap::new(T1, lost_from, y, "test"))
+                .unwrap();
+            w.write(T1, y, &wal(y, 7000)).unwrap();
+            assert_eq!(w.flush().unwrap().flushed, y.plus(7000));
+        }
+        let (spool, rec) = open(d.path());
+        assert_eq!(rec.resume, Some((T1, y)), "{rec:?}");
+        assert_eq!(rec.closed_partials(SEG), vec![seg(T1, 3)]);
+        // The flushed (acknowledged) WAL after the gap is still there.
+        let kept = spool.read_range(seg(T1, 6), 0, 7000).unwrap();
+        assert_eq!(kept, wal(y, 7000));
+        drop(spool);
+
+        // Crashed right after recording the gap, before streaming went on:
+        // resume after the gap, never inside the closed segment.
+        let d2 = tempfile::tempdir().unwrap();
+        {
+            let (spool, _) = open(d2.path());
+            let mut w = spool.writer();
+            w.write(T1, x, &wal(x, 5000)).unwrap();
+            w.flush().unwrap();
+            w.end_timeline().unwrap();
+            spool
+                .record_gap(&crate::gap::Gap::new(T1, lost_from, y, "test"))
+                .unwrap();
+        }
+        let (_s, rec) = open(d2.path());
+        assert_eq!(rec.resume, Some((T1, y)), "{rec:?}");
+        assert_eq!(rec.closed_partials(SEG), vec![seg(T1, 3)]);
     }
 }
