@@ -36,7 +36,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::gap::Gap;
 use crate::logging::ReopenableFile;
-use crate::pg::{Lsn, TimelineId};
+use crate::pg::{ClusterIdentity, Lsn, TimelineId};
 use crate::positions::Positions;
 use crate::receive::{Receiver, StreamEnd};
 use crate::repository::Repository;
@@ -61,8 +61,9 @@ async fn start_pipeline(
     cfg: &Config,
     repo: &Arc<Repository>,
     positions: &Positions,
-    segment_size: u64,
+    identity: ClusterIdentity,
 ) -> anyhow::Result<Pipeline> {
+    let segment_size = identity.segment_size;
     let dir = cfg.spool.dir.clone();
     let fsync = cfg.fsync;
     let (spool, recovered) =
@@ -75,12 +76,12 @@ async fn start_pipeline(
     let retention = Arc::new(Retention::new(spool.clone(), 1));
     let (uploader, archived) = Uploader::new(
         repo.clone(),
+        identity,
         spool.clone(),
         retention,
         positions.clone(),
         &recovered,
-        cfg.archive.partial_interval,
-        cfg.archive.upload_concurrency,
+        &cfg.archive,
     );
     let upload_cancel = CancellationToken::new();
     let upload_task = tokio::spawn(uploader.run(feed, upload_cancel.clone()));
@@ -116,7 +117,7 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
     // right away, even while PostgreSQL is unreachable (after a disaster, the
     // spool may hold the last second of WAL that exists anywhere).
     let mut pipeline = match repo.descriptor().await? {
-        Some(d) => Some(start_pipeline(&cfg, &repo, &positions, d.segment_size).await?),
+        Some(d) => Some(start_pipeline(&cfg, &repo, &positions, d.identity()).await?),
         None => None,
     };
 
@@ -161,7 +162,7 @@ async fn stream_until_stopped(
     );
     repo.pin(&identity).await?;
     if pipeline.is_none() {
-        *pipeline = Some(start_pipeline(cfg, repo, positions, identity.segment_size).await?);
+        *pipeline = Some(start_pipeline(cfg, repo, positions, identity).await?);
     }
     let p = pipeline.as_mut().expect("started above");
     let (timeline, start) = session.start_position(&p.recovered).await?;

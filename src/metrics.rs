@@ -53,6 +53,7 @@ pub const REPLICATION_CONNECTED: &str = "walsafe_replication_connected";
 pub const LAST_ARCHIVED_TIMESTAMP_SECONDS: &str = "walsafe_last_archived_timestamp_seconds";
 pub const UPLOADS_TOTAL: &str = "walsafe_uploads_total";
 pub const UPLOAD_CONFLICTS_TOTAL: &str = "walsafe_upload_conflicts_total";
+pub const UPLOAD_REFUSED_TOTAL: &str = "walsafe_upload_refused_total";
 pub const UPLOAD_DURATION_SECONDS: &str = "walsafe_upload_duration_seconds";
 pub const FSYNC_DURATION_SECONDS: &str = "walsafe_fsync_duration_seconds";
 pub const RECONNECTS_TOTAL: &str = "walsafe_reconnects_total";
@@ -98,7 +99,12 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
             counter!(UPLOADS_TOTAL, "kind" => kind.label(), "result" => result).absolute(0);
         }
     }
-    for c in [RECONNECTS_TOTAL, UPLOAD_CONFLICTS_TOTAL, UPLOAD_BYTES_TOTAL] {
+    for c in [
+        RECONNECTS_TOTAL,
+        UPLOAD_CONFLICTS_TOTAL,
+        UPLOAD_REFUSED_TOTAL,
+        UPLOAD_BYTES_TOTAL,
+    ] {
         counter!(c).absolute(0);
     }
     gauge!(ARCHIVE_GAPS).set(0.0);
@@ -149,6 +155,10 @@ pub fn describe() {
     describe_counter!(
         UPLOAD_CONFLICTS_TOTAL,
         "Uploads refused because different content exists under the same name"
+    );
+    describe_counter!(
+        UPLOAD_REFUSED_TOTAL,
+        "Spooled segments refused because they are not WAL of the repository's cluster (kept in the spool, never uploaded)"
     );
     describe_histogram!(
         UPLOAD_DURATION_SECONDS,
@@ -245,6 +255,11 @@ pub fn upload_bytes(n: u64) {
 pub fn set_spool(bytes: u64, pending_segments: u64) {
     gauge!(SPOOL_BYTES).set(bytes as f64);
     gauge!(SPOOL_PENDING_SEGMENTS).set(pending_segments as f64);
+}
+
+/// Counts a spooled segment refused as another cluster's WAL.
+pub fn refused() {
+    counter!(UPLOAD_REFUSED_TOTAL).increment(1);
 }
 
 /// Counts a create-only conflict (different content under the same name).

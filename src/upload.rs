@@ -42,7 +42,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::config::ArchiveConfig;
 use crate::metrics::Kind;
+use crate::pg::page::PageValidator;
+use crate::pg::ClusterIdentity;
 use crate::pg::{Lsn, SegmentName, TimelineId};
 use crate::positions::{now_ms, Positions};
 use crate::repository::{ObjectName, PutOutcome, Repository, RepositoryError, SegmentFile};
@@ -100,6 +103,11 @@ struct Filling {
 /// The uploader task's state.
 pub struct Uploader {
     repo: Arc<Repository>,
+    /// The cluster the repository is pinned to: every spooled file is
+    /// checked against it before it is shipped (rule 5).
+    identity: ClusterIdentity,
+    /// Segments found not to be this cluster's WAL: never shipped.
+    refused: BTreeSet<SegmentName>,
     spool: Arc<Spool>,
     retention: Arc<Retention>,
     positions: Positions,
@@ -137,12 +145,12 @@ impl Uploader {
     /// chunk right away, before any server is reachable.
     pub fn new(
         repo: Arc<Repository>,
+        identity: ClusterIdentity,
         spool: Arc<Spool>,
         retention: Arc<Retention>,
         positions: Positions,
         recovered: &Recovered,
-        interval: Duration,
-        concurrency: usize,
+        archive: &ArchiveConfig,
     ) -> (Self, watch::Receiver<Lsn>) {
         let segment_size = spool.segment_size();
         let mut jobs = BTreeMap::new();
@@ -180,12 +188,14 @@ impl Uploader {
         let (archived_tx, archived_rx) = watch::channel(resume);
         let u = Uploader {
             repo,
+            identity,
+            refused: BTreeSet::new(),
             spool,
             retention,
             positions,
             segment_size,
-            interval,
-            concurrency,
+            interval: archive.partial_interval,
+            concurrency: archive.upload_concurrency,
             jobs,
             filling,
             chunked: BTreeMap::new(),
@@ -352,7 +362,8 @@ impl Uploader {
         f.at_last_tick = f.flushed;
         f.last_tick = now;
         let stored = self.chunked.get(&f.seg).copied().unwrap_or(0);
-        if f.chunk_in_flight
+        if self.refused.contains(&f.seg)
+            || f.chunk_in_flight
             || f.flushed <= stored
             || now < self.chunk_not_before
             || self.last_chunk.elapsed() < self.interval / 2
@@ -403,9 +414,9 @@ impl Uploader {
             let repo = self.repo.clone();
             let spool = self.spool.clone();
             let retention = self.retention.clone();
-            let seg_size = self.segment_size;
+            let identity = self.identity;
             tasks.spawn(async move {
-                let r = upload_one(&repo, &spool, &retention, seg_size, job).await;
+                let r = upload_one(&repo, &spool, &retention, identity, job).await;
                 (job, r)
             });
         }
@@ -485,7 +496,19 @@ impl Uploader {
                 let conflict = e
                     .downcast_ref::<RepositoryError>()
                     .is_some_and(|r| matches!(r, RepositoryError::Conflict { .. }));
-                if conflict {
+                let stranger = e.downcast_ref::<Stranger>().is_some();
+                if stranger {
+                    error!("{}", crate::report::error_line(&e));
+                    crate::metrics::refused();
+                    let seg = match job {
+                        Job::Segment(s) | Job::ClosedPartial(s) | Job::Chunk { seg: s, .. } => {
+                            Some(s)
+                        }
+                        Job::History(_) => None,
+                    };
+                    self.refused.extend(seg);
+                    self.jobs.insert(job, State::Conflict);
+                } else if conflict {
                     error!("{}; the local copy is kept in the spool and this object will not be retried until restart", crate::report::error_line(&e));
                     crate::metrics::conflict();
                     self.jobs.insert(job, State::Conflict);
@@ -608,9 +631,14 @@ async fn upload_one(
     repo: &Repository,
     spool: &Arc<Spool>,
     retention: &Arc<Retention>,
-    segment_size: u64,
+    identity: ClusterIdentity,
     job: Job,
 ) -> anyhow::Result<PutOutcome> {
+    let segment_size = identity.segment_size;
+    if let Job::Segment(seg) | Job::ClosedPartial(seg) | Job::Chunk { seg, .. } = job {
+        let spool = spool.clone();
+        tokio::task::spawn_blocking(move || check_spooled(&spool, identity, seg)).await??;
+    }
     // Failpoints (feature `failpoints`): `upload::put` fails the upload
     // before it reaches the store; `upload::stored` fails it after the
     // object is stored but before the spool is told (a crash between the
@@ -667,6 +695,32 @@ async fn upload_one(
     Ok(outcome)
 }
 
+/// A spooled segment that is not WAL of the repository's cluster.
+#[derive(Debug, thiserror::Error)]
+#[error("the spool file {file} is not WAL of the cluster the repository is pinned to ({source}); it is kept in the spool and never uploaded. Is this spool left over from another cluster (a re-initdb) or from before a major upgrade? Move the file out of {dir}")]
+pub struct Stranger {
+    file: String,
+    dir: String,
+    #[source]
+    source: crate::pg::page::PageError,
+}
+
+/// Checks the first page of a spooled segment against `identity`: system
+/// identifier, PostgreSQL version, segment and block size, page address and
+/// timeline. One page read per upload: the receive loop validated every
+/// page of WAL it streamed, this catches files it did not stream.
+fn check_spooled(spool: &Spool, identity: ClusterIdentity, seg: SegmentName) -> anyhow::Result<()> {
+    let first = spool.read_range(seg, 0, identity.block_size.min(identity.segment_size))?;
+    let mut v = PageValidator::new(identity, seg.timeline);
+    v.feed(seg.start_lsn(identity.segment_size), &first)
+        .map_err(|source| Stranger {
+            file: seg.file_name(identity.segment_size),
+            dir: spool.dir().display().to_string(),
+            source,
+        })?;
+    Ok(())
+}
+
 /// Tells retention that this (the only, for now) repository stored `file`.
 async fn release(retention: &Arc<Retention>, file: SpoolFile) -> anyhow::Result<()> {
     let retention = retention.clone();
@@ -683,6 +737,16 @@ mod tests {
     use crate::spool::WriterHandle;
 
     const SEG: u64 = 1 << 20;
+    const SYSID: u64 = 7_300_000_000_000_000_001;
+
+    fn me() -> ClusterIdentity {
+        ClusterIdentity::new(SYSID, 150000, SEG)
+    }
+
+    /// WAL of this test's cluster: `len` bytes from `start` on `t`.
+    fn wal(t: TimelineId, start: Lsn, len: u64) -> Bytes {
+        Bytes::from(crate::pg::page::synthetic_wal(&me(), t, start, len))
+    }
 
     /// A spool, its writer thread and an uploader to a `file://` repository
     /// (with `faults`, if any), running.
@@ -718,12 +782,16 @@ mod tests {
         let retention = Arc::new(Retention::new(spool.clone(), 1));
         let (uploader, archived) = Uploader::new(
             repo.clone(),
+            me(),
             spool.clone(),
             retention,
             positions.clone(),
             &recovered,
-            Duration::from_millis(50),
-            2,
+            &ArchiveConfig {
+                partial_interval: Duration::from_millis(50),
+                ack: crate::config::AckMode::Local,
+                upload_concurrency: 2,
+            },
         );
         let cancel = CancellationToken::new();
         let task = tokio::spawn(uploader.run(feed, cancel.clone()));
@@ -774,10 +842,7 @@ mod tests {
         let total = 3 * SEG + SEG / 2;
         let mut at = start;
         while at < start.plus(total) {
-            writer
-                .write(t, at, Bytes::from(vec![0x5a; 64 << 10]))
-                .await
-                .unwrap();
+            writer.write(t, at, wal(t, at, 64 << 10)).await.unwrap();
             at = at.plus(64 << 10);
         }
         let end = at;
@@ -835,7 +900,7 @@ mod tests {
         let t = TimelineId(1);
         let start = Lsn(2 * SEG);
         writer
-            .write(t, start, Bytes::from(vec![7u8; SEG as usize + 100]))
+            .write(t, start, wal(t, start, SEG + 100))
             .await
             .unwrap();
         let seg = SegmentName {
@@ -885,7 +950,7 @@ mod tests {
         let start = Lsn(2 * SEG);
         let switch = start.plus(SEG + SEG / 2);
         writer
-            .write(t1, start, Bytes::from(vec![1u8; (SEG + SEG / 2) as usize]))
+            .write(t1, start, wal(t1, start, SEG + SEG / 2))
             .await
             .unwrap();
         writer.end_timeline(t2).await.unwrap();
@@ -899,11 +964,7 @@ mod tests {
         let t2_start = switch.segment_start(SEG);
         let end = t2_start.plus(2 * SEG + 4096);
         writer
-            .write(
-                t2,
-                t2_start,
-                Bytes::from(vec![2u8; (end.0 - t2_start.0) as usize]),
-            )
+            .write(t2, t2_start, wal(t2, t2_start, end.0 - t2_start.0))
             .await
             .unwrap();
         let durable = writer.durable();
@@ -961,6 +1022,58 @@ mod tests {
             .unwrap()
             .is_some());
         assert!(on_t2(repo.list_wal().await.unwrap()));
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_clusters_wal_in_the_spool_is_never_uploaded() {
+        let Rig {
+            _dir,
+            spool,
+            repo,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig(None);
+        let t = TimelineId(1);
+        // A segment left by another cluster (a re-initdb over the same
+        // spool), then this cluster's WAL from the next segment on.
+        let stranger = ClusterIdentity::new(SYSID + 1, 150000, SEG);
+        let theirs = crate::pg::page::synthetic_wal(&stranger, t, Lsn(2 * SEG), SEG);
+        writer
+            .write(t, Lsn(2 * SEG), Bytes::from(theirs))
+            .await
+            .unwrap();
+        let ours = Lsn(3 * SEG);
+        writer
+            .write(t, ours, wal(t, ours, SEG + 4096))
+            .await
+            .unwrap();
+        let stored = |segno| {
+            let o = ObjectName::Segment(SegmentFile::of(SegmentName { timeline: t, segno }, SEG));
+            futures::executor::block_on(repo.get_raw(&o))
+                .unwrap()
+                .is_some()
+        };
+        assert!(until(10, || stored(3)).await, "our segment was not shipped");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!stored(2), "another cluster's segment was uploaded");
+        let theirs_seg = SegmentName {
+            timeline: t,
+            segno: 2,
+        };
+        assert!(
+            spool.complete_path(theirs_seg).exists(),
+            "the stranger's file left the spool"
+        );
+        assert!(
+            *archived.borrow() <= Lsn(2 * SEG),
+            "archived passed the refused segment"
+        );
         cancel.cancel();
         writer.finish().await.unwrap();
         task.await.unwrap();

@@ -967,6 +967,17 @@ tests:
 
   - interval: 1m
     input_series:
+      - series: 'walsafe_upload_refused_total{job="walsafe",instance="db1"}'
+        values: '0x5 1x10'
+    alert_rule_test:
+      - {eval_time: 3m, alertname: WalsafeStrangerWal, exp_alerts: []}
+      - eval_time: 7m
+        alertname: WalsafeStrangerWal
+        exp_alerts:
+          - exp_labels: {severity: critical, job: walsafe, instance: db1}
+
+  - interval: 1m
+    input_series:
       - series: 'walsafe_archive_gaps{job="walsafe",instance="db1"}'
         values: '0 0 1x5'
     alert_rule_test:

@@ -188,6 +188,18 @@ pub enum PageError {
     )]
     UnknownMagic { at: PageAt, found: u16 },
 
+    /// The page is WAL of another PostgreSQL major version than the
+    /// cluster's (a repository or spool of the cluster before an upgrade).
+    #[error(
+        "{at} is WAL of PostgreSQL {} (page magic 0x{found:04X}), but the cluster runs PostgreSQL {expected}; WAL of another major version is never archived or restored here",
+        fmt_major(*found)
+    )]
+    WrongVersion {
+        at: PageAt,
+        expected: u32,
+        found: u16,
+    },
+
     /// The magic changed within one stream or file: two PostgreSQL versions'
     /// WAL mixed together.
     #[error(
@@ -309,6 +321,7 @@ impl PageError {
             PageError::WrongSystem { .. }
                 | PageError::WrongSegmentSize { .. }
                 | PageError::WrongBlockSize { .. }
+                | PageError::WrongVersion { .. }
         )
     }
 }
@@ -473,7 +486,18 @@ impl Checker {
                 })
             }
             Some(_) => {}
-            None => self.magic = Some(h.magic),
+            None => {
+                // The identity knows its major version (0 = not known).
+                let major = id.major();
+                if major != 0 && pg_major_of_magic(h.magic) != Some(major) {
+                    return Err(PageError::WrongVersion {
+                        at: at(),
+                        expected: major,
+                        found: h.magic,
+                    });
+                }
+                self.magic = Some(h.magic)
+            }
         }
 
         // 2. info bits.
@@ -725,6 +749,41 @@ pub fn validate_segment(
     Ok(())
 }
 
+/// Synthetic WAL for tests and benchmarks: `len` bytes from `start` (a
+/// page boundary) whose page headers are what PostgreSQL 15 writes for
+/// `identity` on `timeline`, and whose bodies are non-zero filler. It
+/// passes [`PageValidator`]; it is not replayable.
+pub fn synthetic_wal(
+    identity: &ClusterIdentity,
+    timeline: TimelineId,
+    start: Lsn,
+    len: u64,
+) -> Vec<u8> {
+    let bs = identity.block_size;
+    assert_eq!(start.0 % bs, 0, "synthetic WAL starts at a page boundary");
+    let pages = len.div_ceil(bs);
+    let mut out = Vec::with_capacity((pages * bs) as usize);
+    for p in 0..pages {
+        let lsn = start.0 + p * bs;
+        let mut page = vec![0xA5u8; bs as usize];
+        let long = lsn % identity.segment_size == 0;
+        page[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+        let info = if long { XLP_LONG_HEADER } else { 0 } | XLP_BKP_REMOVABLE;
+        page[2..4].copy_from_slice(&info.to_le_bytes());
+        page[4..8].copy_from_slice(&timeline.0.to_le_bytes());
+        page[8..16].copy_from_slice(&lsn.to_le_bytes());
+        page[16..24].fill(0);
+        if long {
+            page[24..32].copy_from_slice(&identity.system_identifier.to_le_bytes());
+            page[32..36].copy_from_slice(&(identity.segment_size as u32).to_le_bytes());
+            page[36..40].copy_from_slice(&(bs as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&page);
+    }
+    out.truncate(len as usize);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,25 +799,7 @@ mod tests {
     /// Synthetic WAL: `pages` pages from `start`, headers as PostgreSQL 15
     /// writes them, body bytes non-zero.
     fn wal(start: Lsn, pages: u64, tli: u32) -> Vec<u8> {
-        let mut out = Vec::with_capacity((pages * BS) as usize);
-        for p in 0..pages {
-            let lsn = start.0 + p * BS;
-            let mut page = vec![0xA5u8; BS as usize];
-            let long = lsn % SEG == 0;
-            page[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
-            let info = if long { XLP_LONG_HEADER } else { 0 } | XLP_BKP_REMOVABLE;
-            page[2..4].copy_from_slice(&info.to_le_bytes());
-            page[4..8].copy_from_slice(&tli.to_le_bytes());
-            page[8..16].copy_from_slice(&lsn.to_le_bytes());
-            page[16..24].fill(0);
-            if long {
-                page[24..32].copy_from_slice(&SYSID.to_le_bytes());
-                page[32..36].copy_from_slice(&(SEG as u32).to_le_bytes());
-                page[36..40].copy_from_slice(&(BS as u32).to_le_bytes());
-            }
-            out.extend_from_slice(&page);
-        }
-        out
+        synthetic_wal(&identity(), TimelineId(tli), start, pages * BS)
     }
 
     #[test]
@@ -822,6 +863,27 @@ mod tests {
         assert!(msg.contains("7312345678901234567"), "{msg}");
         assert!(msg.contains("7398765432109876543"), "{msg}");
         assert!(msg.contains("[postgres] conninfo"), "{msg}");
+    }
+
+    #[test]
+    fn another_major_version_is_a_stranger() {
+        let start = Lsn(3 * SEG);
+        let data = wal(start, 2, 1);
+        let v16 = ClusterIdentity::new(identity().system_identifier, 160002, SEG);
+        let e = PageValidator::new(v16, TimelineId(1))
+            .feed(start, &data)
+            .unwrap_err();
+        assert!(
+            matches!(e, PageError::WrongVersion { expected: 16, .. }),
+            "{e}"
+        );
+        assert!(e.is_stranger());
+        assert!(e.to_string().contains("PostgreSQL 15"), "{e}");
+        // An identity that does not know its version checks everything else.
+        let unknown = ClusterIdentity::new(identity().system_identifier, 0, SEG);
+        PageValidator::new(unknown, TimelineId(1))
+            .feed(start, &data)
+            .unwrap();
     }
 
     #[test]
