@@ -198,6 +198,8 @@ async fn stream_until_stopped(
 
     let mut session = Some(session);
     let mut backoff = upstream::reconnect_backoff();
+    // Where streaming was last refused for lost WAL and the slot repaired.
+    let mut retried_at: Option<(TimelineId, Lsn)> = None;
     let (mut tli, mut from) = (timeline, start);
     let outcome: anyhow::Result<()> = loop {
         let s = match session.take() {
@@ -229,13 +231,32 @@ async fn stream_until_stopped(
                 crate::report::error_line(&e)
             ),
             Err(e) if upstream::wal_lost(&e) => {
-                error!("{}", crate::report::error_line(&e));
+                // First repair the slot and try the same position again: an
+                // invalidated slot does not mean the WAL is gone
+                // (wal_keep_size, another slot, a slot invalidated for being
+                // idle). Only a second refusal at the same point is a gap.
+                let second = retried_at == Some(receiver.resume);
+                if second {
+                    error!("{}", crate::report::error_line(&e));
+                } else {
+                    warn!(
+                        "{}; repairing the slot and trying {} again before recording anything as lost",
+                        crate::report::error_line(&e),
+                        receiver.resume.1
+                    );
+                }
                 let repaired = async {
                     let mut s = upstream.reconnect(&server).await?;
-                    let at = skip_lost_wal(cfg, repo, &spool, &receiver, &mut s).await?;
+                    let at = if second {
+                        skip_lost_wal(cfg, repo, &spool, &receiver, &mut s).await?
+                    } else {
+                        s.recreate_slot(receiver.resume.1).await?;
+                        receiver.resume
+                    };
                     anyhow::Ok((s, at))
                 }
                 .await;
+                retried_at = (!second).then_some(receiver.resume);
                 match repaired {
                     Ok((s, (t, l))) => {
                         session = Some(s);
@@ -277,7 +298,15 @@ async fn skip_lost_wal(
     let (timeline, lost_from) = receiver.resume;
     receiver.close_segment_for_gap(timeline).await?;
     let restart = session.recreate_slot(lost_from).await?;
-    let resume = restart.segment_start(session.server.identity.segment_size);
+    let seg = session.server.identity.segment_size;
+    // Record only what is really gone: the server may still hold WAL older
+    // than the slot's new reservation (wal_keep_size, other slots).
+    let oldest = session.oldest_wal(timeline).await;
+    let resume = match oldest {
+        Some(o) if o > lost_from && o < restart => o,
+        _ => restart,
+    }
+    .segment_start(seg);
     if resume <= lost_from {
         bail!(
             "the server reports WAL at {lost_from} as removed, but slot \"{}\" still holds WAL from {restart}; refusing to guess where to resume",

@@ -292,6 +292,25 @@ impl Session<'_> {
         Ok(reserved)
     }
 
+    /// The start of the oldest WAL segment of `timeline` still in the
+    /// server's pg_wal (`pg_ls_waldir()`, which needs superuser or
+    /// pg_monitor); `None` when that cannot be read.
+    pub async fn oldest_wal(&self, timeline: TimelineId) -> Option<Lsn> {
+        let sql = self.sql().await.ok()?;
+        let prefix = format!("{:08X}", timeline.0);
+        let row = sql
+            .query_one(
+                "SELECT min(name) FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$' AND left(name, 8) = $1",
+                &[&prefix],
+            )
+            .await
+            .map_err(|e| tracing::debug!("cannot list pg_wal: {e}"))
+            .ok()?;
+        let name: Option<String> = row.get(0);
+        let seg = crate::pg::SegmentName::parse(&name?, self.segment_size())?;
+        Some(seg.start_lsn(self.segment_size()))
+    }
+
     /// The ordinary SQL connection to the same server.
     async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
         let p = &self.cfg.postgres;

@@ -1,4 +1,4 @@
-//! DESIGN rule 2, "never drop WAL silently": WAL the server removed before
+//! Rule 2, "never drop WAL silently": WAL the server removed before
 //! walsafe streamed it (an invalidated slot) is recorded as a gap, logged,
 //! exported, reported by wal-verify, refused by wal-fetch — and archiving
 //! goes on after it.
@@ -94,6 +94,74 @@ fn lost_wal_is_recorded_as_a_gap_and_archiving_goes_on() {
     assert_eq!(
         pg.psql(
             "SELECT wal_status <> 'lost' FROM pg_replication_slots WHERE slot_name = 'walsafe'"
+        ),
+        "t"
+    );
+}
+
+/// An invalidated slot does not mean lost WAL: PostgreSQL 18 invalidates a
+/// slot that stayed idle too long (`idle_replication_slot_timeout`) while
+/// every byte it held is still in pg_wal. walsafe re-creates the slot and
+/// streams on from where it stopped; no gap is recorded.
+#[test]
+fn an_invalidated_slot_whose_wal_is_still_there_is_no_gap() {
+    let pg = PgCluster::start(
+        &PgOptions {
+            name: "idle-slot".into(),
+            ..Default::default()
+        }
+        .major(18)
+        .conf("wal_keep_size = '1GB'"),
+    );
+    let dir = TestDir::new("idle-slot");
+    let settings = Settings::new(dir.path(), &pg.conninfo());
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let mut agent = Agent::start(&config, settings.metrics_port);
+    pg.psql("CREATE TABLE t (pad text)");
+    pg.psql("INSERT INTO t SELECT repeat('x', 100) FROM generate_series(1, 1000)");
+    agent.wait_archived(current_lsn(&pg), Duration::from_secs(30));
+    agent.kill9();
+
+    // While walsafe is down: some WAL, then the slot is invalidated for
+    // idleness; nothing is removed (wal_keep_size keeps it all).
+    pg.psql("INSERT INTO t SELECT repeat(md5(g::text), 30) FROM generate_series(1, 20000) g");
+    pg.append_conf(&["idle_replication_slot_timeout = '1s'"]);
+    pg.reload();
+    std::thread::sleep(Duration::from_secs(2));
+    pg.psql("CHECKPOINT");
+    assert_eq!(
+        pg.psql("SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = 'walsafe'"),
+        "idle_timeout",
+        "the slot should have been invalidated"
+    );
+    pg.append_conf(&["idle_replication_slot_timeout = 0"]);
+    pg.reload();
+
+    let agent = Agent::start(&config, settings.metrics_port);
+    pg.psql("INSERT INTO t VALUES ('after the invalidation')");
+    let end = current_lsn(&pg);
+    agent.wait_archived(end, Duration::from_secs(60));
+    assert_eq!(
+        agent.gauge("walsafe_archive_gaps"),
+        0.0,
+        "log:\n{}",
+        agent.log()
+    );
+    assert!(
+        !settings.spool.join("walsafe.gaps").exists(),
+        "a gap was recorded; log:\n{}",
+        agent.log()
+    );
+    let v = walsafe(&config, &["wal-verify"]);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+    assert_eq!(
+        pg.psql(
+            "SELECT wal_status <> 'lost' AND invalidation_reason IS NULL FROM pg_replication_slots WHERE slot_name = 'walsafe'"
         ),
         "t"
     );

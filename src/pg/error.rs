@@ -212,9 +212,9 @@ pub enum PgError {
         server: Box<ServerError>,
     },
 
-    /// The slot was invalidated (max_slot_wal_keep_size exceeded): WAL it
-    /// protected is gone.
-    #[error("replication slot \"{slot}\" has been invalidated and the server removed WAL it was holding ({server}); a gap must be recorded: drop and recreate the slot, then take a new base backup")]
+    /// The slot was invalidated (max_slot_wal_keep_size exceeded, idle too
+    /// long, ...): it no longer protects WAL, which may or may not be gone.
+    #[error("replication slot \"{slot}\" has been invalidated ({server}); walsafe re-creates it and streams on where it stopped if the server still has that WAL, else it records the lost range as a gap (then take a new base backup)")]
     SlotInvalidated {
         slot: String,
         server: Box<ServerError>,
