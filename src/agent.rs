@@ -70,7 +70,7 @@ async fn start_pipeline(
         tokio::task::spawn_blocking(move || Spool::open(&dir, segment_size, fsync))
             .await?
             .with_context(|| format!("cannot open the spool {}", cfg.spool.dir.display()))?;
-    let spool = Arc::new(spool);
+    let spool = Arc::new(spool.with_limits(cfg.spool.limits));
     let (publisher, feed) = crate::spool::feed(recovered.durable(segment_size));
     positions.follow_durable(feed.durable.clone());
     let retention = Arc::new(Retention::new(spool.clone(), 1));

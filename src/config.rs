@@ -13,6 +13,9 @@
 //!
 //! [spool]
 //! dir = "/var/lib/walsafe/spool"
+//! max_size = "64GB"                 # optional cap on the spool's files
+//! min_free = "5%"                   # free space left on its filesystem (or e.g. "20GB");
+//!                                   # default 5 %, at most 1 GiB
 //!
 //! [repository]
 //! url = "file:///var/backups/walsafe"
@@ -44,7 +47,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::durable::Fsync;
+use crate::pg::replication::parse_size_setting;
 use crate::repository::{Compression, RepositoryConfig};
+use crate::spool::{Limits, MinFree, DEFAULT_LIMITS};
 
 /// Where the configuration is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walsafe/walsafe.toml";
@@ -100,6 +105,8 @@ pub struct PostgresConfig {
 pub struct SpoolConfig {
     /// Directory of spooled WAL; one agent per directory.
     pub dir: PathBuf,
+    /// How much room the spool may take (`max_size`, `min_free`).
+    pub limits: Limits,
 }
 
 /// When the flush position reported to PostgreSQL may advance.
@@ -162,6 +169,8 @@ struct RawPostgres {
 #[serde(deny_unknown_fields)]
 struct RawSpool {
     dir: Option<PathBuf>,
+    max_size: Option<String>,
+    min_free: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +300,39 @@ impl Config {
             None => DEFAULT_CONNECT_TIMEOUT,
         };
 
+        let raw_spool = raw.spool.as_ref();
+        let max_size = raw_spool.and_then(|s| s.max_size.as_deref()).and_then(|t| {
+            let parsed = parse_size_setting(t);
+            if parsed.is_none() {
+                problems.push(format!(
+                    "[spool] max_size = \"{t}\" is not a size; write e.g. \"64GB\" (units kB, MB, GB, TB)"
+                ));
+            }
+            parsed
+        });
+        let min_free = match raw_spool.and_then(|s| s.min_free.as_deref()) {
+            None => DEFAULT_LIMITS.min_free,
+            Some(t) => match t.trim().strip_suffix('%') {
+                Some(p) => match p.trim().parse::<f64>() {
+                    Ok(f) if (0.0..100.0).contains(&f) => MinFree::Fraction(f / 100.0),
+                    _ => {
+                        problems.push(format!(
+                            "[spool] min_free = \"{t}\" is not a percentage from 0 to 99; write e.g. \"5%\""
+                        ));
+                        DEFAULT_LIMITS.min_free
+                    }
+                },
+                None => match parse_size_setting(t) {
+                    Some(b) => MinFree::Bytes(b),
+                    None => {
+                        problems.push(format!(
+                            "[spool] min_free = \"{t}\" is neither a percentage nor a size; write e.g. \"5%\" or \"20GB\""
+                        ));
+                        DEFAULT_LIMITS.min_free
+                    }
+                },
+            },
+        };
         let spool_dir = match raw.spool.and_then(|s| s.dir) {
             Some(d) => resolve(d),
             None => {
@@ -401,7 +443,10 @@ impl Config {
                 application_name,
                 connect_timeout,
             },
-            spool: SpoolConfig { dir: spool_dir },
+            spool: SpoolConfig {
+                dir: spool_dir,
+                limits: Limits { max_size, min_free },
+            },
             repository: RepositoryConfig {
                 url,
                 key_file,

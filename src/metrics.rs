@@ -60,6 +60,7 @@ pub const RECONNECTS_TOTAL: &str = "walsafe_reconnects_total";
 pub const UPLOAD_BYTES_TOTAL: &str = "walsafe_upload_bytes_total";
 pub const SPOOL_BYTES: &str = "walsafe_spool_bytes";
 pub const SPOOL_PENDING_SEGMENTS: &str = "walsafe_spool_pending_segments";
+pub const SPOOL_FULL: &str = "walsafe_spool_full";
 
 /// How long the metrics endpoint may take to answer a scrape.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -108,6 +109,7 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
         counter!(c).absolute(0);
     }
     gauge!(ARCHIVE_GAPS).set(0.0);
+    gauge!(SPOOL_FULL).set(0.0);
     gauge!(REPLICATION_CONNECTED).set(0.0);
     Ok(())
 }
@@ -180,6 +182,10 @@ pub fn describe() {
         SPOOL_BYTES,
         Unit::Bytes,
         "Bytes used by the spool directory"
+    );
+    describe_gauge!(
+        SPOOL_FULL,
+        "1 while the spool has no room for more WAL (disk full or its limits): walsafe is not reading from PostgreSQL"
     );
     describe_gauge!(
         SPOOL_PENDING_SEGMENTS,
@@ -255,6 +261,11 @@ pub fn upload_bytes(n: u64) {
 pub fn set_spool(bytes: u64, pending_segments: u64) {
     gauge!(SPOOL_BYTES).set(bytes as f64);
     gauge!(SPOOL_PENDING_SEGMENTS).set(pending_segments as f64);
+}
+
+/// Whether the spool is full (the writer waits for room).
+pub fn set_spool_full(full: bool) {
+    gauge!(SPOOL_FULL).set(if full { 1.0 } else { 0.0 });
 }
 
 /// Counts a spooled segment refused as another cluster's WAL.

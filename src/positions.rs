@@ -78,8 +78,20 @@ macro_rules! position {
 
 impl Positions {
     position!(server, set_server, server);
-    position!(received, set_received, received);
-    position!(written, set_written, written);
+    position!(received_this_run, set_received, received);
+    position!(written_this_run, set_written, written);
+
+    /// Current `received` position: the end of WAL this run read from the
+    /// socket, but never below `flushed` (after a restart the spool holds
+    /// durable WAL beyond the point streaming re-starts from).
+    pub fn received(&self) -> Lsn {
+        self.received_this_run().max(self.flushed())
+    }
+
+    /// Current `written` position, never below `flushed` (see [`Positions::received`]).
+    pub fn written(&self) -> Lsn {
+        self.written_this_run().max(self.flushed())
+    }
     position!(archived, advance_archived, archived);
 
     /// Sets `archived` as the uploader computed it. The uploader is its only

@@ -38,10 +38,14 @@ use crate::pg::page::PageValidator;
 use crate::pg::replication::{ReplMessage, ReplicationConnection, ReplicationStream};
 use crate::pg::{ClusterIdentity, Lsn, TimelineId};
 use crate::positions::Positions;
-use crate::spool::{Durable, WriterHandle};
+use crate::spool::{Durable, WritePermit, WriterHandle};
 
 /// Interval of unsolicited status updates (PostgreSQL's `wal_receiver_status_interval` default).
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Interval of status updates while the socket is left unread (the spool
+/// writer's queue is full): the server's keepalive requests go unseen
+/// then, so walsafe speaks first, well within any `wal_sender_timeout`.
+pub const WAITING_STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How one streaming session ended.
 #[derive(Debug)]
@@ -152,6 +156,13 @@ impl Receiver<'_> {
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let remote = self.cfg.archive.ack == AckMode::Remote;
+        // The socket is read only with room in the writer's queue: a full
+        // queue (the spool is slow, or full) leaves the socket unread, while
+        // status updates still go out (PostgreSQL must not time us out).
+        let writer = self.writer;
+        let mut room: Option<WritePermit<'_>> = None;
+        let mut waiting = tokio::time::interval(WAITING_STATUS_INTERVAL);
+        waiting.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -174,7 +185,15 @@ impl Receiver<'_> {
                         self.send_status(&mut stream, false).await?;
                     }
                 }
-                msg = stream.next_message() => {
+                permit = writer.reserve(), if room.is_none() => {
+                    room = Some(permit?);
+                }
+                _ = waiting.tick(), if room.is_none() => {
+                    // Not reading while the spool writer catches up.
+                    self.positions.receive_heartbeat();
+                    self.send_status(&mut stream, false).await?;
+                }
+                msg = stream.next_message(), if room.is_some() => {
                     self.positions.receive_heartbeat();
                     match msg? {
                         ReplMessage::XLogData { start: at, server_end, data } => {
@@ -188,7 +207,7 @@ impl Receiver<'_> {
                             self.resume = (timeline, expected);
                             self.positions.set_received(expected);
                             self.positions.set_server(server_end.max(expected));
-                            self.writer.write(timeline, at, data).await?;
+                            room.take().expect("read only with room").write(timeline, at, data);
                         }
                         ReplMessage::Keepalive { server_end, reply_requested } => {
                             self.positions.set_server(server_end);

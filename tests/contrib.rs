@@ -967,6 +967,17 @@ tests:
 
   - interval: 1m
     input_series:
+      - series: 'walsafe_spool_full{job="walsafe",instance="db1"}'
+        values: '0x3 1x10'
+    alert_rule_test:
+      - {eval_time: 4m, alertname: WalsafeSpoolFull, exp_alerts: []}
+      - eval_time: 6m
+        alertname: WalsafeSpoolFull
+        exp_alerts:
+          - exp_labels: {severity: critical, job: walsafe, instance: db1}
+
+  - interval: 1m
+    input_series:
       - series: 'walsafe_upload_refused_total{job="walsafe",instance="db1"}'
         values: '0x5 1x10'
     alert_rule_test:

@@ -123,7 +123,7 @@ pub mod retention;
 mod thread;
 mod writer;
 
-pub use thread::{feed, Durable, Feed, Publisher, SpoolEvent, WriterHandle};
+pub use thread::{feed, Durable, Feed, Publisher, SpoolEvent, WritePermit, WriterHandle};
 pub use writer::{Flushed, SpoolWriter};
 
 use std::collections::BTreeSet;
@@ -225,6 +225,11 @@ pub enum SpoolError {
     #[error("the spool writer stopped after an earlier failure ({reason}); restart walsafe: it resumes from what is durable and re-streams the rest")]
     Poisoned { reason: String },
 
+    /// A new segment would break the spool's limits (`[spool] max_size`,
+    /// `[spool] min_free`): treated like a full disk (backpressure, retry).
+    #[error("the spool {} has no room for another segment: {reason}", dir.display())]
+    Full { dir: PathBuf, reason: String },
+
     /// The segment size is not one PostgreSQL allows.
     #[error("{size} bytes is not a WAL segment size PostgreSQL supports (a power of two from 1 MiB to 1 GiB)")]
     InvalidSegmentSize { size: u64 },
@@ -243,6 +248,7 @@ impl SpoolError {
     /// stop reading from the server (backpressure), alarm, retry later.
     pub fn is_disk_full(&self) -> bool {
         match self {
+            SpoolError::Full { .. } => true,
             SpoolError::Io { source, .. } => matches!(
                 source.raw_os_error(),
                 Some(libc::ENOSPC) | Some(libc::EDQUOT)
@@ -256,6 +262,74 @@ impl SpoolError {
     /// (it may stop). Everything else is permanent or needs a restart.
     pub fn is_retryable(&self) -> bool {
         self.is_disk_full() || matches!(self, SpoolError::Locked { .. })
+    }
+}
+
+/// How much room the spool may take (see [`Spool::with_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// The spool's files never add up to more than this.
+    pub max_size: Option<u64>,
+    /// Free space of the spool's filesystem to leave for others (PostgreSQL
+    /// among them, when it shares the disk). Checked whenever a new segment
+    /// file is made.
+    pub min_free: MinFree,
+}
+
+/// Free space to leave on the spool's filesystem.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    /// 5 % of the filesystem, at most 1 GiB: a margin for PostgreSQL and
+    /// the system when the spool shares their disk, without holding back
+    /// hundreds of gigabytes of a large one.
+    Default,
+    /// A fraction of the filesystem's size (0.05 = 5 %).
+    Fraction(f64),
+    /// A number of bytes.
+    Bytes(u64),
+}
+
+/// The default: no size cap, keep 5 % of the filesystem (at most 1 GiB) free.
+pub const DEFAULT_LIMITS: Limits = Limits {
+    max_size: None,
+    min_free: MinFree::Default,
+};
+
+impl Default for Limits {
+    fn default() -> Self {
+        DEFAULT_LIMITS
+    }
+}
+
+impl Limits {
+    /// Whether a new segment of `segment_size` bytes fits in `dir`; `Err`
+    /// says why not. A filesystem that cannot be asked counts as roomy:
+    /// the write itself will then say ENOSPC if it must.
+    pub fn check(&self, dir: &Path, segment_size: u64) -> Result<(), String> {
+        if let Some(max) = self.max_size {
+            let used = usage_bytes_of(dir).unwrap_or(0);
+            if used + segment_size > max {
+                return Err(format!(
+                    "it holds {used} bytes and another segment would pass [spool] max_size ({max} bytes)"
+                ));
+            }
+        }
+        if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
+            let frag = st.fragment_size() as u64;
+            let total = st.blocks() as u64 * frag;
+            let free = st.blocks_available() as u64 * frag;
+            let keep = match self.min_free {
+                MinFree::Default => ((total as f64 * 0.05) as u64).min(1 << 30),
+                MinFree::Fraction(f) => (total as f64 * f) as u64,
+                MinFree::Bytes(b) => b,
+            };
+            if free < keep + segment_size {
+                return Err(format!(
+                    "{free} bytes are free on its filesystem, and [spool] min_free keeps {keep} bytes free"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -342,6 +416,8 @@ pub struct Spool {
     segment_size: u64,
     /// Whether the spool really fsyncs ([`Fsync::Off`] only in tests).
     fsync: Fsync,
+    /// How much room it may take.
+    limits: Limits,
     shared: Arc<Shared>,
     /// Holds the flock for as long as the spool is open.
     _lock: File,
@@ -374,6 +450,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             segment_size,
             fsync,
+            limits: DEFAULT_LIMITS,
             shared: Arc::new(Shared::default()),
             _lock: lock,
         };
@@ -490,6 +567,12 @@ impl Spool {
         })
     }
 
+    /// The same spool, taking at most the room `limits` allow.
+    pub fn with_limits(mut self, limits: Limits) -> Spool {
+        self.limits = limits;
+        self
+    }
+
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -517,6 +600,7 @@ impl Spool {
             self.dir.clone(),
             self.segment_size,
             self.fsync,
+            self.limits,
             self.shared.clone(),
         )
     }

@@ -29,6 +29,8 @@
 //! and then reads the watch therefore never sees `flushed` inside segment
 //! N+1 without having seen that segment N completed.
 
+use std::time::{Duration, Instant};
+
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -37,6 +39,7 @@ use super::SpoolWriter;
 use crate::pg::{Lsn, SegmentName, TimelineId};
 pub use crate::positions::Durable;
 use crate::positions::Positions;
+use crate::retry::Backoff;
 
 /// XLogData messages queued for the spool writer before the socket is left unread.
 pub const WRITE_QUEUE_MESSAGES: usize = 32;
@@ -101,6 +104,20 @@ impl Publisher {
     }
 }
 
+/// Room for one write in the writer's queue (see [`WriterHandle::reserve`]).
+pub struct WritePermit<'a>(mpsc::Permit<'a, WriteCmd>);
+
+impl WritePermit<'_> {
+    /// Queues WAL at `start` on `timeline`.
+    pub fn write(self, timeline: TimelineId, start: Lsn, data: Bytes) {
+        self.0.send(WriteCmd::Data {
+            timeline,
+            start,
+            data,
+        });
+    }
+}
+
 enum WriteCmd {
     Data {
         timeline: TimelineId,
@@ -156,6 +173,15 @@ impl WriterHandle {
             data,
         })
         .await
+    }
+
+    /// Waits for room in the queue (cancel-safe: nothing is lost when the
+    /// wait is abandoned), for one [`WritePermit::write`].
+    pub async fn reserve(&self) -> anyhow::Result<WritePermit<'_>> {
+        match self.tx.reserve().await {
+            Ok(permit) => Ok(WritePermit(permit)),
+            Err(_) => bail!("the spool writer stopped (see the error logged before this one)"),
+        }
     }
 
     /// Flushes, then closes the segment being filled: it stays `.partial`
@@ -220,7 +246,9 @@ fn writer_thread(
                         data,
                     } => {
                         timeline = t;
-                        w.write(t, start, &data)?;
+                        if !write_when_there_is_room(&mut w, t, start, &data, &publisher, &rx)? {
+                            return Ok(()); // shutdown while the spool was full
+                        }
                         positions.set_written(w.written());
                         batch += data.len();
                     }
@@ -265,6 +293,72 @@ fn writer_thread(
         tracing::error!("spool writer stopped: {}", crate::report::error_line(e));
     }
     result
+}
+
+/// First wait after the spool found itself full; doubles up to [`FULL_RETRY_MAX`].
+pub const FULL_RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two looks for room in a full spool.
+pub const FULL_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Writes `data` at `start`, waiting while the spool is full (ENOSPC,
+/// EDQUOT, or its own limits): backpressure, never an exit. Meanwhile what
+/// is written is flushed (so it is acknowledged and can be shipped, which
+/// is what frees room), and the queue is not read, so the receive loop
+/// stops reading the socket and PostgreSQL keeps the WAL in its slot.
+/// Returns false when shutdown came while waiting (the WAL that did not
+/// fit was never acknowledged; the next start re-streams it).
+fn write_when_there_is_room(
+    w: &mut SpoolWriter,
+    timeline: TimelineId,
+    start: Lsn,
+    data: &[u8],
+    publisher: &Publisher,
+    rx: &mpsc::Receiver<WriteCmd>,
+) -> anyhow::Result<bool> {
+    let end = start.plus(data.len() as u64);
+    let mut backoff = Backoff::new(FULL_RETRY_MIN, FULL_RETRY_MAX);
+    let mut full_since: Option<Instant> = None;
+    loop {
+        // After a failed write, go on where it stopped.
+        let at = match w.timeline() {
+            Some(t) if t == timeline && w.written() > start && w.written() <= end => w.written(),
+            _ => start,
+        };
+        let rest = &data[at.bytes_after(start) as usize..];
+        match w.write(timeline, at, rest) {
+            Ok(()) => {
+                if let Some(since) = full_since {
+                    tracing::info!(
+                        "the spool has room again after {:.1?}; reading from PostgreSQL again",
+                        since.elapsed()
+                    );
+                    crate::metrics::set_spool_full(false);
+                }
+                return Ok(true);
+            }
+            Err(e) if e.is_disk_full() => {
+                if full_since.is_none() {
+                    tracing::error!(
+                        "SPOOL FULL: {e}; walsafe stops reading WAL from PostgreSQL until uploads free room (the server keeps it in the replication slot, up to max_slot_wal_keep_size) and goes on by itself; free space or raise [spool] max_size"
+                    );
+                    crate::metrics::set_spool_full(true);
+                    full_since = Some(Instant::now());
+                }
+                if w.written() > w.flushed() {
+                    flush_and_publish(w, timeline, publisher)?;
+                }
+                if rx.is_closed() {
+                    tracing::warn!(
+                        "stopping with WAL from {} that did not fit in the full spool; it was never acknowledged and is streamed again at the next start",
+                        w.written()
+                    );
+                    return Ok(false);
+                }
+                std::thread::sleep(backoff.next_delay());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Group commit, then the news, in the order the module doc promises.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{format_hint, partial_name, Shared, SpoolError, FLUSHED_HINT_FILE, ZERO_CHUNK};
+use super::{format_hint, partial_name, Limits, Shared, SpoolError, FLUSHED_HINT_FILE, ZERO_CHUNK};
 use crate::durable::{self, Fsync};
 use crate::pg::walfile::history_file_name;
 use crate::pg::{Lsn, SegmentName, TimelineId};
@@ -45,6 +45,7 @@ pub struct SpoolWriter {
     dir: PathBuf,
     segment_size: u64,
     fsync: Fsync,
+    limits: Limits,
     shared: Arc<Shared>,
     /// Timeline of the WAL written; `None` before the first write.
     timeline: Option<TimelineId>,
@@ -65,11 +66,18 @@ pub struct SpoolWriter {
 
 impl SpoolWriter {
     /// A writer that has written nothing yet (see [`super::Spool::writer`]).
-    pub(super) fn new(dir: PathBuf, segment_size: u64, fsync: Fsync, shared: Arc<Shared>) -> Self {
+    pub(super) fn new(
+        dir: PathBuf,
+        segment_size: u64,
+        fsync: Fsync,
+        limits: Limits,
+        shared: Arc<Shared>,
+    ) -> Self {
         SpoolWriter {
             dir,
             segment_size,
             fsync,
+            limits,
             shared,
             timeline: None,
             ended: true,
@@ -229,6 +237,12 @@ impl SpoolWriter {
     /// Creates `path` full-size and zero-filled, durably: temp file, zeros,
     /// fsync, rename, fsync directory. A crash leaves at most a temp file.
     fn create_presized(&self, path: &Path) -> Result<(), SpoolError> {
+        self.limits
+            .check(&self.dir, self.segment_size)
+            .map_err(|reason| SpoolError::Full {
+                dir: self.dir.clone(),
+                reason,
+            })?;
         let tmp = durable::temp_path_for(path);
         let result = (|| {
             let f = OpenOptions::new()

@@ -10,4 +10,5 @@ pub mod pg;
 pub mod s3;
 pub mod server;
 pub mod setup;
+pub mod tmpfs;
 pub mod walsafe;

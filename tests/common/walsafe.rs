@@ -50,6 +50,9 @@ pub struct Settings {
     pub retries: u32,
     pub application_name: String,
     pub connect_timeout: String,
+    /// `[spool] max_size` and `min_free`, when set.
+    pub spool_max_size: Option<String>,
+    pub spool_min_free: Option<String>,
 }
 
 impl Settings {
@@ -71,6 +74,8 @@ impl Settings {
             retries: 3,
             application_name: "walsafe".into(),
             connect_timeout: "20s".into(),
+            spool_max_size: None,
+            spool_min_free: None,
         }
     }
 
@@ -82,6 +87,20 @@ impl Settings {
         );
         if let Some(k) = &self.key_file {
             s += &format!("key_file = {:?}\n", k);
+        }
+        let spool_extra = [
+            ("max_size", &self.spool_max_size),
+            ("min_free", &self.spool_min_free),
+        ]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k} = {v:?}\n")))
+        .collect::<String>();
+        if !spool_extra.is_empty() {
+            s = s.replacen(
+                "\n\n[repository]",
+                &format!("\n{spool_extra}\n[repository]"),
+                1,
+            );
         }
         if !self.repo_options.is_empty() {
             s += "[repository.options]\n";
@@ -113,6 +132,13 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Whether the process is still running (not exited, not killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Starts `walsafe --config CONFIG run` and waits until it streams.
     pub fn start(config: &Path, metrics_port: u16) -> Agent {
         let a = Self::spawn(config, metrics_port);
