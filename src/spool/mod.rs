@@ -315,9 +315,9 @@ impl Limits {
             }
         }
         if let Ok(st) = nix::sys::statvfs::statvfs(dir) {
-            let frag = st.fragment_size() as u64;
-            let total = st.blocks() as u64 * frag;
-            let free = st.blocks_available() as u64 * frag;
+            let frag = st.fragment_size();
+            let total = st.blocks() * frag;
+            let free = st.blocks_available() * frag;
             let keep = match self.min_free {
                 MinFree::Default => ((total as f64 * 0.05) as u64).min(1 << 30),
                 MinFree::Fraction(f) => (total as f64 * f) as u64,
