@@ -23,6 +23,7 @@
 //! compression = "zstd"
 //! compression_level = 1
 //! retries = 8
+//! request_timeout = "60s"           # one storage request, then it is retried
 //! [repository.options]              # passed to object_store, e.g.
 //! aws_endpoint = "http://127.0.0.1:9000"
 //!
@@ -30,6 +31,7 @@
 //! partial_interval = "200ms"
 //! ack = "local"                     # or "remote"
 //! upload_concurrency = 2
+//! stall_alarm = "30s"               # no upload progress this long: an error
 //!
 //! [fetch]
 //! prefetch = 8
@@ -48,6 +50,7 @@ use serde::Deserialize;
 
 use crate::durable::Fsync;
 use crate::pg::replication::parse_size_setting;
+use crate::repository::store::DEFAULT_REQUEST_TIMEOUT;
 use crate::repository::{Compression, RepositoryConfig};
 use crate::spool::{Limits, MinFree, DEFAULT_LIMITS};
 
@@ -61,6 +64,8 @@ pub const DEFAULT_APPLICATION_NAME: &str = "walsafe";
 pub const DEFAULT_PARTIAL_INTERVAL: Duration = Duration::from_millis(200);
 /// zstd level: 1 keeps pace with PostgreSQL's WAL rate on one core.
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+/// Time without upload progress, while WAL waits, after which it is an error.
+pub const DEFAULT_STALL_ALARM: Duration = Duration::from_secs(30);
 /// Uploads in flight at once.
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 2;
 /// Attempts per storage operation before giving up (wal-fetch) or alarming (agent).
@@ -124,6 +129,9 @@ pub struct ArchiveConfig {
     pub partial_interval: Duration,
     pub ack: AckMode,
     pub upload_concurrency: usize,
+    /// How long uploads may make no progress, while WAL waits, before it
+    /// is an error (once) rather than warnings.
+    pub stall_alarm: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +191,7 @@ struct RawRepository {
     #[serde(default)]
     options: BTreeMap<String, String>,
     retries: Option<u32>,
+    request_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -191,6 +200,7 @@ struct RawArchive {
     partial_interval: Option<String>,
     ack: Option<AckMode>,
     upload_concurrency: Option<usize>,
+    stall_alarm: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -378,6 +388,24 @@ impl Config {
         if retries == 0 {
             problems.push("[repository] retries must be at least 1".into());
         }
+        let request_timeout = match repo.as_ref().and_then(|r| r.request_timeout.as_deref()) {
+            None => DEFAULT_REQUEST_TIMEOUT,
+            Some(t) => match humantime::parse_duration(t) {
+                Ok(d) if d >= Duration::from_millis(100) => d,
+                Ok(_) => {
+                    problems.push(format!(
+                        "[repository] request_timeout = \"{t}\" is too short; use at least \"100ms\""
+                    ));
+                    DEFAULT_REQUEST_TIMEOUT
+                }
+                Err(e) => {
+                    problems.push(format!(
+                        "[repository] request_timeout = \"{t}\" is not a duration ({e}); write e.g. \"60s\""
+                    ));
+                    DEFAULT_REQUEST_TIMEOUT
+                }
+            },
+        };
 
         let partial_interval = match raw.archive.partial_interval {
             Some(s) => match humantime::parse_duration(&s) {
@@ -396,6 +424,15 @@ impl Config {
                 }
             },
             None => DEFAULT_PARTIAL_INTERVAL,
+        };
+        let stall_alarm = match raw.archive.stall_alarm.as_deref() {
+            None => DEFAULT_STALL_ALARM,
+            Some(t) => humantime::parse_duration(t).unwrap_or_else(|e| {
+                problems.push(format!(
+                    "[archive] stall_alarm = \"{t}\" is not a duration ({e}); write e.g. \"30s\""
+                ));
+                DEFAULT_STALL_ALARM
+            }),
         };
         let upload_concurrency = raw
             .archive
@@ -454,12 +491,14 @@ impl Config {
                 compression_level,
                 options,
                 retries,
+                request_timeout,
                 fsync,
             },
             archive: ArchiveConfig {
                 partial_interval,
                 ack: raw.archive.ack.unwrap_or(AckMode::Local),
                 upload_concurrency,
+                stall_alarm,
             },
             fetch: FetchConfig {
                 prefetch: raw.fetch.prefetch.unwrap_or(DEFAULT_PREFETCH),

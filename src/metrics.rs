@@ -61,6 +61,7 @@ pub const UPLOAD_BYTES_TOTAL: &str = "walsafe_upload_bytes_total";
 pub const SPOOL_BYTES: &str = "walsafe_spool_bytes";
 pub const SPOOL_PENDING_SEGMENTS: &str = "walsafe_spool_pending_segments";
 pub const SPOOL_FULL: &str = "walsafe_spool_full";
+pub const UPLOAD_STALLED: &str = "walsafe_upload_stalled";
 
 /// How long the metrics endpoint may take to answer a scrape.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -110,6 +111,7 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
     }
     gauge!(ARCHIVE_GAPS).set(0.0);
     gauge!(SPOOL_FULL).set(0.0);
+    gauge!(UPLOAD_STALLED).set(0.0);
     gauge!(REPLICATION_CONNECTED).set(0.0);
     Ok(())
 }
@@ -184,6 +186,10 @@ pub fn describe() {
         "Bytes used by the spool directory"
     );
     describe_gauge!(
+        UPLOAD_STALLED,
+        "1 while no upload has succeeded for [archive] stall_alarm although WAL waits to be stored"
+    );
+    describe_gauge!(
         SPOOL_FULL,
         "1 while the spool has no room for more WAL (disk full or its limits): walsafe is not reading from PostgreSQL"
     );
@@ -215,6 +221,7 @@ pub fn refresh_positions(p: &Positions) {
     };
     gauge!(ARCHIVE_LAG_SECONDS).set(lag);
     gauge!(TIMELINE).set(f64::from(p.timeline().0));
+    gauge!(UPLOAD_STALLED).set(if p.upload_stalled() { 1.0 } else { 0.0 });
     let last = p.last_archived_ms();
     if last > 0 {
         gauge!(LAST_ARCHIVED_TIMESTAMP_SECONDS).set(last as f64 / 1000.0);

@@ -61,6 +61,8 @@ struct Inner {
     pending_segments: AtomicU64,
     /// 1 while streaming.
     connected: AtomicU32,
+    /// 1 while uploads make no progress although WAL waits.
+    upload_stalled: AtomicU32,
 }
 
 macro_rules! position {
@@ -202,6 +204,18 @@ impl Positions {
     /// Records whether the replication connection is streaming.
     pub fn set_connected(&self, c: bool) {
         self.0.connected.store(u32::from(c), Ordering::Release);
+    }
+
+    /// Records whether uploads make no progress although WAL waits.
+    pub fn set_upload_stalled(&self, stalled: bool) {
+        self.0
+            .upload_stalled
+            .store(u32::from(stalled), Ordering::Release);
+    }
+
+    /// Whether uploads make no progress although WAL waits (see `upload`).
+    pub fn upload_stalled(&self) -> bool {
+        self.0.upload_stalled.load(Ordering::Acquire) == 1
     }
 
     /// Is the replication connection streaming?

@@ -57,11 +57,17 @@ use crate::spool::{Durable, Feed, Recovered, Spool, SpoolEvent};
 pub const REQUEUE_DELAY: Duration = Duration::from_secs(5);
 /// Resolution of the lag-in-seconds samples.
 const LAG_SAMPLE_MS: u64 = 100;
+/// At most this many lag samples are kept: during a long outage older ones
+/// are thinned (every other one dropped), so memory stays bounded whatever
+/// the outage's length, and the oldest sample, which sets the lag, stays.
+const LAG_SAMPLES_MAX: usize = 4096;
+/// A `file://` staging file this old is what a crash left, not a write in
+/// progress.
+const STALE_STAGING_AGE: Duration = Duration::from_secs(600);
+/// Segments remembered as stored whole, to spot late chunks.
+const WHOLE_REMEMBERED: usize = 64;
 /// First wait after a failed chunk upload (the store already retried).
 pub const CHUNK_RETRY_MIN: Duration = Duration::from_millis(500);
-/// Failed uploads in a row (each already retried by the store) after
-/// which the failure is logged as an error, once, instead of a warning.
-pub const ESCALATE_AFTER_FAILURES: u32 = 5;
 /// How long shutdown waits for in-flight uploads.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -118,6 +124,8 @@ pub struct Uploader {
     filling: Option<Filling>,
     /// Per segment not yet stored whole: the offset up to which its chunks are stored.
     chunked: BTreeMap<SegmentName, u64>,
+    /// Segments recently stored whole (their late chunks are orphans).
+    whole: BTreeSet<SegmentName>,
     /// The newest segment closed by the writer (end of a timeline, or before
     /// a gap): a durable position inside it or before it is old news.
     last_closed: Option<SegmentName>,
@@ -134,8 +142,14 @@ pub struct Uploader {
     chunk_not_before: Instant,
     /// Delays after chunk failures ([`CHUNK_RETRY_MIN`] doubling up to [`REQUEUE_DELAY`], jittered).
     chunk_backoff: Backoff,
-    /// Uploads failed in a row, and since when (for escalation).
-    failing: Option<(u32, Instant)>,
+    /// Uploads failed since the last success.
+    failures: u32,
+    /// When an upload last succeeded, or there was nothing to upload.
+    last_progress: Instant,
+    /// No progress for this long, while WAL waits, is an error (once).
+    stall_alarm: Duration,
+    /// The stall was reported and not yet resolved.
+    stalled: bool,
 }
 
 impl Uploader {
@@ -200,6 +214,7 @@ impl Uploader {
             filling,
             chunked: BTreeMap::new(),
             last_closed: None,
+            whole: BTreeSet::new(),
             closed,
             flushed,
             durable_times: VecDeque::new(),
@@ -207,7 +222,10 @@ impl Uploader {
             last_chunk: Instant::now(),
             chunk_not_before: Instant::now(),
             chunk_backoff: Backoff::new(CHUNK_RETRY_MIN, REQUEUE_DELAY),
-            failing: None,
+            failures: 0,
+            last_progress: Instant::now(),
+            stall_alarm: archive.stall_alarm,
+            stalled: false,
         };
         (u, archived_rx)
     }
@@ -229,6 +247,7 @@ impl Uploader {
         loop {
             self.start_jobs(&mut tasks);
             self.publish();
+            self.watch_progress();
             self.positions.upload_heartbeat();
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -319,6 +338,9 @@ impl Uploader {
                 Some((lsn, t)) if now.saturating_sub(*t) < LAG_SAMPLE_MS => *lsn = flushed,
                 _ => self.durable_times.push_back((flushed, now)),
             }
+            if self.durable_times.len() > LAG_SAMPLES_MAX {
+                self.durable_times = thin(std::mem::take(&mut self.durable_times));
+            }
         }
         self.flushed = self.flushed.max(flushed);
         let off = flushed.segment_offset(self.segment_size);
@@ -341,6 +363,36 @@ impl Uploader {
                     last_tick: Instant::now(),
                 })
             }
+        }
+    }
+
+    /// Whether anything durable waits to be stored (conflicts and refused
+    /// segments aside: they wait for the operator).
+    fn has_work(&self) -> bool {
+        let filling = self.filling.is_some_and(|f| {
+            !self.refused.contains(&f.seg)
+                && f.flushed > self.chunked.get(&f.seg).copied().unwrap_or(0)
+        });
+        filling || self.jobs.values().any(|s| *s != State::Conflict)
+    }
+
+    /// Escalates on time without progress, not on a count of attempts: a
+    /// store that hangs fails few attempts, slowly, yet nothing is stored.
+    fn watch_progress(&mut self) {
+        if !self.has_work() {
+            self.last_progress = Instant::now();
+            return;
+        }
+        let quiet = self.last_progress.elapsed();
+        if !self.stalled && quiet >= self.stall_alarm {
+            self.stalled = true;
+            self.positions.set_upload_stalled(true);
+            error!(
+                "no upload has succeeded for {quiet:.0?} while WAL waits ({} failed attempts, {} segment(s) pending): WAL is accumulating in the spool and the archive is falling behind; check the repository ({})",
+                self.failures,
+                self.positions.pending_segments(),
+                self.repo.url()
+            );
         }
     }
 
@@ -447,27 +499,19 @@ impl Uploader {
         crate::metrics::upload_result(kind, result.is_ok());
         match &result {
             Ok(_) => {
-                if let Some((n, since)) = self.failing.take() {
-                    if n >= ESCALATE_AFTER_FAILURES {
-                        info!(
-                            "uploads succeed again after {n} failures over {:.0?}",
-                            since.elapsed()
-                        );
-                    }
-                }
-            }
-            Err(_) => {
-                let (n, since) = self.failing.get_or_insert((0, Instant::now()));
-                *n += 1;
-                if *n == ESCALATE_AFTER_FAILURES {
-                    error!(
-                        "uploads have failed {n} times in a row for {:.0?}; WAL is accumulating in the spool ({} segment(s) pending) and the archive is falling behind: check the repository ({})",
-                        since.elapsed(),
-                        self.positions.pending_segments(),
-                        self.repo.url()
+                if self.stalled {
+                    info!(
+                        "uploads succeed again after {:.0?} without progress ({} failed attempts)",
+                        self.last_progress.elapsed(),
+                        self.failures
                     );
+                    self.stalled = false;
+                    self.positions.set_upload_stalled(false);
                 }
+                self.failures = 0;
+                self.last_progress = Instant::now();
             }
+            Err(_) => self.failures += 1,
         }
         match result {
             Ok(outcome) => {
@@ -476,16 +520,26 @@ impl Uploader {
                 match job {
                     Job::Chunk { seg, end, .. } => {
                         self.chunk_backoff.reset();
-                        let stored = self.chunked.entry(seg).or_insert(0);
-                        *stored = (*stored).max(end);
                         if let Some(f) = &mut self.filling {
                             if f.seg == seg {
                                 f.chunk_in_flight = false;
                             }
                         }
+                        if self.whole.contains(&seg) {
+                            // The segment was stored whole while this chunk
+                            // was in flight: it is an orphan, remove it too.
+                            self.after_segment_stored(seg);
+                        } else {
+                            let stored = self.chunked.entry(seg).or_insert(0);
+                            *stored = (*stored).max(end);
+                        }
                     }
                     Job::Segment(seg) | Job::ClosedPartial(seg) => {
                         self.chunked.remove(&seg);
+                        self.whole.insert(seg);
+                        while self.whole.len() > WHOLE_REMEMBERED {
+                            self.whole.pop_first();
+                        }
                         self.after_segment_stored(seg);
                     }
                     Job::History(_) => {}
@@ -548,12 +602,17 @@ impl Uploader {
         });
     }
 
-    /// At start-up: chunks of segments whose full object is already stored
-    /// (a crash between storing and deleting) are removed.
+    /// At start-up, what a crash left in the repository: chunks of segments
+    /// whose full object is already stored (a crash between storing and
+    /// deleting), and stale `file://` staging files.
     fn spawn_cleanup(&self) {
         let repo = self.repo.clone();
         tokio::spawn(async move {
             let r: anyhow::Result<()> = async {
+                let n = repo.remove_stale_staging(STALE_STAGING_AGE).await?;
+                if n > 0 {
+                    info!("removed {n} staging file(s) a crash left in the repository");
+                }
                 let stored: BTreeSet<ObjectName> = repo.list_wal().await?.into_iter().collect();
                 for seg in repo.list_chunked_segments().await? {
                     if stored.contains(&ObjectName::Segment(seg.clone()))
@@ -695,6 +754,16 @@ async fn upload_one(
     Ok(outcome)
 }
 
+/// Halves the lag samples by merging neighbours: each merged sample keeps
+/// the later position and the earlier time, so the lag computed from them
+/// errs high, never low.
+fn thin(samples: VecDeque<(Lsn, u64)>) -> VecDeque<(Lsn, u64)> {
+    let v: Vec<(Lsn, u64)> = samples.into();
+    v.chunks(2)
+        .map(|pair| (pair[pair.len() - 1].0, pair[0].1))
+        .collect()
+}
+
 /// A spooled segment that is not WAL of the repository's cluster.
 #[derive(Debug, thiserror::Error)]
 #[error("the spool file {file} is not WAL of the cluster the repository is pinned to ({source}); it is kept in the spool and never uploaded. Is this spool left over from another cluster (a re-initdb) or from before a major upgrade? Move the file out of {dir}")]
@@ -771,7 +840,8 @@ mod tests {
             1,
         )
         .unwrap()
-        .with_fsync(Fsync::Off);
+        .with_fsync(Fsync::Off)
+        .with_request_timeout(Duration::from_millis(300));
         if let Some(f) = faults {
             store = store.with_faults(f);
         }
@@ -791,6 +861,7 @@ mod tests {
                 partial_interval: Duration::from_millis(50),
                 ack: crate::config::AckMode::Local,
                 upload_concurrency: 2,
+                stall_alarm: Duration::from_millis(500),
             },
         );
         let cancel = CancellationToken::new();
@@ -1073,6 +1144,54 @@ mod tests {
         assert!(
             *archived.borrow() <= Lsn(2 * SEG),
             "archived passed the refused segment"
+        );
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn thinning_lag_samples_errs_high() {
+        let samples: VecDeque<(Lsn, u64)> = (1..=5).map(|i| (Lsn(i * 100), i * 10)).collect();
+        let thinned = thin(samples);
+        assert_eq!(
+            thinned,
+            VecDeque::from(vec![(Lsn(200), 10), (Lsn(400), 30), (Lsn(500), 50)])
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_store_is_an_alarm_after_the_stall_time_not_after_attempts() {
+        let faults = Faults::new();
+        faults.set(Some(Op::Put), Fault::Hang);
+        let Rig {
+            _dir,
+            positions,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig(Some(faults.clone()));
+        let t = TimelineId(1);
+        let start = Lsn(SEG);
+        writer
+            .write(t, start, wal(t, start, SEG + 8192))
+            .await
+            .unwrap();
+        // Few attempts fail (each waits for its timeout), yet the stall is
+        // reported once nothing has been stored for the stall time.
+        assert!(
+            until(5, || positions.upload_stalled()).await,
+            "no alarm after {} put attempts",
+            faults.attempts(Op::Put)
+        );
+        assert_eq!(*archived.borrow(), start);
+        faults.clear();
+        assert!(until(20, || *archived.borrow() == start.plus(SEG + 8192)).await);
+        assert!(
+            until(2, || !positions.upload_stalled()).await,
+            "the alarm stayed up"
         );
         cancel.cancel();
         writer.finish().await.unwrap();

@@ -967,6 +967,18 @@ tests:
 
   - interval: 1m
     input_series:
+      - series: 'walsafe_upload_stalled{job="walsafe",instance="db1"}'
+        values: '0x3 1x5 0x5'
+    alert_rule_test:
+      - {eval_time: 2m, alertname: WalsafeUploadsStalled, exp_alerts: []}
+      - eval_time: 5m
+        alertname: WalsafeUploadsStalled
+        exp_alerts:
+          - exp_labels: {severity: critical, job: walsafe, instance: db1}
+      - {eval_time: 11m, alertname: WalsafeUploadsStalled, exp_alerts: []}
+
+  - interval: 1m
+    input_series:
       - series: 'walsafe_spool_full{job="walsafe",instance="db1"}'
         values: '0x3 1x10'
     alert_rule_test:

@@ -132,6 +132,7 @@ async fn fake_gcs_repository_verifies_what_it_reads() {
         compression: Compression::Zstd,
         compression_level: 1,
         retries: 3,
+        request_timeout: std::time::Duration::from_secs(60),
         fsync: Fsync::Off,
     };
 

@@ -88,6 +88,7 @@ impl Backend {
             compression_level: 1,
             options: self.options(),
             retries,
+            request_timeout: std::time::Duration::from_secs(60),
             fsync: Fsync::Off,
         }
     }

@@ -87,7 +87,7 @@ fn storage_outage_is_escalated_and_nothing_leaves_the_spool() {
     assert!(
         common::walsafe::wait_until(Duration::from_secs(60), || agent
             .log()
-            .contains("times in a row")),
+            .contains("no upload has succeeded")),
         "no escalation; log:\n{}",
         agent.log()
     );

@@ -78,6 +78,9 @@ pub struct RepositoryConfig {
     pub options: BTreeMap<String, String>,
     /// Attempts per storage operation.
     pub retries: u32,
+    /// Longest one attempt may take before it counts as a (retryable)
+    /// failure: a store that hangs is a store that is down.
+    pub request_timeout: std::time::Duration,
     /// Whether a `file://` repository fsyncs its writes ([`Fsync::Off`]
     /// only in tests).
     pub fsync: Fsync,
@@ -288,7 +291,9 @@ impl Repository {
     /// Opens the repository of a configuration: the store (no network yet)
     /// and the key file, if any.
     pub fn open(cfg: &RepositoryConfig) -> Result<Repository, RepositoryError> {
-        let store = Store::open(&cfg.url, &cfg.options, cfg.retries)?.with_fsync(cfg.fsync);
+        let store = Store::open(&cfg.url, &cfg.options, cfg.retries)?
+            .with_fsync(cfg.fsync)
+            .with_request_timeout(cfg.request_timeout);
         let key = match &cfg.key_file {
             Some(p) => Some(key::load_key_file(p)?),
             None => None,
@@ -641,6 +646,15 @@ impl Repository {
             .collect();
         segs.dedup();
         Ok(segs)
+    }
+
+    /// Removes what crashed `file://` writes left (see
+    /// [`Store::remove_stale_staging`]).
+    pub async fn remove_stale_staging(
+        &self,
+        age: std::time::Duration,
+    ) -> Result<usize, RepositoryError> {
+        Ok(self.store.remove_stale_staging(age).await?)
     }
 
     /// Records a loss of WAL, authenticated like every other object.

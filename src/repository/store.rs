@@ -272,6 +272,8 @@ pub struct Store {
     secrets: Arc<Vec<String>>,
     /// Faults injected by tests (see [`super::faults`]); `None` otherwise.
     faults: Option<Arc<Faults>>,
+    /// Longest one attempt may take; then it is a transient failure.
+    request_timeout: Duration,
 }
 
 impl fmt::Debug for Store {
@@ -320,6 +322,9 @@ fn collect_secrets(options: &BTreeMap<String, String>) -> Vec<String> {
 }
 
 const LOCAL_FILE_MODE: u32 = 0o640;
+
+/// Longest one attempt may take unless configured otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Store {
     /// Opens the store for `url` with backend `options`; `retries` is the
@@ -441,6 +446,7 @@ impl Store {
             local_root,
             fsync: Fsync::On,
             faults: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             policy,
             secrets,
         })
@@ -449,6 +455,13 @@ impl Store {
     /// The same store, fsyncing `file://` writes as `fsync` says.
     pub fn with_fsync(mut self, fsync: Fsync) -> Store {
         self.fsync = fsync;
+        self
+    }
+
+    /// The same store, giving up on an attempt after `timeout` (a
+    /// transient failure, retried like any other).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Store {
+        self.request_timeout = timeout;
         self
     }
 
@@ -519,7 +532,18 @@ impl Store {
                         });
                     }
                 }
-                fut.await
+                match tokio::time::timeout(self.request_timeout, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Transient {
+                        url: self.url.clone(),
+                        op,
+                        key: key.to_string(),
+                        message: format!(
+                            "no answer within {:?} ([repository] request_timeout)",
+                            self.request_timeout
+                        ),
+                    }),
+                }
             }
         };
         match retry(&self.policy, &what, StoreError::is_retryable, attempt).await {
@@ -532,6 +556,23 @@ impl Store {
             }),
             r => r,
         }
+    }
+
+    /// Removes the staging files (`<name>#<digits>`) of `file://` writes
+    /// older than `age`: what a crash between writing and linking leaves.
+    /// Younger ones may belong to a write in progress (another process,
+    /// `wal-push`) and stay. A no-op for cloud stores, whose uploads leave
+    /// nothing half-done under a name. Returns how many were removed.
+    pub async fn remove_stale_staging(&self, age: Duration) -> Result<usize, StoreError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(0);
+        };
+        let fsync = self.fsync;
+        tokio::task::spawn_blocking(move || remove_stale_staging_in(&root, age, fsync))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|e| self.io_error("clean", "staging files", e))
     }
 
     /// Stores `data` under `key` unless an object already exists there.
@@ -909,6 +950,49 @@ fn ensure_dirs_durably(root: &FsPath, dir: &FsPath, fsync: Fsync) -> io::Result<
     Ok(())
 }
 
+/// Whether a file name is a staging name of [`local_create`]: `<name>#<digits>`.
+fn is_staging_name(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(base, n)| {
+        !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+fn remove_stale_staging_in(root: &FsPath, age: Duration, fsync: Fsync) -> io::Result<usize> {
+    let mut removed = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let name = entry.file_name();
+            let stale = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|a| a >= age);
+            if stale && is_staging_name(&name.to_string_lossy()) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if removed > 0 {
+            fsync.sync_dir(&dir)?;
+        }
+    }
+    Ok(removed)
+}
+
 /// Durable create-only write of `root/rel`; `Ok(false)` when it exists.
 fn local_create(root: &FsPath, rel: &str, data: &[u8], fsync: Fsync) -> io::Result<bool> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -1255,5 +1339,44 @@ mod tests {
         let e = Store::open("s3://bucket/p", &bad, 1).unwrap_err();
         assert!(matches!(e, StoreError::Misconfigured { .. }), "{e}");
         assert!(e.to_string().contains("aws_no_such_option"));
+    }
+
+    #[tokio::test]
+    async fn stale_staging_files_of_a_crash_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", d.path().display());
+        let s = Store::open(&url, &BTreeMap::new(), 1)
+            .unwrap()
+            .with_fsync(Fsync::Off);
+        s.put_if_absent("wal/a", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let old = d.path().join("wal/000000010000000000000003#42");
+        let young = d.path().join("wal/000000010000000000000004#43");
+        let lookalike = d.path().join("wal/notes#draft");
+        for f in [&old, &young, &lookalike] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for f in [&old, &lookalike] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(hour_ago)
+                .unwrap();
+        }
+        assert_eq!(
+            s.remove_stale_staging(Duration::from_secs(600))
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(!old.exists());
+        assert!(young.exists() && lookalike.exists());
+        assert_eq!(
+            s.get("wal/a").await.unwrap().unwrap(),
+            Bytes::from_static(b"x")
+        );
     }
 }

@@ -53,6 +53,8 @@ pub struct Settings {
     /// `[spool] max_size` and `min_free`, when set.
     pub spool_max_size: Option<String>,
     pub spool_min_free: Option<String>,
+    /// `[archive] stall_alarm` (short, so that outage tests see it soon).
+    pub stall_alarm: String,
 }
 
 impl Settings {
@@ -76,6 +78,7 @@ impl Settings {
             connect_timeout: "20s".into(),
             spool_max_size: None,
             spool_min_free: None,
+            stall_alarm: "5s".into(),
         }
     }
 
@@ -109,8 +112,8 @@ impl Settings {
             }
         }
         s += &format!(
-            "\n[archive]\npartial_interval = {:?}\nack = {:?}\n\n[fetch]\ndir = {:?}\nprefetch = {}\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
-            self.partial_interval, self.ack, self.prefetch_dir, self.prefetch, self.metrics_port
+            "\n[archive]\npartial_interval = {:?}\nack = {:?}\nstall_alarm = {:?}\n\n[fetch]\ndir = {:?}\nprefetch = {}\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+            self.partial_interval, self.ack, self.stall_alarm, self.prefetch_dir, self.prefetch, self.metrics_port
         );
         s
     }
