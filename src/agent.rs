@@ -36,14 +36,14 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::gap::Gap;
 use crate::logging::ReopenableFile;
-use crate::pg::{ClusterIdentity, Lsn, TimelineId};
+use crate::pg::{ClusterIdentity, Lsn, Server, TimelineId};
 use crate::positions::Positions;
 use crate::receive::{Receiver, StreamEnd};
 use crate::repository::Repository;
 use crate::spool::retention::Retention;
 use crate::spool::{Publisher, Recovered, Spool, WriterHandle};
 use crate::upload::Uploader;
-use crate::upstream::{self, Session, Upstream};
+use crate::upstream::{self, Continue, Session, Upstream};
 
 /// The spool and its uploader, running.
 struct Pipeline {
@@ -182,6 +182,7 @@ async fn stream_until_stopped(
         archived: p.archived.clone(),
         cancel: cancel.clone(),
         resume: (timeline, start),
+        forked: None,
     };
     // Histories of every timeline up to the current one (recovery probes them in order).
     for t in 2..=timeline.0 {
@@ -202,11 +203,11 @@ async fn stream_until_stopped(
     let mut retried_at: Option<(TimelineId, Lsn)> = None;
     let (mut tli, mut from) = (timeline, start);
     let outcome: anyhow::Result<()> = loop {
-        let s = match session.take() {
+        let mut s = match session.take() {
             Some(s) => s,
-            None => match upstream.reconnect(&server).await {
+            None => match reconnect(&upstream, &server).await {
                 Ok(s) => {
-                    info!("reconnected");
+                    info!(timeline = %s.server.timeline, target = s.conn.target(), "reconnected");
                     backoff.reset();
                     s
                 }
@@ -221,6 +222,32 @@ async fn stream_until_stopped(
                 Err(e) => break Err(e),
             },
         };
+        // A failover: the server may be a new primary whose timeline forked
+        // off ours before what we hold, or a standby behind us (rule 8).
+        let followed = match s.follow(tli, from).await {
+            Ok(Continue::Here) => Ok(()),
+            Ok(Continue::Forked { fork, next }) => {
+                let server_timeline = s.server.timeline;
+                receiver
+                    .leave_timeline(&mut s.conn, fork, next, server_timeline)
+                    .await
+                    .map(|(t, l)| (tli, from) = (t, l))
+            }
+            Err(e) => Err(e),
+        };
+        match followed {
+            Ok(()) => {}
+            Err(e) if upstream::is_retryable(&e) => {
+                positions.receive_heartbeat();
+                warn!("{}", crate::report::error_line(&e));
+                s.conn.close().await;
+                if upstream::sleep_or_cancel(cancel, backoff.next_delay()).await {
+                    break Ok(());
+                }
+                continue;
+            }
+            Err(e) => break Err(e),
+        }
         match receiver.stream(s.conn, tli, from).await {
             Ok(StreamEnd::Cancelled) => break Ok(()),
             Ok(StreamEnd::ServerStopped) => {
@@ -246,7 +273,7 @@ async fn stream_until_stopped(
                     );
                 }
                 let repaired = async {
-                    let mut s = upstream.reconnect(&server).await?;
+                    let mut s = reconnect(&upstream, &server).await?;
                     let at = if second {
                         skip_lost_wal(cfg, repo, &spool, &receiver, &mut s).await?
                     } else {
@@ -281,6 +308,14 @@ async fn stream_until_stopped(
     let writer_result = writer.finish().await;
     outcome?;
     writer_result
+}
+
+/// Connects again, refusing another cluster, and makes sure the slot
+/// exists there: after a failover the new primary may never have had it.
+async fn reconnect<'a>(upstream: &Upstream<'a>, server: &Server) -> anyhow::Result<Session<'a>> {
+    let mut s = upstream.reconnect(server).await?;
+    s.ensure_slot().await?;
+    Ok(s)
 }
 
 /// WAL from the end of what we received is gone from the server (rule 2):

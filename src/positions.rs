@@ -119,11 +119,12 @@ impl Positions {
             .map_or(Lsn::INVALID, |d| d.borrow().flushed)
     }
 
-    /// Resets every position this struct holds to `lsn` (start of
-    /// streaming or a timeline switch), where moving backwards is
-    /// legitimate; `flushed` is the spool's to say.
+    /// Resets the receive side's positions to `lsn` (start of streaming,
+    /// or streaming going on at a fork point after a failover), where
+    /// moving backwards is legitimate; `flushed` is the spool's to say and
+    /// `archived` the uploader's (set here, it could pass `flushed`).
     pub fn reset(&self, timeline: TimelineId, lsn: Lsn) {
-        for a in [&self.0.received, &self.0.written, &self.0.archived] {
+        for a in [&self.0.received, &self.0.written] {
             a.store(lsn.0, Ordering::Release);
         }
         self.0.server.fetch_max(lsn.0, Ordering::AcqRel);

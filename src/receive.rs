@@ -70,6 +70,11 @@ pub struct Receiver<'a> {
     /// position, this moves back to the segment start after a timeline
     /// switch, where streaming really continues.
     pub resume: (TimelineId, Lsn),
+    /// After a failover to a server whose timeline forked off before the
+    /// end of what the spool held: that timeline and the fork point. Until
+    /// the spool has flushed WAL of it, only WAL before the fork is durable
+    /// *on that server's history*, and no more is reported to it.
+    pub forked: Option<(TimelineId, Lsn)>,
 }
 
 impl Receiver<'_> {
@@ -115,6 +120,37 @@ impl Receiver<'_> {
                 }
             }
         }
+    }
+
+    /// After a failover to a server whose timeline `next` forked off the
+    /// spool's timeline at `fork`, before the end of what the spool holds:
+    /// closes the segment being filled as the old timeline's `.partial`
+    /// (with everything the spool holds past the fork: it stays archived
+    /// under the old timeline and is never mixed into the new one), spools
+    /// the new timelines' history files up to the server's, and returns
+    /// where streaming goes on: `next`, from the start of the segment
+    /// holding the fork point.
+    pub async fn leave_timeline(
+        &mut self,
+        conn: &mut ReplicationConnection,
+        fork: Lsn,
+        next: TimelineId,
+        server_timeline: TimelineId,
+    ) -> anyhow::Result<(TimelineId, Lsn)> {
+        let (old, held) = self.resume;
+        warn!(
+            timeline = %old, %fork, %held, %next,
+            "FAILOVER: the server's timeline {next} forked off timeline {old} at {fork}, but walsafe holds WAL up to {held} on timeline {old} (from the old primary); that WAL stays archived under timeline {old} only, and archiving goes on on timeline {next}",
+        );
+        self.writer.end_timeline(next).await?;
+        self.forked = Some((next, fork));
+        for t in next.0..=server_timeline.0 {
+            self.fetch_history(conn, TimelineId(t)).await?;
+        }
+        let start = fork.segment_start(self.identity.segment_size);
+        self.positions.reset(next, start);
+        self.resume = (next, start);
+        Ok(self.resume)
     }
 
     /// Closes the segment being filled (it stays `.partial` and is shipped
@@ -233,10 +269,22 @@ impl Receiver<'_> {
 
     /// The flush position PostgreSQL may be told about.
     fn ack_position(&self) -> Lsn {
-        let Durable { flushed, .. } = *self.writer.durable().borrow();
-        match self.cfg.archive.ack {
+        let Durable { timeline, flushed } = *self.writer.durable().borrow();
+        let ack = match self.cfg.archive.ack {
             AckMode::Local => flushed,
             AckMode::Remote => flushed.min(*self.archived.borrow()),
+        };
+        self.within_history(timeline, ack)
+    }
+
+    /// `lsn`, a position of WAL the spool holds on `timeline`, as far as it
+    /// is in the history of the server after a failover (see
+    /// [`Receiver::forked`]): no further than the fork point while the
+    /// spool's WAL is still of the old timeline.
+    fn within_history(&self, timeline: TimelineId, lsn: Lsn) -> Lsn {
+        match self.forked {
+            Some((next, fork)) if timeline < next => lsn.min(fork),
+            _ => lsn,
         }
     }
 
@@ -246,7 +294,12 @@ impl Receiver<'_> {
         reply_requested: bool,
     ) -> anyhow::Result<()> {
         let ack = self.ack_position();
-        let received = self.positions.received().max(ack);
+        let received = self
+            .within_history(
+                self.writer.durable().borrow().timeline,
+                self.positions.received(),
+            )
+            .max(ack);
         stream
             .send_status(received, ack, Lsn::INVALID, reply_requested)
             .await

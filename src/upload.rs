@@ -133,7 +133,11 @@ pub struct Uploader {
     /// while a timeline's history is not stored, the closed end of the
     /// timeline before it does not count as archived.
     closed: BTreeSet<SegmentName>,
+    /// The spool's durable end, and its timeline: a new timeline starts
+    /// again at its first segment's start, which may lie before the old
+    /// timeline's end (always after a failover that forked off earlier).
     flushed: Lsn,
+    flushed_timeline: TimelineId,
     /// (flushed position, unix ms when it became durable), oldest first.
     durable_times: VecDeque<(Lsn, u64)>,
     archived_tx: watch::Sender<Lsn>,
@@ -185,7 +189,10 @@ impl Uploader {
             jobs.insert(Job::History(*t), State::Queued);
         }
         let resume = recovered.resume.map_or(Lsn::INVALID, |(_, l)| l);
-        let flushed = recovered.durable(segment_size).flushed;
+        let Durable {
+            timeline: flushed_timeline,
+            flushed,
+        } = recovered.durable(segment_size);
         let mut filling = None;
         if let Some(seg) = reopened {
             let off = flushed.bytes_after(seg.start_lsn(segment_size));
@@ -217,6 +224,7 @@ impl Uploader {
             whole: BTreeSet::new(),
             closed,
             flushed,
+            flushed_timeline,
             durable_times: VecDeque::new(),
             archived_tx,
             last_chunk: Instant::now(),
@@ -328,6 +336,16 @@ impl Uploader {
 
     fn on_durable(&mut self, d: Durable) {
         let Durable { timeline, flushed } = d;
+        if timeline > self.flushed_timeline {
+            // WAL on a new timeline: positions count from where it began,
+            // and what of the old timeline is not stored yet keeps its age
+            // (one sample at the new position: the lag errs high).
+            self.flushed_timeline = timeline;
+            self.flushed = Lsn::INVALID;
+            if let Some((_, oldest)) = self.durable_times.front().copied() {
+                self.durable_times = VecDeque::from([(flushed, oldest)]);
+            }
+        }
         if flushed > self.flushed {
             // One sample per 100 ms at most, so that a long outage does not
             // grow this queue per fsync batch. Extending the newest sample

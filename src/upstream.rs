@@ -6,8 +6,19 @@
 //! Upstream::connect ──▶ Session { conn, server }     connect, IDENTIFY_SYSTEM, settings
 //!   Session::ensure_slot                             READ_REPLICATION_SLOT (13, 14: SQL), create when missing
 //!   Session::start_position(recovered)               spool first, then the slot, then a new slot's reservation
+//!   Session::follow(timeline, from)                  before every stream: where this server lets it go on
 //!   Session::recreate_slot                           after the slot lost WAL: drop, create again
 //! ```
+//!
+//! After a failover the server may be a new primary whose timeline forked
+//! off walsafe's before the point walsafe reached (an asynchronous standby
+//! that was behind). [`Session::follow`] reads the server's history and
+//! says so ([`Continue::Forked`]): walsafe's WAL past the fork stays
+//! archived under the old timeline only, and streaming goes on on the
+//! server's timeline from the segment holding the fork point. A server
+//! behind walsafe (a standby still in recovery, or on an older timeline) is
+//! a state to wait out ([`ServerBehind`], `PgError::AheadOfServer`), never a
+//! reason to stop.
 //!
 //! The agent's reconnect loop and its repair after lost WAL both go through
 //! it, so that "where may streaming start" is answered in one place, always
@@ -26,7 +37,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::pg::error::PgError;
-use crate::pg::lsn::timeline_of_point;
+use crate::pg::lsn::{branch_of, timeline_of_point, Branch};
 use crate::pg::replication::{ReplicationConnection, SlotPosition};
 use crate::pg::{Lsn, Server, TimelineId};
 use crate::retry::Backoff;
@@ -42,11 +53,38 @@ pub fn reconnect_backoff() -> Backoff {
     Backoff::new(RECONNECT_MIN, RECONNECT_MAX)
 }
 
-/// Whether an error of a PostgreSQL connection may pass by itself.
+/// Whether an error of a PostgreSQL connection may pass by itself. A
+/// missing slot is: every reconnect creates it ([`Session::ensure_slot`]),
+/// as after a failover to a server that never had it.
 pub fn is_retryable(e: &anyhow::Error) -> bool {
-    e.chain()
-        .find_map(|c| c.downcast_ref::<PgError>())
-        .is_some_and(PgError::is_retryable)
+    e.chain().any(|c| {
+        c.is::<ServerBehind>()
+            || c.downcast_ref::<PgError>()
+                .is_some_and(|p| p.is_retryable() || matches!(p, PgError::SlotMissing { .. }))
+    })
+}
+
+/// The server is on an older timeline than the WAL walsafe holds: a
+/// standby that has not followed the promotion yet, or the old primary.
+#[derive(Debug, thiserror::Error)]
+#[error("PostgreSQL at {target} is on timeline {server}, but walsafe already holds WAL of timeline {ours}; waiting for a server on timeline {ours} or later (is [postgres] conninfo pointing at the new primary?)")]
+pub struct ServerBehind {
+    pub target: String,
+    pub server: TimelineId,
+    pub ours: TimelineId,
+}
+
+/// Where streaming goes on, on this server (see [`Session::follow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Continue {
+    /// The server's history holds `timeline` up to the point walsafe
+    /// reached: stream from there (timeline switches follow in the stream).
+    Here,
+    /// The server's timeline forked off at `fork`, before the point walsafe
+    /// reached on its timeline: what walsafe holds past `fork` is not in
+    /// this server's history. Streaming goes on at `next`, from the start
+    /// of the segment holding `fork`.
+    Forked { fork: Lsn, next: TimelineId },
 }
 
 /// Did streaming fail because the server no longer has the WAL we need?
@@ -169,15 +207,9 @@ impl Session<'_> {
         recovered: &Recovered,
     ) -> anyhow::Result<(TimelineId, Lsn)> {
         let slot_start = self.ensure_slot().await?;
-        if let Some((t, l)) = recovered.resume {
-            if t > self.server.timeline {
-                bail!(
-                    "the spool {} holds WAL of timeline {t}, but the server is on timeline {}; is [postgres] conninfo pointing at the right server?",
-                    self.cfg.spool.dir.display(),
-                    self.server.timeline
-                );
-            }
-            return Ok((t, l));
+        if let Some(resume) = recovered.resume {
+            // Whether this server can continue it is for `follow` to say.
+            return Ok(resume);
         }
         match slot_start {
             SlotStart::Known(start) => Ok(start.unwrap_or((
@@ -191,6 +223,40 @@ impl Session<'_> {
                 self.cfg.spool.dir.display(),
                 self.cfg.postgres.slot
             ))),
+        }
+    }
+
+    /// Where this server lets streaming go on from `from` on `timeline`,
+    /// the end of what walsafe holds (see [`Continue`]). A server on an
+    /// older timeline is [`ServerBehind`] (retryable); one whose history
+    /// does not contain `timeline` at all descends from another branch of
+    /// the cluster's history, which walsafe cannot follow.
+    pub async fn follow(&mut self, timeline: TimelineId, from: Lsn) -> anyhow::Result<Continue> {
+        let current = self.server.timeline;
+        if current < timeline {
+            return Err(ServerBehind {
+                target: self.conn.target().to_string(),
+                server: current,
+                ours: timeline,
+            }
+            .into());
+        }
+        if current == timeline {
+            return Ok(Continue::Here);
+        }
+        let (_, history) = self
+            .conn
+            .timeline_history(current)
+            .await
+            .with_context(|| format!("TIMELINE_HISTORY {current} failed"))?;
+        match branch_of(&String::from_utf8_lossy(&history), timeline, current) {
+            Branch::Current => Ok(Continue::Here),
+            Branch::Ended { at, .. } if from <= at => Ok(Continue::Here),
+            Branch::Ended { at, next } => Ok(Continue::Forked { fork: at, next }),
+            Branch::Foreign => bail!(
+                "PostgreSQL at {} is on timeline {current}, whose history does not contain timeline {timeline} that walsafe streamed until {from}: the server descends from another branch of this cluster's history; point [postgres] conninfo at the server that continues timeline {timeline}, or start a new spool and repository for this branch",
+                self.conn.target()
+            ),
         }
     }
 

@@ -228,6 +228,30 @@ pub enum PgError {
         server: Box<ServerError>,
     },
 
+    /// START_REPLICATION beyond the end of the server's WAL: a standby that
+    /// has not replayed as far as walsafe streamed (from the old primary),
+    /// waiting to catch up or to be promoted.
+    #[error("PostgreSQL at {target} has WAL only up to {}, but walsafe already holds WAL up to {start} on timeline {timeline} ({server}); waiting for the server to catch up or to be promoted (if it never will, [postgres] conninfo points at the wrong server)", flush.map_or("an unknown position".to_string(), |l| l.to_string()))]
+    AheadOfServer {
+        target: String,
+        start: Lsn,
+        timeline: TimelineId,
+        flush: Option<Lsn>,
+        server: Box<ServerError>,
+    },
+
+    /// START_REPLICATION at a point the server's history does not hold: the
+    /// server's timeline forked off walsafe's timeline before that point
+    /// (a failover to a server that was behind). The agent reads the
+    /// server's history and continues on its timeline from the fork.
+    #[error("the history of PostgreSQL at {target} forked off timeline {timeline} before {start}, where walsafe asked to stream from ({server}); walsafe continues on the server's timeline from the fork point")]
+    NotInHistory {
+        target: String,
+        start: Lsn,
+        timeline: TimelineId,
+        server: Box<ServerError>,
+    },
+
     /// wal_level is minimal.
     #[error("wal_level on the server is too low for replication ({server}); set wal_level = replica (or logical) and restart PostgreSQL")]
     WalLevelTooLow { server: Box<ServerError> },
@@ -288,7 +312,9 @@ impl PgError {
             | PgError::Closed { .. }
             | PgError::TooManyConnections { .. }
             | PgError::WalSendersExhausted { .. }
-            | PgError::ServerUnavailable { .. } => true,
+            | PgError::ServerUnavailable { .. }
+            | PgError::AheadOfServer { .. }
+            | PgError::NotInHistory { .. } => true,
             PgError::Server { server, .. } => sqlstate_is_transient(&server.code),
             PgError::Sql { source, .. } => match source.as_db_error() {
                 Some(db) => sqlstate_is_transient(db.code().code()),
@@ -426,6 +452,29 @@ pub fn classify(server: ServerError, ctx: &ErrorContext) -> PgError {
             server,
         },
         "55000" if msg.contains("wal_level") => PgError::WalLevelTooLow { server },
+        _ if msg.starts_with("requested starting point")
+            && msg.contains("is ahead of the WAL flush position") =>
+        {
+            let (start, timeline) = ctx.start.unwrap_or((Lsn::INVALID, TimelineId(0)));
+            PgError::AheadOfServer {
+                target,
+                start,
+                timeline,
+                flush: msg.split_whitespace().last().and_then(|l| l.parse().ok()),
+                server,
+            }
+        }
+        _ if msg.starts_with("requested starting point")
+            && msg.contains("is not in this server's history") =>
+        {
+            let (start, timeline) = ctx.start.unwrap_or((Lsn::INVALID, TimelineId(0)));
+            PgError::NotInHistory {
+                target,
+                start,
+                timeline,
+                server,
+            }
+        }
         "55000"
             if msg.contains("can no longer get changes from replication slot")
                 || msg.contains("invalidated")
@@ -551,6 +600,52 @@ mod tests {
         );
         assert!(matches!(e, PgError::SlotInvalidated { .. }));
         assert!(!e.is_retryable());
+
+        // A failover: the server is a standby behind walsafe, or a new
+        // primary whose history forked before walsafe's position. Both are
+        // states to wait out or follow, never reasons to stop.
+        let e = classify(
+            err(
+                "XX000",
+                "requested starting point 0/5000000 is ahead of the WAL flush position of this server 0/4000A28",
+                None,
+            ),
+            &c,
+        );
+        assert!(
+            matches!(
+                e,
+                PgError::AheadOfServer {
+                    flush: Some(Lsn(0x4000A28)),
+                    start: Lsn(0x1000000),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.is_retryable());
+        assert!(e
+            .to_string()
+            .contains("waiting for the server to catch up or to be promoted"));
+        let e = classify(
+            err(
+                "XX000",
+                "requested starting point 0/5000000 on timeline 1 is not in this server's history",
+                Some("This server's history forked from timeline 1 at 0/4000A28."),
+            ),
+            &c,
+        );
+        assert!(
+            matches!(
+                e,
+                PgError::NotInHistory {
+                    timeline: TimelineId(1),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.is_retryable());
 
         let e = classify(
             err(

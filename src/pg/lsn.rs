@@ -76,21 +76,52 @@ impl fmt::Display for TimelineId {
     }
 }
 
+/// The entries of a timeline history file: each ancestor timeline and
+/// the point where it ended (its child's first byte), oldest first. Lines
+/// that do not parse (comments, blank) are skipped.
+pub fn history_entries(history: &str) -> impl Iterator<Item = (TimelineId, Lsn)> + '_ {
+    history.lines().filter_map(|l| {
+        let mut f = l.split_whitespace();
+        let tli = f.next()?.parse().ok()?;
+        let switch: Lsn = f.next()?.parse().ok()?;
+        Some((TimelineId(tli), switch))
+    })
+}
+
 /// The timeline that holds `point`, per the history file of `current`
 /// (what PostgreSQL's `tliOfPointInHistory` computes): the first ancestor
-/// whose switch point lies beyond `point`, else `current`. Lines that do
-/// not parse (comments, blank) are skipped.
+/// whose switch point lies beyond `point`, else `current`.
 pub fn timeline_of_point(history: &str, point: Lsn, current: TimelineId) -> TimelineId {
-    history
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let tli = f.next()?.parse().ok()?;
-            let switch: Lsn = f.next()?.parse().ok()?;
-            Some((TimelineId(tli), switch))
-        })
+    history_entries(history)
         .find(|&(_, switch)| point < switch)
         .map_or(current, |(tli, _)| tli)
+}
+
+/// Where `timeline` stands in the history of `current`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Branch {
+    /// `timeline` is `current`.
+    Current,
+    /// `timeline` is an ancestor of `current`: it ended at `at`, where
+    /// `next` began.
+    Ended { at: Lsn, next: TimelineId },
+    /// `timeline` is not in `current`'s history (another branch).
+    Foreign,
+}
+
+/// Where `timeline` stands in `history`, the history file of `current`.
+pub fn branch_of(history: &str, timeline: TimelineId, current: TimelineId) -> Branch {
+    if timeline == current {
+        return Branch::Current;
+    }
+    let entries: Vec<_> = history_entries(history).collect();
+    match entries.iter().position(|&(t, _)| t == timeline) {
+        Some(i) => Branch::Ended {
+            at: entries[i].1,
+            next: entries.get(i + 1).map_or(current, |&(t, _)| t),
+        },
+        None => Branch::Foreign,
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +142,42 @@ mod tests {
         assert_eq!(
             timeline_of_point("# none\n", Lsn(1), TimelineId(1)),
             TimelineId(1)
+        );
+    }
+
+    #[test]
+    fn a_timeline_ends_where_its_child_begins() {
+        let history = "1\t0/5000028\tno recovery target specified\n\n\
+                       2\t0/9000000\tno recovery target specified\n";
+        let b = |t: u32| branch_of(history, TimelineId(t), TimelineId(3));
+        assert_eq!(b(3), Branch::Current);
+        assert_eq!(
+            b(1),
+            Branch::Ended {
+                at: Lsn(0x5000028),
+                next: TimelineId(2)
+            }
+        );
+        assert_eq!(
+            b(2),
+            Branch::Ended {
+                at: Lsn(0x9000000),
+                next: TimelineId(3)
+            }
+        );
+        assert_eq!(b(4), Branch::Foreign);
+        // Timeline 3 was created from 1, skipping 2 (2 forked elsewhere).
+        let skipped = "1\t0/5000028\tno recovery target specified\n";
+        assert_eq!(
+            branch_of(skipped, TimelineId(1), TimelineId(3)),
+            Branch::Ended {
+                at: Lsn(0x5000028),
+                next: TimelineId(3)
+            }
+        );
+        assert_eq!(
+            branch_of(skipped, TimelineId(2), TimelineId(3)),
+            Branch::Foreign
         );
     }
 

@@ -1,0 +1,199 @@
+//! Following a failover (rule 8): the primary dies, an asynchronous
+//! standby that was behind walsafe is promoted. walsafe holds WAL past the
+//! new primary's fork point; it must keep that WAL archived under the old
+//! timeline, never mix it into the new one, and go on archiving the new
+//! timeline, without exiting and without a gap.
+
+mod common;
+
+use std::time::Duration;
+
+use common::pg::{PgCluster, PgOptions, TestDir};
+use common::setup::current_lsn;
+use common::walsafe::{restore_promoted, walsafe, Agent, Settings};
+
+#[test]
+fn an_asynchronous_failover_to_a_standby_behind_walsafe_is_followed() {
+    let primary = PgCluster::start(&PgOptions {
+        name: "fo-primary".into(),
+        ..Default::default()
+    });
+    primary.psql("CREATE TABLE t (id int, pad text)");
+    primary.psql("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 100) g");
+    let standby = primary.create_standby();
+    let dir = TestDir::new("failover");
+    let backup = dir.join("base");
+    primary.base_backup(&backup, "stream");
+
+    // walsafe follows whichever of the two answers, primary first.
+    let conninfo = format!(
+        "host={},{} port={},{} user=postgres",
+        primary.socket_dir().display(),
+        standby.socket_dir().display(),
+        primary.port(),
+        standby.port()
+    );
+    let settings = Settings::new(dir.path(), &conninfo);
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let mut agent = Agent::start(&config, settings.metrics_port);
+    agent.wait_archived(current_lsn(&primary), Duration::from_secs(30));
+
+    // The standby falls behind: stopped while the primary goes on, and
+    // walsafe gets WAL the standby never will.
+    standby.stop_fast();
+    primary
+        .psql("INSERT INTO t SELECT g, 'lost in the failover' FROM generate_series(1001, 1100) g");
+    primary.psql("SELECT pg_switch_wal()");
+    primary.psql("INSERT INTO t SELECT g, 'lost too' FROM generate_series(1101, 1200) g");
+    let walsafe_end = current_lsn(&primary);
+    agent.wait_archived(walsafe_end, Duration::from_secs(30));
+
+    // The primary dies; the standby comes back and is promoted.
+    primary.stop_immediate();
+    standby.start_again();
+    standby.promote();
+    standby.wait_for("SELECT pg_is_in_recovery()", "f", Duration::from_secs(30));
+    standby
+        .psql("INSERT INTO t SELECT g, 'on the new timeline' FROM generate_series(2001, 2100) g");
+    standby.psql("SELECT pg_switch_wal()");
+    standby.psql("INSERT INTO t VALUES (3000, 'the last commit')");
+    let end = current_lsn(&standby);
+
+    assert!(
+        common::walsafe::wait_until(Duration::from_secs(90), || {
+            agent.gauge("walsafe_timeline") == 2.0
+                && agent.gauge("walsafe_archived_lsn_bytes") as u64 >= end
+        }),
+        "walsafe did not follow the failover to timeline 2 (archived {}); log:\n{}",
+        agent.gauge("walsafe_archived_lsn_bytes"),
+        agent.log()
+    );
+    assert!(
+        agent.try_wait().is_none(),
+        "walsafe exited; log:\n{}",
+        agent.log()
+    );
+    // It saw the fork for what it is, and said so.
+    assert!(
+        agent
+            .log()
+            .contains("FAILOVER: the server's timeline 2 forked off timeline 1"),
+        "log:\n{}",
+        agent.log()
+    );
+    assert!(
+        !settings.spool.join("walsafe.gaps").exists(),
+        "log:\n{}",
+        agent.log()
+    );
+
+    // The repository holds both histories, consistently.
+    let v = walsafe(&config, &["wal-verify"]);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}\nlog:\n{}",
+        String::from_utf8_lossy(&v.stdout),
+        agent.log()
+    );
+
+    // A restore following the latest timeline is the new primary's history:
+    // everything before the fork, everything after it on timeline 2, and
+    // none of what only the old primary had.
+    let restored = restore_promoted(
+        &backup,
+        dir.path(),
+        &config,
+        &["recovery_target_timeline = 'latest'"],
+        "restore across the failover",
+    );
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM t WHERE pad = 'before'"),
+        "100"
+    );
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM t WHERE pad = 'on the new timeline'"),
+        "100"
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM t WHERE id = 3000"), "1");
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM t WHERE id > 1000 AND id < 2000"),
+        "0"
+    );
+    drop(agent);
+}
+
+/// Streaming from a standby (cascading replication): when that standby is
+/// promoted, its walsender ends timeline 1 at the switch point and walsafe
+/// goes on with timeline 2, as pg_receivewal does.
+#[test]
+fn streaming_from_a_standby_follows_its_promotion() {
+    let primary = PgCluster::start(&PgOptions {
+        name: "fo-upstream".into(),
+        ..Default::default()
+    });
+    primary.psql("CREATE TABLE t (id int, pad text)");
+    primary.psql("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 100) g");
+    let standby = primary.create_standby();
+    let dir = TestDir::new("failover-cascade");
+    let backup = dir.join("base");
+    primary.base_backup(&backup, "stream");
+
+    let settings = Settings::new(dir.path(), &standby.conninfo());
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let mut agent = Agent::start(&config, settings.metrics_port);
+    primary.psql("INSERT INTO t SELECT g, 'through the standby' FROM generate_series(101, 200) g");
+    let lsn = current_lsn(&primary);
+    standby.wait_for(
+        &format!(
+            "SELECT pg_last_wal_replay_lsn() >= '{:X}/{:X}'",
+            lsn >> 32,
+            lsn & 0xFFFF_FFFF
+        ),
+        "t",
+        Duration::from_secs(30),
+    );
+    agent.wait_archived(lsn, Duration::from_secs(30));
+
+    primary.stop_immediate();
+    standby.promote();
+    standby.wait_for("SELECT pg_is_in_recovery()", "f", Duration::from_secs(30));
+    standby.psql("INSERT INTO t SELECT g, 'after the promotion' FROM generate_series(201, 300) g");
+    let end = current_lsn(&standby);
+    assert!(
+        common::walsafe::wait_until(Duration::from_secs(60), || {
+            agent.gauge("walsafe_timeline") == 2.0
+                && agent.gauge("walsafe_archived_lsn_bytes") as u64 >= end
+        }),
+        "walsafe did not follow the standby's promotion (archived {}); log:\n{}",
+        agent.gauge("walsafe_archived_lsn_bytes"),
+        agent.log()
+    );
+    assert!(
+        agent.try_wait().is_none(),
+        "walsafe exited; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        !settings.spool.join("walsafe.gaps").exists(),
+        "log:\n{}",
+        agent.log()
+    );
+    let v = walsafe(&config, &["wal-verify"]);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+
+    let restored = restore_promoted(
+        &backup,
+        dir.path(),
+        &config,
+        &["recovery_target_timeline = 'latest'"],
+        "restore after the standby's promotion",
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), "300");
+    drop(agent);
+}
