@@ -36,6 +36,7 @@
 //! [fetch]
 //! prefetch = 8
 //! dir = "/var/lib/walsafe/prefetch"
+//! recover_to_gap = "1:0/5123456"   # optional, see FetchConfig::recover_to_gap
 //!
 //! [metrics]
 //! listen = "127.0.0.1:9851"
@@ -50,6 +51,7 @@ use serde::Deserialize;
 
 use crate::durable::Fsync;
 use crate::pg::replication::parse_size_setting;
+use crate::pg::{Lsn, TimelineId};
 use crate::repository::store::DEFAULT_REQUEST_TIMEOUT;
 use crate::repository::{Compression, RepositoryConfig};
 use crate::spool::{Limits, MinFree, DEFAULT_LIMITS};
@@ -140,6 +142,16 @@ pub struct FetchConfig {
     pub prefetch: usize,
     /// Where prefetched segments wait; default `<spool.dir>/prefetch`.
     pub dir: PathBuf,
+    /// `recover_to_gap = "<timeline>:<LSN>"`: the operator's consent to end
+    /// recovery at the recorded gap that starts at LSN on that timeline.
+    /// Without it `wal-fetch` refuses (exit 126) the segment holding a
+    /// gap's start, because recovery would end there and promote without
+    /// the WAL archived after the gap. It names one gap exactly, as
+    /// wal-fetch's refusal prints it, rather than being a blanket switch:
+    /// consent given for one loss never lets recovery stop early at
+    /// another gap recorded later, and a value that matches no gap changes
+    /// nothing.
+    pub recover_to_gap: Option<(TimelineId, Lsn)>,
 }
 
 #[derive(Debug, Clone)]
@@ -208,6 +220,7 @@ struct RawArchive {
 struct RawFetch {
     prefetch: Option<usize>,
     dir: Option<PathBuf>,
+    recover_to_gap: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -449,6 +462,18 @@ impl Config {
             .dir
             .map(resolve)
             .unwrap_or_else(|| spool_dir.join("prefetch"));
+        let recover_to_gap = raw.fetch.recover_to_gap.as_deref().and_then(|t| {
+            let parsed = t.split_once(':').and_then(|(tli, lsn)| {
+                let tli: u32 = tli.trim().parse().ok().filter(|&n| n > 0)?;
+                Some((TimelineId(tli), lsn.parse::<Lsn>().ok()?))
+            });
+            if parsed.is_none() {
+                problems.push(format!(
+                    "[fetch] recover_to_gap = \"{t}\" does not name a gap start; write \"<timeline>:<LSN>\" exactly as wal-fetch's refusal prints it, e.g. \"1:0/5123456\""
+                ));
+            }
+            parsed
+        });
 
         let listen = match raw.metrics.listen.as_deref() {
             Some("") => None,
@@ -503,6 +528,7 @@ impl Config {
             fetch: FetchConfig {
                 prefetch: raw.fetch.prefetch.unwrap_or(DEFAULT_PREFETCH),
                 dir: fetch_dir,
+                recover_to_gap,
             },
             metrics: MetricsConfig { listen },
         })
@@ -525,6 +551,22 @@ dir = "spool"
 [repository]
 url = "file:///tmp/repo"
 "#;
+
+    #[test]
+    fn recover_to_gap_names_one_gap_start() {
+        let p = Path::new("w.toml");
+        assert_eq!(Config::parse(GOOD, p).unwrap().fetch.recover_to_gap, None);
+        let with = |v: &str| format!("{GOOD}\n[fetch]\nrecover_to_gap = \"{v}\"\n");
+        let c = Config::parse(&with("2:0/5123456"), p).unwrap();
+        assert_eq!(
+            c.fetch.recover_to_gap,
+            Some((TimelineId(2), Lsn(0x5123456)))
+        );
+        for bad in ["0/5123456", "0:0/5123456", "x:0/1", "1:zz"] {
+            let e = Config::parse(&with(bad), p).unwrap_err().to_string();
+            assert!(e.contains("recover_to_gap"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn defaults_and_relative_paths() {

@@ -1,29 +1,56 @@
 //! fetch: `walsafe wal-fetch NAME DEST`, PostgreSQL's `restore_command`.
 //!
-//! Contract with PostgreSQL (rule 4 of README's Guarantees):
+//! Contract with PostgreSQL (rules 4 and 7 of README's Guarantees):
 //!
 //! * exit 0: DEST holds the complete, verified file (temp file, fsync,
 //!   rename: recovery never sees a torn file);
 //! * exit 1: the file is not in the archive — PostgreSQL's normal
-//!   end-of-archive probe;
+//!   end-of-archive probe — and only after a *consistent look* proved it
+//!   absent (see below);
 //! * exit 126: anything else (corrupt, tampered or swapped object, wrong
-//!   key, a gap inside a chunked segment, storage unreachable after
-//!   retries, bad configuration, even a panic). PostgreSQL treats exit
-//!   codes above 125 as fatal and stops recovery instead of promoting with
-//!   lost WAL.
+//!   key, a gap inside a chunked segment, disagreeing chunks, a segment
+//!   holding the start of a recorded gap, storage unreachable after
+//!   retries, bad configuration or arguments, even a panic). PostgreSQL
+//!   treats exit codes above 125 as fatal and stops recovery instead of
+//!   promoting with lost WAL.
 //!
 //! Where a segment is looked for, in order:
 //!
-//! 1. the prefetch directory (`[fetch] dir`), which holds *raw repository
-//!    objects*, so they are authenticated and checksummed exactly like a
-//!    download; a bad prefetched file is discarded and fetched again;
+//! 1. the prefetch cache, `<[fetch] dir>/<repository id>/<name>`, which
+//!    holds *raw repository objects*, so they are authenticated and
+//!    checksummed exactly like a download; a bad prefetched file is
+//!    discarded and fetched again. The repository id (see
+//!    [`prefetch_cache`]) keeps one repository's objects from ever being
+//!    served for another that shares the directory;
 //! 2. `wal/<name>` — the complete segment;
-//! 3. `wal/<name>.partial` — the closed last segment of an ended timeline;
+//! 3. `wal/<name>.partial` — the closed last segment of an ended timeline,
+//!    or the segment closed at a recorded gap;
 //! 4. `chunks/<name>/…` — a segment that was still filling when the
-//!    primary died: chunks are assembled from offset 0 (overlaps must hold
-//!    identical bytes) and the rest is zero-filled, which recovery reads as
-//!    the end of WAL. A chunk set that does not start at 0 or has a hole is
+//!    primary died: chunks are assembled from offset 0 and the rest is
+//!    zero-filled, which recovery reads as the end of WAL. Every stored
+//!    chunk must agree byte for byte with what is served (chunks of two
+//!    runs overlap); a chunk set that does not start at 0 or has a hole is
 //!    a gap: fatal, never silently shortened.
+//!
+//! **A consistent look.** The agent stores a complete segment and then
+//! deletes its chunks, so a look at `wal/` followed by an empty chunk
+//! listing can miss a segment stored in between. "Not found" is therefore
+//! answered only when, after an empty chunk listing, `wal/<name>` and
+//! `wal/<name>.partial` are still absent and the chunks are still none;
+//! when the picture changed, the look starts again, at most
+//! [`CONSISTENT_LOOKS`] times, then it is an error (≥ 126), never exit 1.
+//!
+//! **Gaps.** A recorded gap (see `gap`) is WAL the archive will never
+//! have. A segment inside a gap is refused. The segment holding a gap's
+//! start is refused too when it is served from chunks or a closed partial
+//! (its WAL ends at the gap, zero-padded): recovery would read the end of
+//! WAL there, end and promote, and never reach the WAL stored after the
+//! gap. The operator may opt in, for exactly that gap, with
+//! `[fetch] recover_to_gap = "<timeline>:<gap start LSN>"`: then that
+//! segment is served and recovery ends at the gap, deliberately. (A
+//! complete `wal/<name>` is served even if a gap record says its end was
+//! lost: somebody archived the WAL after all, and the next segment is
+//! looked at again.)
 //!
 //! Every segment is also checked page by page against the repository's
 //! pinned cluster before it is written.
@@ -37,9 +64,11 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
 use crate::config::Config;
+use crate::gap::Gap;
 use crate::pg::page::validate_segment;
 use crate::pg::walfile::{classify, NameKind};
 use crate::pg::SegmentName;
@@ -52,12 +81,36 @@ use crate::repository::{ObjectName, Repository, SegmentFile};
 const CHUNK_FETCH_CONCURRENCY: usize = 8;
 /// Name of the lock that keeps one prefetcher per prefetch directory.
 const PREFETCH_LOCK: &str = ".prefetch.lock";
+/// Looks at a segment's places before a picture that keeps changing is an
+/// error (see the module doc).
+pub const CONSISTENT_LOOKS: usize = 5;
 
 /// What `wal-fetch` found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Fetched {
     Restored,
     NotFound,
+}
+
+/// Where the bytes of a segment were found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `wal/<name>`, downloaded or prefetched: the complete segment.
+    Segment,
+    /// `wal/<name>.partial`: WAL up to a timeline's end or a gap, then zeros.
+    ClosedPartial,
+    /// Assembled from chunks, zero-padded.
+    Chunks,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Segment => "the complete segment",
+            Source::ClosedPartial => "a closed .partial",
+            Source::Chunks => "chunks of a segment that was still filling",
+        })
+    }
 }
 
 /// `walsafe wal-fetch NAME DEST`, mapped to PostgreSQL's exit codes.
@@ -131,20 +184,19 @@ async fn fetch_segment(
         )
     })?;
     let file = SegmentFile::of(seg, d.segment_size);
-    let data = match from_prefetch(cfg, repo, &file).await {
-        Some(data) => Some(data),
-        None => match repo.get(&ObjectName::Segment(file.clone())).await? {
-            Some(data) => Some(data),
-            None => match repo.get(&ObjectName::ClosedPartial(file.clone())).await? {
-                Some(data) => Some(data),
-                None => assemble_chunks(repo, &file, d.segment_size).await?,
-            },
-        },
+    let cache = prefetch_cache(cfg, repo, d);
+    let found = match from_prefetch(&cache, repo, &file).await {
+        // Only complete segments are prefetched.
+        Some(data) => Some((data, Source::Segment)),
+        None => look_up(repo, &file, d.segment_size).await?,
     };
-    let Some(data) = data else {
-        refuse_if_in_gap(repo, seg, d.segment_size).await?;
+    let Some((data, source)) = found else {
+        refuse_if_in_gap(cfg, &repo.gaps().await?, seg, d.segment_size)?;
         return Ok(None);
     };
+    if source != Source::Segment {
+        refuse_if_gap_starts_in(cfg, &repo.gaps().await?, seg, d.segment_size, source)?;
+    }
     if data.len() as u64 != d.segment_size {
         bail!(
             "the archived {name} holds {} bytes, not the repository's segment size {}",
@@ -160,30 +212,171 @@ async fn fetch_segment(
     Ok(Some(data))
 }
 
+/// Looks for a segment in the repository (see the module doc: a
+/// consistent look). `None` only when it is proven absent.
+pub async fn look_up(
+    repo: &Repository,
+    file: &SegmentFile,
+    segment_size: u64,
+) -> anyhow::Result<Option<(Vec<u8>, Source)>> {
+    for look in 0..CONSISTENT_LOOKS {
+        if look > 0 {
+            debug!("{file}: the repository changed while it was looked at; looking again");
+        }
+        if let Some(found) = stored_whole(repo, file).await? {
+            return Ok(Some(found));
+        }
+        match assemble_chunks(repo, file, segment_size).await? {
+            Assembled::Segment(buf) => return Ok(Some((buf, Source::Chunks))),
+            Assembled::Changed => continue,
+            Assembled::NoChunks => {
+                // The segment may have been stored, and its chunks deleted,
+                // between the look at wal/ and the listing: look again at
+                // every place before calling it absent.
+                if let Some(found) = stored_whole(repo, file).await? {
+                    return Ok(Some(found));
+                }
+                if repo.list_chunks(file).await?.is_empty() {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    bail!(
+        "{file} kept changing in the repository while it was being read ({CONSISTENT_LOOKS} looks); is a second agent writing to it? Start the server again to retry"
+    )
+}
+
+/// The complete segment or the closed partial, if stored.
+async fn stored_whole(
+    repo: &Repository,
+    file: &SegmentFile,
+) -> anyhow::Result<Option<(Vec<u8>, Source)>> {
+    if let Some(data) = repo.get(&ObjectName::Segment(file.clone())).await? {
+        return Ok(Some((data, Source::Segment)));
+    }
+    Ok(repo
+        .get(&ObjectName::ClosedPartial(file.clone()))
+        .await?
+        .map(|data| (data, Source::ClosedPartial)))
+}
+
+/// Whether the operator's `[fetch] recover_to_gap` names exactly `gap`.
+fn opted_in(cfg: &Config, gap: &Gap) -> bool {
+    cfg.fetch.recover_to_gap == Some((gap.timeline, gap.from))
+}
+
+/// The setting that opts in to ending recovery at `gap`, and where it goes.
+fn opt_in_hint(cfg: &Config, gap: &Gap) -> String {
+    format!(
+        "to end recovery at the gap on purpose, losing every transaction after {from}, add recover_to_gap = \"{}:{from}\" to the [fetch] section of {} and start the server again; to recover past the gap, restore a base backup taken after {}",
+        gap.timeline,
+        cfg.path.display(),
+        gap.to,
+        from = gap.from,
+    )
+}
+
 /// A missing segment inside a recorded gap is not the end of the archive:
 /// WAL after the gap exists, and ending recovery here (exit 1) would make
 /// PostgreSQL promote without it, silently. Stop recovery instead, and say
-/// how to end it deliberately before the gap.
-async fn refuse_if_in_gap(
-    repo: &Repository,
+/// how to end it deliberately before the gap. The one exception: the
+/// operator opted in to this gap and it starts exactly at this segment.
+fn refuse_if_in_gap(
+    cfg: &Config,
+    gaps: &[Gap],
     seg: SegmentName,
     segment_size: u64,
 ) -> anyhow::Result<()> {
-    for gap in repo.gaps().await? {
-        if gap.touches(seg, segment_size) {
-            bail!(
-                "this segment lies in a recorded gap: WAL from {} to {} on timeline {} was lost before it was archived ({}, detected {}). Recovery cannot pass it; to end recovery just before it, set recovery_target_lsn = '{}' and recovery_target_action = 'promote', or restore a base backup taken after {}",
-                gap.from, gap.to, gap.timeline, gap.reason, gap.detected_at, gap.from, gap.to
-            );
+    for gap in gaps {
+        if !gap.touches(seg, segment_size) {
+            continue;
         }
+        if opted_in(cfg, gap) && gap.from == seg.start_lsn(segment_size) {
+            warn!(
+                "{}: not in the archive; recovery ends at the recorded gap at {} as [fetch] recover_to_gap says",
+                seg.file_name(segment_size),
+                gap.from
+            );
+            continue;
+        }
+        bail!(
+            "this segment lies in a recorded gap: WAL from {} to {} on timeline {} was lost before it was archived ({}, detected {}). Recovery cannot pass it; {}",
+            gap.from,
+            gap.to,
+            gap.timeline,
+            gap.reason,
+            gap.detected_at,
+            opt_in_hint(cfg, gap)
+        );
     }
     Ok(())
 }
 
+/// A segment served from chunks or a closed partial ends where its stored
+/// WAL ends. If a recorded gap starts inside it, recovery would take that
+/// end for the end of the archive and promote, and never replay the WAL
+/// stored after the gap: refuse, unless the operator opted in to this gap.
+fn refuse_if_gap_starts_in(
+    cfg: &Config,
+    gaps: &[Gap],
+    seg: SegmentName,
+    segment_size: u64,
+    source: Source,
+) -> anyhow::Result<()> {
+    let (start, end) = (seg.start_lsn(segment_size), seg.end_lsn(segment_size));
+    for gap in gaps {
+        if gap.timeline != seg.timeline || gap.from < start || gap.from >= end {
+            continue;
+        }
+        if opted_in(cfg, gap) {
+            warn!(
+                "serving {} up to the recorded gap at {} on timeline {}: recovery ends there, as [fetch] recover_to_gap says; the WAL from {} on is not replayed",
+                seg.file_name(segment_size),
+                gap.from,
+                gap.timeline,
+                gap.from
+            );
+            continue;
+        }
+        bail!(
+            "this segment holds the start of a recorded gap: WAL from {} to {} on timeline {} was lost before it was archived ({}, detected {}). The segment is stored only up to {} ({source}); recovery would read the end of WAL there and promote, and the WAL archived after the gap would never be replayed, so walsafe stops recovery here; {}",
+            gap.from,
+            gap.to,
+            gap.timeline,
+            gap.reason,
+            gap.detected_at,
+            gap.from,
+            opt_in_hint(cfg, gap)
+        );
+    }
+    Ok(())
+}
+
+/// The prefetch cache of one repository: `<[fetch] dir>/<id>/`, where `id`
+/// is the first 16 hex digits of SHA-256 over the repository's URL and its
+/// descriptor (pinned system identifier, creation time, key id). Two
+/// configurations sharing a prefetch directory, or a repository re-created
+/// at the same URL, never see each other's objects; within one, the file
+/// name is the object's logical name, which its envelope binds.
+pub fn prefetch_cache(cfg: &Config, repo: &Repository, d: &Descriptor) -> PathBuf {
+    let mut h = Sha256::new();
+    for part in [
+        repo.url(),
+        &d.system_identifier.to_string(),
+        &d.created_at,
+        d.key_id.as_deref().unwrap_or("-"),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    cfg.fetch.dir.join(hex::encode(&h.finalize()[..8]))
+}
+
 /// A prefetched raw object, decoded and verified; `None` when absent or bad.
-async fn from_prefetch(cfg: &Config, repo: &Repository, file: &SegmentFile) -> Option<Vec<u8>> {
+async fn from_prefetch(cache: &Path, repo: &Repository, file: &SegmentFile) -> Option<Vec<u8>> {
     let name = file.as_str();
-    let path = cfg.fetch.dir.join(name);
+    let path = cache.join(name);
     let raw = tokio::fs::read(&path).await.ok()?;
     let _ = tokio::fs::remove_file(&path).await;
     match repo
@@ -198,65 +391,95 @@ async fn from_prefetch(cfg: &Config, repo: &Repository, file: &SegmentFile) -> O
     }
 }
 
-/// Assembles a segment from its chunks (see the module doc). `None` when
-/// the segment has no chunks at all.
+/// What a segment's chunks gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Assembled {
+    /// The segment has no chunks.
+    NoChunks,
+    /// A listed chunk was gone when read (its segment was stored meanwhile).
+    Changed,
+    /// The segment: the chunks' WAL from offset 0, then zeros.
+    Segment(Vec<u8>),
+}
+
+/// Assembles a segment from its chunks (see the module doc). Every listed
+/// chunk is read and must agree with the assembled bytes, not only the
+/// chunks of the chain that covers the segment.
 pub async fn assemble_chunks(
     repo: &Repository,
     file: &SegmentFile,
     segment_size: u64,
-) -> anyhow::Result<Option<Vec<u8>>> {
-    // A chunk listed and then gone means the complete segment was stored and
-    // its chunks deleted meanwhile: look again, once.
-    for attempt in 0..2 {
-        if attempt > 0 {
-            if let Some(full) = repo.get(&ObjectName::Segment(file.clone())).await? {
-                return Ok(Some(full));
-            }
-        }
-        let chunks = repo.list_chunks(file).await?;
-        if chunks.is_empty() {
-            return Ok(None);
-        }
-        let plan = chunks::plan(&chunks).map_err(|u| match u {
-            Uncovered::MissingStart { first } => anyhow!(
-                "the chunks of {file} do not start at offset 0 (first at {first:08X}): WAL at the start of this segment is missing from the repository"
-            ),
-            Uncovered::Hole { from, to } => anyhow!(
-                "the chunks of {file} have a hole from {from:08X} to {to:08X}: WAL is missing from the repository"
-            ),
-        })?;
-        let parts: Vec<Option<Vec<u8>>> = futures::stream::iter(plan.iter().copied())
-            .map(|(s, e)| repo.get_chunk(file, s, e))
-            .buffered(CHUNK_FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        if parts.iter().any(Option::is_none) {
-            continue;
-        }
-        let mut buf = vec![0u8; segment_size as usize];
-        let mut pos = 0u64;
-        for ((start, end), part) in plan.iter().zip(parts) {
-            let part = part.expect("checked above");
-            if part.len() as u64 != end - start || *end > segment_size {
-                bail!(
-                    "chunk {start:08X}-{end:08X} of {file} holds {} bytes",
-                    part.len()
-                );
-            }
-            let overlap = (pos - start) as usize;
-            if buf[*start as usize..pos as usize] != part[..overlap] {
-                bail!("overlapping chunks of {file} disagree at {start:08X}-{pos:08X}: the repository holds two different versions of this WAL");
-            }
-            buf[pos as usize..*end as usize].copy_from_slice(&part[overlap..]);
-            pos = *end;
-        }
-        debug!(
-            "assembled {file} from {} chunk(s), {pos} bytes of WAL",
-            plan.len()
-        );
-        return Ok(Some(buf));
+) -> anyhow::Result<Assembled> {
+    let chunks = repo.list_chunks(file).await?;
+    if chunks.is_empty() {
+        return Ok(Assembled::NoChunks);
     }
-    bail!("the chunks of {file} kept changing while it was being read; try again")
+    let plan = chunks::plan(&chunks).map_err(|u| match u {
+        Uncovered::MissingStart { first } => anyhow!(
+            "the chunks of {file} do not start at offset 0 (first at {first:08X}): WAL at the start of this segment is missing from the repository"
+        ),
+        Uncovered::Hole { from, to } => anyhow!(
+            "the chunks of {file} have a hole from {from:08X} to {to:08X}: WAL is missing from the repository"
+        ),
+    })?;
+    if let Some(&(s, e)) = chunks.iter().find(|(_, e)| *e > segment_size) {
+        bail!("chunk {s:08X}-{e:08X} of {file} reaches beyond the segment size {segment_size}");
+    }
+    let parts: Vec<Option<Vec<u8>>> = futures::stream::iter(chunks.iter().copied())
+        .map(|(s, e)| repo.get_chunk(file, s, e))
+        .buffered(CHUNK_FETCH_CONCURRENCY)
+        .try_collect()
+        .await?;
+    if parts.iter().any(Option::is_none) {
+        return Ok(Assembled::Changed);
+    }
+    let parts: Vec<((u64, u64), Vec<u8>)> = chunks
+        .iter()
+        .copied()
+        .zip(parts.into_iter().map(|p| p.expect("checked above")))
+        .collect();
+    for ((start, end), part) in &parts {
+        if part.len() as u64 != end - start {
+            bail!(
+                "chunk {start:08X}-{end:08X} of {file} holds {} bytes",
+                part.len()
+            );
+        }
+    }
+    let mut buf = vec![0u8; segment_size as usize];
+    let mut pos = 0u64;
+    for range in &plan {
+        let (start, end) = *range;
+        let part = &parts
+            .iter()
+            .find(|(r, _)| r == range)
+            .expect("the plan is made of listed chunks")
+            .1;
+        let overlap = (pos - start) as usize;
+        buf[pos as usize..end as usize].copy_from_slice(&part[overlap..]);
+        pos = end;
+    }
+    // Every stored chunk (the chain's overlaps, and chunks of another run
+    // off the chain) must hold exactly the bytes served.
+    for ((start, end), part) in &parts {
+        if buf[*start as usize..*end as usize] != part[..] {
+            let at = buf[*start as usize..*end as usize]
+                .iter()
+                .zip(part)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0) as u64
+                + start;
+            bail!(
+                "overlapping chunks of {file} disagree: chunk {start:08X}-{end:08X} differs from the WAL assembled from the other chunks at offset {at:08X}; the repository holds two different versions of this WAL (two agents, or a diverged timeline, writing the same segment?). Investigate before restoring: walsafe will not pick one"
+            );
+        }
+    }
+    debug!(
+        "assembled {file} from {} chunk(s) ({} stored), {pos} bytes of WAL",
+        plan.len(),
+        parts.len()
+    );
+    Ok(Assembled::Segment(buf))
 }
 
 fn spawn_prefetcher(cfg: &Config, name: &str) {
@@ -280,8 +503,9 @@ fn spawn_prefetcher(cfg: &Config, name: &str) {
 }
 
 /// `walsafe wal-prefetch NAME`: downloads the raw objects of the segments
-/// after NAME into the prefetch directory, and drops those at or before it.
-/// One prefetcher per directory at a time (lock file); a second just exits.
+/// after NAME into this repository's prefetch cache, and drops those at or
+/// before it. One prefetcher per directory at a time (lock file); a second
+/// just exits.
 pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
     let dir = &cfg.fetch.dir;
     cfg.fsync
@@ -302,8 +526,22 @@ pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("no repository at {}", cfg.repository.url))?;
     let seg = SegmentName::parse(name, d.segment_size)
         .ok_or_else(|| anyhow!("{name} is not a segment name"))?;
-    // Drop what recovery has passed.
+    let cache = prefetch_cache(cfg, &repo, &d);
+    cfg.fsync
+        .create_dir_all(&cache)
+        .with_context(|| format!("cannot create the prefetch directory {}", cache.display()))?;
+    // Files of the old layout (directly in the directory) are never
+    // served any more: remove them.
     if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if classify(&n) == Some(NameKind::Segment) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    // Drop what recovery has passed.
+    if let Ok(entries) = std::fs::read_dir(&cache) {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if let Some(s) = SegmentName::parse(&n, d.segment_size) {
@@ -317,7 +555,7 @@ pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
     for _ in 0..cfg.fetch.prefetch {
         next = next.next();
         let n = next.file_name(d.segment_size);
-        let path = dir.join(&n);
+        let path = cache.join(&n);
         if path.exists() {
             continue;
         }
@@ -336,4 +574,123 @@ pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
     }
     drop(lock);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use crate::durable::Fsync;
+    use crate::pg::page::synthetic_wal;
+    use crate::pg::{ClusterIdentity, Lsn, TimelineId};
+    use crate::repository::faults::{Fault, Faults, Op};
+    use crate::repository::{Compression, Store};
+
+    const SEG: &str = "000000010000000000000003";
+    const SIZE: u64 = 16 << 20;
+
+    fn ident() -> ClusterIdentity {
+        ClusterIdentity::new(7_000_000_000_000_000_001, 150004, SIZE)
+    }
+
+    /// The whole segment SEG as valid (synthetic) WAL.
+    fn wal() -> Vec<u8> {
+        synthetic_wal(&ident(), TimelineId(1), Lsn(3 * SIZE), SIZE)
+    }
+
+    fn config(dir: &Path) -> Config {
+        let text = format!(
+            "[postgres]\nconninfo = \"host=/tmp\"\n[spool]\ndir = {:?}\n[repository]\nurl = \"file://{}\"\n[fetch]\ndir = {:?}\n",
+            dir.join("spool"),
+            dir.join("repo").display(),
+            dir.join("prefetch"),
+        );
+        Config::parse(&text, &dir.join("walsafe.toml")).unwrap()
+    }
+
+    fn repo(dir: &Path, faults: Option<std::sync::Arc<Faults>>) -> Repository {
+        let url = format!("file://{}", dir.join("repo").display());
+        let mut store = Store::open(&url, &BTreeMap::new(), 1)
+            .unwrap()
+            .with_fsync(Fsync::Off);
+        if let Some(f) = faults {
+            store = store.with_faults(f);
+        }
+        Repository::from_parts(store, None, Compression::Zstd, 1)
+    }
+
+    /// The agent stores the complete segment and deletes its chunks while
+    /// wal-fetch is between its look at wal/ and its chunk listing: the
+    /// listing comes back empty, but the segment is there.
+    #[tokio::test]
+    async fn a_segment_stored_while_its_chunks_are_listed_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("repo")).unwrap();
+        let cfg = config(dir.path());
+        let faults = Faults::new();
+        let fetcher = repo(dir.path(), Some(faults.clone()));
+        let agent = repo(dir.path(), None);
+        let d = agent.pin(&ident()).await.unwrap();
+        let file = SegmentFile::parse(SEG).unwrap();
+        let full = wal();
+        agent
+            .put_chunk(&file, 0, Bytes::copy_from_slice(&full[..65536]))
+            .await
+            .unwrap();
+        faults.set_for(
+            Some(Op::List),
+            "chunks/",
+            Fault::Delay(Duration::from_millis(400)),
+        );
+        let writer = {
+            let agent = agent.clone();
+            let full = full.clone();
+            let file = file.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                agent.put_wal(SEG, Bytes::from(full)).await.unwrap();
+                agent.delete_chunks(&file).await.unwrap();
+            })
+        };
+        let got = fetch_segment(&cfg, &fetcher, &d, SEG).await.unwrap();
+        writer.await.unwrap();
+        assert!(got.is_some(), "the segment was stored: not absent");
+        assert!(got.unwrap() == full, "the complete segment is served");
+    }
+
+    /// Chunks of two runs: the chain served is (0, c), (a, b); the other
+    /// run's (0, a) is off the chain, and holds different bytes.
+    #[tokio::test]
+    async fn a_stored_chunk_off_the_served_chain_must_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("repo")).unwrap();
+        let cfg = config(dir.path());
+        let r = repo(dir.path(), None);
+        let d = r.pin(&ident()).await.unwrap();
+        let file = SegmentFile::parse(SEG).unwrap();
+        let full = wal();
+        let (a, c, b) = (40_000usize, 60_000usize, 100_000usize);
+        r.put_chunk(&file, a as u64, Bytes::copy_from_slice(&full[a..b]))
+            .await
+            .unwrap();
+        r.put_chunk(&file, 0, Bytes::copy_from_slice(&full[..c]))
+            .await
+            .unwrap();
+        // Consistent chunks are served.
+        let got = fetch_segment(&cfg, &r, &d, SEG).await.unwrap().unwrap();
+        assert!(got[..b] == full[..b] && got[b..].iter().all(|&x| x == 0));
+        let mut other = full[..a].to_vec();
+        other[30_000] ^= 0xFF;
+        r.put_chunk(&file, 0, Bytes::from(other)).await.unwrap();
+        let e = fetch_segment(&cfg, &r, &d, SEG)
+            .await
+            .expect_err("disagreeing chunks must be refused");
+        let msg = crate::report::error_line(&e);
+        assert!(msg.contains("disagree"), "{msg}");
+        assert!(msg.contains("00000000-00009C40"), "{msg}");
+    }
 }

@@ -176,12 +176,22 @@ fn unencrypted_objects_are_checksummed_and_prefetch_is_verified() {
 
     // A prefetched copy that went bad on local disk is discarded, and the
     // segment comes from the repository instead.
-    std::fs::create_dir_all(&a.settings.prefetch_dir).unwrap();
-    std::fs::write(a.settings.prefetch_dir.join(victim), &flipped).unwrap();
+    // (The cache of this repository: `<[fetch] dir>/<repository id>/`.)
+    let cfg = walsafe::config::Config::load(&a.config).unwrap();
+    let cache = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let repo = walsafe::repository::Repository::open(&cfg.repository).unwrap();
+        let d = repo.descriptor().await.unwrap().unwrap();
+        walsafe::fetch::prefetch_cache(&cfg, &repo, &d)
+    });
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join(victim), &flipped).unwrap();
     common::pg::chown_postgres(&a.settings.prefetch_dir);
     let (code, err) = fetch_code(&a.config, victim, &work);
     assert_eq!(code, Some(0), "{err}");
-    assert!(!a.settings.prefetch_dir.join(victim).exists());
+    assert!(
+        !cache.join(victim).exists(),
+        "the bad prefetched copy is gone"
+    );
 }
 
 #[test]

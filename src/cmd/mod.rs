@@ -116,32 +116,83 @@ fn tune_allocator() {
     }
 }
 
+/// Whether this process runs `wal-fetch`, known before the arguments are
+/// parsed: for `restore_command` every failure, even of the arguments or
+/// of opening the log file, must exit ≥ 126 (PostgreSQL takes exit 1 for
+/// "not in the archive" and would end recovery early, and clap's 2 is not
+/// fatal either).
+fn invoked_as_wal_fetch() -> bool {
+    std::env::args_os().skip(1).any(|a| a == "wal-fetch")
+}
+
+/// A clap error on one line (its text without the usage block).
+fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let line = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
+}
+
 /// Parses arguments and runs the command.
 pub fn main() -> ExitCode {
     tune_allocator();
-    let cli = Cli::parse();
+    let fetching = invoked_as_wal_fetch();
+    if fetching {
+        // A panic must never look like "not in the archive" (exit 1 would
+        // let PostgreSQL end recovery early): make it fatal.
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("walsafe wal-fetch: internal error: {info}");
+            std::process::exit(i32::from(EXIT_FATAL));
+        }));
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if fetching
+                && !matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                ) =>
+        {
+            eprintln!(
+                "walsafe wal-fetch: FATAL: invalid arguments: {}; restore_command must be 'walsafe --config FILE wal-fetch %f %p'",
+                one_line(&e)
+            );
+            return ExitCode::from(EXIT_FATAL);
+        }
+        Err(e) => e.exit(),
+    };
     let log_file = match crate::logging::init(cli.log_format, cli.log_file.as_deref()) {
         Ok(f) => f,
         Err(e) => {
+            let file = cli
+                .log_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display();
+            if fetching {
+                eprintln!(
+                    "walsafe wal-fetch: FATAL: cannot open the log file {file}: {e}; recovery must stop here: fix its directory's permissions or drop --log-file from restore_command"
+                );
+                return ExitCode::from(EXIT_FATAL);
+            }
             eprintln!(
-                "walsafe: cannot open the log file {}: {e}; fix its directory's permissions or drop --log-file",
-                cli.log_file.as_deref().unwrap_or(std::path::Path::new("")).display()
+                "walsafe: cannot open the log file {file}: {e}; fix its directory's permissions or drop --log-file"
             );
             return ExitCode::FAILURE;
         }
     };
     match cli.command {
         Command::WalFetch { ref name, ref dest } => {
-            // A panic must never look like "not in the archive" (exit 1 would
-            // let PostgreSQL end recovery early): make it fatal.
-            std::panic::set_hook(Box::new(|info| {
-                eprintln!("walsafe wal-fetch: internal error: {info}");
-                std::process::exit(i32::from(EXIT_FATAL));
-            }));
             let cfg = match Config::load(&cli.config) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("walsafe wal-fetch: {e}");
+                    eprintln!("walsafe wal-fetch: FATAL: {e}");
                     return ExitCode::from(EXIT_FATAL);
                 }
             };

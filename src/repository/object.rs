@@ -9,6 +9,7 @@
 //!   wal/<TLI><LOG><SEG>.partial          ClosedPartial: the last segment of an ended timeline,
 //!                                        or the segment before a recorded gap
 //!   wal/<TLI>.history                    History: a timeline history file
+//!   wal/<SEGMENT>.<OFFSET>.backup        BackupHistory: a backup history file (`wal-push`)
 //!   chunks/<TLI><LOG><SEG>/<start>-<end> Chunk: bytes [start, end) of a segment still filling;
 //!                                        start and end are 8 upper-case hex digits
 //!   gaps/<TLI>-<from>-<to>               Gap: a recorded loss (8, 16, 16 upper-case hex digits)
@@ -134,6 +135,9 @@ pub enum ObjectName {
     ClosedPartial(SegmentFile),
     /// A timeline history file.
     History(TimelineId),
+    /// A backup history file (`000000010000000000000002.00000028.backup`),
+    /// as PostgreSQL hands it to `archive_command` after a base backup.
+    BackupHistory(String),
     /// Bytes `[start, end)` of a segment still filling.
     Chunk {
         segment: SegmentFile,
@@ -157,6 +161,9 @@ impl ObjectName {
         let bad = || LayoutError::NotWalName {
             name: name.to_string(),
         };
+        if is_backup_history(name) {
+            return Ok(ObjectName::BackupHistory(name.to_string()));
+        }
         match classify(name).ok_or_else(bad)? {
             NameKind::Segment => Ok(ObjectName::Segment(SegmentFile::parse(name)?)),
             NameKind::Partial => {
@@ -215,7 +222,10 @@ impl ObjectName {
     pub fn key(&self) -> String {
         match self {
             ObjectName::Descriptor => DESCRIPTOR_KEY.to_string(),
-            ObjectName::Segment(_) | ObjectName::ClosedPartial(_) | ObjectName::History(_) => {
+            ObjectName::Segment(_)
+            | ObjectName::ClosedPartial(_)
+            | ObjectName::History(_)
+            | ObjectName::BackupHistory(_) => {
                 format!("{WAL_PREFIX}{}", self.logical())
             }
             ObjectName::Chunk { .. } => format!("{CHUNKS_PREFIX}{}", self.logical()),
@@ -235,6 +245,7 @@ impl ObjectName {
             ObjectName::Segment(s) => s.to_string(),
             ObjectName::ClosedPartial(s) => format!("{s}.partial"),
             ObjectName::History(t) => history_file_name(*t),
+            ObjectName::BackupHistory(n) => n.clone(),
             ObjectName::Chunk {
                 segment,
                 start,
@@ -251,7 +262,10 @@ impl ObjectName {
             | ObjectName::Segment(_)
             | ObjectName::ClosedPartial(_)
             | ObjectName::History(_) => Lane::Bulk,
-            ObjectName::Chunk { .. } | ObjectName::Gap { .. } | ObjectName::Probe(_) => Lane::Small,
+            ObjectName::Chunk { .. }
+            | ObjectName::BackupHistory(_)
+            | ObjectName::Gap { .. }
+            | ObjectName::Probe(_) => Lane::Small,
         }
     }
 
@@ -299,6 +313,16 @@ impl fmt::Display for ObjectName {
     }
 }
 
+/// Is `name` a backup history file (`000000010000000000000002.00000028.backup`:
+/// the segment and offset where the backup started)?
+pub fn is_backup_history(name: &str) -> bool {
+    let b = name.as_bytes();
+    name.len() == 40
+        && name.ends_with(".backup")
+        && b[24] == b'.'
+        && b[..24].iter().chain(&b[25..33]).all(u8::is_ascii_hexdigit)
+}
+
 /// `chunks/<segment>/`: the prefix of one segment's chunks.
 pub fn chunks_prefix(segment: &SegmentFile) -> String {
     format!("{CHUNKS_PREFIX}{segment}/")
@@ -338,6 +362,16 @@ mod tests {
             Some(ObjectName::History(TimelineId(2)))
         );
         assert_eq!(ObjectName::parse_key("wal/junk"), None);
+        let b = "000000010000000000000002.00000028.backup";
+        assert_eq!(key(b).unwrap(), format!("wal/{b}"));
+        assert_eq!(
+            ObjectName::parse_key(&format!("wal/{b}")),
+            Some(ObjectName::BackupHistory(b.into()))
+        );
+        assert!(!is_backup_history("000000010000000000000002.backup"));
+        assert!(!is_backup_history(
+            "00000001000000000000000G.00000028.backup"
+        ));
         assert_eq!(ObjectName::parse_key("chunks/x"), None);
         let o = ObjectName::wal(SEG).unwrap();
         assert_eq!(ObjectName::parse_key(&o.key()), Some(o.clone()));

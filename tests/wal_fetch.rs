@@ -1,0 +1,312 @@
+//! `walsafe wal-fetch` as PostgreSQL's `restore_command`: exit 1 only for
+//! WAL proven absent, ≥ 126 for everything else (argument errors, a log
+//! file that cannot be opened, a segment holding the start of a recorded
+//! gap), and a prefetch directory shared with another repository never
+//! serves that repository's objects.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::pg::{chown_postgres, PgCluster, PgOptions, RecoveryOutcome, TestDir};
+use common::setup::{current_lsn, segment_name, setup, write_wal};
+use common::walsafe::{bin_copy, restore, wait_until, walsafe, Agent, Settings};
+use walsafe::gap::Gap;
+use walsafe::pg::{Lsn, TimelineId};
+use walsafe::repository::{Compression, Repository, Store};
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `walsafe ARGS…` without a --config of ours.
+fn walsafe_raw(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin_copy(dir))
+        .args(args)
+        .env("WALSAFE_CONFIG", dir.join("walsafe.toml"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn wal_fetch_argument_errors_are_fatal() {
+    let dir = TestDir::new("fetch-args");
+    Settings::new(dir.path(), "host=/nonexistent").write(&dir.join("walsafe.toml"));
+    for args in [
+        vec!["wal-fetch"],
+        vec!["wal-fetch", "000000010000000000000001"],
+        vec![
+            "wal-fetch",
+            "000000010000000000000001",
+            "pg_wal/RECOVERYXLOG",
+            "extra",
+        ],
+        vec!["wal-fetch", "--no-such-option", "a", "b"],
+    ] {
+        let out = walsafe_raw(dir.path(), &args);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(126), "{args:?}: {all}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("walsafe wal-fetch: FATAL") && err.contains("restore_command"),
+            "{args:?}: {all}"
+        );
+    }
+    // Other commands keep clap's usual exit code.
+    let out = walsafe_raw(dir.path(), &["wal-push"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn wal_fetch_with_an_unopenable_log_file_is_fatal() {
+    let dir = TestDir::new("fetch-log");
+    let config = Settings::new(dir.path(), "host=/nonexistent").write(&dir.join("walsafe.toml"));
+    let dest = dir.join("out");
+    let out = walsafe_raw(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--log-file",
+            "/nonexistent-dir/walsafe.log",
+            "wal-fetch",
+            "000000010000000000000001",
+            dest.to_str().unwrap(),
+        ],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(126), "{all}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent-dir/walsafe.log"),
+        "{all}"
+    );
+}
+
+/// The first `.partial`-free chunk end of `segment` in a file:// repository.
+fn chunk_end(repo: &Path, segment: &str) -> u64 {
+    std::fs::read_dir(repo.join("chunks").join(segment))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|n| u64::from_str_radix(n.split_once('-')?.1, 16).ok())
+        .max()
+        .expect("chunks of the filling segment")
+}
+
+/// A gap starting in the middle of a segment: the segment is stored only
+/// up to the gap (chunks), and recovery reading it would stop there and
+/// promote, never reaching the WAL after the gap. wal-fetch refuses it,
+/// naming the gap and the setting, unless the operator set
+/// `[fetch] recover_to_gap` to that gap's start.
+#[test]
+fn a_segment_holding_a_gap_start_is_refused_unless_the_operator_opts_in() {
+    let s = setup("fetch-gap", PgOptions::default());
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (v text)");
+    s.pg.psql("INSERT INTO t VALUES ('before the backup')");
+    let backup = s.dir.join("backup");
+    s.pg.base_backup(&backup, "stream");
+    for e in std::fs::read_dir(backup.join("pg_wal")).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    write_wal(&s.pg, 2);
+    s.pg.psql("SELECT pg_switch_wal()");
+    s.pg.psql("INSERT INTO t VALUES ('before the gap')");
+    let end = current_lsn(&s.pg);
+    agent.wait_archived(end, Duration::from_secs(60));
+    let mut agent = agent;
+    agent.kill9();
+    s.pg.psql("INSERT INTO t VALUES ('lost in the gap')");
+
+    // The agent would record this gap when it found the WAL after `end`
+    // gone; record it as it would.
+    let seg_size = s.pg.segment_size();
+    let segno = end / seg_size;
+    let name = segment_name(1, segno);
+    let repo_dir = s.dir.join("repo");
+    assert!(
+        !repo_dir.join("wal").join(&name).exists(),
+        "{name} must be stored only as chunks"
+    );
+    let from = segno * seg_size + chunk_end(&repo_dir, &name);
+    assert!(from % seg_size != 0, "the gap starts mid-segment");
+    let gap = Gap::new(
+        TimelineId(1),
+        Lsn(from),
+        Lsn((segno + 3) * seg_size),
+        "test: slot invalidated",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(&s.settings.repo_url, &BTreeMap::new(), 1).unwrap();
+        Repository::from_parts(store, None, Compression::Zstd, 1)
+            .record_gap(&gap)
+            .await
+            .unwrap();
+    });
+    chown_postgres(&repo_dir);
+
+    let dest = s.dir.join("out");
+    let f = walsafe(&s.config, &["wal-fetch", &name, dest.to_str().unwrap()]);
+    let all = text(&f);
+    assert_eq!(f.status.code(), Some(126), "{all}");
+    let err = String::from_utf8_lossy(&f.stderr);
+    let setting = format!("recover_to_gap = \"1:{}\"", Lsn(from));
+    assert!(
+        err.contains(&format!("from {} to {} on timeline 1", Lsn(from), gap.to)),
+        "{all}"
+    );
+    assert!(err.contains(&setting), "{all}");
+    assert!(!dest.exists());
+
+    // Recovery stops instead of promoting at the gap.
+    let restored = restore(&backup, s.dir.path(), &s.config, &[]);
+    match restored.wait_recovery_end(Duration::from_secs(120)) {
+        RecoveryOutcome::Failed(log) => assert!(log.contains("recover_to_gap"), "{log}"),
+        other => panic!(
+            "recovery must stop at the gap, got {other:?}:\n{}",
+            restored.log_tail()
+        ),
+    }
+    drop(restored);
+
+    // The operator opts in for exactly this gap: recovery ends at it.
+    let other_gap = s.dir.join("other-gap.toml");
+    let wrong = s.settings.to_toml().replace(
+        "[fetch]\n",
+        &format!("[fetch]\nrecover_to_gap = \"1:{}\"\n", Lsn(from + 8)),
+    );
+    std::fs::write(&other_gap, wrong).unwrap();
+    chown_postgres(&other_gap);
+    let f = walsafe(&other_gap, &["wal-fetch", &name, dest.to_str().unwrap()]);
+    assert_eq!(
+        f.status.code(),
+        Some(126),
+        "another gap start: {}",
+        text(&f)
+    );
+
+    let opted = s.dir.join("opted-in.toml");
+    let toml = s
+        .settings
+        .to_toml()
+        .replace("[fetch]\n", &format!("[fetch]\n{setting}\n"));
+    std::fs::write(&opted, toml).unwrap();
+    chown_postgres(&opted);
+    let f = walsafe(&opted, &["wal-fetch", &name, dest.to_str().unwrap()]);
+    assert_eq!(f.status.code(), Some(0), "{}", text(&f));
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), seg_size);
+    let restored = restore(&backup, s.dir.path(), &opted, &[]);
+    assert_eq!(
+        restored.wait_recovery_end(Duration::from_secs(120)),
+        RecoveryOutcome::Promoted,
+        "{}",
+        restored.log_tail()
+    );
+    assert_eq!(
+        restored.psql("SELECT string_agg(v, ',' ORDER BY v) FROM t"),
+        "before the backup,before the gap"
+    );
+}
+
+/// Regular files under `dir` (recursively), lock files left out.
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() {
+                        files_in(&p)
+                    } else {
+                        usize::from(!e.file_name().to_string_lossy().starts_with('.'))
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Two repositories, one prefetch directory: the objects prefetched for
+/// one are never served for the other.
+#[test]
+fn a_prefetched_object_of_another_repository_is_not_served() {
+    let shared = TestDir::new("fetch-shared");
+    let prefetch = shared.subdir("prefetch");
+    let mut archived = Vec::new();
+    for name in ["fetch-a", "fetch-b"] {
+        let dir = TestDir::new(name);
+        let mut settings = Settings::new(dir.path(), "host=/nonexistent");
+        settings.prefetch_dir = prefetch.clone();
+        settings.prefetch = 3;
+        let config = settings.write(&dir.join("walsafe.toml"));
+        let pg = PgCluster::start(
+            &PgOptions {
+                name: name.into(),
+                ..Default::default()
+            }
+            .conf("archive_mode = on")
+            .conf(format!(
+                "archive_command = '{} --config {} wal-push %p'",
+                bin_copy(dir.path()).display(),
+                config.display()
+            )),
+        );
+        let mut last = String::new();
+        for _ in 0..4 {
+            write_wal(&pg, 1);
+            last = pg.psql("SELECT pg_walfile_name(pg_switch_wal())");
+        }
+        pg.wait_for(
+            &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
+            "t",
+            Duration::from_secs(60),
+        );
+        archived.push((dir, config, pg));
+    }
+    let (a_dir, a_config, _a_pg) = &archived[0];
+    let (b_dir, b_config, b_pg) = &archived[1];
+    let first = segment_name(1, 1);
+    let second = segment_name(1, 2);
+
+    // Recovery of A fetches segment 1; the prefetcher downloads A's 2, 3, 4.
+    let dest = a_dir.join("out");
+    let f = walsafe(a_config, &["wal-fetch", &first, dest.to_str().unwrap()]);
+    assert_eq!(f.status.code(), Some(0), "{}", text(&f));
+    assert!(
+        wait_until(Duration::from_secs(30), || { files_in(&prefetch) >= 3 }),
+        "nothing was prefetched"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // B asks for its segment 2: it gets B's, byte for byte.
+    let dest = b_dir.join("out");
+    let f = walsafe(b_config, &["wal-fetch", &second, dest.to_str().unwrap()]);
+    assert_eq!(f.status.code(), Some(0), "{}", text(&f));
+    let served = std::fs::read(&dest).unwrap();
+    let own = std::fs::read(b_pg.wal_file(&second))
+        .or_else(|_| {
+            // Recycled already: compare with B's archive, fetched without prefetch.
+            let mut s = Settings::new(b_dir.path(), "host=/nonexistent");
+            s.prefetch = 0;
+            s.prefetch_dir = b_dir.join("no-prefetch");
+            let c = s.write(&b_dir.join("plain.toml"));
+            let d = b_dir.join("plain-out");
+            let f = walsafe(&c, &["wal-fetch", &second, d.to_str().unwrap()]);
+            assert_eq!(f.status.code(), Some(0), "{}", text(&f));
+            std::fs::read(&d)
+        })
+        .unwrap();
+    assert!(served == own, "B was served another repository's {second}");
+}
