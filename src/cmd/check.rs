@@ -208,6 +208,7 @@ pub fn fix_for(e: &PgError, user: &str) -> String {
         PgError::WalSendersExhausted { .. } => "set max_wal_senders = 10 (with wal_level = replica) in postgresql.conf and restart PostgreSQL, or stop another replication client".into(),
         PgError::ServerUnavailable { .. } => "wait until PostgreSQL has started (or finished recovery), then run walsafe check again".into(),
         PgError::WalLevelTooLow { .. } => "set wal_level = replica in postgresql.conf and restart PostgreSQL".into(),
+        PgError::NoSuitableHost { attrs, .. } => format!("wait for a failover to finish, start the host that should match, or list the right hosts / target_session_attrs (now {attrs}) in [postgres] conninfo"),
         _ => "see the message; fix it and run walsafe check again".into(),
     }
 }

@@ -7,13 +7,15 @@
 //! ```text
 //! conninfo (key=value or postgres:// URL)      parsed by tokio_postgres::Config,
 //!   │                                          except sslmode / sslrootcert / sslcert /
-//!   │                                          sslkey / passfile / replication,
+//!   │                                          sslkey / passfile / replication /
+//!   │                                          target_session_attrs,
 //!   │                                          which walsafe reads itself
 //!   ▼ missing keys filled from the environment
 //! PGHOST PGPORT PGUSER PGPASSWORD PGPASSFILE PGDATABASE PGSSLMODE PGSSLROOTCERT
-//! PGSSLCERT PGSSLKEY PGAPPNAME PGCONNECT_TIMEOUT
+//! PGSSLCERT PGSSLKEY PGAPPNAME PGCONNECT_TIMEOUT PGTARGETSESSIONATTRS
 //!   ▼ then from built-in defaults
 //! host = /var/run/postgresql   port = 5432   user = the OS user   sslmode = prefer
+//! target_session_attrs = any
 //! sslrootcert = ~/.postgresql/root.crt   sslcert = ~/.postgresql/postgresql.crt
 //! sslkey = ~/.postgresql/postgresql.key
 //! ```
@@ -41,7 +43,8 @@
 //! - Hosts that start with `/` are Unix-socket directories; the socket file
 //!   is `<dir>/.s.PGSQL.<port>`.
 //! - Several hosts are tried in order; ports are either one for all hosts or
-//!   one per host.
+//!   one per host. `target_session_attrs` says which of them a connection
+//!   accepts ([`super::session_attrs`]).
 //!
 //! The TLS keys only name files here; what each `sslmode` does with them
 //! (libpq's meaning, rustls underneath) is [`super::tls`]'s business.
@@ -136,6 +139,63 @@ impl fmt::Display for SslMode {
             SslMode::Require => "require",
             SslMode::VerifyCa => "verify-ca",
             SslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// Which session a connection accepts when several hosts are given; libpq's
+/// `target_session_attrs` (`PGTARGETSESSIONATTRS`). How each is decided is
+/// [`super::session_attrs`]'s business.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TargetSessionAttrs {
+    /// Any session (libpq's default).
+    #[default]
+    Any,
+    /// A session that accepts read-write transactions by default: not in
+    /// hot standby and `default_transaction_read_only` off.
+    ReadWrite,
+    /// The converse of `ReadWrite`.
+    ReadOnly,
+    /// A server not in hot standby (recovery).
+    Primary,
+    /// A server in hot standby.
+    Standby,
+    /// A standby if any host is one, else any host.
+    PreferStandby,
+}
+
+impl FromStr for TargetSessionAttrs {
+    type Err = ConninfoError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "any" => TargetSessionAttrs::Any,
+            "read-write" => TargetSessionAttrs::ReadWrite,
+            "read-only" => TargetSessionAttrs::ReadOnly,
+            "primary" => TargetSessionAttrs::Primary,
+            "standby" => TargetSessionAttrs::Standby,
+            "prefer-standby" => TargetSessionAttrs::PreferStandby,
+            other => {
+                return Err(ConninfoError::InvalidValue {
+                    key: "target_session_attrs",
+                    value: other.to_string(),
+                    reason:
+                        "expected any, read-write, read-only, primary, standby or prefer-standby"
+                            .into(),
+                })
+            }
+        })
+    }
+}
+
+impl fmt::Display for TargetSessionAttrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
         })
     }
 }
@@ -258,6 +318,9 @@ pub struct ConnParams {
     pub sslkey: Option<PathBuf>,
     /// Per-address connect timeout.
     pub connect_timeout: Option<Duration>,
+    /// Which host's session to accept (`target_session_attrs`,
+    /// `PGTARGETSESSIONATTRS`, default any).
+    pub target_session_attrs: TargetSessionAttrs,
 }
 
 impl fmt::Debug for ConnParams {
@@ -275,6 +338,7 @@ impl fmt::Debug for ConnParams {
             .field("sslcert", &self.sslcert)
             .field("sslkey", &self.sslkey)
             .field("connect_timeout", &self.connect_timeout)
+            .field("target_session_attrs", &self.target_session_attrs)
             .finish()
     }
 }
@@ -298,6 +362,7 @@ struct Extracted {
     sslcert: Option<String>,
     sslkey: Option<String>,
     passfile: Option<String>,
+    target_session_attrs: Option<String>,
 }
 
 impl ConnParams {
@@ -467,6 +532,13 @@ impl ConnParams {
                 None => None,
             },
         };
+        let target_session_attrs = match extracted
+            .target_session_attrs
+            .or_else(|| env("PGTARGETSESSIONATTRS"))
+        {
+            Some(v) => v.parse()?,
+            None => TargetSessionAttrs::Any,
+        };
         Ok(ConnParams {
             targets,
             user,
@@ -480,6 +552,7 @@ impl ConnParams {
             sslcert,
             sslkey,
             connect_timeout,
+            target_session_attrs,
         })
     }
 
@@ -624,7 +697,7 @@ fn split_passfile_line(line: &str) -> Vec<(String, String)> {
 }
 
 /// Removes the keys walsafe handles itself (`sslmode`, `sslrootcert`,
-/// `sslcert`, `sslkey`, `passfile`, `replication`) from a conninfo and returns the rest in a form
+/// `sslcert`, `sslkey`, `passfile`, `target_session_attrs`, `replication`) from a conninfo and returns the rest in a form
 /// tokio_postgres parses.
 fn extract_own_keys(conninfo: &str) -> Result<(String, Extracted), ConninfoError> {
     let mut ex = Extracted::default();
@@ -642,6 +715,7 @@ fn extract_own_keys(conninfo: &str) -> Result<(String, Extracted), ConninfoError
                 "sslcert" => ex.sslcert = Some(percent_decode(v)?),
                 "sslkey" => ex.sslkey = Some(percent_decode(v)?),
                 "passfile" => ex.passfile = Some(percent_decode(v)?),
+                "target_session_attrs" => ex.target_session_attrs = Some(percent_decode(v)?),
                 "replication" => {}
                 _ => kept.push(pair),
             }
@@ -661,6 +735,7 @@ fn extract_own_keys(conninfo: &str) -> Result<(String, Extracted), ConninfoError
             "sslcert" => ex.sslcert = Some(v),
             "sslkey" => ex.sslkey = Some(v),
             "passfile" => ex.passfile = Some(v),
+            "target_session_attrs" => ex.target_session_attrs = Some(v),
             "replication" => {}
             _ => {
                 if !out.is_empty() {
@@ -976,6 +1051,67 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("only verify-full"), "{e}");
+    }
+
+    #[test]
+    fn target_session_attrs_from_conninfo_url_and_environment() {
+        use TargetSessionAttrs::*;
+        let none = env_of(&[]);
+        let p = ConnParams::parse_with_env("host=a,b", &none).unwrap();
+        assert_eq!(p.target_session_attrs, Any);
+        for (text, want) in [
+            ("any", Any),
+            ("read-write", ReadWrite),
+            ("read-only", ReadOnly),
+            ("primary", Primary),
+            ("standby", Standby),
+            ("prefer-standby", PreferStandby),
+        ] {
+            let p =
+                ConnParams::parse_with_env(&format!("host=a,b target_session_attrs={text}"), &none)
+                    .unwrap();
+            assert_eq!(p.target_session_attrs, want, "{text}");
+            assert_eq!(want.to_string(), text);
+            let p = ConnParams::parse_with_env(
+                &format!("postgresql://u@a:1,b:2/db?target_session_attrs={text}&sslmode=disable"),
+                &none,
+            )
+            .unwrap();
+            assert_eq!(p.target_session_attrs, want, "URL {text}");
+            assert_eq!(p.targets.len(), 2);
+            assert_eq!(p.sslmode, SslMode::Disable);
+            let p =
+                ConnParams::parse_with_env("host=a,b", &env_of(&[("PGTARGETSESSIONATTRS", text)]))
+                    .unwrap();
+            assert_eq!(p.target_session_attrs, want, "PGTARGETSESSIONATTRS={text}");
+        }
+        // The conninfo wins over the environment.
+        let p = ConnParams::parse_with_env(
+            "host=a target_session_attrs=primary",
+            &env_of(&[("PGTARGETSESSIONATTRS", "standby")]),
+        )
+        .unwrap();
+        assert_eq!(p.target_session_attrs, Primary);
+        // An unknown value names the accepted ones.
+        for (conninfo, env) in [
+            ("host=a target_session_attrs=master", &none),
+            ("postgresql://a/db?target_session_attrs=master", &none),
+            ("host=a", &env_of(&[("PGTARGETSESSIONATTRS", "master")])),
+        ] {
+            let e = ConnParams::parse_with_env(conninfo, env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("\"master\""), "{e}");
+            assert!(
+                e.contains("any, read-write, read-only, primary, standby or prefer-standby"),
+                "{e}"
+            );
+        }
+        let dbg = format!(
+            "{:?}",
+            ConnParams::parse_with_env("target_session_attrs=standby", &none).unwrap()
+        );
+        assert!(dbg.contains("target_session_attrs: Standby"), "{dbg}");
     }
 
     #[test]

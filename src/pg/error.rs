@@ -15,7 +15,9 @@ use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use crate::pg::conninfo::ConninfoError;
+use crate::pg::conninfo::TargetSessionAttrs;
 use crate::pg::lsn::{Lsn, TimelineId};
+use crate::pg::session_attrs::SkippedHost;
 use crate::pg::tls::{io_error_is_transient, TlsError};
 
 /// An ErrorResponse from the server, as sent.
@@ -168,6 +170,16 @@ pub enum PgError {
     #[error("PostgreSQL at {target} asks for {method} authentication, which walsafe does not support; use scram-sha-256, md5, password or trust for this role in pg_hba.conf")]
     UnsupportedAuth { target: String, method: String },
 
+    /// No host of the conninfo has the session `target_session_attrs` asks
+    /// for: each was of the wrong kind (a standby where read-write is
+    /// wanted, …) or could not be reached. Retryable while a host may still
+    /// change (a standby being promoted, a primary coming back).
+    #[error("no host in [postgres] conninfo has the session target_session_attrs={attrs} asks for: {}; will retry (a failover may be under way); if this persists, check the hosts in the conninfo and target_session_attrs", hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join("; "))]
+    NoSuitableHost {
+        attrs: TargetSessionAttrs,
+        hosts: Vec<SkippedHost>,
+    },
+
     /// All connection slots are taken (max_connections).
     #[error("PostgreSQL at {target} has no free connection slot ({server}); will retry; raise max_connections or close idle sessions if this persists")]
     TooManyConnections {
@@ -316,6 +328,7 @@ impl PgError {
             | PgError::AheadOfServer { .. }
             | PgError::NotInHistory { .. } => true,
             PgError::Server { server, .. } => sqlstate_is_transient(&server.code),
+            PgError::NoSuitableHost { hosts, .. } => hosts.iter().any(SkippedHost::is_retryable),
             PgError::Sql { source, .. } => match source.as_db_error() {
                 Some(db) => sqlstate_is_transient(db.code().code()),
                 None => {

@@ -1,6 +1,7 @@
 //! Everything that speaks PostgreSQL: positions and names ([`lsn`],
 //! [`walfile`]), WAL page headers ([`page`]), the replication protocol
-//! client ([`replication`]) and the ordinary SQL connection ([`sql`]).
+//! client ([`replication`]) and the ordinary SQL connection ([`sql`]),
+//! which pick their host the same way ([`session_attrs`]).
 
 pub mod cluster;
 pub mod conninfo;
@@ -8,6 +9,7 @@ pub mod error;
 pub mod lsn;
 pub mod page;
 pub mod replication;
+pub mod session_attrs;
 pub mod sql;
 pub mod tls;
 pub mod transport;

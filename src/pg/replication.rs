@@ -68,6 +68,7 @@ use crate::pg::conninfo::REPLICATION_PASSFILE_DB;
 pub use crate::pg::conninfo::{ConnParams, Host, Password, SslMode, Target};
 use crate::pg::error::{classify, server_error, ErrorContext, PgError};
 use crate::pg::lsn::{Lsn, TimelineId};
+use crate::pg::session_attrs::{self, Session};
 use crate::pg::transport::{self, Attempt, Failed};
 use crate::pg::{ClusterIdentity, Server};
 
@@ -166,34 +167,29 @@ impl ReplicationConnection {
         Self::connect_params(&params, application_name).await
     }
 
-    /// Like [`ReplicationConnection::connect`], with resolved parameters.
+    /// Like [`ReplicationConnection::connect`], with resolved parameters:
+    /// the first host whose session `target_session_attrs` accepts (see
+    /// [`crate::pg::session_attrs`]).
     pub async fn connect_params(
         params: &ConnParams,
         application_name: &str,
     ) -> Result<Self, PgError> {
-        let mut last = None;
-        for target in &params.targets {
-            match Self::connect_target(params, target, application_name).await {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    if params.targets.len() > 1 {
-                        tracing::warn!(%target, "replication connection failed: {e}");
-                    }
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last.unwrap_or(PgError::InvalidState("the conninfo names no host")))
+        session_attrs::connect_matching(params, application_name, "replication", |target| {
+            Self::connect_target(params, target, application_name, &[])
+        })
+        .await
     }
 
+    /// Connects to one host; `extra` are further startup parameters.
     async fn connect_target(
         params: &ConnParams,
         target: &Target,
         application_name: &str,
+        extra: &[(&str, &str)],
     ) -> Result<Self, PgError> {
         let limit = params.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         transport::with_fallback(params, target, limit, |attempt| {
-            Self::handshake(params, target, application_name, attempt)
+            Self::handshake(params, target, application_name, extra, attempt)
         })
         .await
     }
@@ -204,6 +200,7 @@ impl ReplicationConnection {
         params: &ConnParams,
         target: &Target,
         application_name: &str,
+        extra: &[(&str, &str)],
         attempt: Attempt,
     ) -> Result<Self, Failed> {
         let stream = transport::open(params, target, attempt).await?;
@@ -213,6 +210,7 @@ impl ReplicationConnection {
             params,
             target,
             application_name,
+            extra,
             Box::new(stream),
             end_point,
         )
@@ -231,6 +229,7 @@ impl ReplicationConnection {
         params: &ConnParams,
         target: &Target,
         application_name: &str,
+        extra: &[(&str, &str)],
         transport: wire::BoxedTransport,
         tls_end_point: Option<Vec<u8>>,
     ) -> Result<Self, PgError> {
@@ -250,6 +249,7 @@ impl ReplicationConnection {
         if let Some(o) = &params.options {
             startup.push(("options", o));
         }
+        startup.extend_from_slice(extra);
         frontend::startup_message(startup.iter().copied(), wire.queue())
             .map_err(|e| wire.protocol("sending the startup message", e.to_string()))?;
         wire.flush("sending the startup message").await?;
@@ -1092,6 +1092,50 @@ fn check_slot_name(slot: &str) -> Result<(), PgError> {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// How [`session_attrs`] judges a walsender session: what it reported at
+/// startup, SHOW, and (before PostgreSQL 14, which reports no
+/// `in_hot_standby`) `transaction_read_only`, as that module describes.
+impl Session for ReplicationConnection {
+    fn reported(&self, name: &str) -> Option<&str> {
+        self.wire.parameters.get(name).map(String::as_str)
+    }
+
+    async fn show(&mut self, name: &str) -> Result<String, PgError> {
+        ReplicationConnection::show(self, name).await
+    }
+
+    async fn in_recovery(
+        &mut self,
+        params: &ConnParams,
+        target: &Target,
+        application_name: &str,
+    ) -> Result<bool, PgError> {
+        // SHOW runs in a transaction: transaction_read_only is
+        // default_transaction_read_only OR RecoveryInProgress().
+        if self.show("transaction_read_only").await? == "off" {
+            return Ok(false);
+        }
+        if self.show("default_transaction_read_only").await? == "off" {
+            return Ok(true);
+        }
+        // The default hides recovery: ask a session whose default is read-write.
+        let mut probe = Self::connect_target(
+            params,
+            target,
+            application_name,
+            &[("default_transaction_read_only", "off")],
+        )
+        .await?;
+        let read_only = probe.show("transaction_read_only").await;
+        probe.wire.close().await;
+        Ok(read_only? == "on")
+    }
+
+    async fn close(self) {
+        self.wire.close().await;
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! identically. Like libpq, the database defaults to the user name; when
 //! that database does not exist (SQLSTATE 3D000) and no database was
 //! configured, walsafe falls back to `postgres`. Hosts are tried in order,
-//! each with its own password-file lookup.
+//! each with its own password-file lookup, until one has the session
+//! `target_session_attrs` asks for ([`crate::pg::session_attrs`]).
 //!
 //! The socket and TLS come from [`crate::pg::transport::open`], exactly as for
 //! the replication connection (same sslmode rules, same errors); the
@@ -23,6 +24,7 @@ use tokio_postgres::Client;
 use crate::pg::conninfo::{ConnParams, Target};
 use crate::pg::error::{classify, ErrorContext, PgError, ServerError};
 use crate::pg::lsn::Lsn;
+use crate::pg::session_attrs::{self, Session};
 use crate::pg::tls;
 use crate::pg::transport::{self, Failed, Negotiated};
 
@@ -46,33 +48,75 @@ pub async fn connect_sql(conninfo: &str, application_name: &str) -> Result<Clien
     connect_sql_params(&params, application_name).await
 }
 
-/// Like [`connect_sql`], with resolved parameters.
+/// Like [`connect_sql`], with resolved parameters: the first host whose
+/// session `target_session_attrs` accepts (see [`crate::pg::session_attrs`]).
 pub async fn connect_sql_params(
     params: &ConnParams,
     application_name: &str,
 ) -> Result<Client, PgError> {
-    let mut last = None;
-    for target in &params.targets {
-        let attempt = match &params.dbname {
-            Some(db) => connect_one(params, target, db, application_name).await,
-            None => match connect_one(params, target, &params.user, application_name).await {
-                Err(e) if e.sqlstate() == Some("3D000") => {
-                    connect_one(params, target, FALLBACK_DBNAME, application_name).await
-                }
-                other => other,
-            },
-        };
-        match attempt {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                if params.targets.len() > 1 {
-                    tracing::warn!(%target, "SQL connection failed: {e}");
-                }
-                last = Some(e);
-            }
+    let session = session_attrs::connect_matching(params, application_name, "SQL", |target| {
+        connect_target(params, target, application_name)
+    })
+    .await?;
+    Ok(session.client)
+}
+
+/// An SQL session and the parameters its server reported at startup that
+/// [`session_attrs`] reads.
+struct SqlSession {
+    client: Client,
+    in_hot_standby: Option<String>,
+    default_transaction_read_only: Option<String>,
+}
+
+impl Session for SqlSession {
+    fn reported(&self, name: &str) -> Option<&str> {
+        match name {
+            "in_hot_standby" => self.in_hot_standby.as_deref(),
+            "default_transaction_read_only" => self.default_transaction_read_only.as_deref(),
+            _ => None,
         }
     }
-    Err(last.unwrap_or(PgError::InvalidState("the conninfo names no host")))
+
+    async fn show(&mut self, name: &str) -> Result<String, PgError> {
+        let what = format!("SHOW {name}");
+        let row = self
+            .client
+            .query_one(&what, &[])
+            .await
+            .map_err(|e| sql_error(e, &query_ctx(&what)))?;
+        Ok(row.get(0))
+    }
+
+    async fn in_recovery(&mut self, _: &ConnParams, _: &Target, _: &str) -> Result<bool, PgError> {
+        const WHAT: &str = "SELECT pg_catalog.pg_is_in_recovery()";
+        let row = self
+            .client
+            .query_one(WHAT, &[])
+            .await
+            .map_err(|e| sql_error(e, &query_ctx(WHAT)))?;
+        Ok(row.get(0))
+    }
+
+    async fn close(self) {}
+}
+
+/// Connects to one host: the configured database, else the user's and
+/// then [`FALLBACK_DBNAME`].
+async fn connect_target(
+    params: &ConnParams,
+    target: &Target,
+    application_name: &str,
+) -> Result<SqlSession, PgError> {
+    match &params.dbname {
+        Some(db) => connect_one(params, target, db, application_name).await,
+        None => match connect_one(params, target, &params.user, application_name).await {
+            Err(e) if e.sqlstate() == Some("3D000") => {
+                connect_one(params, target, FALLBACK_DBNAME, application_name).await
+            }
+            other => other,
+        },
+    }
 }
 
 async fn connect_one(
@@ -80,7 +124,7 @@ async fn connect_one(
     target: &Target,
     dbname: &str,
     application_name: &str,
-) -> Result<Client, PgError> {
+) -> Result<SqlSession, PgError> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.user(&params.user).dbname(dbname).application_name(
         params
@@ -126,13 +170,19 @@ async fn connect_one(
                         error: sql_error(e, ctx),
                         tls_tried: encrypted,
                     })?;
+            let reported = |name| connection.parameter(name).map(str::to_string);
+            let session = SqlSession {
+                client,
+                in_hot_standby: reported("in_hot_standby"),
+                default_transaction_read_only: reported("default_transaction_read_only"),
+            };
             let t = target.to_string();
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::warn!(target = %t, "SQL connection ended: {e}");
                 }
             });
-            Ok(client)
+            Ok(session)
         }
     })
     .await

@@ -808,6 +808,19 @@ impl PgCluster {
             .arg(&self.sockdir)
             .args(["-p", &self.port.to_string(), "-U", "postgres"]);
         run(&mut cmd, "pg_basebackup for a standby");
+        if !self.bins.has_own("pg_basebackup") {
+            // A newer major's pg_basebackup -R writes options this major's
+            // walreceiver (libpq) refuses, e.g. sslnegotiation (17+): name
+            // the primary plainly instead (the last setting wins).
+            append_lines(
+                &datadir.join("postgresql.auto.conf"),
+                &[format!(
+                    "primary_conninfo = 'host={} port={} user=postgres'",
+                    self.sockdir.display(),
+                    self.port
+                )],
+            );
+        }
         let sockdir = dir.subdir("sock");
         let standby = Self::launch(self.bins.clone(), dir, datadir, sockdir, self.segsize, true);
         standby.wait_for(
