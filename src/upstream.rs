@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::pg::conninfo::ConnParams;
 use crate::pg::error::PgError;
 use crate::pg::lsn::{branch_of, timeline_of_point, Branch};
 use crate::pg::replication::{ReplicationConnection, SlotPosition};
@@ -377,10 +378,17 @@ impl Session<'_> {
         Some(seg.start_lsn(self.segment_size()))
     }
 
-    /// The ordinary SQL connection to the same server.
+    /// The ordinary SQL connection to the same server: with several hosts
+    /// in the conninfo, the one this session's replication connection
+    /// reached (another host would answer for another slot and pg_wal).
     async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
         let p = &self.cfg.postgres;
-        Ok(crate::pg::sql::connect_sql(&p.conninfo, &p.application_name).await?)
+        let mut params = ConnParams::parse(&p.conninfo)?;
+        let here = self.conn.target();
+        if params.targets.iter().any(|t| t.to_string() == here) {
+            params.targets.retain(|t| t.to_string() == here);
+        }
+        Ok(crate::pg::sql::connect_sql_params(&params, &p.application_name).await?)
     }
 
     /// READ_REPLICATION_SLOT's answer for servers without the command: the

@@ -14,20 +14,33 @@ use common::walsafe::{restore_promoted, walsafe, Agent, Settings};
 
 #[test]
 fn an_asynchronous_failover_to_a_standby_behind_walsafe_is_followed() {
+    // Defect 10's setting: walsafe waits for a read-write server, then finds
+    // the promoted standby (without the slot) by itself.
+    asynchronous_failover("fo-rw", "target_session_attrs=read-write");
+}
+
+#[test]
+fn an_asynchronous_failover_is_followed_through_a_standby_still_in_recovery() {
+    // Without target_session_attrs walsafe reaches the standby while it is
+    // still in recovery and behind walsafe: it waits there, then follows.
+    asynchronous_failover("fo-any", "");
+}
+
+fn asynchronous_failover(name: &str, attrs: &str) {
     let primary = PgCluster::start(&PgOptions {
-        name: "fo-primary".into(),
+        name: name.into(),
         ..Default::default()
     });
     primary.psql("CREATE TABLE t (id int, pad text)");
     primary.psql("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 100) g");
     let standby = primary.create_standby();
-    let dir = TestDir::new("failover");
+    let dir = TestDir::new(name);
     let backup = dir.join("base");
     primary.base_backup(&backup, "stream");
 
     // walsafe follows whichever of the two answers, primary first.
     let conninfo = format!(
-        "host={},{} port={},{} user=postgres",
+        "host={},{} port={},{} user=postgres {attrs}",
         primary.socket_dir().display(),
         standby.socket_dir().display(),
         primary.port(),
