@@ -17,7 +17,6 @@ use tokio_postgres::fallible_iterator::FallibleIterator;
 use crate::pg::conninfo::ConninfoError;
 use crate::pg::conninfo::TargetSessionAttrs;
 use crate::pg::lsn::{Lsn, TimelineId};
-use crate::pg::session_attrs::SkippedHost;
 use crate::pg::tls::{io_error_is_transient, TlsError};
 
 /// An ErrorResponse from the server, as sent.
@@ -518,6 +517,74 @@ fn pid_in(msg: &str) -> Option<u32> {
     let at = msg.find("PID ")? + 4;
     let digits: String = msg[at..].chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
+}
+
+/// Why a reachable host was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mismatch {
+    /// In recovery (hot standby), where read-write or primary was asked.
+    InRecovery,
+    /// Not in recovery, where standby was asked.
+    NotInRecovery,
+    /// Not in recovery but `default_transaction_read_only = on`, where
+    /// read-write was asked.
+    ReadOnly,
+    /// Read-write by default, where read-only was asked.
+    ReadWrite,
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mismatch::InRecovery => "is in recovery",
+            Mismatch::NotInRecovery => "is not in recovery",
+            Mismatch::ReadOnly => "is read-only (default_transaction_read_only = on)",
+            Mismatch::ReadWrite => "accepts read-write transactions",
+        })
+    }
+}
+
+/// Why one host of the conninfo was not used (see [`super::session_attrs`]).
+#[derive(Debug)]
+pub enum SkipReason {
+    /// It was reached, but its session is not what was asked for.
+    Mismatch(Mismatch),
+    /// Connecting or asking failed.
+    Failed(Box<PgError>),
+}
+
+/// One host that was tried and not used.
+#[derive(Debug)]
+pub struct SkippedHost {
+    /// Where (as [`Target`] prints it).
+    pub target: String,
+    /// Why.
+    pub reason: SkipReason,
+    /// The value that was asked for.
+    pub attrs: TargetSessionAttrs,
+}
+
+impl SkippedHost {
+    /// Whether this host may become usable without anyone acting.
+    pub fn is_retryable(&self) -> bool {
+        match &self.reason {
+            SkipReason::Mismatch(_) => true,
+            SkipReason::Failed(e) => e.is_retryable(),
+        }
+    }
+}
+
+impl fmt::Display for SkippedHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reason {
+            SkipReason::Mismatch(m) => write!(
+                f,
+                "host {} {m} (target_session_attrs={})",
+                self.target, self.attrs
+            ),
+            SkipReason::Failed(e) => write!(f, "host {}: {e}", self.target),
+        }
+    }
 }
 
 #[cfg(test)]

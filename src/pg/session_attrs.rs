@@ -50,79 +50,10 @@
 //!   may change (a standby being promoted, a primary coming back).
 //!   Otherwise the last connection error is returned unchanged.
 
-use std::fmt;
 use std::future::Future;
 
 use crate::pg::conninfo::{ConnParams, Target, TargetSessionAttrs};
-use crate::pg::error::PgError;
-
-/// Why a reachable host was not taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mismatch {
-    /// In recovery (hot standby), where read-write or primary was asked.
-    InRecovery,
-    /// Not in recovery, where standby was asked.
-    NotInRecovery,
-    /// Not in recovery but `default_transaction_read_only = on`, where
-    /// read-write was asked.
-    ReadOnly,
-    /// Read-write by default, where read-only was asked.
-    ReadWrite,
-}
-
-impl fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mismatch::InRecovery => "is in recovery",
-            Mismatch::NotInRecovery => "is not in recovery",
-            Mismatch::ReadOnly => "is read-only (default_transaction_read_only = on)",
-            Mismatch::ReadWrite => "accepts read-write transactions",
-        })
-    }
-}
-
-/// Why one host of the conninfo was not used.
-#[derive(Debug)]
-pub enum SkipReason {
-    /// It was reached, but its session is not what was asked for.
-    Mismatch(Mismatch),
-    /// Connecting or asking failed.
-    Failed(Box<PgError>),
-}
-
-/// One host that was tried and not used.
-#[derive(Debug)]
-pub struct SkippedHost {
-    /// Where (as [`Target`] prints it).
-    pub target: String,
-    /// Why.
-    pub reason: SkipReason,
-    /// The value that was asked for.
-    pub attrs: TargetSessionAttrs,
-}
-
-impl SkippedHost {
-    /// Whether this host may become usable without anyone acting.
-    pub fn is_retryable(&self) -> bool {
-        match &self.reason {
-            SkipReason::Mismatch(_) => true,
-            SkipReason::Failed(e) => e.is_retryable(),
-        }
-    }
-}
-
-impl fmt::Display for SkippedHost {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.reason {
-            SkipReason::Mismatch(m) => write!(
-                f,
-                "host {} {m} (target_session_attrs={})",
-                self.target, self.attrs
-            ),
-            SkipReason::Failed(e) => write!(f, "host {}: {e}", self.target),
-        }
-    }
-}
+use crate::pg::error::{Mismatch, PgError, SkipReason, SkippedHost};
 
 /// What [`connect_matching`] needs to know of an open session.
 pub(crate) trait Session: Sized {
