@@ -1,0 +1,407 @@
+//! Hostile input: property-based fuzzing (proptest, stable Rust) of every
+//! parser that reads bytes or text walsafe did not write itself.
+//!
+//! Each property states what must hold for *any* input of its kind, not
+//! just "no panic":
+//!
+//! - **WAL pages** ([`walsafe::pg::page`]): arbitrary bytes and mutations of
+//!   a valid synthetic segment never panic; valid WAL is accepted; a change
+//!   to any byte a check covers is refused with a [`PageError`] that names
+//!   the damaged page (or an earlier one) and its segment file; a change to
+//!   bytes no check covers is accepted.
+//!
+//! Case counts: each property has a default sized so that this file runs
+//! in a few seconds in a debug build; `PROPTEST_CASES` overrides all of
+//! them for long runs.
+
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+use walsafe::pg::cluster::ClusterIdentity;
+use walsafe::pg::page::{
+    read_long_header, synthetic_wal, validate_segment, PageError, PageValidator, LONG_HEADER_LEN,
+};
+use walsafe::pg::walfile::SegmentName;
+use walsafe::pg::{Lsn, TimelineId};
+
+/// A config with `cases` cases unless `PROPTEST_CASES` is set.
+fn cases(cases: u32) -> Config {
+    let mut c = Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        c.cases = cases;
+    }
+    // Failures become explicit #[test]s, not persisted seed files.
+    c.failure_persistence = None;
+    c
+}
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..=max)
+}
+
+// ---------------------------------------------------------------------------
+// WAL pages
+// ---------------------------------------------------------------------------
+
+const SEG: u64 = 1 << 20;
+const BS: u64 = 8192;
+const PAGES: u64 = SEG / BS;
+
+fn identity(sysid: u64) -> ClusterIdentity {
+    ClusterIdentity::new(sysid, 150000, SEG)
+}
+
+/// Segment numbers, the last one possible included.
+fn segno() -> impl Strategy<Value = u64> {
+    let last = u64::MAX / SEG;
+    prop_oneof![
+        0..1000u64,
+        Just(last),
+        (last - 1000)..=last,
+        any::<u64>().prop_map(move |n| n % (last + 1)),
+    ]
+}
+
+fn timeline() -> impl Strategy<Value = u32> {
+    prop_oneof![1..5u32, 1..=u32::MAX]
+}
+
+/// A valid segment: `wal_pages` pages of synthetic WAL then zeros.
+fn valid_segment(sysid: u64, tli: u32, segno: u64, wal_pages: u64) -> Vec<u8> {
+    let start = Lsn(segno * SEG);
+    let mut d = synthetic_wal(&identity(sysid), TimelineId(tli), start, wal_pages * BS);
+    d.resize(SEG as usize, 0);
+    d
+}
+
+/// The page a `PageError` names, as an offset in its segment, and its
+/// segment file name.
+fn error_page(e: &PageError) -> Option<(u64, &str)> {
+    let at = match e {
+        PageError::UnknownMagic { at, .. }
+        | PageError::WrongVersion { at, .. }
+        | PageError::MagicChanged { at, .. }
+        | PageError::InvalidInfoBits { at, .. }
+        | PageError::MissingLongHeader { at, .. }
+        | PageError::UnexpectedLongHeader { at, .. }
+        | PageError::WrongSystem { at, .. }
+        | PageError::WrongSegmentSize { at, .. }
+        | PageError::WrongBlockSize { at, .. }
+        | PageError::WrongPageAddress { at, .. }
+        | PageError::TimelineOutOfRange { at, .. }
+        | PageError::TimelineDecreased { at, .. }
+        | PageError::ZeroPage { at }
+        | PageError::DataAfterEnd { at, .. } => at,
+        _ => return None,
+    };
+    Some((at.offset, &at.segment))
+}
+
+/// What a one-byte change at `off` of a [`valid_segment`] with `wal_pages`
+/// pages of WAL means to the validator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Covered {
+    /// No check reads the byte (record data, `xlp_rem_len`, padding, the
+    /// info bits PostgreSQL may set freely): the segment stays valid.
+    No,
+    /// A check reads it but a change may be legitimate (a lower timeline,
+    /// as pages before a switch point carry).
+    Maybe,
+    /// Any change is refused.
+    Yes,
+}
+
+fn covered(off: usize, xor: u8, wal_pages: u64) -> Covered {
+    let page = off as u64 / BS;
+    let in_page = off % BS as usize;
+    if page >= wal_pages {
+        return Covered::Yes; // inside the zero tail
+    }
+    let long = page == 0;
+    match in_page {
+        0 | 1 => Covered::Yes,                // xlp_magic
+        2 if xor & 0xF2 != 0 => Covered::Yes, // XLP_LONG_HEADER, undefined bits
+        2 => Covered::No,                     // CONTRECORD, BKP_REMOVABLE, OVERWRITE
+        3 => Covered::Yes,                    // undefined info bits
+        4..=7 => Covered::Maybe,              // xlp_tli
+        8..=15 => Covered::Yes,               // xlp_pageaddr
+        16..=23 => Covered::No,               // xlp_rem_len, padding
+        24..=39 if long => Covered::Yes,      // sysid, seg_size, blcksz
+        _ => Covered::No,                     // record bytes
+    }
+}
+
+/// Offsets to damage in the first `pages` pages: anywhere, and more often
+/// in the headers (long header, info bits, timeline, page address).
+fn flip_offset(pages: u64) -> impl Strategy<Value = usize> {
+    let page = move || (0..pages as usize).prop_map(|p| p * BS as usize);
+    prop_oneof![
+        0..LONG_HEADER_LEN,
+        0..(pages * BS) as usize,
+        (page(), 0..24usize).prop_map(|(p, o)| p + o),
+        page().prop_map(|p| p + 2),
+        page().prop_map(|p| p + 4),
+    ]
+}
+
+fn valid_cached() -> &'static Vec<u8> {
+    static V: OnceLock<Vec<u8>> = OnceLock::new();
+    V.get_or_init(|| valid_segment(SYSID, 3, 77, 40))
+}
+const SYSID: u64 = 7_312_345_678_901_234_567;
+const SEG_77: SegmentName = SegmentName {
+    timeline: TimelineId(3),
+    segno: 77,
+};
+
+proptest! {
+    #![proptest_config(cases(64))]
+
+    /// Valid WAL of any cluster, timeline, segment and length is accepted,
+    /// and its long header reads back as written.
+    #[test]
+    fn page_valid_segments_are_accepted(sysid in any::<u64>(), tli in timeline(), segno in segno(), wal_pages in 1..=PAGES) {
+        let d = valid_segment(sysid, tli, segno, wal_pages);
+        let seg = SegmentName { timeline: TimelineId(tli), segno };
+        prop_assert_eq!(validate_segment(&identity(sysid), seg, &d), Ok(()));
+        let h = read_long_header(&d).unwrap();
+        prop_assert_eq!(h.system_identifier, sysid);
+        prop_assert_eq!(h.timeline, TimelineId(tli));
+        prop_assert_eq!(h.pageaddr, Lsn(segno * SEG));
+        prop_assert_eq!(u64::from(h.segment_size), SEG);
+        prop_assert_eq!(h.pg_major(), Some(15));
+        // Read as part of a later timeline, it is still fine.
+        if tli < u32::MAX {
+            let later = SegmentName { timeline: TimelineId(tli + 1), segno };
+            prop_assert_eq!(validate_segment(&identity(sysid), later, &d), Ok(()));
+        }
+    }
+
+    /// Byte flips: a flip of a covered byte is refused, naming the damaged
+    /// page (or an earlier one) and the segment; flips of bytes no check
+    /// reads are accepted.
+    #[test]
+    fn page_flipped_bytes(flips in proptest::collection::btree_map(flip_offset(PAGES), 1..=255u8, 1..6)) {
+        let mut d = valid_cached().clone();
+        for (&off, &x) in &flips {
+            d[off] ^= x;
+        }
+        let class: Vec<(Covered, u64)> = flips.iter().map(|(&o, &x)| (covered(o, x, 40), o as u64 / BS * BS)).collect();
+        let r = validate_segment(&identity(SYSID), SEG_77, &d);
+        let first_checked = class.iter().filter(|c| c.0 == Covered::Yes).map(|c| c.1).min();
+        let first_touched = class.iter().filter(|c| c.0 != Covered::No).map(|c| c.1).min();
+        match (&r, first_checked, first_touched) {
+            (Ok(()), None, _) => {}
+            (Ok(()), Some(p), _) => prop_assert!(false, "damage at page offset {p} accepted: {flips:?}"),
+            (Err(e), _, None) => prop_assert!(false, "harmless change refused: {e} ({flips:?})"),
+            (Err(e), checked, Some(touched)) => {
+                let (at, segment) = error_page(e).unwrap_or_else(|| panic!("no page in {e:?}"));
+                prop_assert_eq!(segment, "00000003000000000000004D");
+                prop_assert!(at >= touched, "{e} is before every change ({flips:?})");
+                if let Some(c) = checked {
+                    prop_assert!(at <= c, "{e} is after the damage at {c} ({flips:?})");
+                }
+                prop_assert!(e.to_string().contains("00000003000000000000004D"), "{e}");
+            }
+        }
+    }
+
+    /// A field overwritten with any other value: magic, pageaddr, sysid,
+    /// segment size and block size always refused; timeline refused unless
+    /// it is a lower one on a page where that is allowed.
+    #[test]
+    fn page_wrong_header_fields(page in 0..40u64, field in 0..5usize, value in any::<u64>()) {
+        let mut d = valid_cached().clone();
+        let p = (page * BS) as usize;
+        let (range, orig) = match field {
+            0 => (p..p + 2, 0xD110u64),
+            1 => (p + 8..p + 16, 77 * SEG + page * BS),
+            2 => (24..32, SYSID),
+            3 => (32..36, SEG),
+            _ => (p + 4..p + 8, 3),
+        };
+        let len = range.len();
+        let value = if len == 8 { value } else { value & ((1u64 << (8 * len)) - 1) };
+        prop_assume!(value != orig);
+        d[range].copy_from_slice(&value.to_le_bytes()[..len]);
+        let r = validate_segment(&identity(SYSID), SEG_77, &d);
+        match field {
+            4 if (1..3).contains(&value) && page == 0 => prop_assert_eq!(r, Ok(())),
+            4 if (1..3).contains(&value) => {
+                prop_assert!(matches!(r, Err(PageError::TimelineDecreased { .. })), "{r:?}")
+            }
+            4 => prop_assert!(matches!(r, Err(PageError::TimelineOutOfRange { .. })), "{r:?}"),
+            0 => prop_assert!(matches!(r, Err(PageError::UnknownMagic { .. } | PageError::WrongVersion { .. } | PageError::MagicChanged { .. } | PageError::ZeroPage { .. })), "{r:?}"),
+            1 => prop_assert!(matches!(r, Err(PageError::WrongPageAddress { .. })), "{r:?}"),
+            2 => {
+                prop_assert!(matches!(r, Err(PageError::WrongSystem { .. })), "{r:?}");
+                prop_assert!(r.unwrap_err().is_stranger());
+            }
+            _ => prop_assert!(matches!(r, Err(PageError::WrongSegmentSize { .. })), "{r:?}"),
+        }
+    }
+
+    /// The wrong cluster, version or segment name, and any other length.
+    #[test]
+    fn page_wrong_identity_name_or_length(other in any::<u64>(), segno in segno(), tli in 1..3u32, len in 0..2 * SEG as usize) {
+        let d = valid_cached();
+        prop_assume!(other != SYSID);
+        let e = validate_segment(&identity(other), SEG_77, d).unwrap_err();
+        prop_assert!(matches!(e, PageError::WrongSystem { .. }) && e.is_stranger(), "{e}");
+        let v16 = ClusterIdentity::new(SYSID, 160000, SEG);
+        prop_assert!(matches!(validate_segment(&v16, SEG_77, d), Err(PageError::WrongVersion { expected: 16, .. })), "unexpected result");
+        if segno != 77 {
+            let name = SegmentName { timeline: TimelineId(3), segno };
+            prop_assert!(matches!(validate_segment(&identity(SYSID), name, d), Err(PageError::WrongPageAddress { .. })), "unexpected result");
+        }
+        let name = SegmentName { timeline: TimelineId(tli), segno: 77 };
+        prop_assert!(matches!(validate_segment(&identity(SYSID), name, d), Err(PageError::TimelineOutOfRange { found: 3, .. })), "unexpected result");
+        if len != SEG as usize {
+            let mut t = d.clone();
+            t.resize(len, 0xA5);
+            let e = validate_segment(&identity(SYSID), SEG_77, &t).unwrap_err();
+            prop_assert_eq!(e, PageError::WrongFileSize { segment: "00000003000000000000004D".into(), size: len as u64, expected: SEG });
+        }
+    }
+
+    /// Arbitrary bytes as a segment, and arbitrary first-page headers
+    /// followed by zeros: never a panic; acceptance only of a header that
+    /// names this cluster and segment.
+    #[test]
+    fn page_arbitrary_bytes(seed in any::<u64>(), head in bytes(64), zeros in any::<bool>()) {
+        let mut d = vec![0u8; SEG as usize];
+        if !zeros {
+            // splitmix64: cheap enough for a debug build.
+            let mut x = seed;
+            for w in d.chunks_mut(8) {
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                w.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            }
+        }
+        d[..head.len()].copy_from_slice(&head);
+        match validate_segment(&identity(SYSID), SEG_77, &d) {
+            Ok(()) => {
+                let h = read_long_header(&d).unwrap();
+                prop_assert_eq!(h.system_identifier, SYSID);
+                prop_assert_eq!(h.pageaddr, Lsn(77 * SEG));
+                prop_assert!((1..=3).contains(&h.timeline.0));
+            }
+            Err(e) => prop_assert!(e.to_string().contains("00000003000000000000004D"), "{e}"),
+        }
+    }
+
+    /// read_long_header on any bytes: Truncated exactly below 40 bytes;
+    /// when Ok, the fields are the little-endian bytes and the header is one.
+    #[test]
+    fn page_read_long_header_arbitrary(mut b in bytes(100), magic in prop::sample::select(vec![0xD106u16, 0xD110, 0xD118, 0]), long in any::<bool>()) {
+        if b.len() >= 4 && magic != 0 {
+            b[0..2].copy_from_slice(&magic.to_le_bytes());
+            if long { b[2] |= 2 }
+        }
+        match read_long_header(&b) {
+            Ok(h) => {
+                prop_assert!(b.len() >= LONG_HEADER_LEN);
+                prop_assert_eq!(h.magic, u16::from_le_bytes([b[0], b[1]]));
+                prop_assert!(h.pg_major().is_some());
+                prop_assert!(h.info & 2 != 0);
+                prop_assert_eq!(h.pageaddr.0, u64::from_le_bytes(b[8..16].try_into().unwrap()));
+                prop_assert_eq!(h.system_identifier, u64::from_le_bytes(b[24..32].try_into().unwrap()));
+                prop_assert_eq!(h.block_size, u32::from_le_bytes(b[36..40].try_into().unwrap()));
+            }
+            Err(PageError::Truncated { len }) => prop_assert!(len == b.len() && len < LONG_HEADER_LEN),
+            Err(e @ (PageError::ZeroPage { .. } | PageError::UnknownMagic { .. } | PageError::MissingLongHeader { .. })) => {
+                prop_assert!(b.len() >= LONG_HEADER_LEN);
+                prop_assert!(!e.to_string().is_empty());
+            }
+            Err(e) => prop_assert!(false, "unexpected {e:?}"),
+        }
+    }
+
+    /// The streaming validator: valid WAL in random pieces is accepted from
+    /// any segment start (the last segment of the LSN space included, but
+    /// for its very last byte, whose end is not a position).
+    #[test]
+    fn page_stream_valid_in_pieces(segno in segno(), tli in timeline(), wal_pages in 1..=PAGES, cuts in proptest::collection::vec(1..20_000usize, 0..40)) {
+        let mut d = valid_segment(SYSID, tli, segno, wal_pages);
+        if segno == u64::MAX / SEG {
+            d.pop();
+        }
+        let mut v = PageValidator::new(identity(SYSID), TimelineId(tli));
+        let start = Lsn(segno * SEG);
+        let mut off = 0;
+        for c in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+            let n = (*c).min(d.len() - off);
+            prop_assert_eq!(v.feed(start.plus(off as u64), &d[off..off + n]), Ok(()));
+            off += n;
+            if off == d.len() { break; }
+        }
+    }
+
+    /// The streaming validator on damaged WAL: refuses exactly what
+    /// validate_segment refuses (flips in covered bytes), and arbitrary
+    /// bytes at any position never panic.
+    #[test]
+    fn page_stream_damaged_and_arbitrary(
+        flips in proptest::collection::btree_map(flip_offset(41), 1..=255u8, 1..4),
+        start in prop_oneof![Just(0u64), any::<u64>(), (u64::MAX - 100_000)..=u64::MAX],
+        junk in bytes(200),
+        cut in 1..(41 * BS) as usize,
+    ) {
+        let mut d = valid_cached()[..(41 * BS) as usize].to_vec();
+        for (&off, &x) in &flips {
+            d[off] ^= x;
+        }
+        let checked = flips.iter().any(|(&o, &x)| covered(o, x, 40) == Covered::Yes);
+        let harmless = flips.iter().all(|(&o, &x)| covered(o, x, 40) == Covered::No);
+        let mut v = PageValidator::new(identity(SYSID), TimelineId(3));
+        let base = Lsn(77 * SEG);
+        let r = v.feed(base, &d[..cut]).and_then(|()| v.feed(base.plus(cut as u64), &d[cut..]));
+        if checked {
+            prop_assert!(r.is_err(), "damage accepted: {flips:?}");
+        }
+        if harmless { prop_assert_eq!(r, Ok(())); }
+
+        let mut v = PageValidator::new(identity(SYSID), TimelineId(3));
+        let _ = v.feed(Lsn(start), &junk);
+    }
+}
+
+/// Found by `page_stream_damaged_and_arbitrary`: WAL fed in the last page
+/// of the 64-bit LSN space overflowed the page arithmetic (a panic in a
+/// debug build, a wrapped position in release).
+#[test]
+fn page_stream_in_the_last_page_of_the_lsn_space() {
+    let mut v = PageValidator::new(identity(SYSID), TimelineId(3));
+    // The page's header began before the data: nothing to check.
+    v.feed(Lsn(u64::MAX - 8190), &[0]).unwrap();
+    // The whole last segment but its last byte: valid WAL.
+    let last = u64::MAX / SEG;
+    let d = valid_segment(SYSID, 3, last, PAGES);
+    let mut v = PageValidator::new(identity(SYSID), TimelineId(3));
+    v.feed(Lsn(last * SEG), &d[..d.len() - 1]).unwrap();
+    // Its zero tail, too.
+    let d = valid_segment(SYSID, 3, last, 3);
+    let mut v = PageValidator::new(identity(SYSID), TimelineId(3));
+    v.feed(Lsn(last * SEG), &d[..d.len() - 1]).unwrap();
+}
+
+/// Found by `page_stream_damaged_and_arbitrary`: data whose end lies beyond
+/// `FFFFFFFF/FFFFFFFF` is refused with a typed error, not an overflow.
+#[test]
+fn page_stream_beyond_the_lsn_space_is_refused() {
+    let mut v = PageValidator::new(identity(SYSID), TimelineId(3));
+    let e = v.feed(Lsn(u64::MAX - 1), &[0, 0, 0]).unwrap_err();
+    assert_eq!(
+        e,
+        PageError::BeyondWalSpace {
+            start: Lsn(u64::MAX - 1),
+            len: 3
+        }
+    );
+    assert!(e.to_string().contains("FFFFFFFF/FFFFFFFE"), "{e}");
+}
