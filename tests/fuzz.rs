@@ -10,6 +10,10 @@
 //!   the damaged page (or an earlier one) and its segment file; a change to
 //!   bytes no check covers is accepted.
 //!
+//! The replication message decoder is private to `pg::replication`; its
+//! properties are in-module (`src/pg/replication/wire.rs`, tests named
+//! `fuzz_*`).
+//!
 //! Case counts: each property has a default sized so that this file runs
 //! in a few seconds in a debug build; `PROPTEST_CASES` overrides all of
 //! them for long runs.
