@@ -13,6 +13,8 @@
 //!   round-trips, with and without key and compression; arbitrary bytes,
 //!   any mutation of a valid object, a wrong key or name are an
 //!   [`EnvelopeError`], never a panic and never other plaintext.
+//! - **Chunk planning** ([`walsafe::repository::chunks::plan`]): checked
+//!   against a byte-map model of coverage (see `chunk_model`).
 //!
 //! The replication message decoder is private to `pg::replication`; its
 //! properties are in-module (`src/pg/replication/wire.rs`, tests named
@@ -33,6 +35,7 @@ use walsafe::pg::page::{
 };
 use walsafe::pg::walfile::SegmentName;
 use walsafe::pg::{Lsn, TimelineId};
+use walsafe::repository::chunks::{plan, Uncovered};
 use walsafe::repository::envelope::{self, EnvelopeError};
 use walsafe::repository::{Compression, Key};
 
@@ -578,6 +581,111 @@ proptest! {
         o.extend_from_slice(&digest);
         if let Ok(p) = envelope::decode(NAME, &o, None) {
             prop_assert_eq!(p.len() as u64, plain_len);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Chunk planning
+// ---------------------------------------------------------------------------
+
+/// The model: a byte map of what the chunks cover, over a small segment.
+///
+/// * `end` = the first byte from 0 that no chunk covers: what can be rebuilt.
+/// * An empty set plans nothing; else nothing covering byte 0 is
+///   `MissingStart { first: lowest start }`; else a chunk starting beyond
+///   `end` is `Hole { from: end, to: lowest such start }`; else `Ok`.
+/// * An `Ok` plan: chunks of the set, the first at 0, each starting at or
+///   before the previous end and reaching further, the last ending at
+///   `end` (= the highest end of the set), and no longer than the fewest
+///   chunks that can cover `[0, end)`.
+fn chunk_model(chunks: &[(u64, u64)]) -> Result<u64, Uncovered> {
+    let max = chunks.iter().map(|c| c.1).max().unwrap_or(0);
+    let mut map = vec![false; max as usize + 1];
+    for &(s, e) in chunks {
+        for b in s..e {
+            map[b as usize] = true;
+        }
+    }
+    let end = map.iter().position(|&c| !c).unwrap() as u64;
+    if chunks.is_empty() {
+        return Ok(0);
+    }
+    if end == 0 {
+        let first = chunks.iter().map(|c| c.0).min().unwrap();
+        return Err(Uncovered::MissingStart { first });
+    }
+    if let Some(to) = chunks.iter().map(|c| c.0).filter(|&s| s > end).min() {
+        return Err(Uncovered::Hole { from: end, to });
+    }
+    Ok(end)
+}
+
+/// Fewest chunks covering `[0, end)` (breadth-first over reachable ends).
+fn fewest(chunks: &[(u64, u64)], end: u64) -> usize {
+    let mut reach = 0u64;
+    let mut steps = 0;
+    while reach < end {
+        let next = chunks
+            .iter()
+            .filter(|c| c.0 <= reach)
+            .map(|c| c.1)
+            .max()
+            .unwrap();
+        assert!(next > reach);
+        reach = next;
+        steps += 1;
+    }
+    steps
+}
+
+fn chunk_set() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    proptest::collection::vec((0..60u64, 1..20u64).prop_map(|(s, l)| (s, s + l)), 0..12)
+}
+
+proptest! {
+    #![proptest_config(cases(2000))]
+
+    #[test]
+    fn chunks_plan_matches_model(mut chunks in chunk_set(), from_zero in any::<bool>()) {
+        if from_zero && !chunks.is_empty() {
+            chunks[0].0 = 0;
+        }
+        let got = plan(&chunks);
+        match (chunk_model(&chunks), got) {
+            (Ok(end), Ok(p)) => {
+                prop_assert_eq!(p.is_empty(), chunks.is_empty());
+                if !p.is_empty() {
+                    prop_assert_eq!(p[0].0, 0);
+                    prop_assert_eq!(p.last().unwrap().1, end);
+                    prop_assert_eq!(chunks.iter().map(|c| c.1).max().unwrap(), end);
+                    for w in p.windows(2) {
+                        prop_assert!(w[1].0 <= w[0].1 && w[1].1 > w[0].1, "{p:?}");
+                    }
+                    for c in &p {
+                        prop_assert!(chunks.contains(c));
+                    }
+                    prop_assert_eq!(p.len(), fewest(&chunks, end), "{:?}", p);
+                }
+            }
+            (want, got) => {
+                prop_assert_eq!(want.map(|_| ()), got.clone().map(|_| ()), "{:?}", chunks);
+                let (from, to) = got.unwrap_err().range();
+                prop_assert!(from < to);
+            }
+        }
+    }
+
+    /// Any pairs at all (empty, reversed, huge; `ObjectName::chunk` never
+    /// yields such, but a model must not be needed for safety): no panic,
+    /// and an `Ok` plan still starts at 0 and advances.
+    #[test]
+    fn chunks_plan_any_ranges(chunks in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..8)) {
+        if let Ok(p) = plan(&chunks) {
+            if let Some(f) = p.first() { prop_assert_eq!(f.0, 0) }
+            for w in p.windows(2) {
+                prop_assert!(w[1].0 <= w[0].1 && w[1].1 > w[0].1);
+            }
         }
     }
 }
