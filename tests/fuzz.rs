@@ -15,6 +15,9 @@
 //!   [`EnvelopeError`], never a panic and never other plaintext.
 //! - **Chunk planning** ([`walsafe::repository::chunks::plan`]): checked
 //!   against a byte-map model of coverage (see `chunk_model`).
+//! - **Conninfo** ([`ConnParams::parse_with_env`]): arbitrary text never
+//!   panics and errors are explained; generated conninfos in key=value and
+//!   URL form parse to exactly the values generated.
 //!
 //! The replication message decoder is private to `pg::replication`; its
 //! properties are in-module (`src/pg/replication/wire.rs`, tests named
@@ -24,12 +27,16 @@
 //! in a few seconds in a debug build; `PROPTEST_CASES` overrides all of
 //! them for long runs.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
 use walsafe::pg::cluster::ClusterIdentity;
+use walsafe::pg::conninfo::{ConnParams, ConninfoError, Host, SslMode};
 use walsafe::pg::page::{
     read_long_header, synthetic_wal, validate_segment, PageError, PageValidator, LONG_HEADER_LEN,
 };
@@ -687,5 +694,334 @@ proptest! {
                 prop_assert!(w[1].0 <= w[0].1 && w[1].1 > w[0].1);
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Conninfo
+// ---------------------------------------------------------------------------
+
+fn env_home() -> impl Fn(&str) -> Option<String> {
+    |k| (k == "HOME").then(|| "/home/fuzz".to_string())
+}
+
+/// A generated conninfo: what it says, to compare with what parses.
+#[derive(Debug, Clone)]
+struct Gen {
+    hosts: Vec<Host>,
+    /// None, one for all, or one per host.
+    ports: Vec<u16>,
+    user: String,
+    password: Option<String>,
+    dbname: Option<String>,
+    application_name: Option<String>,
+    sslmode: Option<SslMode>,
+    connect_timeout: Option<u32>,
+}
+
+fn host() -> impl Strategy<Value = Host> {
+    prop_oneof![
+        "[a-z][a-z0-9.-]{0,15}".prop_map(Host::Tcp),
+        "(127\\.0\\.0\\.[0-9]{1,2})|(::1)".prop_map(Host::Tcp),
+        "/[a-zA-Z0-9_. -]{0,15}".prop_map(|p| Host::Unix(PathBuf::from(p))),
+    ]
+}
+
+/// Any text without NUL (libpq strings are C strings).
+fn text() -> impl Strategy<Value = String> {
+    "[^\u{0}]{1,12}"
+}
+
+fn sslmode() -> impl Strategy<Value = SslMode> {
+    prop::sample::select(vec![
+        SslMode::Disable,
+        SslMode::Allow,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ])
+}
+
+fn gen_conninfo() -> impl Strategy<Value = Gen> {
+    (
+        proptest::collection::vec(host(), 1..4),
+        0..3usize,
+        proptest::collection::vec(1..=u16::MAX, 3),
+        text(),
+        prop::option::of(text()),
+        prop::option::of(text()),
+        prop::option::of(text()),
+        prop::option::of(sslmode()),
+        prop::option::of(0..100_000u32),
+    )
+        .prop_map(
+            |(
+                hosts,
+                nports,
+                ports,
+                user,
+                password,
+                dbname,
+                application_name,
+                sslmode,
+                connect_timeout,
+            )| {
+                let ports = match nports {
+                    0 => vec![],
+                    1 => vec![ports[0]],
+                    _ => ports.iter().cycle().take(hosts.len()).copied().collect(),
+                };
+                Gen {
+                    hosts,
+                    ports,
+                    user,
+                    password,
+                    dbname,
+                    application_name,
+                    sslmode,
+                    connect_timeout,
+                }
+            },
+        )
+}
+
+/// Parameters tokio_postgres or walsafe know.
+const KNOWN_KEYS: &[&str] = &[
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "sslnegotiation",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "passfile",
+    "replication",
+];
+
+fn quote(v: &str) -> String {
+    let mut s = String::from("'");
+    for c in v.chars() {
+        if c == '\'' || c == '\\' {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s.push('\'');
+    s
+}
+
+fn key_value(g: &Gen) -> String {
+    key_value_parts(g).join("  ")
+}
+
+/// The `key=value` parameters of a generated conninfo.
+fn key_value_parts(g: &Gen) -> Vec<String> {
+    let hosts: Vec<String> = g.hosts.iter().map(|h| h.to_string()).collect();
+    let mut parts = vec![format!("host={}", quote(&hosts.join(",")))];
+    if !g.ports.is_empty() {
+        let p: Vec<String> = g.ports.iter().map(u16::to_string).collect();
+        parts.push(format!("port={}", p.join(",")));
+    }
+    parts.push(format!("user = {}", quote(&g.user)));
+    if let Some(p) = &g.password {
+        parts.push(format!("password={}", quote(p)));
+    }
+    if let Some(d) = &g.dbname {
+        parts.push(format!("dbname={}", quote(d)));
+    }
+    if let Some(a) = &g.application_name {
+        parts.push(format!("application_name={}", quote(a)));
+    }
+    if let Some(m) = g.sslmode {
+        parts.push(format!("sslmode={m}"));
+    }
+    if let Some(t) = g.connect_timeout {
+        parts.push(format!("connect_timeout={t}"));
+    }
+    parts
+}
+
+fn pct(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn url(g: &Gen) -> String {
+    let hosts: Vec<String> = g
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let h = match h {
+                Host::Tcp(n) if n.contains(':') => format!("[{n}]"),
+                Host::Tcp(n) => n.clone(),
+                Host::Unix(p) => pct(&p.to_string_lossy()),
+            };
+            match g.ports.len() {
+                0 => h,
+                1 if i == 0 => format!("{h}:{}", g.ports[0]),
+                1 => h,
+                _ => format!("{h}:{}", g.ports[i]),
+            }
+        })
+        .collect();
+    let creds = match &g.password {
+        Some(p) => format!("{}:{}", pct(&g.user), pct(p)),
+        None => pct(&g.user),
+    };
+    let mut s = format!("postgresql://{creds}@{}", hosts.join(","));
+    if let Some(d) = &g.dbname {
+        s.push('/');
+        s.push_str(&pct(d));
+    }
+    let mut q = vec![];
+    if let Some(a) = &g.application_name {
+        q.push(format!("application_name={}", pct(a)));
+    }
+    if let Some(m) = g.sslmode {
+        q.push(format!("sslmode={m}"));
+    }
+    if let Some(t) = g.connect_timeout {
+        q.push(format!("connect_timeout={t}"));
+    }
+    if !q.is_empty() {
+        s.push('?');
+        s.push_str(&q.join("&"));
+    }
+    s
+}
+
+fn check_parsed(g: &Gen, p: &ConnParams, url_form: bool) -> Result<(), TestCaseError> {
+    let hosts: Vec<Host> = p.targets.iter().map(|t| t.host.clone()).collect();
+    prop_assert_eq!(&hosts, &g.hosts);
+    let ports: Vec<u16> = p.targets.iter().map(|t| t.port).collect();
+    let want: Vec<u16> = match (g.ports.len(), url_form) {
+        (0, _) => vec![5432; g.hosts.len()],
+        // In a URL a port belongs to its host; the others get 5432.
+        (1, true) => (0..g.hosts.len())
+            .map(|i| if i == 0 { g.ports[0] } else { 5432 })
+            .collect(),
+        (1, false) => vec![g.ports[0]; g.hosts.len()],
+        _ => g.ports.clone(),
+    };
+    prop_assert_eq!(ports, want);
+    prop_assert_eq!(&p.user, &g.user);
+    prop_assert_eq!(
+        p.password.as_ref().map(|p| p.expose().to_string()),
+        g.password.clone()
+    );
+    prop_assert_eq!(&p.dbname, &g.dbname);
+    prop_assert_eq!(&p.application_name, &g.application_name);
+    prop_assert_eq!(p.sslmode, g.sslmode.unwrap_or(SslMode::Prefer));
+    let timeout = g
+        .connect_timeout
+        .filter(|&t| t > 0)
+        .map(|t| Duration::from_secs(t.into()));
+    prop_assert_eq!(p.connect_timeout, timeout);
+    prop_assert!(p.targets.iter().all(|t| t.hostaddr.is_none()));
+    Ok(())
+}
+
+fn check_error(e: &ConninfoError) -> Result<(), TestCaseError> {
+    // Every error says it is about the conninfo (or the environment that
+    // fills it) and why.
+    let msg = e.to_string();
+    prop_assert!(msg.contains("[postgres] conninfo"), "{msg}");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// Generated key=value conninfos parse to what was generated.
+    #[test]
+    fn conninfo_key_value_round_trip(g in gen_conninfo()) {
+        let s = key_value(&g);
+        let p = ConnParams::parse_with_env(&s, &env_home()).map_err(|e| TestCaseError::fail(format!("{s}: {e}")))?;
+        check_parsed(&g, &p, false)?;
+    }
+
+    /// Generated URL conninfos parse to what was generated.
+    #[test]
+    fn conninfo_url_round_trip(g in gen_conninfo()) {
+        let s = url(&g);
+        let p = ConnParams::parse_with_env(&s, &env_home()).map_err(|e| TestCaseError::fail(format!("{s}: {e}")))?;
+        check_parsed(&g, &p, true)?;
+    }
+
+    /// A key=value conninfo with one piece of junk among valid parameters
+    /// (a parameter without a name, an unknown parameter, a name without
+    /// a value) is refused: never parsed with the junk, or what follows
+    /// it, silently left out.
+    #[test]
+    fn conninfo_junk_is_refused(g in gen_conninfo(), junk in prop_oneof![
+        "=[a-z0-9']{0,4}",
+        "[a-z]{3,8}=1".prop_filter("a known key", |s| !KNOWN_KEYS.contains(&s.trim_end_matches("=1"))),
+        "[a-z]{1,8}",
+    ], at in any::<prop::sample::Index>()) {
+        let mut parts = key_value_parts(&g);
+        let i = at.index(parts.len() + 1);
+        parts.insert(i, junk.clone());
+        let s = parts.join(" ");
+        match ConnParams::parse_with_env(&s, &env_home()) {
+            Ok(p) => prop_assert!(false, "{s:?} parsed, junk {junk:?} ignored: {p:?}"),
+            Err(e) => check_error(&e)?,
+        }
+    }
+
+    /// Arbitrary text, and text made of conninfo pieces: never a panic,
+    /// every error explained.
+    #[test]
+    fn conninfo_arbitrary_text(
+        s in prop_oneof![
+            any::<String>(),
+            "(postgres(ql)?://)?[a-z@:/?&=%,.\\[\\]' \\\\0-9A-F]{0,40}",
+            proptest::collection::vec(prop::sample::select(vec![
+                "host", "port", "user", "password", "dbname", "sslmode", "sslrootcert", "hostaddr",
+                "connect_timeout", "=", " ", "'", "\\", ",", "/", "system", "verify-full", "1", "-1",
+                "::1", "%", "%2F", "?", "&", "@", ":", "postgresql://", "[", "]", "replication",
+            ]), 0..14).prop_map(|v| v.concat()),
+        ],
+        env in proptest::collection::vec((prop::sample::select(vec!["PGHOST", "PGPORT", "PGUSER", "PGSSLMODE", "PGCONNECT_TIMEOUT", "PGSSLROOTCERT", "HOME"]), "[a-z0-9,/ -]{0,10}"), 0..3),
+    ) {
+        let env: HashMap<String, String> = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        match ConnParams::parse_with_env(&s, &|k| env.get(k).cloned()) {
+            Ok(p) => {
+                prop_assert!(!p.targets.is_empty());
+                prop_assert!(p.targets.iter().all(|t| !matches!(&t.host, Host::Unix(d) if !d.is_absolute())));
+            }
+            Err(e) => check_error(&e)?,
+        }
+    }
+}
+
+/// Found by `conninfo_junk_is_refused`: a parameter without a name made
+/// tokio_postgres stop parsing, so everything after it was silently
+/// dropped (`host` and `user` here: the agent would connect to the default
+/// socket as the OS user).
+#[test]
+fn conninfo_parameter_without_a_name_is_refused() {
+    for s in ["='' host='a' user='u'", "host=a = user=u", "host=a =x"] {
+        let e = ConnParams::parse_with_env(s, &env_home()).unwrap_err();
+        assert!(matches!(e, ConninfoError::Syntax { .. }), "{s}: {e}");
+        assert!(
+            e.to_string().contains("without a parameter name"),
+            "{s}: {e}"
+        );
     }
 }
