@@ -18,6 +18,8 @@
 //! - **Conninfo** ([`ConnParams::parse_with_env`]): arbitrary text never
 //!   panics and errors are explained; generated conninfos in key=value and
 //!   URL form parse to exactly the values generated.
+//! - **WAL file names** ([`walsafe::pg::walfile`]): classify/parse agree,
+//!   and formatting round-trips.
 //!
 //! The replication message decoder is private to `pg::replication`; its
 //! properties are in-module (`src/pg/replication/wire.rs`, tests named
@@ -25,7 +27,7 @@
 //!
 //! Case counts: each property has a default sized so that this file runs
 //! in a few seconds in a debug build; `PROPTEST_CASES` overrides all of
-//! them for long runs.
+//! them (see `scripts/fuzz.sh` for long runs).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,7 +42,7 @@ use walsafe::pg::conninfo::{ConnParams, ConninfoError, Host, SslMode};
 use walsafe::pg::page::{
     read_long_header, synthetic_wal, validate_segment, PageError, PageValidator, LONG_HEADER_LEN,
 };
-use walsafe::pg::walfile::SegmentName;
+use walsafe::pg::walfile::{classify, NameKind, SegmentName, WalFileName};
 use walsafe::pg::{Lsn, TimelineId};
 use walsafe::repository::chunks::{plan, Uncovered};
 use walsafe::repository::envelope::{self, EnvelopeError};
@@ -177,7 +179,7 @@ const SEG_77: SegmentName = SegmentName {
 };
 
 proptest! {
-    #![proptest_config(cases(64))]
+    #![proptest_config(cases(256))]
 
     /// Valid WAL of any cluster, timeline, segment and length is accepted,
     /// and its long header reads back as written.
@@ -471,7 +473,7 @@ fn sample_object(kind: usize) -> &'static (Vec<u8>, Vec<u8>) {
 }
 
 proptest! {
-    #![proptest_config(cases(48))]
+    #![proptest_config(cases(128))]
 
     /// Any payload round-trips, with and without key and compression; the
     /// header reads back what was written.
@@ -651,7 +653,7 @@ fn chunk_set() -> impl Strategy<Value = Vec<(u64, u64)>> {
 }
 
 proptest! {
-    #![proptest_config(cases(2000))]
+    #![proptest_config(cases(4000))]
 
     #[test]
     fn chunks_plan_matches_model(mut chunks in chunk_set(), from_zero in any::<bool>()) {
@@ -946,7 +948,7 @@ fn check_error(e: &ConninfoError) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(cases(256))]
+    #![proptest_config(cases(512))]
 
     /// Generated key=value conninfos parse to what was generated.
     #[test]
@@ -1023,5 +1025,44 @@ fn conninfo_parameter_without_a_name_is_refused() {
             e.to_string().contains("without a parameter name"),
             "{s}: {e}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// WAL file names
+// ---------------------------------------------------------------------------
+
+fn segment_size() -> impl Strategy<Value = u64> {
+    (20..=30u32).prop_map(|b| 1u64 << b)
+}
+
+proptest! {
+    #![proptest_config(cases(1000))]
+
+    /// Names round-trip for every segment size and position, and
+    /// classify/parse agree on any text.
+    #[test]
+    fn walfile_names(tli in 1..=u32::MAX, segno in any::<u64>(), size in segment_size(), junk in "[0-9A-Fa-fx.]{0,34}|\\PC{0,30}") {
+        let segno = segno % (u64::MAX / size + 1);
+        let s = SegmentName { timeline: TimelineId(tli), segno };
+        let name = s.file_name(size);
+        prop_assert_eq!(name.len(), 24);
+        prop_assert_eq!(SegmentName::parse(&name, size), Some(s));
+        prop_assert_eq!(classify(&name), Some(NameKind::Segment));
+        for f in [WalFileName::Segment(s), WalFileName::Partial(s), WalFileName::History(TimelineId(tli))] {
+            prop_assert_eq!(WalFileName::parse(&f.to_name(size), size), Some(f));
+        }
+        prop_assert_eq!(s.start_lsn(size).segment_no(size), segno);
+        for text in [junk.clone(), format!("{junk}.partial"), format!("{junk}.history")] {
+            let parsed = WalFileName::parse(&text, size);
+            match classify(&text) {
+                None => prop_assert_eq!(parsed, None),
+                Some(NameKind::History(t)) => prop_assert_eq!(parsed, Some(WalFileName::History(t))),
+                Some(_) => {}
+            }
+            if let Some(f) = parsed {
+                prop_assert_eq!(f.to_name(size).to_ascii_uppercase(), text.to_ascii_uppercase());
+            }
+        }
     }
 }

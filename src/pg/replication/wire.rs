@@ -471,7 +471,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(cases(512))]
+        #![proptest_config(cases(1000))]
 
         /// CopyData payloads: `w` with at least 25 bytes and `k` with at
         /// least 18 decode to their big-endian fields; anything else is an
