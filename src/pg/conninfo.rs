@@ -776,6 +776,10 @@ fn tokenize_kv(s: &str) -> Result<Vec<(String, String)>, ConninfoError> {
             key.push(c);
             it.next();
         }
+        if key.is_empty() {
+            // tokio_postgres would stop parsing here and drop the rest.
+            return Err(syntax("\"=\" without a parameter name before it".into()));
+        }
         while it.peek().is_some_and(|c| c.is_whitespace()) {
             it.next();
         }

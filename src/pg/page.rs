@@ -293,6 +293,11 @@ pub enum PageError {
     )]
     Truncated { len: usize },
 
+    /// Fed data would end beyond the last position of the 64-bit WAL
+    /// address space: the position is corrupt.
+    #[error("{len} bytes of WAL at {start} would end beyond FFFFFFFF/FFFFFFFF, the end of the WAL address space; the position is corrupt")]
+    BeyondWalSpace { start: Lsn, len: u64 },
+
     /// Fed data did not continue where the previous call ended.
     #[error("WAL fed for validation at {got} does not continue the previous data, which ended at {expected}")]
     NotContiguous { expected: Lsn, got: Lsn },
@@ -631,14 +636,18 @@ impl PageValidator {
         }
         let bs = self.checker.identity.block_size;
         let seg_size = self.checker.identity.segment_size;
-        let end = start.plus(data.len() as u64);
+        let len = data.len() as u64;
+        let Some(end) = start.0.checked_add(len).map(Lsn) else {
+            return Err(PageError::BeyondWalSpace { start, len });
+        };
         let mut pos = start;
         while pos < end {
             let from = (pos.0 - start.0) as usize;
             if let Some(zero_start) = self.zero_tail {
                 // After an XLOG_SWITCH record the rest of the segment is
                 // zeros: every byte up to the segment end must be zero.
-                let seg_end = pos.segment_start(seg_size).plus(seg_size);
+                // (The last segment of the address space ends at u64::MAX.)
+                let seg_end = Lsn(pos.segment_start(seg_size).0.saturating_add(seg_size));
                 let upto = seg_end.min(end);
                 let slice = &data[from..(upto.0 - start.0) as usize];
                 if let Some(i) = slice.iter().position(|&b| b != 0) {
@@ -682,7 +691,7 @@ impl PageValidator {
             } else {
                 self.pending.clear();
             }
-            pos = Lsn(page.0 + bs);
+            pos = Lsn(page.0.saturating_add(bs));
         }
         self.next = Some(end);
         Ok(())
