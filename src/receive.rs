@@ -110,6 +110,9 @@ impl Receiver<'_> {
                     next,
                     switch_point,
                 } => {
+                    if next <= timeline {
+                        bail!("the server ended timeline {timeline} with next timeline {next}, which is not newer; refusing to follow it");
+                    }
                     info!(from = %timeline, to = %next, %switch_point, "timeline switch");
                     self.writer.end_timeline(next).await?;
                     conn = (*stream).into_connection()?;

@@ -658,10 +658,13 @@ impl ReplicationConnection {
                 .flatten()
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
         };
-        let tli = text(0).and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| {
-            self.wire
-                .protocol(what, format!("bad next_tli {:?}", text(0)))
-        })?;
+        let tli = text(0)
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&t| t > 0)
+            .ok_or_else(|| {
+                self.wire
+                    .protocol(what, format!("bad next_tli {:?}", text(0)))
+            })?;
         let lsn = text(1).and_then(|v| v.parse::<Lsn>().ok()).ok_or_else(|| {
             self.wire
                 .protocol(what, format!("bad next_tli_startpos {:?}", text(1)))

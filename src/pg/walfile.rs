@@ -43,8 +43,10 @@ impl SegmentName {
     }
 
     /// First byte after the segment.
+    /// (The last segment of the WAL space ends at `FFFFFFFF/FFFFFFFF`, one
+    /// byte short: its true end is not a position.)
     pub fn end_lsn(&self, segment_size: u64) -> Lsn {
-        Lsn((self.segno + 1) * segment_size)
+        Lsn((self.segno + 1).saturating_mul(segment_size))
     }
 
     /// The next segment on the same timeline.
@@ -164,6 +166,15 @@ impl fmt::Display for SegmentName {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_last_segment_of_the_wal_space_has_an_end() {
+        let seg = 16 << 20;
+        let last = SegmentName::parse("00000001FFFFFFFF000000FF", seg).unwrap();
+        assert_eq!(last.end_lsn(seg), Lsn(u64::MAX));
+        assert!(last.start_lsn(seg) < last.end_lsn(seg));
+    }
+
     use super::*;
 
     const MB16: u64 = 16 * 1024 * 1024;
