@@ -330,7 +330,10 @@ async fn skip_lost_wal(
     receiver: &Receiver<'_>,
     session: &mut Session<'_>,
 ) -> anyhow::Result<(TimelineId, Lsn)> {
-    let (timeline, lost_from) = receiver.resume;
+    // What is lost starts where the spool's WAL ends, not where streaming
+    // was to resume: after a restart that is the start of the segment the
+    // spool was filling, whose durable part is safe (and shipped).
+    let (timeline, lost_from) = receiver.held();
     receiver.close_segment_for_gap(timeline).await?;
     let restart = session.recreate_slot(lost_from).await?;
     let seg = session.server.identity.segment_size;

@@ -156,6 +156,24 @@ impl Receiver<'_> {
         Ok(self.resume)
     }
 
+    /// The end of the WAL the spool holds: where streaming resumes, or
+    /// the durable end on that timeline when it lies further (after a
+    /// restart streaming resumes at the start of the segment the spool was
+    /// filling).
+    pub fn held(&self) -> (TimelineId, Lsn) {
+        let (timeline, resume) = self.resume;
+        let Durable {
+            timeline: t,
+            flushed,
+        } = *self.writer.durable().borrow();
+        let end = if t == timeline {
+            resume.max(flushed)
+        } else {
+            resume
+        };
+        (timeline, end)
+    }
+
     /// Closes the segment being filled (it stays `.partial` and is shipped
     /// as such), so that streaming can resume at a later segment boundary
     /// after WAL was lost (a recorded gap).

@@ -64,6 +64,7 @@ fn asynchronous_failover(name: &str, attrs: &str) {
     // The primary dies; the standby comes back and is promoted.
     primary.stop_immediate();
     standby.start_again();
+    let promoted = std::time::Instant::now();
     standby.promote();
     standby.wait_for("SELECT pg_is_in_recovery()", "f", Duration::from_secs(30));
     standby
@@ -85,6 +86,13 @@ fn asynchronous_failover(name: &str, attrs: &str) {
         agent.try_wait().is_none(),
         "walsafe exited; log:\n{}",
         agent.log()
+    );
+    eprintln!(
+        "REPORT asynchronous failover ({}): archiving timeline 2 {:.1} s after the promotion; peak RSS {} KiB; log: {}",
+        if attrs.is_empty() { "any host" } else { attrs },
+        promoted.elapsed().as_secs_f64(),
+        agent.peak_rss_kib(),
+        agent.first_log_line("FAILOVER")
     );
     // It saw the fork for what it is, and said so.
     assert!(

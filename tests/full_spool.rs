@@ -85,17 +85,12 @@ fn spool_fills_waits_and_drains(name: &str, spool_fs_size: &str, limits: impl Fn
     agent.wait_archived(end, Duration::from_secs(120));
     assert_eq!(agent.gauge("walsafe_spool_full"), 0.0);
     assert!(agent.log().contains("room again"), "log:\n{}", agent.log());
-    let first = agent
-        .log()
-        .lines()
-        .find(|l| l.contains("SPOOL FULL"))
-        .unwrap_or_default()
-        .to_string();
+    let first = agent.first_log_line("SPOOL FULL");
     eprintln!(
         "REPORT {name}: drained {} MiB in {:.1} s after storage came back; peak RSS {} KiB; first log line: {first}",
         end / MB,
         freed.elapsed().as_secs_f64(),
-        peak_rss_kib(agent.pid()),
+        agent.peak_rss_kib(),
     );
     let v = walsafe(&config, &["wal-verify"]);
     assert_eq!(
@@ -106,16 +101,6 @@ fn spool_fills_waits_and_drains(name: &str, spool_fs_size: &str, limits: impl Fn
     );
     assert!(!settings.spool.join("walsafe.gaps").exists());
     drop(agent);
-}
-
-/// The agent's peak resident memory so far (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

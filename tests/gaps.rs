@@ -28,7 +28,8 @@ fn lost_wal_is_recorded_as_a_gap_and_archiving_goes_on() {
     let mut agent = Agent::start(&config, settings.metrics_port);
     pg.psql("CREATE TABLE t (pad text)");
     pg.psql("INSERT INTO t SELECT repeat('x', 100) FROM generate_series(1, 1000)");
-    agent.wait_archived(current_lsn(&pg), Duration::from_secs(30));
+    let archived_before = current_lsn(&pg);
+    agent.wait_archived(archived_before, Duration::from_secs(30));
     assert_eq!(agent.gauge("walsafe_archive_gaps"), 0.0);
     agent.kill9();
 
@@ -44,10 +45,17 @@ fn lost_wal_is_recorded_as_a_gap_and_archiving_goes_on() {
         "the slot should have been invalidated"
     );
 
+    let restarted = std::time::Instant::now();
     let agent = Agent::start(&config, settings.metrics_port);
     pg.psql("INSERT INTO t VALUES ('after the gap')");
     let end = current_lsn(&pg);
     agent.wait_archived(end, Duration::from_secs(60));
+    eprintln!(
+        "REPORT slot invalidated, WAL gone: archiving again {:.1} s after start; peak RSS {} KiB; log: {}",
+        restarted.elapsed().as_secs_f64(),
+        agent.peak_rss_kib(),
+        agent.first_log_line("GAP: WAL from")
+    );
     assert_eq!(
         agent.gauge("walsafe_archive_gaps"),
         1.0,
@@ -78,6 +86,12 @@ fn lost_wal_is_recorded_as_a_gap_and_archiving_goes_on() {
     let from = gap["from"].as_str().unwrap();
     let (hi, lo) = from.split_once('/').unwrap();
     let from = (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    // Only what is really gone: the WAL walsafe had spooled (and archived)
+    // before it was killed is not part of the gap.
+    assert!(
+        from >= archived_before,
+        "the gap starts at {from:#X}, before {archived_before:#X}, which was archived: {spool_gaps}"
+    );
     let inside = from / (16 << 20) + 1;
     let name = format!("00000001{:08X}{:08X}", inside / 256, inside % 256);
     let dest = dir.join("out");

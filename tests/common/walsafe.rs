@@ -183,6 +183,25 @@ impl Agent {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// The agent's peak resident memory so far (VmHWM), in KiB (0 when gone).
+    pub fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The first line the agent logged that contains `needle` ("" if none).
+    pub fn first_log_line(&self, needle: &str) -> String {
+        self.log()
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
