@@ -73,20 +73,7 @@ fn asynchronous_failover(name: &str, attrs: &str) {
     standby.psql("INSERT INTO t VALUES (3000, 'the last commit')");
     let end = current_lsn(&standby);
 
-    assert!(
-        common::walsafe::wait_until(Duration::from_secs(90), || {
-            agent.gauge("walsafe_timeline") == 2.0
-                && agent.gauge("walsafe_archived_lsn_bytes") as u64 >= end
-        }),
-        "walsafe did not follow the failover to timeline 2 (archived {}); log:\n{}",
-        agent.gauge("walsafe_archived_lsn_bytes"),
-        agent.log()
-    );
-    assert!(
-        agent.try_wait().is_none(),
-        "walsafe exited; log:\n{}",
-        agent.log()
-    );
+    archives_timeline_2_up_to(&mut agent, end, "the failover");
     eprintln!(
         "REPORT asynchronous failover ({}): archiving timeline 2 {:.1} s after the promotion; peak RSS {} KiB; log: {}",
         if attrs.is_empty() { "any host" } else { attrs },
@@ -181,20 +168,7 @@ fn streaming_from_a_standby_follows_its_promotion() {
     standby.wait_for("SELECT pg_is_in_recovery()", "f", Duration::from_secs(30));
     standby.psql("INSERT INTO t SELECT g, 'after the promotion' FROM generate_series(201, 300) g");
     let end = current_lsn(&standby);
-    assert!(
-        common::walsafe::wait_until(Duration::from_secs(60), || {
-            agent.gauge("walsafe_timeline") == 2.0
-                && agent.gauge("walsafe_archived_lsn_bytes") as u64 >= end
-        }),
-        "walsafe did not follow the standby's promotion (archived {}); log:\n{}",
-        agent.gauge("walsafe_archived_lsn_bytes"),
-        agent.log()
-    );
-    assert!(
-        agent.try_wait().is_none(),
-        "walsafe exited; log:\n{}",
-        agent.log()
-    );
+    archives_timeline_2_up_to(&mut agent, end, "the standby's promotion");
     assert!(
         !settings.spool.join("walsafe.gaps").exists(),
         "log:\n{}",
@@ -217,4 +191,22 @@ fn streaming_from_a_standby_follows_its_promotion() {
     );
     assert_eq!(restored.psql("SELECT count(*) FROM t"), "300");
     drop(agent);
+}
+
+/// Waits until walsafe, still running, archived timeline 2 up to `end`.
+fn archives_timeline_2_up_to(agent: &mut Agent, end: u64, what: &str) {
+    assert!(
+        common::walsafe::wait_until(Duration::from_secs(90), || {
+            agent.gauge("walsafe_timeline") == 2.0
+                && agent.gauge("walsafe_archived_lsn_bytes") as u64 >= end
+        }),
+        "walsafe did not follow {what} to timeline 2 (archived {}); log:\n{}",
+        agent.gauge("walsafe_archived_lsn_bytes"),
+        agent.log()
+    );
+    assert!(
+        agent.try_wait().is_none(),
+        "walsafe exited; log:\n{}",
+        agent.log()
+    );
 }
