@@ -148,7 +148,10 @@ async fn stream_until_stopped(
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let upstream = Upstream::new(cfg);
-    let Some(mut session) = upstream.connect_until_ready(cancel).await? else {
+    // A pinned repository (the pipeline already runs): the server is known
+    // and the spool is being shipped; wait for it as long as it takes.
+    let pinned = pipeline.is_some();
+    let Some(mut session) = upstream.connect_until_ready(cancel, pinned).await? else {
         return Ok(());
     };
     let server = session.server;

@@ -103,8 +103,9 @@ pub struct PostgresConfig {
     pub slot: String,
     /// `application_name` of the replication connection.
     pub application_name: String,
-    /// How long the first connection is retried before `walsafe run` gives
-    /// up (later disconnections are retried forever).
+    /// How long the first connection into a repository not yet pinned is
+    /// retried before `walsafe run` gives up (once pinned, and after any
+    /// disconnection, the server is waited for without limit).
     pub connect_timeout: Duration,
 }
 

@@ -157,13 +157,17 @@ impl<'a> Upstream<'a> {
 
     /// Connects, retrying retryable errors with backoff for up to
     /// `[postgres] connect_timeout`; `None` if `cancel` came first.
+    /// With `forever` (the repository is pinned to this cluster, so there
+    /// is WAL to ship and the server is known), retryable errors are
+    /// waited out without a limit, as after a disconnection (rule 8).
     pub async fn connect_until_ready(
         &self,
         cancel: &CancellationToken,
+        forever: bool,
     ) -> anyhow::Result<Option<Session<'a>>> {
         let mut backoff = reconnect_backoff();
         let limit = self.cfg.postgres.connect_timeout;
-        let give_up = tokio::time::Instant::now() + limit;
+        let give_up = (!forever).then(|| tokio::time::Instant::now() + limit);
         loop {
             let e = match self.connect().await {
                 Ok(s) => return Ok(Some(s)),
@@ -173,7 +177,7 @@ impl<'a> Upstream<'a> {
                 return Err(e);
             }
             let delay = backoff.next_delay();
-            if tokio::time::Instant::now() + delay >= give_up {
+            if give_up.is_some_and(|g| tokio::time::Instant::now() + delay >= g) {
                 return Err(e.context(format!(
                     "could not connect to PostgreSQL within {limit:?} ([postgres] connect_timeout)"
                 )));

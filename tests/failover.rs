@@ -193,6 +193,45 @@ fn streaming_from_a_standby_follows_its_promotion() {
     drop(agent);
 }
 
+/// A server that is down when walsafe starts, longer than
+/// `[postgres] connect_timeout`, is waited for once the repository is
+/// pinned to its cluster: exiting would stop the shipping of what the spool
+/// holds, and under systemd only restart the wait.
+#[test]
+fn a_server_down_at_start_up_is_waited_for_once_the_repository_is_pinned() {
+    let pg = PgCluster::start(&PgOptions {
+        name: "down-at-start".into(),
+        ..Default::default()
+    });
+    let dir = TestDir::new("down-at-start");
+    let mut settings = Settings::new(dir.path(), &pg.conninfo());
+    settings.connect_timeout = "1s".into();
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let mut agent = Agent::start(&config, settings.metrics_port);
+    pg.psql("CREATE TABLE t (id int)");
+    agent.wait_archived(current_lsn(&pg), Duration::from_secs(30));
+    agent.kill9();
+    pg.stop_immediate();
+
+    let mut agent = Agent::spawn(&config, settings.metrics_port);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        agent.try_wait().is_none(),
+        "walsafe gave up on a pinned cluster's server after connect_timeout; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("cannot connect yet"),
+        "log:\n{}",
+        agent.log()
+    );
+    pg.start_again();
+    pg.psql("INSERT INTO t VALUES (1)");
+    let end = current_lsn(&pg);
+    agent.wait_archived(end, Duration::from_secs(60));
+    assert!(agent.try_wait().is_none(), "log:\n{}", agent.log());
+}
+
 /// Waits until walsafe, still running, archived timeline 2 up to `end`.
 fn archives_timeline_2_up_to(agent: &mut Agent, end: u64, what: &str) {
     assert!(
