@@ -294,11 +294,11 @@ impl Receiver<'_> {
         reply_requested: bool,
     ) -> anyhow::Result<()> {
         let ack = self.ack_position();
+        // Copied out first: a watch borrow held while `received()` borrows
+        // the same watch again deadlocks against the writer thread's update.
+        let timeline = self.writer.durable().borrow().timeline;
         let received = self
-            .within_history(
-                self.writer.durable().borrow().timeline,
-                self.positions.received(),
-            )
+            .within_history(timeline, self.positions.received())
             .max(ack);
         stream
             .send_status(received, ack, Lsn::INVALID, reply_requested)

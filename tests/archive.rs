@@ -67,9 +67,16 @@ fn archive_is_byte_exact_with_pg_receivewal() {
         if i == 0 {
             // wal-fetch started a prefetcher: the next segment is downloaded
             // before recovery asks for it (and is verified when it does).
-            let next = s.settings.prefetch_dir.join(&names[1]);
+            // (The cache of a repository is `<[fetch] dir>/<repository id>/`.)
+            let prefetched = || {
+                std::fs::read_dir(&s.settings.prefetch_dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|d| d.path().join(&names[1]).exists())
+            };
             assert!(
-                common::walsafe::wait_until(Duration::from_secs(20), || next.exists()),
+                common::walsafe::wait_until(Duration::from_secs(20), prefetched),
                 "{} was not prefetched",
                 names[1]
             );

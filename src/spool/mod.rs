@@ -401,6 +401,10 @@ pub(crate) struct Shared {
     pub(crate) writer_alive: AtomicBool,
     /// `.partial` files the writer has open (may not be removed).
     pub(crate) open: Mutex<BTreeSet<SegmentName>>,
+    /// The segment streaming resumes in after a restart, and the end of
+    /// its durable WAL: if its timeline ends before anything is written
+    /// (a failover found at start-up), the writer closes it.
+    pub(crate) unfinished: Mutex<Option<(SegmentName, Lsn)>>,
 }
 
 impl Shared {
@@ -455,6 +459,17 @@ impl Spool {
             _lock: lock,
         };
         let recovered = spool.recover()?;
+        if let Some((t, l)) = recovered.resume {
+            let seg = SegmentName::containing(t, l, segment_size);
+            if recovered.partials.contains(&seg) {
+                let end = recovered.durable(segment_size).flushed;
+                *spool
+                    .shared
+                    .unfinished
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some((seg, end));
+            }
+        }
         Ok((spool, recovered))
     }
 
@@ -979,6 +994,36 @@ mod tests {
         assert_eq!(rec.closed_partials(SEG), vec![seg(T1, 5)]);
         spool.remove_partial(seg(T1, 5)).unwrap();
         assert!(!d.path().join("000000010000000000000005.partial").exists());
+    }
+
+    #[test]
+    fn a_timeline_ended_right_after_a_restart_closes_the_recovered_segment() {
+        // A failover found at start-up: the spool resumes in segment 5 of
+        // timeline 1, but the new primary's timeline 2 forked off in
+        // segment 4. Nothing was written this run, yet segment 5 must
+        // become timeline 1's closed partial, holding what was flushed.
+        let d = tempfile::tempdir().unwrap();
+        let held = wal(Lsn(4 * SEG), SEG as usize + 3000);
+        {
+            let (spool, _) = open(d.path());
+            let mut w = spool.writer();
+            w.write(T1, Lsn(4 * SEG), &held).unwrap();
+            w.flush().unwrap();
+        }
+        let (spool, rec) = open(d.path());
+        assert_eq!(rec.resume, Some((T1, Lsn(5 * SEG))));
+        let mut w = spool.writer();
+        assert_eq!(w.end_timeline().unwrap(), Some(seg(T1, 5)));
+        let closed = spool.read_range(seg(T1, 5), 0, SEG).unwrap();
+        assert_eq!(&closed[..3000], &held[SEG as usize..]);
+        assert!(closed[3000..].iter().all(|&b| b == 0));
+        w.write(T2, Lsn(4 * SEG), &wal(Lsn(4 * SEG), 100)).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        drop(spool);
+        let (_, rec) = open(d.path());
+        assert_eq!(rec.resume, Some((T2, Lsn(4 * SEG))));
+        assert_eq!(rec.closed_partials(SEG), vec![seg(T1, 5)]);
     }
 
     #[test]

@@ -399,27 +399,60 @@ impl SpoolWriter {
     ///
     /// Call [`flush`](Self::flush) first to learn which segments completed:
     /// the flush done here reports only its position.
+    ///
+    /// Before the first write of this run, the segment the spool recovered
+    /// as unfinished is the one closed (zeroed past its durable end): its
+    /// timeline ended before streaming could resume in it.
     pub fn end_timeline(&mut self) -> Result<Option<SegmentName>, SpoolError> {
         self.flush()?;
         self.ended = true;
-        let Some(seg) = self.current.take() else {
-            return Ok(None);
+        let seg = match self.current.take() {
+            Some(seg) => seg,
+            None if self.timeline.is_none() => return self.close_unfinished(),
+            None => return Ok(None),
         };
         self.forget(seg.name);
-        let mut off = self.written.segment_offset(self.segment_size);
+        let end = self.written.segment_offset(self.segment_size);
+        self.zero_tail(&seg.file, &seg.path, end)?;
+        Ok(Some(seg.name))
+    }
+
+    /// Closes the segment the spool recovered as unfinished (see
+    /// [`end_timeline`](Self::end_timeline)).
+    fn close_unfinished(&mut self) -> Result<Option<SegmentName>, SpoolError> {
+        let taken = self
+            .shared
+            .unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some((name, end)) = taken else {
+            return Ok(None);
+        };
+        let path = self.dir.join(partial_name(name, self.segment_size));
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| SpoolError::io("open", &path, e))?;
+        let from = end.bytes_after(name.start_lsn(self.segment_size));
+        self.zero_tail(&file, &path, from.min(self.segment_size))?;
+        Ok(Some(name))
+    }
+
+    /// Zeroes `file` from `off` to the segment's end and fdatasyncs it.
+    fn zero_tail(&mut self, file: &File, path: &Path, mut off: u64) -> Result<(), SpoolError> {
         let zeros = vec![0u8; ZERO_CHUNK];
         while off < self.segment_size {
             let n = (self.segment_size - off).min(ZERO_CHUNK as u64) as usize;
-            seg.file
-                .write_all_at(&zeros[..n], off)
-                .map_err(|e| SpoolError::io("zero the tail of", &seg.path, e))?;
+            file.write_all_at(&zeros[..n], off)
+                .map_err(|e| SpoolError::io("zero the tail of", path, e))?;
             off += n as u64;
         }
-        if let Err(e) = self.fsync.sync_data(&seg.file) {
-            let err = SpoolError::io("fdatasync", &seg.path, e);
+        if let Err(e) = self.fsync.sync_data(file) {
+            let err = SpoolError::io("fdatasync", path, e);
             return Err(self.poison(err));
         }
-        Ok(Some(seg.name))
+        Ok(())
     }
 }
 
