@@ -312,6 +312,8 @@ struct Chaos {
     recv: Option<Child>,
     recv_dir: PathBuf,
     recv_starts: u32,
+    /// When pg_receivewal last ended (it is started again after a pause).
+    recv_ended: Option<Instant>,
     records: Vec<Record>,
     failovers: u32,
 }
@@ -350,21 +352,77 @@ impl Chaos {
     }
 
     /// pg_receivewal runs against the primary (restarted after it ended:
-    /// it runs with --no-loop).
+    /// it runs with --no-loop). When it cannot go on from the files it has,
+    /// they are moved aside (`<name>.aside`, still compared), as an
+    /// operator would: WAL the new primary never had (the old primary's
+    /// past the fork: "not in this server's history") moves the newest file
+    /// aside, one per try; a start the server no longer has ("already been
+    /// removed", its own restarts fell behind its slot) moves all of them,
+    /// so that it starts at its slot.
     fn keep_receiving(&mut self) {
         if let Some(c) = self.recv.as_mut() {
             if matches!(c.try_wait(), Ok(None)) {
                 return;
             }
+            let log = self.receivewal_log_tail();
+            let mut files: Vec<String> = std::fs::read_dir(&self.recv_dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.len() >= 24 && !n.ends_with(".aside") && !n.ends_with(".history"))
+                .collect();
+            files.sort();
+            let aside: Vec<String> = if log.contains("not in this server's history") {
+                files.pop().into_iter().collect()
+            } else if log.contains("has already been removed") {
+                files
+            } else {
+                Vec::new()
+            };
+            for name in &aside {
+                let from = self.recv_dir.join(name);
+                let _ = std::fs::rename(&from, self.recv_dir.join(format!("{name}.aside")));
+            }
+            if !aside.is_empty() {
+                println!("chaos: pg_receivewal cannot go on; moved aside {aside:?}");
+            }
+            self.recv = None;
+            self.recv_ended = Some(Instant::now());
+        }
+        if self
+            .recv_ended
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
+        {
+            return;
         }
         let primary = self.primary();
         if primary.try_psql("SELECT pg_is_in_recovery()").as_deref() != Ok("f") {
-            self.recv = None;
             return;
         }
         let child = primary.spawn_pg_receivewal(&self.recv_dir, Some("recv"));
         self.recv = Some(child);
         self.recv_starts += 1;
+    }
+
+    /// The end of pg_receivewal's newest log (each start writes one, in the
+    /// directory of the cluster it streams from).
+    fn receivewal_log_tail(&self) -> String {
+        let newest = self
+            .nodes
+            .iter()
+            .flat_map(|n| std::fs::read_dir(n.test_dir().path()).into_iter().flatten())
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("pg_receivewal-")
+            })
+            .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+        newest.map_or_else(
+            || "(no pg_receivewal log)".into(),
+            |e| tail(&std::fs::read_to_string(e.path()).unwrap_or_default(), 20),
+        )
     }
 
     /// Sleeps `d`, keeping pg_receivewal running.
@@ -719,12 +777,22 @@ fn chaos_loses_no_commit_and_matches_pg_receivewal() {
         recv: None,
         recv_dir,
         recv_starts: 0,
+        recv_ended: None,
         records: Vec::new(),
         failovers: 0,
     };
     chaos.set_sync_names(SYNC_BOTH);
     chaos.wait_standby_sync();
     chaos.keep_receiving();
+    // pg_receivewal catches up before the faults begin.
+    let lsn = chaos.primary().psql("SELECT pg_current_wal_flush_lsn()");
+    chaos.primary().wait_for(
+        &format!(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_receivewal' AND flush_lsn >= '{lsn}'"
+        ),
+        "1",
+        Duration::from_secs(60),
+    );
 
     let committed = Arc::new(Mutex::new(Vec::new()));
     let uncertain = Arc::new(AtomicU64::new(0));
@@ -845,23 +913,38 @@ fn chaos_loses_no_commit_and_matches_pg_receivewal() {
     );
 
     // Byte-exact against pg_receivewal, segment by segment.
-    assert!(recv_done, "pg_receivewal never completed {last_full}");
+    assert!(
+        recv_done,
+        "seed {seed}: pg_receivewal never completed {last_full}; its last log:\n{}\nits directory: {:?}",
+        chaos.receivewal_log_tail(),
+        {
+            let mut names: Vec<String> = std::fs::read_dir(&chaos.recv_dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        }
+    );
     let ours = stored_segments(chaos.front.port(), prefix);
-    let theirs: HashSet<String> = complete(
-        std::fs::read_dir(&chaos.recv_dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned()),
-    )
-    .into_iter()
-    .collect();
+    // pg_receivewal's complete segments, also those moved aside.
+    let theirs: BTreeMap<String, PathBuf> = std::fs::read_dir(&chaos.recv_dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let name = file.strip_suffix(".aside").unwrap_or(&file).to_string();
+            complete([name.clone()]).pop().map(|n| (n, e.path()))
+        })
+        .collect();
     let work = chaos.dir.subdir("work");
     let (mut compared, mut skipped, mut differ) = (0, Vec::new(), Vec::new());
     for name in &ours {
-        if !theirs.contains(name) {
+        let Some(their_path) = theirs.get(name) else {
             skipped.push(name.clone());
             continue;
-        }
+        };
         let dest = work.join(name);
         let out = walsafe(&chaos.config, &["wal-fetch", name, dest.to_str().unwrap()]);
         assert!(
@@ -869,7 +952,7 @@ fn chaos_loses_no_commit_and_matches_pg_receivewal() {
             "seed {seed}: wal-fetch {name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        if std::fs::read(&dest).unwrap() != std::fs::read(chaos.recv_dir.join(name)).unwrap() {
+        if std::fs::read(&dest).unwrap() != std::fs::read(their_path).unwrap() {
             differ.push(name.clone());
         }
         std::fs::remove_file(&dest).unwrap();
