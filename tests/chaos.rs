@@ -51,10 +51,10 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use common::front::TcpFront;
-use common::pg::{PgCluster, PgOptions, TestDir};
+use common::pg::{PgCluster, PgOptions, RecoveryOutcome, TestDir};
 use common::s3::{S3Server, BUCKET};
 use common::setup::{keygen, parse_lsn};
-use common::walsafe::{restore_promoted, walsafe, Agent, Settings};
+use common::walsafe::{restore, walsafe, Agent, Settings};
 
 /// Both walsafe and the standby are synchronous standbys, so a commit
 /// returns only once walsafe has it fsynced in its spool (ack `local`) and
@@ -975,12 +975,19 @@ fn chaos_loses_no_commit_and_matches_pg_receivewal() {
     );
 
     // The restore through every timeline holds every commit that returned.
-    let restored = restore_promoted(
+    // (A soak replays GBs of WAL: more time than restore_promoted's.)
+    let restored = restore(
         &backup,
         chaos.dir.path(),
         &chaos.config,
         &["recovery_target_timeline = 'latest'"],
-        &format!("seed {seed}: restore after the chaos"),
+    );
+    let outcome = restored.wait_recovery_end(Duration::from_secs(120 + chaos_secs * 2));
+    assert_eq!(
+        outcome,
+        RecoveryOutcome::Promoted,
+        "seed {seed}: restore after the chaos:\n{}",
+        restored.log_tail()
     );
     let present: HashSet<i64> = restored
         .psql("SELECT id FROM chaos_rows")
