@@ -1,10 +1,12 @@
 //! Shared harness for the integration tests: real PostgreSQL clusters
 //! ([`pg`]), real storage servers on loopback — S3 ([`s3`], moto), Azure
 //! Blob ([`azure`], Azurite) and GCS ([`gcs`], fake-gcs-server), the last two
-//! over [`server`] — and the walsafe binary ([`walsafe`]).
+//! over [`server`], with a TCP [`front`] to take one down and up again — and
+//! the walsafe binary ([`walsafe`]).
 #![allow(dead_code)]
 
 pub mod azure;
+pub mod front;
 pub mod gcs;
 pub mod pg;
 pub mod s3;

@@ -832,6 +832,38 @@ impl PgCluster {
         standby
     }
 
+    /// Makes this cluster (typically an old primary after a failover) a
+    /// streaming standby of `upstream`, the way an operator re-clones it:
+    /// stopped if running, its data directory replaced by a
+    /// `pg_basebackup -R -X stream` of `upstream`, then started on its own
+    /// port and socket and waited for until it streams.
+    pub fn reclone_as_standby_of(&self, upstream: &PgCluster) {
+        if self.is_running() {
+            let _ = self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+        }
+        fs::remove_dir_all(&self.datadir)
+            .unwrap_or_else(|e| panic!("remove {}: {e}", self.datadir.display()));
+        let mut cmd = upstream.bins.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&self.datadir)
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync", "-h"])
+            .arg(&upstream.sockdir)
+            .args(["-p", &upstream.port.to_string(), "-U", "postgres"]);
+        run(&mut cmd, "pg_basebackup to re-clone a standby");
+        // The copied postgresql.conf names the upstream's port and socket:
+        // this cluster's own come last and win.
+        append_lines(
+            &self.datadir.join("postgresql.conf"),
+            &base_conf(self.port, &self.sockdir),
+        );
+        self.start_again();
+        self.wait_for(
+            "SELECT status FROM pg_stat_wal_receiver",
+            "streaming",
+            Duration::from_secs(60),
+        );
+    }
+
     /// `pg_ctl promote -w`.
     pub fn promote(&self) {
         self.pg_ctl_checked(&["promote", "-w", "-t", "60"]);
