@@ -39,7 +39,7 @@ use crate::logging::ReopenableFile;
 use crate::pg::{ClusterIdentity, Lsn, Server, TimelineId};
 use crate::positions::Positions;
 use crate::receive::{Receiver, StreamEnd};
-use crate::repository::Repository;
+use crate::repository::{ObjectName, Repository};
 use crate::spool::retention::Retention;
 use crate::spool::{Publisher, Recovered, Spool, WriterHandle};
 use crate::upload::Uploader;
@@ -187,14 +187,23 @@ async fn stream_until_stopped(
         resume: (timeline, start),
         forked: None,
     };
-    // Histories of every timeline up to the current one (recovery probes them in order).
-    for t in 2..=timeline.0 {
-        if let Err(e) = receiver
-            .fetch_history(&mut session.conn, TimelineId(t))
-            .await
+    // Histories of every timeline up to the current one (recovery probes
+    // them in order, and stops at the first one missing). A server made by
+    // pg_basebackup has only its own: those the spool or the repository
+    // already hold are not asked for.
+    for t in (2..=timeline.0).map(TimelineId) {
+        if p.recovered.histories.contains(&t)
+            || repo
+                .get_raw(&ObjectName::History(t))
+                .await
+                .is_ok_and(|h| h.is_some())
         {
+            continue;
+        }
+        if let Err(e) = receiver.fetch_history(&mut session.conn, t).await {
             warn!(
-                "could not fetch the history file of timeline {t}: {}",
+                "could not fetch the history file of timeline {t}, and the repository does not hold it: a restore with recovery_target_timeline = 'latest' stops looking for newer timelines there; copy {} from a server's pg_wal into the repository with walsafe wal-push: {}",
+                crate::pg::walfile::history_file_name(t),
                 crate::report::error_line(&e)
             );
         }
