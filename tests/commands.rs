@@ -437,3 +437,42 @@ fn check_fails_when_the_spool_is_not_writable() {
         &format!("chown postgres {}", spool.display()),
     );
 }
+
+/// `walsafe config`: the effective configuration, secrets redacted; an
+/// invalid file lists every problem and exits 1.
+#[test]
+fn config_prints_the_effective_configuration_or_every_problem() {
+    let dir = common::pg::TestDir::new("config-cmd");
+    let settings = Settings::new(
+        dir.path(),
+        "host=127.0.0.1 port=1 user=walsafe password=not-for-your-eyes",
+    );
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let o = walsafe(&config, &["config"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.contains("not-for-your-eyes"), "{out}");
+    assert!(out.contains("password=<redacted>"), "{out}");
+    assert!(out.contains("hosts: 127.0.0.1 port 1"), "{out}");
+    assert!(out.contains("stall_alarm = "), "{out}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[postgres]\nslot = \"Bad-Slot\"\n[archive]\npartial_interval = \"soon\"\n",
+    )
+    .unwrap();
+    let o = walsafe(&bad, &["config"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for problem in [
+        "5 problem(s)",
+        "conninfo is missing",
+        "\"Bad-Slot\" is not a valid slot name",
+        "[spool] dir is missing",
+        "[repository] url is missing",
+        "partial_interval = \"soon\" is not a duration",
+    ] {
+        assert!(err.contains(problem), "{problem} missing:\n{err}");
+    }
+}

@@ -6,6 +6,7 @@
 //! [`crate::report`].
 
 pub mod check;
+pub mod config;
 pub mod demo;
 pub mod push;
 pub mod status;
@@ -78,6 +79,8 @@ pub enum Command {
         #[arg(long)]
         switch_wal: bool,
     },
+    /// Print the effective configuration (defaults filled in, what the environment adds, secrets redacted); an invalid file lists every problem and exits 1.
+    Config,
     /// Quick start: archive a throwaway cluster, then restore it to a point in time.
     Demo {
         /// Directory for the demo's cluster, spool and repository.
@@ -242,6 +245,7 @@ pub fn main() -> ExitCode {
                 Command::WalVerify { json } => runtime(|| verify::command(cfg, json)),
                 Command::Status { json } => runtime(|| status::command(cfg, json)),
                 Command::Check { switch_wal } => runtime(|| check::command(cfg, switch_wal)),
+                Command::Config => report(config::command(&cfg)),
                 Command::WalPrefetch { name } => {
                     runtime(|| async move { report(crate::fetch::prefetch(&cfg, &name).await) })
                 }

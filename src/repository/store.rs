@@ -286,7 +286,7 @@ impl fmt::Debug for Store {
 }
 
 /// Option names whose values are credentials.
-fn is_secret_name(name: &str) -> bool {
+pub(crate) fn is_secret_name(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     [
         "secret",
