@@ -1305,8 +1305,8 @@ mod tests {
         let mut at = start.plus(8192);
         assert!(until(10, || faults.attempts(Op::Put) >= 1).await);
         for _ in 0..8 {
-            writer.write(t, at, wal(t, at, 4096)).await.unwrap();
-            at = at.plus(4096);
+            writer.write(t, at, wal(t, at, 8192)).await.unwrap();
+            at = at.plus(8192);
         }
         let durable = writer.durable();
         assert!(until(10, || durable.borrow().flushed == at).await);
@@ -1316,7 +1316,7 @@ mod tests {
             *archived.borrow()
         );
         let ranges = chunk_ranges(&repo, seg).await;
-        assert_eq!(ranges, vec![(0, 8192), (8192, 8192 + 8 * 4096)]);
+        assert_eq!(ranges, vec![(0, 8192), (8192, 9 * 8192)]);
         cancel.cancel();
         writer.finish().await.unwrap();
         task.await.unwrap();
