@@ -14,6 +14,16 @@
 //! 3. **RPO**: a steady single-row commit load; for each commit, the time
 //!    from the commit's return until its WAL is stored in the repository
 //!    (polled on disk every 2 ms): p50 / p99 / max.
+//! 4. **commit latency**: walsafe as the synchronous standby
+//!    (`synchronous_standby_names` = its application_name), N single-row
+//!    commits on one session: ack `remote` into `file://`, ack `remote` into
+//!    S3 (moto on loopback), ack `local`, and `pg_receivewal --synchronous`
+//!    (its own slot) as the reference. Prints p50 / p99 of commit latency,
+//!    the store's PUT p50 (small chunk puts through walsafe's own
+//!    repository code, timed in the same run) and the ratios.
+//!
+//! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
+//! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
 //! Figures are printed as absolute values and as walsafe / pg_receivewal
 //! ratios, since these machines are noisy.
@@ -26,12 +36,16 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::pg::{PgCluster, PgOptions, TestDir};
+use common::s3::S3Server;
 use common::setup::parse_lsn;
 use common::walsafe::{Agent, Settings};
 
 const LOAD_SECONDS: u64 = 20;
 const BACKLOG_MB: u64 = 512;
 const RPO_COMMITS: usize = 300;
+const LATENCY_COMMITS: u64 = 300;
+/// Small puts timed per store for its PUT p50.
+const PUT_PROBES: usize = 60;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -285,6 +299,232 @@ fn rpo() {
     drop(dir);
 }
 
+/// Who the synchronous standby is in one run of scenario 4.
+#[derive(Clone, Copy, PartialEq)]
+enum Standby {
+    RemoteFile,
+    RemoteS3,
+    Local,
+    Receivewal,
+}
+
+impl Standby {
+    fn label(self) -> &'static str {
+        match self {
+            Standby::RemoteFile => "walsafe ack remote, file://",
+            Standby::RemoteS3 => "walsafe ack remote, S3 (moto)",
+            Standby::Local => "walsafe ack local",
+            Standby::Receivewal => "pg_receivewal --synchronous",
+        }
+    }
+}
+
+struct Latency {
+    p50: f64,
+    p99: f64,
+    /// The store's PUT p50 (ms), for the walsafe runs.
+    put_p50: Option<f64>,
+    /// Chunk objects walsafe stored during the commits.
+    chunks: Option<f64>,
+    commits: usize,
+}
+
+/// Percentile `p` (0..1) of `v` (sorted in place).
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+/// p50 (ms) of `PUT_PROBES` small chunk puts through walsafe's repository
+/// code (envelope, create-only put, fsync for `file://`), into `url`.
+async fn put_p50(url: &str, options: &std::collections::BTreeMap<String, String>) -> f64 {
+    use walsafe::pg::{SegmentName, TimelineId};
+    use walsafe::repository::{object::SegmentFile, store::Store, Compression, Repository};
+    let store = Store::open(url, options, 3)
+        .unwrap()
+        .with_fsync(walsafe::durable::Fsync::On);
+    let repo = Repository::from_parts(store, None, Compression::Zstd, 1);
+    let seg = SegmentFile::of(
+        SegmentName {
+            timeline: TimelineId(1),
+            segno: 1,
+        },
+        16 << 20,
+    );
+    let mut times = Vec::with_capacity(PUT_PROBES);
+    for i in 0..PUT_PROBES {
+        // About what one single-row commit adds to the WAL.
+        let data = bytes::Bytes::from(vec![(i % 251) as u8; 256]);
+        let t = Instant::now();
+        repo.put_chunk(&seg, i as u64 * 256, data).await.unwrap();
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    percentile(&mut times, 0.5)
+}
+
+/// Chunk uploads walsafe has stored so far.
+fn chunks_stored(agent: &Agent) -> f64 {
+    agent
+        .metrics()
+        .get("walsafe_uploads_total{kind=\"chunk\",result=\"ok\"}")
+        .copied()
+        .unwrap_or(0.0)
+}
+
+fn commit_latency_run(who: Standby, n: u64, s3: &S3Server) -> Latency {
+    let name = match who {
+        Standby::RemoteFile => "bench-sync-rfile",
+        Standby::RemoteS3 => "bench-sync-rs3",
+        Standby::Local => "bench-sync-local",
+        Standby::Receivewal => "bench-sync-recv",
+    };
+    let app = if who == Standby::Receivewal {
+        "pg_receivewal"
+    } else {
+        "walsafe"
+    };
+    let pg = PgCluster::start(
+        &PgOptions {
+            name: name.into(),
+            fsync: true,
+            ..Default::default()
+        }
+        .conf(format!("synchronous_standby_names = '{app}'"))
+        .conf("synchronous_commit = on"),
+    );
+    let dir = TestDir::new(name);
+    let mut settings = Settings::new(dir.path(), &pg.conninfo());
+    settings.prefetch = 0;
+    let mut probe_url = format!("file://{}", dir.subdir("put-probe").display());
+    let mut probe_options = std::collections::BTreeMap::new();
+    match who {
+        Standby::RemoteFile => settings.ack = "remote".into(),
+        Standby::RemoteS3 => {
+            settings.ack = "remote".into();
+            settings.repo_url = s3.url(&format!("{name}-{}", std::process::id()));
+            settings.repo_options = s3.repo_options().into_iter().collect();
+            probe_url = s3.url(&format!("{name}-probe-{}", std::process::id()));
+            probe_options = s3.repo_options();
+        }
+        Standby::Local | Standby::Receivewal => {}
+    }
+    let mut agent = None;
+    let mut recv = None;
+    if who == Standby::Receivewal {
+        pg.psql("SELECT pg_create_physical_replication_slot('recv', true)");
+        recv = Some(pg.spawn_pg_receivewal_opts(&dir.subdir("receivewal"), Some("recv"), true));
+    } else {
+        let config = settings.write(&dir.join("walsafe.toml"));
+        agent = Some(Agent::start(&config, settings.metrics_port));
+    }
+    pg.wait_for(
+        &format!("SELECT sync_state FROM pg_stat_replication WHERE application_name = '{app}'"),
+        "sync",
+        Duration::from_secs(60),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut samples, chunks) = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(
+            &format!(
+                "host={} port={} user=postgres dbname=postgres",
+                pg.socket_dir().display(),
+                pg.port()
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute("CREATE TABLE c (id int)")
+            .await
+            .unwrap();
+        let insert = client.prepare("INSERT INTO c VALUES ($1)").await.unwrap();
+        for i in 0..20 {
+            client.execute(&insert, &[&i]).await.unwrap();
+        }
+        let chunks_before = agent.as_ref().map(chunks_stored);
+        let mut samples = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let t = Instant::now();
+            client.execute(&insert, &[&(i as i32)]).await.unwrap();
+            samples.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let chunks = agent
+            .as_ref()
+            .zip(chunks_before)
+            .map(|(a, b)| chunks_stored(a) - b);
+        (samples, chunks)
+    });
+    let put_p50 = match who {
+        Standby::Receivewal => None,
+        _ => Some(rt.block_on(put_p50(&probe_url, &probe_options))),
+    };
+    if let Some(mut r) = recv {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+    drop(agent);
+    let commits = samples.len();
+    Latency {
+        p50: percentile(&mut samples, 0.5),
+        p99: percentile(&mut samples, 0.99),
+        put_p50,
+        chunks,
+        commits,
+    }
+}
+
+fn commit_latency() {
+    let n = env_u64("WALSAFE_BENCH_COMMITS", LATENCY_COMMITS);
+    println!("\n== scenario 4: commit latency as a synchronous standby ({n} single-row commits, one session, partial_interval 200ms)");
+    let s3 = S3Server::start();
+    let runs = [
+        Standby::RemoteFile,
+        Standby::RemoteS3,
+        Standby::Local,
+        Standby::Receivewal,
+    ];
+    let results: Vec<(Standby, Latency)> = runs
+        .iter()
+        .map(|w| (*w, commit_latency_run(*w, n, &s3)))
+        .collect();
+    let reference = results
+        .iter()
+        .find(|(w, _)| *w == Standby::Receivewal)
+        .map(|(_, l)| (l.p50, l.p99))
+        .unwrap();
+    for (who, l) in &results {
+        let mut line = format!(
+            "{:<32} commit p50 {:7.2} ms, p99 {:7.2} ms ({:.0} commits/s/session)",
+            who.label(),
+            l.p50,
+            l.p99,
+            1000.0 / l.p50
+        );
+        if let Some(put) = l.put_p50 {
+            line += &format!("; store PUT p50 {put:.2} ms");
+            if matches!(who, Standby::RemoteFile | Standby::RemoteS3) {
+                line += &format!(" (commit p50 - PUT p50 = {:+.2} ms)", l.p50 - put);
+            }
+        }
+        if let Some(c) = l.chunks {
+            line += &format!("; {c:.0} chunks for {} commits", l.commits);
+        }
+        if *who != Standby::Receivewal {
+            line += &format!(
+                "; vs pg_receivewal p50 x{:.2}, p99 x{:.2}",
+                l.p50 / reference.0,
+                l.p99 / reference.1
+            );
+        }
+        println!("{line}");
+    }
+}
+
 /// Is WAL up to `lsn` (exclusive end) stored in the file:// repository?
 fn stored(repo: &Path, lsn: u64, seg: u64) -> bool {
     let segno = (lsn - 1) / seg;
@@ -358,6 +598,10 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    let args: Vec<String> = match std::env::var("WALSAFE_BENCH") {
+        Ok(v) if args.is_empty() => v.split(',').map(str::to_string).collect(),
+        _ => args,
+    };
     let want = |s: &str| args.is_empty() || args.iter().any(|a| s.contains(a.as_str()));
     if want("rate") {
         max_rate();
@@ -367,5 +611,8 @@ fn main() {
     }
     if want("rpo") {
         rpo();
+    }
+    if want("commit latency") {
+        commit_latency();
     }
 }

@@ -18,6 +18,14 @@
 //!   chunk upload at a time so that a segment's chunks are contiguous from
 //!   offset 0. After a restart the first chunk starts again at offset 0;
 //!   overlapping chunks hold identical bytes and `wal-fetch` checks that.
+//!   With ack mode `remote` a synchronous commit waits for its WAL to be
+//!   stored, so chunks do not wait for the tick: newly durable bytes are
+//!   shipped as soon as no chunk of the segment is in flight, and what
+//!   becomes durable while one is in flight goes in the next, in one
+//!   piece (group commit: a commit waits about one storage round trip,
+//!   and a burst of commits costs one chunk per round trip, not one per
+//!   commit). With ack `local` nothing waits for the store and the tick
+//!   keeps chunks few and larger.
 //! * **closed partial segments** (the last segment of a timeline that
 //!   ended), as `wal/<name>.partial`, PostgreSQL's own convention.
 //! * **timeline history files**, as `wal/<TLI>.history`.
@@ -119,6 +127,9 @@ pub struct Uploader {
     positions: Positions,
     segment_size: u64,
     interval: Duration,
+    /// Ack mode `remote`: chunks go out as soon as WAL is durable (see
+    /// [`Uploader::chunk_now`]), not on the tick.
+    eager: bool,
     concurrency: usize,
     jobs: BTreeMap<Job, State>,
     filling: Option<Filling>,
@@ -216,6 +227,7 @@ impl Uploader {
             positions,
             segment_size,
             interval: archive.partial_interval,
+            eager: archive.ack == crate::config::AckMode::Remote,
             concurrency: archive.upload_concurrency,
             jobs,
             filling,
@@ -253,6 +265,9 @@ impl Uploader {
         let mut retry_tick = tokio::time::interval(REQUEUE_DELAY);
         self.spawn_cleanup();
         loop {
+            if self.eager {
+                self.chunk_now();
+            }
             self.start_jobs(&mut tasks);
             self.publish();
             self.watch_progress();
@@ -452,6 +467,32 @@ impl Uploader {
         };
         f.chunk_in_flight = true;
         self.last_chunk = now;
+        self.jobs.insert(job, State::Queued);
+    }
+
+    /// Ack mode `remote`: queues a chunk of every durable byte of the
+    /// filling segment not yet stored, unless one is in flight (it is
+    /// followed by the next as soon as it completes: this runs after every
+    /// event), the segment is refused, or a failed chunk's backoff has not
+    /// passed (the tick wakes this loop again). No fill-rate or
+    /// half-interval holdback: a commit is waiting for these bytes.
+    fn chunk_now(&mut self) {
+        let Some(f) = &mut self.filling else { return };
+        let stored = self.chunked.get(&f.seg).copied().unwrap_or(0);
+        if self.refused.contains(&f.seg)
+            || f.chunk_in_flight
+            || f.flushed <= stored
+            || Instant::now() < self.chunk_not_before
+        {
+            return;
+        }
+        let job = Job::Chunk {
+            seg: f.seg,
+            start: stored,
+            end: f.flushed,
+        };
+        f.chunk_in_flight = true;
+        self.last_chunk = Instant::now();
         self.jobs.insert(job, State::Queued);
     }
 
@@ -849,6 +890,21 @@ mod tests {
     }
 
     fn rig(faults: Option<Arc<Faults>>) -> Rig {
+        rig_with(
+            faults,
+            crate::config::AckMode::Local,
+            Duration::from_millis(50),
+            Duration::from_millis(300),
+        )
+    }
+
+    /// [`rig`] with this ack mode, chunk interval and request timeout.
+    fn rig_with(
+        faults: Option<Arc<Faults>>,
+        ack: crate::config::AckMode,
+        interval: Duration,
+        request_timeout: Duration,
+    ) -> Rig {
         let d = tempfile::tempdir().unwrap();
         let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
         let spool = Arc::new(spool);
@@ -859,7 +915,7 @@ mod tests {
         )
         .unwrap()
         .with_fsync(Fsync::Off)
-        .with_request_timeout(Duration::from_millis(300));
+        .with_request_timeout(request_timeout);
         if let Some(f) = faults {
             store = store.with_faults(f);
         }
@@ -876,8 +932,8 @@ mod tests {
             positions.clone(),
             &recovered,
             &ArchiveConfig {
-                partial_interval: Duration::from_millis(50),
-                ack: crate::config::AckMode::Local,
+                partial_interval: interval,
+                ack,
                 upload_concurrency: 2,
                 stall_alarm: Duration::from_millis(500),
             },
@@ -1163,6 +1219,104 @@ mod tests {
             *archived.borrow() <= Lsn(2 * SEG),
             "archived passed the refused segment"
         );
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+
+    /// The chunk objects stored for `seg`, as (start, end).
+    async fn chunk_ranges(repo: &Repository, seg: SegmentName) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = repo.list_chunks(&SegmentFile::of(seg, SEG)).await.unwrap();
+        v.sort();
+        v
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ack_remote_ships_durable_wal_at_once_not_on_the_tick() {
+        // A tick that never comes again (the first one fires at start,
+        // before any WAL): only the eager path can ship these chunks.
+        let Rig {
+            _dir,
+            repo,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig_with(
+            None,
+            crate::config::AckMode::Remote,
+            Duration::from_secs(3600),
+            Duration::from_secs(5),
+        );
+        let t = TimelineId(1);
+        let start = Lsn(3 * SEG);
+        let seg = SegmentName {
+            timeline: t,
+            segno: 3,
+        };
+        let mut at = start;
+        for _ in 0..3 {
+            writer.write(t, at, wal(t, at, 8192)).await.unwrap();
+            at = at.plus(8192);
+            assert!(
+                until(10, || *archived.borrow() == at).await,
+                "archived {} while {at} is durable: the chunk waited for the tick",
+                *archived.borrow()
+            );
+        }
+        // Contiguous from offset 0, each starting where the last ended.
+        let ranges = chunk_ranges(&repo, seg).await;
+        assert_eq!(ranges.first().map(|r| r.0), Some(0));
+        assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0), "{ranges:?}");
+        assert_eq!(ranges.last().map(|r| r.1), Some(3 * 8192));
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ack_remote_gathers_what_becomes_durable_during_a_chunk_upload_into_the_next() {
+        // Every put takes 1 s: the WAL that becomes durable while the
+        // first chunk is in flight goes in one second chunk, not one each.
+        let faults = Faults::new();
+        faults.set(Some(Op::Put), Fault::Delay(Duration::from_secs(1)));
+        let Rig {
+            _dir,
+            repo,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig_with(
+            Some(faults.clone()),
+            crate::config::AckMode::Remote,
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+        );
+        let t = TimelineId(1);
+        let start = Lsn(3 * SEG);
+        let seg = SegmentName {
+            timeline: t,
+            segno: 3,
+        };
+        writer.write(t, start, wal(t, start, 8192)).await.unwrap();
+        let mut at = start.plus(8192);
+        assert!(until(10, || faults.attempts(Op::Put) >= 1).await);
+        for _ in 0..8 {
+            writer.write(t, at, wal(t, at, 8192)).await.unwrap();
+            at = at.plus(8192);
+        }
+        let durable = writer.durable();
+        assert!(until(10, || durable.borrow().flushed == at).await);
+        assert!(
+            until(20, || *archived.borrow() == at).await,
+            "archived {}, expected {at}",
+            *archived.borrow()
+        );
+        let ranges = chunk_ranges(&repo, seg).await;
+        assert_eq!(ranges, vec![(0, 8192), (8192, 9 * 8192)]);
         cancel.cancel();
         writer.finish().await.unwrap();
         task.await.unwrap();

@@ -347,3 +347,209 @@ fn ack_remote_commits_are_in_the_repository_when_they_return() {
         );
     }
 }
+
+/// What a `file://` repository holds of each segment right now: the end
+/// (segment offset) of the contiguous chunks from offset 0, or the segment
+/// size when the whole segment (or its closed `.partial`) is stored.
+fn stored_ends(repo: &Path, segment_size: u64) -> std::collections::BTreeMap<String, u64> {
+    let mut ends = std::collections::BTreeMap::new();
+    if let Ok(d) = std::fs::read_dir(repo.join("chunks")) {
+        for seg in d.flatten() {
+            let mut ranges: Vec<(u64, u64)> = std::fs::read_dir(seg.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|c| {
+                    let n = c.file_name().to_string_lossy().into_owned();
+                    let (a, b) = n.split_once('-')?;
+                    Some((
+                        u64::from_str_radix(a, 16).ok()?,
+                        u64::from_str_radix(b, 16).ok()?,
+                    ))
+                })
+                .collect();
+            ranges.sort();
+            let mut end = 0;
+            for (a, b) in ranges {
+                if a <= end {
+                    end = end.max(b);
+                }
+            }
+            ends.insert(seg.file_name().to_string_lossy().into_owned(), end);
+        }
+    }
+    if let Ok(d) = std::fs::read_dir(repo.join("wal")) {
+        for f in d.flatten() {
+            let n = f.file_name().to_string_lossy().into_owned();
+            let seg = n.trim_end_matches(".partial");
+            if seg.len() == 24 && seg.bytes().all(|b| b.is_ascii_hexdigit()) {
+                ends.insert(seg.to_string(), segment_size);
+            }
+        }
+    }
+    ends
+}
+
+/// End LSN (bytes) of the COMMIT record of each transaction in `xids`, read
+/// with pg_waldump from the server's own WAL between `from` and `to`.
+fn commit_ends(
+    pg: &common::pg::PgCluster,
+    from: u64,
+    to: u64,
+    xids: &[u32],
+) -> std::collections::BTreeMap<u32, u64> {
+    let lsn = |l: u64| format!("{:X}/{:X}", l >> 32, l & 0xFFFF_FFFF);
+    let out = pg
+        .bins()
+        .command("pg_waldump")
+        .arg("-p")
+        .arg(pg.datadir().join("pg_wal"))
+        .args(["-s", &lsn(from), "-e", &lsn(to), "-r", "Transaction"])
+        .output()
+        .expect("run pg_waldump");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut ends = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| l.contains("desc: COMMIT")) {
+        let field = |name: &str| {
+            line.split(name)
+                .nth(1)
+                .map(|r| r.trim_start())
+                .and_then(|r| r.split([',', ' ']).next())
+                .map(str::to_string)
+        };
+        let tx: u32 = field("tx:").and_then(|t| t.parse().ok()).unwrap();
+        let at = common::setup::parse_lsn(&field("lsn:").unwrap());
+        let tot: u64 = line
+            .split("len (rec/tot):")
+            .nth(1)
+            .and_then(|r| r.split('/').nth(1))
+            .and_then(|t| t.split(',').next())
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap();
+        if xids.contains(&tx) {
+            ends.insert(tx, at + tot);
+        }
+    }
+    assert_eq!(
+        ends.len(),
+        xids.len(),
+        "pg_waldump did not show every commit ({:?} of {xids:?}); stderr: {}",
+        ends.keys().collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ends
+}
+
+#[test]
+fn ack_remote_concurrent_commits_each_return_only_once_their_commit_record_is_stored() {
+    // Bursts of concurrent single-row commits, walsafe the synchronous
+    // standby with ack remote: the moment each COMMIT returns, the
+    // repository is looked at (a directory listing, microseconds), and
+    // later pg_waldump says where each commit record ended. Every commit
+    // must have been stored (contiguously from the segment's start) when
+    // it returned. The number of chunk uploads is reported, not asserted:
+    // how the commits coalesce depends on scheduling.
+    const SESSIONS: usize = 12;
+    const ROUNDS: usize = 4;
+    let mut s = setup(
+        "ackburst",
+        PgOptions::default().conf("synchronous_standby_names = 'walsafe'"),
+    );
+    s.settings.ack = "remote".into();
+    s.settings.prefetch = 0;
+    let config = s.settings.write(&s.dir.join("walsafe.toml"));
+    let agent = Agent::start(&config, s.settings.metrics_port);
+    s.pg.wait_for(
+        "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'walsafe'",
+        "sync",
+        Duration::from_secs(30),
+    );
+    s.pg.psql("CREATE TABLE burst (session int, round int)");
+    let repo: std::path::PathBuf = s.settings.repo_url.trim_start_matches("file://").into();
+    let segment_size = s.pg.segment_size();
+    let from = current_lsn(&s.pg);
+    let chunks = |a: &Agent| {
+        a.metrics()
+            .get("walsafe_uploads_total{kind=\"chunk\",result=\"ok\"}")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let chunks_before = chunks(&agent);
+    let conninfo = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        s.pg.socket_dir().display(),
+        s.pg.port()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // (xid, what the repository held when its COMMIT returned)
+    let seen: Vec<(u32, std::collections::BTreeMap<String, u64>)> = rt.block_on(async {
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(SESSIONS));
+        let mut tasks = Vec::new();
+        for session in 0..SESSIONS {
+            let conninfo = conninfo.clone();
+            let barrier = barrier.clone();
+            let repo = repo.clone();
+            tasks.push(tokio::spawn(async move {
+                let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let mut seen = Vec::new();
+                for round in 0..ROUNDS {
+                    client.batch_execute("BEGIN").await.unwrap();
+                    let row = client
+                        .query_one(
+                            "INSERT INTO burst VALUES ($1, $2) RETURNING pg_current_xact_id()::text",
+                            &[&(session as i32), &(round as i32)],
+                        )
+                        .await
+                        .unwrap();
+                    let xid: u32 = row.get::<_, &str>(0).parse().unwrap();
+                    barrier.wait().await;
+                    client.batch_execute("COMMIT").await.unwrap();
+                    seen.push((xid, stored_ends(&repo, segment_size)));
+                }
+                seen
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    let to = parse_flush(&s.pg);
+    let xids: Vec<u32> = seen.iter().map(|(x, _)| *x).collect();
+    let ends = commit_ends(&s.pg, from, to, &xids);
+    for (xid, stored) in &seen {
+        let end = ends[xid];
+        let segno = (end - 1) / segment_size;
+        let name = segment_name(1, segno);
+        let need = end - segno * segment_size;
+        let have = stored.get(&name).copied().unwrap_or(0);
+        assert!(
+            have >= need,
+            "the commit of transaction {xid} (its record ends at {:X}/{:X}) returned while the repository held {name} only up to offset {have:#X}: acknowledged before it was stored",
+            end >> 32,
+            end & 0xFFFF_FFFF
+        );
+    }
+    let used = chunks(&agent) - chunks_before;
+    eprintln!(
+        "REPORT {} commits in {ROUNDS} bursts of {SESSIONS}: {used:.0} chunk uploads",
+        seen.len()
+    );
+    // The rows are readable through wal-fetch, the path recovery takes.
+    let name = s.pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let data = fetch(&config, &name, &s.dir.subdir("work"));
+    assert!(data.len() as u64 == segment_size);
+}
+
+/// `pg_current_wal_flush_lsn()` in bytes.
+fn parse_flush(pg: &common::pg::PgCluster) -> u64 {
+    common::setup::parse_lsn(&pg.psql("SELECT pg_current_wal_flush_lsn()"))
+}
