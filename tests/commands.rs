@@ -450,7 +450,12 @@ fn config_prints_the_effective_configuration_or_every_problem() {
     let config = settings.write(&dir.join("walsafe.toml"));
     let o = walsafe(&config, &["config"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!out.contains("not-for-your-eyes"), "{out}");
     assert!(out.contains("password=<redacted>"), "{out}");
     assert!(out.contains("hosts: 127.0.0.1 port 1"), "{out}");
