@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::pg::{PgCluster, PgOptions, TestDir};
 use common::setup::current_lsn;
-use common::walsafe::{restore_promoted, walsafe, Agent, Settings};
+use common::walsafe::{assert_no_gap, restore_promoted, Agent, Settings};
 
 #[test]
 fn an_asynchronous_failover_to_a_standby_behind_walsafe_is_followed() {
@@ -89,21 +89,8 @@ fn asynchronous_failover(name: &str, attrs: &str) {
         "log:\n{}",
         agent.log()
     );
-    assert!(
-        !settings.spool.join("walsafe.gaps").exists(),
-        "log:\n{}",
-        agent.log()
-    );
-
     // The repository holds both histories, consistently.
-    let v = walsafe(&config, &["wal-verify"]);
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}\nlog:\n{}",
-        String::from_utf8_lossy(&v.stdout),
-        agent.log()
-    );
+    assert_no_gap(&agent, &settings.spool, &config);
 
     // A restore following the latest timeline is the new primary's history:
     // everything before the fork, everything after it on timeline 2, and
@@ -169,18 +156,7 @@ fn streaming_from_a_standby_follows_its_promotion() {
     standby.psql("INSERT INTO t SELECT g, 'after the promotion' FROM generate_series(201, 300) g");
     let end = current_lsn(&standby);
     archives_timeline_2_up_to(&mut agent, end, "the standby's promotion");
-    assert!(
-        !settings.spool.join("walsafe.gaps").exists(),
-        "log:\n{}",
-        agent.log()
-    );
-    let v = walsafe(&config, &["wal-verify"]);
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stdout)
-    );
+    assert_no_gap(&agent, &settings.spool, &config);
 
     let restored = restore_promoted(
         &backup,

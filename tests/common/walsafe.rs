@@ -368,3 +368,22 @@ pub fn restore_promoted(
     );
     restored
 }
+
+/// The archive is whole: no gap recorded in the spool, and `wal-verify`
+/// finds none in the repository (its report and the agent's log in the
+/// message otherwise).
+pub fn assert_no_gap(agent: &Agent, spool: &Path, config: &Path) {
+    assert!(
+        !spool.join("walsafe.gaps").exists(),
+        "a gap was recorded; log:\n{}",
+        agent.log()
+    );
+    let v = walsafe(config, &["wal-verify"]);
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}\nlog:\n{}",
+        String::from_utf8_lossy(&v.stdout),
+        agent.log()
+    );
+}
