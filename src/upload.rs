@@ -1322,6 +1322,64 @@ mod tests {
         task.await.unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_that_finishes_after_its_segment_was_stored_is_deleted() {
+        // Chunk puts take 1.5 s; the segment completes and is stored whole
+        // meanwhile (its chunks cleaned up: none yet). The late chunk then
+        // lands: an orphan, which must not stay in the repository.
+        let faults = Faults::new();
+        faults.set_for(
+            Some(Op::Put),
+            "chunks/",
+            Fault::Delay(Duration::from_millis(1500)),
+        );
+        let Rig {
+            _dir,
+            repo,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig_with(
+            Some(faults.clone()),
+            crate::config::AckMode::Remote,
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+        );
+        let t = TimelineId(1);
+        let start = Lsn(3 * SEG);
+        let seg = SegmentName {
+            timeline: t,
+            segno: 3,
+        };
+        writer.write(t, start, wal(t, start, 8192)).await.unwrap();
+        assert!(until(10, || faults.attempts(Op::Put) >= 1).await);
+        let rest = start.plus(8192);
+        writer
+            .write(t, rest, wal(t, rest, SEG - 8192))
+            .await
+            .unwrap();
+        let end = start.plus(SEG);
+        assert!(
+            until(20, || *archived.borrow() == end).await,
+            "archived {}, expected {end}",
+            *archived.borrow()
+        );
+        // Past the late chunk's landing: it is gone again.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert!(
+            until(10, || futures::executor::block_on(chunk_ranges(&repo, seg))
+                .is_empty())
+            .await,
+            "orphan chunks left: {:?}",
+            chunk_ranges(&repo, seg).await
+        );
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+
     #[test]
     fn thinning_lag_samples_errs_high() {
         let samples: VecDeque<(Lsn, u64)> = (1..=5).map(|i| (Lsn(i * 100), i * 10)).collect();
