@@ -244,17 +244,7 @@ fn rpo() {
         .build()
         .unwrap();
     let samples = rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(
-            &format!(
-                "host={} port={} user=postgres dbname=postgres",
-                pg.socket_dir().display(),
-                pg.port()
-            ),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let client = sql_client(&pg).await;
         client
             .batch_execute("CREATE TABLE rpo (id int, at timestamptz default now())")
             .await
@@ -427,17 +417,7 @@ fn commit_latency_run(who: Standby, n: u64, s3: &S3Server) -> Latency {
         .build()
         .unwrap();
     let (mut samples, chunks) = rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(
-            &format!(
-                "host={} port={} user=postgres dbname=postgres",
-                pg.socket_dir().display(),
-                pg.port()
-            ),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let client = sql_client(&pg).await;
         client
             .batch_execute("CREATE TABLE c (id int)")
             .await
@@ -615,4 +595,20 @@ fn main() {
     if want("commit latency") {
         commit_latency();
     }
+}
+
+/// An SQL session to `pg` as postgres, its connection driven in the background.
+async fn sql_client(pg: &PgCluster) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user=postgres dbname=postgres",
+            pg.socket_dir().display(),
+            pg.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    client
 }

@@ -446,15 +446,16 @@ pub async fn assemble_chunks(
             );
         }
     }
+    // With ack mode `remote` a segment may have thousands of chunks.
+    let by_range: std::collections::HashMap<(u64, u64), &Vec<u8>> =
+        parts.iter().map(|(r, p)| (*r, p)).collect();
     let mut buf = vec![0u8; segment_size as usize];
     let mut pos = 0u64;
     for range in &plan {
         let (start, end) = *range;
-        let part = &parts
-            .iter()
-            .find(|(r, _)| r == range)
-            .expect("the plan is made of listed chunks")
-            .1;
+        let part = by_range
+            .get(range)
+            .expect("the plan is made of listed chunks");
         let overlap = (pos - start) as usize;
         buf[pos as usize..end as usize].copy_from_slice(&part[overlap..]);
         pos = end;

@@ -446,13 +446,7 @@ impl Uploader {
         let since = now.duration_since(f.last_tick).as_secs_f64();
         f.at_last_tick = f.flushed;
         f.last_tick = now;
-        let stored = self.chunked.get(&f.seg).copied().unwrap_or(0);
-        if self.refused.contains(&f.seg)
-            || f.chunk_in_flight
-            || f.flushed <= stored
-            || now < self.chunk_not_before
-            || self.last_chunk.elapsed() < self.interval / 2
-        {
+        if self.last_chunk.elapsed() < self.interval / 2 {
             return;
         }
         let remaining = self.segment_size - f.flushed;
@@ -460,22 +454,16 @@ impl Uploader {
         if grown > 0 && (remaining as f64) < rate * self.interval.as_secs_f64() {
             return;
         }
-        let job = Job::Chunk {
-            seg: f.seg,
-            start: stored,
-            end: f.flushed,
-        };
-        f.chunk_in_flight = true;
-        self.last_chunk = now;
-        self.jobs.insert(job, State::Queued);
+        self.chunk_now();
     }
 
-    /// Ack mode `remote`: queues a chunk of every durable byte of the
-    /// filling segment not yet stored, unless one is in flight (it is
-    /// followed by the next as soon as it completes: this runs after every
-    /// event), the segment is refused, or a failed chunk's backoff has not
-    /// passed (the tick wakes this loop again). No fill-rate or
-    /// half-interval holdback: a commit is waiting for these bytes.
+    /// Queues a chunk of every durable byte of the filling segment not yet
+    /// stored, unless one is in flight (it is followed by the next as soon
+    /// as it completes), the segment is refused, or a failed chunk's
+    /// backoff has not passed (the tick wakes the loop again). With ack
+    /// mode `remote` this runs after every event, with no fill-rate or
+    /// half-interval holdback (a commit is waiting for these bytes); with
+    /// `local`, from the tick's [`Uploader::maybe_chunk`].
     fn chunk_now(&mut self) {
         let Some(f) = &mut self.filling else { return };
         let stored = self.chunked.get(&f.seg).copied().unwrap_or(0);

@@ -8,13 +8,10 @@ use std::fmt::Write;
 
 use crate::config::{AckMode, Config};
 use crate::durable::{Fsync, NO_FSYNC_ENV};
-use crate::pg::conninfo::ConnParams;
+use crate::pg::conninfo::{redact_password, ConnParams, REDACTED};
 use crate::repository::envelope::Compression;
 use crate::repository::store::is_secret_name;
 use crate::spool::MinFree;
-
-/// What stands in for a secret.
-const REDACTED: &str = "<redacted>";
 
 /// `walsafe config`.
 pub fn command(cfg: &Config) -> anyhow::Result<()> {
@@ -33,7 +30,7 @@ pub fn render(cfg: &Config, env: &dyn Fn(&str) -> Option<String>) -> String {
         cfg.path.display()
     );
     let _ = writeln!(o, "\n[postgres]");
-    let _ = writeln!(o, "conninfo = {:?}", redact_conninfo(&p.conninfo));
+    let _ = writeln!(o, "conninfo = {:?}", redact_password(&p.conninfo));
     match ConnParams::parse_with_env(&p.conninfo, env) {
         Ok(c) => {
             let hosts: Vec<String> = c.targets.iter().map(ToString::to_string).collect();
@@ -170,84 +167,6 @@ pub fn render(cfg: &Config, env: &dyn Fn(&str) -> Option<String>) -> String {
     o
 }
 
-/// The conninfo with its password replaced (key=value `password=…`, or the
-/// `user:password@` of a URL).
-fn redact_conninfo(conninfo: &str) -> String {
-    let t = conninfo.trim_start();
-    if t.starts_with("postgres://") || t.starts_with("postgresql://") {
-        let (scheme, rest) = t.split_once("://").expect("checked above");
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:{REDACTED}@{hosts}"),
-                None => authority.to_string(),
-            },
-            None => authority.to_string(),
-        };
-        let tail = tail
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.trim_start_matches('?') == "password" => {
-                    format!("{}={REDACTED}", k)
-                }
-                _ => kv.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("&");
-        return format!("{scheme}://{authority}{tail}");
-    }
-    redact_kv_password(conninfo)
-}
-
-/// `password=…` (quoted or not) of a key=value conninfo, replaced.
-fn redact_kv_password(conninfo: &str) -> String {
-    let mut out = String::new();
-    let mut rest = conninfo;
-    while let Some(at) = find_key(rest, "password") {
-        let (before, from) = rest.split_at(at);
-        out.push_str(before);
-        let after_key = from["password".len()..].trim_start();
-        let Some(value) = after_key.strip_prefix('=') else {
-            out.push_str(&from[.."password".len()]);
-            rest = &from["password".len()..];
-            continue;
-        };
-        let value = value.trim_start();
-        let len = if let Some(q) = value.strip_prefix('\'') {
-            // Up to the closing quote, skipping \' escapes.
-            let mut i = 0;
-            let b = q.as_bytes();
-            while i < b.len() && b[i] != b'\'' {
-                i += if b[i] == b'\\' { 2 } else { 1 };
-            }
-            (i + 2).min(value.len())
-        } else {
-            value.find(char::is_whitespace).unwrap_or(value.len())
-        };
-        out.push_str("password=");
-        out.push_str(REDACTED);
-        rest = &value[len..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Where `key` starts as a key (at the start or after whitespace).
-fn find_key(s: &str, key: &str) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = s[from..].find(key) {
-        let at = from + i;
-        let starts = at == 0 || s[..at].ends_with(char::is_whitespace);
-        let ends = s[at + key.len()..].trim_start().starts_with('=');
-        if starts && ends {
-            return Some(at);
-        }
-        from = at + key.len();
-    }
-    None
-}
-
 /// The cloud variables of the repository's provider that are set, secret
 /// ones redacted.
 fn cloud_environment(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
@@ -297,22 +216,22 @@ mod tests {
     #[test]
     fn passwords_never_show() {
         assert_eq!(
-            redact_conninfo("host=db password=s3cret user=walsafe"),
+            redact_password("host=db password=s3cret user=walsafe"),
             "host=db password=<redacted> user=walsafe"
         );
         assert_eq!(
-            redact_conninfo("host=db password = 'a b\\' c' user=w"),
+            redact_password("host=db password = 'a b\\' c' user=w"),
             "host=db password=<redacted> user=w"
         );
         assert_eq!(
-            redact_conninfo("passwordless=1 host=x"),
+            redact_password("passwordless=1 host=x"),
             "passwordless=1 host=x"
         );
         assert_eq!(
-            redact_conninfo("postgresql://walsafe:s3cret@db1:5432,db2/?sslmode=require&password=x"),
+            redact_password("postgresql://walsafe:s3cret@db1:5432,db2/?sslmode=require&password=x"),
             "postgresql://walsafe:<redacted>@db1:5432,db2/?sslmode=require&password=<redacted>"
         );
-        assert_eq!(redact_conninfo("postgres://db/x"), "postgres://db/x");
+        assert_eq!(redact_password("postgres://db/x"), "postgres://db/x");
     }
 
     #[test]

@@ -40,6 +40,7 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::pg::lsn::history_entries;
 use crate::pg::page::{pg_major_of_magic, read_long_header, validate_segment};
 use crate::pg::walfile::{classify, history_file_name, NameKind};
 use crate::pg::{ClusterIdentity, Lsn, SegmentName, TimelineId};
@@ -133,15 +134,9 @@ fn local_identity(dir: &Path) -> Option<ClusterIdentity> {
     })
 }
 
-/// The switch points recorded for `timeline` in history `text`: the line
-/// `<timeline> <switch LSN> <reason>` (comments and blank lines skipped).
+/// The switch point recorded for `timeline` in history `text`.
 fn switch_in_history(text: &str, timeline: TimelineId) -> Option<Lsn> {
-    text.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let tli: u32 = f.next()?.parse().ok()?;
-        let at: Lsn = f.next()?.parse().ok()?;
-        (tli == timeline.0).then_some(at)
-    })
+    history_entries(text).find_map(|(t, at)| (t == timeline).then_some(at))
 }
 
 /// Where `timeline` ended, from the stored history files of later

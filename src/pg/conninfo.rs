@@ -737,23 +737,87 @@ fn extract_own_keys(conninfo: &str) -> Result<(String, Extracted), ConninfoError
             "passfile" => ex.passfile = Some(v),
             "target_session_attrs" => ex.target_session_attrs = Some(v),
             "replication" => {}
-            _ => {
-                if !out.is_empty() {
-                    out.push(' ');
-                }
-                out.push_str(&k);
-                out.push_str("='");
-                for c in v.chars() {
-                    if c == '\'' || c == '\\' {
-                        out.push('\\');
-                    }
-                    out.push(c);
-                }
-                out.push('\'');
-            }
+            _ => push_kv(&mut out, &k, &v, true),
         }
     }
     Ok((out, ex))
+}
+
+/// Appends `k=v` to a key=value conninfo, the value quoted (always, or
+/// only where it needs it) with libpq's escapes.
+fn push_kv(out: &mut String, k: &str, v: &str, always_quote: bool) {
+    if !out.is_empty() {
+        out.push(' ');
+    }
+    out.push_str(k);
+    out.push('=');
+    let plain = !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\');
+    if plain && !always_quote {
+        out.push_str(v);
+        return;
+    }
+    out.push('\'');
+    for c in v.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+}
+
+/// What stands in for a password in [`redact_password`].
+pub const REDACTED: &str = "<redacted>";
+
+/// `conninfo` with its password replaced by [`REDACTED`]: `password=…` of
+/// the key=value form (read with the same tokenizer as the parser), the
+/// `user:password@` and `password=` of a URL. A conninfo that does not
+/// tokenize is replaced whole.
+pub fn redact_password(conninfo: &str) -> String {
+    let t = conninfo.trim();
+    if let Some((scheme, rest)) = t
+        .strip_prefix("postgresql://")
+        .map(|r| ("postgresql", r))
+        .or_else(|| t.strip_prefix("postgres://").map(|r| ("postgres", r)))
+    {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:{REDACTED}@{hosts}"),
+                None => authority.to_string(),
+            },
+            None => authority.to_string(),
+        };
+        let tail = tail
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                // The first pair carries the path and '?' before its key.
+                Some((k, _)) if k.rsplit('?').next() == Some("password") => {
+                    format!("{k}={REDACTED}")
+                }
+                _ => kv.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        return format!("{scheme}://{authority}{tail}");
+    }
+    let Ok(pairs) = tokenize_kv(conninfo) else {
+        return REDACTED.to_string();
+    };
+    let mut out = String::new();
+    for (k, v) in pairs {
+        if k == "password" {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str("password=");
+            out.push_str(REDACTED);
+        } else {
+            push_kv(&mut out, &k, &v, false);
+        }
+    }
+    out
 }
 
 /// libpq's key=value syntax: values bare or single-quoted, `\` escapes.
