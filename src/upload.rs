@@ -941,6 +941,17 @@ mod tests {
         }
     }
 
+    /// Stops a [`Rig`]'s uploader and writer, as the agent does.
+    async fn shut_down(
+        cancel: CancellationToken,
+        writer: WriterHandle,
+        task: tokio::task::JoinHandle<()>,
+    ) {
+        cancel.cancel();
+        writer.finish().await.unwrap();
+        task.await.unwrap();
+    }
+
     /// Waits until `f` holds, for up to `secs`.
     async fn until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(secs);
@@ -1009,9 +1020,7 @@ mod tests {
             );
         }
         assert_eq!(repo.list_wal().await.unwrap().len(), 3);
-        cancel.cancel();
-        writer.finish().await.unwrap();
-        task.await.unwrap();
+        shut_down(cancel, writer, task).await;
     }
 
     #[cfg(feature = "failpoints")]
@@ -1061,9 +1070,7 @@ mod tests {
             "the segment never left the spool"
         );
         assert!(until(5, || *archived.borrow() == start.plus(SEG + 100)).await);
-        cancel.cancel();
-        writer.finish().await.unwrap();
-        task.await.unwrap();
+        shut_down(cancel, writer, task).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1155,9 +1162,7 @@ mod tests {
             .unwrap()
             .is_some());
         assert!(on_t2(repo.list_wal().await.unwrap()));
-        cancel.cancel();
-        writer.finish().await.unwrap();
-        task.await.unwrap();
+        shut_down(cancel, writer, task).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1207,9 +1212,7 @@ mod tests {
             *archived.borrow() <= Lsn(2 * SEG),
             "archived passed the refused segment"
         );
-        cancel.cancel();
-        writer.finish().await.unwrap();
-        task.await.unwrap();
+        shut_down(cancel, writer, task).await;
     }
 
     /// The chunk objects stored for `seg`, as (start, end).
@@ -1258,9 +1261,7 @@ mod tests {
         assert_eq!(ranges.first().map(|r| r.0), Some(0));
         assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0), "{ranges:?}");
         assert_eq!(ranges.last().map(|r| r.1), Some(3 * 8192));
-        cancel.cancel();
-        writer.finish().await.unwrap();
-        task.await.unwrap();
+        shut_down(cancel, writer, task).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1305,9 +1306,7 @@ mod tests {
         );
         let ranges = chunk_ranges(&repo, seg).await;
         assert_eq!(ranges, vec![(0, 8192), (8192, 9 * 8192)]);
-        cancel.cancel();
-        writer.finish().await.unwrap();
-        task.await.unwrap();
+        shut_down(cancel, writer, task).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1363,9 +1362,7 @@ mod tests {
             "orphan chunks left: {:?}",
             chunk_ranges(&repo, seg).await
         );
-        cancel.cancel();
-        writer.finish().await.unwrap();
-        task.await.unwrap();
+        shut_down(cancel, writer, task).await;
     }
 
     #[test]
@@ -1411,8 +1408,6 @@ mod tests {
             until(2, || !positions.upload_stalled()).await,
             "the alarm stayed up"
         );
-        cancel.cancel();
-        writer.finish().await.unwrap();
-        task.await.unwrap();
+        shut_down(cancel, writer, task).await;
     }
 }
