@@ -7,12 +7,31 @@
 //! * exit 1: the file is not in the archive — PostgreSQL's normal
 //!   end-of-archive probe — and only after a *consistent look* proved it
 //!   absent (see below);
-//! * exit 126: anything else (corrupt, tampered or swapped object, wrong
-//!   key, a gap inside a chunked segment, disagreeing chunks, a segment
-//!   holding the start of a recorded gap, storage unreachable after
-//!   retries, bad configuration or arguments, even a panic). PostgreSQL
-//!   treats exit codes above 125 as fatal and stops recovery instead of
-//!   promoting with lost WAL.
+//! * exit 126: anything else, in archive recovery (corrupt, tampered or
+//!   swapped object, wrong key, a gap inside a chunked segment, disagreeing
+//!   chunks, a segment holding the start of a recorded gap, storage
+//!   unreachable after retries, bad configuration or arguments, even a
+//!   panic). PostgreSQL treats exit codes above 125 as fatal and stops
+//!   recovery instead of promoting with lost WAL.
+//!
+//! **Two kinds of recovery.** [`RecoveryMode`] is read from the signal
+//! files in `restore_command`'s working directory, the data directory:
+//!
+//! | mode | signal file | "could not look" ([`Failure::CouldNotLook`]) | untrustworthy object ([`Failure::Untrustworthy`]) |
+//! | ---- | ----------- | ----------------- | -------------------- |
+//! | archive recovery | `recovery.signal` | 126 | 126 |
+//! | standby | `standby.signal` (wins over `recovery.signal`, as in PostgreSQL) | 1, logged as an ERROR naming the cause | 126 |
+//! | none (a manual call) | neither | 126 | 126 |
+//!
+//! Exit 1 ends archive recovery, so there every failure must be fatal. A
+//! standby never ends recovery on exit 1: it goes back to streaming from
+//! its primary and asks again later, while ≥ 126 shuts it down. So for a
+//! standby, a storage outage, an unreadable configuration or a missing
+//! repository answer 1 — a streaming replica must not go down with the
+//! archive — and only an object that must never be replayed (damaged,
+//! tampered with, planted, another cluster's WAL) still stops it: the
+//! repository that the next restore depends on is then wrong, and a
+//! stopped standby is the alarm nobody can miss.
 //!
 //! Where a segment is looked for, in order:
 //!
@@ -69,13 +88,13 @@ use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::gap::Gap;
-use crate::pg::page::validate_segment;
+use crate::pg::page::{validate_segment, PageError};
 use crate::pg::walfile::{classify, NameKind};
 use crate::pg::SegmentName;
 use crate::report::{EXIT_FATAL, EXIT_NOT_FOUND};
 use crate::repository::chunks::{self, Uncovered};
 use crate::repository::descriptor::Descriptor;
-use crate::repository::{ObjectName, Repository, SegmentFile};
+use crate::repository::{ObjectName, Repository, RepositoryError, SegmentFile};
 
 /// Chunk downloads in flight while assembling a segment.
 const CHUNK_FETCH_CONCURRENCY: usize = 8;
@@ -113,8 +132,125 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// `walsafe wal-fetch NAME DEST`, mapped to PostgreSQL's exit codes.
-pub async fn wal_fetch_command(cfg: Config, name: String, dest: PathBuf) -> ExitCode {
+/// Which recovery runs `restore_command`, from the signal files of the
+/// data directory (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// `standby.signal`: a standby, which goes back to streaming on exit 1.
+    Standby,
+    /// `recovery.signal` alone: archive recovery (a restore, PITR), which
+    /// ends and promotes on exit 1.
+    ArchiveRecovery,
+    /// Neither: not called by a recovering server (a manual call).
+    NoRecovery,
+}
+
+impl RecoveryMode {
+    /// The mode a server recovering in `data_dir` is in.
+    pub fn of(data_dir: &Path) -> RecoveryMode {
+        if data_dir.join("standby.signal").exists() {
+            RecoveryMode::Standby
+        } else if data_dir.join("recovery.signal").exists() {
+            RecoveryMode::ArchiveRecovery
+        } else {
+            RecoveryMode::NoRecovery
+        }
+    }
+
+    /// The mode of the working directory: PostgreSQL runs
+    /// `restore_command` in the data directory.
+    pub fn current() -> RecoveryMode {
+        std::env::current_dir()
+            .map(|d| Self::of(&d))
+            .unwrap_or(RecoveryMode::NoRecovery)
+    }
+
+    /// What `wal-fetch` answers, in this mode, when it could not look.
+    pub fn could_not_look_exit(self) -> u8 {
+        match self {
+            RecoveryMode::Standby => EXIT_NOT_FOUND,
+            RecoveryMode::ArchiveRecovery | RecoveryMode::NoRecovery => EXIT_FATAL,
+        }
+    }
+
+    /// One sentence for `walsafe check` and logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RecoveryMode::Standby => "standby (standby.signal): when wal-fetch cannot look (storage unreachable, configuration unreadable, no repository) it answers 1, \"not in the archive\", and the standby goes on streaming; only a damaged, tampered or foreign object exits 126 and stops it",
+            RecoveryMode::ArchiveRecovery => "archive recovery (recovery.signal): every failure of wal-fetch exits 126 and stops recovery; exit 1 only when the file is proven absent, which ends recovery",
+            RecoveryMode::NoRecovery => "no recovery (neither standby.signal nor recovery.signal): wal-fetch behaves as in archive recovery, every failure exits 126",
+        }
+    }
+}
+
+/// Why `wal-fetch` could not serve a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The archive could not be looked at: storage unreachable after
+    /// retries, configuration, key file or arguments wrong, no repository,
+    /// WAL missing from it, an internal error.
+    CouldNotLook,
+    /// An object that must never be replayed: damaged, tampered with,
+    /// planted, or another cluster's.
+    Untrustworthy,
+}
+
+impl Failure {
+    /// The failure an error of [`wal_fetch`] is.
+    pub fn of(e: &anyhow::Error) -> Failure {
+        let untrustworthy = e.chain().any(|c| {
+            c.is::<Untrustworthy>()
+                || c.is::<PageError>()
+                || c.downcast_ref::<RepositoryError>()
+                    .is_some_and(RepositoryError::is_untrustworthy_object)
+        });
+        if untrustworthy {
+            Failure::Untrustworthy
+        } else {
+            Failure::CouldNotLook
+        }
+    }
+}
+
+/// An object that must never be replayed, found by wal-fetch's own checks
+/// (the repository's and the page validator's have their own types).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Untrustworthy(String);
+
+/// Says why `wal-fetch` failed on stderr (which PostgreSQL writes to its
+/// log) and returns the exit code for `mode`: `what` names the file and
+/// the cause. Every failure is loud, even the ones a standby survives.
+pub fn failed(mode: RecoveryMode, failure: Failure, what: &str) -> ExitCode {
+    ExitCode::from(failed_code(mode, failure, what))
+}
+
+/// [`failed`], as the number (for `std::process::exit`).
+pub fn failed_code(mode: RecoveryMode, failure: Failure, what: &str) -> u8 {
+    if failure == Failure::CouldNotLook && mode == RecoveryMode::Standby {
+        eprintln!(
+            "walsafe wal-fetch: ERROR: {what}; answering \"not in the archive\" because this server is a standby (standby.signal): it goes on streaming from its primary and asks again later, but cannot catch up from the archive until the cause is fixed"
+        );
+        return mode.could_not_look_exit();
+    }
+    let why = match failure {
+        Failure::Untrustworthy => {
+            "this object must never be replayed; find out how it got there before restoring from this repository"
+        }
+        Failure::CouldNotLook => "fix the cause and start the server again",
+    };
+    eprintln!("walsafe wal-fetch: FATAL: {what}; recovery must stop here: {why}");
+    EXIT_FATAL
+}
+
+/// `walsafe wal-fetch NAME DEST`, mapped to PostgreSQL's exit codes for
+/// the recovery `mode`.
+pub async fn wal_fetch_command(
+    cfg: Config,
+    mode: RecoveryMode,
+    name: String,
+    dest: PathBuf,
+) -> ExitCode {
     match wal_fetch(&cfg, &name, &dest).await {
         Ok(Fetched::Restored) => {
             if cfg.fetch.prefetch > 0 && classify(&name) == Some(NameKind::Segment) {
@@ -126,13 +262,11 @@ pub async fn wal_fetch_command(cfg: Config, name: String, dest: PathBuf) -> Exit
             eprintln!("walsafe wal-fetch: {name} is not in the archive");
             ExitCode::from(EXIT_NOT_FOUND)
         }
-        Err(e) => {
-            eprintln!(
-                "walsafe wal-fetch: FATAL: {name}: {}; recovery must stop here: fix the cause and start the server again",
-                crate::report::error_line(&e)
-            );
-            ExitCode::from(EXIT_FATAL)
-        }
+        Err(e) => failed(
+            mode,
+            Failure::of(&e),
+            &format!("{name}: {}", crate::report::error_line(&e)),
+        ),
     }
 }
 
@@ -198,11 +332,11 @@ async fn fetch_segment(
         refuse_if_gap_starts_in(cfg, &repo.gaps().await?, seg, d.segment_size, source)?;
     }
     if data.len() as u64 != d.segment_size {
-        bail!(
+        bail!(Untrustworthy(format!(
             "the archived {name} holds {} bytes, not the repository's segment size {}",
             data.len(),
             d.segment_size
-        );
+        )));
     }
     let ident = d.identity();
     let data =
@@ -423,7 +557,9 @@ pub async fn assemble_chunks(
         ),
     })?;
     if let Some(&(s, e)) = chunks.iter().find(|(_, e)| *e > segment_size) {
-        bail!("chunk {s:08X}-{e:08X} of {file} reaches beyond the segment size {segment_size}");
+        bail!(Untrustworthy(format!(
+            "chunk {s:08X}-{e:08X} of {file} reaches beyond the segment size {segment_size}"
+        )));
     }
     let parts: Vec<Option<Vec<u8>>> = futures::stream::iter(chunks.iter().copied())
         .map(|(s, e)| repo.get_chunk(file, s, e))
@@ -440,10 +576,10 @@ pub async fn assemble_chunks(
         .collect();
     for ((start, end), part) in &parts {
         if part.len() as u64 != end - start {
-            bail!(
+            bail!(Untrustworthy(format!(
                 "chunk {start:08X}-{end:08X} of {file} holds {} bytes",
                 part.len()
-            );
+            )));
         }
     }
     // With ack mode `remote` a segment may have thousands of chunks.
@@ -470,9 +606,9 @@ pub async fn assemble_chunks(
                 .position(|(a, b)| a != b)
                 .unwrap_or(0) as u64
                 + start;
-            bail!(
+            bail!(Untrustworthy(format!(
                 "overlapping chunks of {file} disagree: chunk {start:08X}-{end:08X} differs from the WAL assembled from the other chunks at offset {at:08X}; the repository holds two different versions of this WAL (two agents, or a diverged timeline, writing the same segment?). Investigate before restoring: walsafe will not pick one"
-            );
+            )));
         }
     }
     debug!(
@@ -661,6 +797,50 @@ mod tests {
         writer.await.unwrap();
         assert!(got.is_some(), "the segment was stored: not absent");
         assert!(got.unwrap() == full, "the complete segment is served");
+    }
+
+    /// A standby stops only for objects that must never be replayed: a
+    /// wrong key setting or an unreachable store is "could not look",
+    /// however deep in the error's context it sits.
+    #[test]
+    fn only_untrustworthy_objects_are_failures_a_standby_stops_for() {
+        use crate::repository::{EnvelopeError, StoreError};
+        let envelope = |source| {
+            anyhow::Error::new(RepositoryError::Envelope {
+                url: "file:///r".into(),
+                key: "wal/x".into(),
+                source,
+            })
+            .context("fetching x")
+        };
+        let wrong_key = envelope(EnvelopeError::WrongKey {
+            object_key_id: "a".into(),
+            configured_key_id: "b".into(),
+        });
+        assert_eq!(Failure::of(&wrong_key), Failure::CouldNotLook);
+        let tampered = envelope(EnvelopeError::AuthenticationFailed {
+            frame: 1,
+            frames: 2,
+        });
+        assert_eq!(Failure::of(&tampered), Failure::Untrustworthy);
+        let planted = envelope(EnvelopeError::UnencryptedWithKey {
+            configured_key_id: "b".into(),
+        });
+        assert_eq!(Failure::of(&planted), Failure::Untrustworthy);
+        let down = anyhow::Error::new(RepositoryError::Store(StoreError::Unreachable {
+            url: "s3://b".into(),
+            op: "get",
+            key: "wal/x".into(),
+            attempts: 3,
+            last_error: "connection refused".into(),
+        }));
+        assert_eq!(Failure::of(&down), Failure::CouldNotLook);
+        let foreign = anyhow::Error::new(Untrustworthy("two versions".into())).context("x");
+        assert_eq!(Failure::of(&foreign), Failure::Untrustworthy);
+        assert_eq!(
+            Failure::of(&anyhow!("no repository")),
+            Failure::CouldNotLook
+        );
     }
 
     /// Chunks of two runs: the chain served is (0, c), (a, b); the other

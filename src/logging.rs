@@ -1,12 +1,13 @@
 //! logging: `tracing` to stderr (journald adds time and unit) or to a file
 //! that SIGHUP reopens (for logrotate), as plain text or JSON lines.
+//! Colour codes only on a terminal, and never with `NO_COLOR` set.
 //!
 //! Secrets never reach a log line: passwords live in types whose `Debug`
 //! and `Display` redact them (see `pg::conninfo`), keys print only their
 //! id, and object-store errors are scrubbed of credentials.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -67,6 +68,14 @@ impl<'a> MakeWriter<'a> for ReopenableFile {
     }
 }
 
+/// Whether log lines carry colour codes: only for a person at a terminal
+/// (never into PostgreSQL's server log, where `wal-fetch` and `wal-push`
+/// write, nor into journald or a file), and never when `NO_COLOR` is set
+/// to anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber. Returns the log file handle (if any),
 /// for SIGHUP to reopen. `WALSAFE_LOG` sets the filter (default `info`).
 pub fn init(format: LogFormat, file: Option<&Path>) -> io::Result<Option<ReopenableFile>> {
@@ -75,7 +84,10 @@ pub fn init(format: LogFormat, file: Option<&Path>) -> io::Result<Option<Reopena
     let builder = tracing_subscriber::fmt().with_env_filter(filter());
     match file {
         None => {
-            let b = builder.with_writer(io::stderr);
+            let b = builder.with_writer(io::stderr).with_ansi(colour(
+                io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ));
             let _ = match format {
                 LogFormat::Plain => b.try_init(),
                 LogFormat::Json => b.json().try_init(),
@@ -97,6 +109,14 @@ pub fn init(format: LogFormat, file: Option<&Path>) -> io::Result<Option<Reopena
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())), "NO_COLOR empty is unset");
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
 
     #[test]
     fn reopen_follows_a_rotated_file() {

@@ -310,3 +310,133 @@ fn a_prefetched_object_of_another_repository_is_not_served() {
         .unwrap();
     assert!(served == own, "B was served another repository's {second}");
 }
+
+/// `wal-fetch` run in `data_dir` (as PostgreSQL runs `restore_command`),
+/// with `WALSAFE_CONFIG` set to `config`.
+fn fetch_in(data_dir: &Path, bin_dir: &Path, config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin_copy(bin_dir))
+        .args(args)
+        .current_dir(data_dir)
+        .env("WALSAFE_CONFIG", config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The exit code of every kind of failure in each recovery mode: a
+/// standby (`standby.signal`, here beside `recovery.signal` as PostgreSQL
+/// allows) is told "not in the archive" (1) whenever wal-fetch could not
+/// look, loudly; only an object that must never be replayed stops it
+/// (126). Archive recovery and a manual call keep 126 for every failure.
+#[test]
+fn a_standby_gets_exit_1_when_wal_fetch_cannot_look_and_126_for_an_untrustworthy_object() {
+    const SIZE: u64 = 16 << 20;
+    let dir = TestDir::new("fetch-modes");
+    let repo_dir = dir.subdir("repo");
+    let ident = walsafe::pg::cluster::ClusterIdentity::new(7_000_000_000_000_000_001, 150004, SIZE);
+    let stranger =
+        walsafe::pg::cluster::ClusterIdentity::new(7_000_000_000_000_000_002, 150004, SIZE);
+    let seg = |n: u64| segment_name(1, n);
+    let wal = |id: &walsafe::pg::cluster::ClusterIdentity, n: u64| {
+        walsafe::pg::page::synthetic_wal(id, TimelineId(1), Lsn(n * SIZE), SIZE)
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!("file://{}", repo_dir.display());
+        let store = Store::open(&url, &BTreeMap::new(), 1).unwrap();
+        let r = Repository::from_parts(store, None, Compression::Zstd, 1);
+        r.pin(&ident).await.unwrap();
+        r.put_wal(&seg(1), wal(&ident, 1).into()).await.unwrap();
+        // Another cluster's WAL under this repository's name.
+        r.put_wal(&seg(2), wal(&stranger, 2).into()).await.unwrap();
+        // A damaged object.
+        r.put_wal(&seg(3), wal(&ident, 3).into()).await.unwrap();
+    });
+    let damaged = repo_dir.join("wal").join(seg(3));
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&damaged, bytes).unwrap();
+
+    let mut settings = Settings::new(dir.path(), "host=/nonexistent");
+    settings.repo_url = format!("file://{}", repo_dir.display());
+    settings.prefetch = 0;
+    let good = settings.write(&dir.join("walsafe.toml"));
+    settings.repo_url = format!("file://{}", dir.subdir("empty").display());
+    let no_repo = settings.write(&dir.join("no-repo.toml"));
+    let no_config = dir.join("absent.toml");
+
+    let standby = dir.subdir("standby");
+    std::fs::write(standby.join("standby.signal"), "").unwrap();
+    std::fs::write(standby.join("recovery.signal"), "").unwrap();
+    let archive = dir.subdir("archive");
+    std::fs::write(archive.join("recovery.signal"), "").unwrap();
+    let manual = dir.subdir("manual");
+
+    let dest = dir.join("out");
+    let dest = dest.to_str().unwrap();
+    let (s1, s2, s3, s9) = (seg(1), seg(2), seg(3), seg(9));
+    // (what, config, args, standby's exit, others' exit)
+    let cases: Vec<(&str, &Path, Vec<&str>, i32, i32)> = vec![
+        ("restored", &good, vec!["wal-fetch", &s1, dest], 0, 0),
+        ("proven absent", &good, vec!["wal-fetch", &s9, dest], 1, 1),
+        (
+            "no configuration file",
+            &no_config,
+            vec!["wal-fetch", &s1, dest],
+            1,
+            126,
+        ),
+        (
+            "no repository",
+            &no_repo,
+            vec!["wal-fetch", &s1, dest],
+            1,
+            126,
+        ),
+        ("invalid arguments", &good, vec!["wal-fetch", &s1], 1, 126),
+        (
+            "another cluster's WAL",
+            &good,
+            vec!["wal-fetch", &s2, dest],
+            126,
+            126,
+        ),
+        (
+            "a damaged object",
+            &good,
+            vec!["wal-fetch", &s3, dest],
+            126,
+            126,
+        ),
+    ];
+    for (what, config, args, in_standby, elsewhere) in cases {
+        for (mode, data_dir, expected) in [
+            ("standby", &standby, in_standby),
+            ("archive recovery", &archive, elsewhere),
+            ("no recovery", &manual, elsewhere),
+        ] {
+            let _ = std::fs::remove_file(dest);
+            let out = fetch_in(data_dir, dir.path(), config, &args);
+            let all = text(&out);
+            assert_eq!(out.status.code(), Some(expected), "{what}, {mode}: {all}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            match expected {
+                126 => assert!(
+                    err.contains("walsafe wal-fetch: FATAL"),
+                    "{what}, {mode}: {all}"
+                ),
+                1 if what != "proven absent" => assert!(
+                    err.contains("walsafe wal-fetch: ERROR") && err.contains("standby.signal"),
+                    "{what}, {mode}: the standby must be told why, loudly: {all}"
+                ),
+                _ => {}
+            }
+            assert_eq!(
+                std::path::Path::new(dest).exists(),
+                expected == 0,
+                "{what}, {mode}: only a restored file is written"
+            );
+        }
+    }
+}

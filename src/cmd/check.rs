@@ -1,4 +1,4 @@
-//! check: `walsafe check [--switch-wal]`, the preflight a DBA runs before
+//! check: `walsafe check [--switch-wal] [--pgdata DIR]`, the preflight a DBA runs before
 //! (and after) starting the agent, in the spirit of `pgbackrest check` and
 //! `barman check`.
 //!
@@ -32,6 +32,7 @@
 //! |            | pinned cluster | `walsafe.repo` against IDENTIFY_SYSTEM (or `pg_control_system()`) |
 //! | spool      | directory, writable, free space | probe file (create, fsync, remove); `statvfs` |
 //! | end to end | switched segment (`--switch-wal`) | `pg_switch_wal()`, then wait for the segment in the repository |
+//! | recovery   | restore_command mode (`--pgdata DIR`) | the signal files in DIR: what `wal-fetch` answers there when it cannot look (see `fetch::RecoveryMode`) |
 //!
 //! The slot active in another process is a failure, except when the
 //! agent of this configuration is live (its state file is fresh and its
@@ -59,6 +60,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::fetch::RecoveryMode;
 use crate::pg::conninfo::ConnParams;
 use crate::pg::error::PgError;
 use crate::pg::replication::{parse_size_setting, AuthMethod, ReplicationConnection};
@@ -293,7 +295,12 @@ async fn agent_seen(cfg: &Config) -> Option<AgentSeen> {
 }
 
 /// Runs every check; each item goes to `sink` as soon as it is decided.
-pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Report {
+pub async fn run(
+    cfg: &Config,
+    switch: bool,
+    pgdata: Option<&Path>,
+    sink: &mut dyn FnMut(&Item),
+) -> Report {
     let mut run = Run {
         report: Report::default(),
         sink,
@@ -609,7 +616,30 @@ pub async fn run(cfg: &Config, switch: bool, sink: &mut dyn FnMut(&Item)) -> Rep
             (_, _, None) => run.push(Item::skipped(SWITCH, "repository cannot be opened")),
         }
     }
+
+    // ---- recovery ----
+    if let Some(dir) = pgdata {
+        run.push(check_recovery_mode(dir));
+    }
     run.report
+}
+
+/// What `wal-fetch` would answer, as `restore_command` of the server in
+/// data directory `dir`, when it cannot look at the archive (see
+/// [`RecoveryMode`]).
+fn check_recovery_mode(dir: &Path) -> Item {
+    const NAME: &str = "restore_command mode";
+    if !dir.join("PG_VERSION").is_file() {
+        return Item::failed(
+            NAME,
+            format!("{} is not a PostgreSQL data directory (no PG_VERSION)", dir.display()),
+            "give --pgdata the data directory of the server whose restore_command runs walsafe wal-fetch",
+        );
+    }
+    Item::ok(
+        NAME,
+        format!("{}: {}", dir.display(), RecoveryMode::of(dir).describe()),
+    )
 }
 
 async fn identify_repl(c: &mut ReplicationConnection) -> Result<Server, PgError> {
@@ -1254,9 +1284,9 @@ async fn check_switch(c: &Client, id: &Server, repo: &Repository, agent_live: bo
 }
 
 /// `walsafe check [--switch-wal]`.
-pub async fn command(cfg: Config, switch: bool) -> ExitCode {
+pub async fn command(cfg: Config, switch: bool, pgdata: Option<PathBuf>) -> ExitCode {
     let mut stdout = std::io::stdout();
-    let report = run(&cfg, switch, &mut |item| {
+    let report = run(&cfg, switch, pgdata.as_deref(), &mut |item| {
         let _ = stdout.write_all(item.render().as_bytes());
         let _ = stdout.flush();
     })
@@ -1293,6 +1323,25 @@ mod tests {
             Item::skipped("y", "no connection").render(),
             "SKIPPED y: skipped: no connection\n"
         );
+    }
+
+    #[test]
+    fn the_recovery_mode_of_a_data_directory_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let i = check_recovery_mode(d.path());
+        assert_eq!(i.outcome, Outcome::Failed, "{i:?}");
+        assert!(i.message.contains("no PG_VERSION"), "{i:?}");
+        std::fs::write(d.path().join("PG_VERSION"), "15\n").unwrap();
+        assert!(check_recovery_mode(d.path())
+            .message
+            .contains("no recovery"));
+        std::fs::write(d.path().join("recovery.signal"), "").unwrap();
+        let i = check_recovery_mode(d.path());
+        assert!(i.message.contains("archive recovery"), "{i:?}");
+        std::fs::write(d.path().join("standby.signal"), "").unwrap();
+        let i = check_recovery_mode(d.path());
+        assert_eq!(i.outcome, Outcome::Ok);
+        assert!(i.message.contains("standby (standby.signal)"), "{i:?}");
     }
 
     #[test]

@@ -18,7 +18,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::report::{error_line, LogFormat, EXIT_FATAL, EXIT_VERIFY_ERROR};
+use crate::fetch::{Failure, RecoveryMode};
+use crate::report::{error_line, LogFormat, EXIT_VERIFY_ERROR};
 
 /// Streams PostgreSQL WAL into a crash-safe spool and on to object storage.
 #[derive(Debug, Parser)]
@@ -78,6 +79,9 @@ pub enum Command {
         /// Also run pg_switch_wal() and wait (up to 60 s) until the closed segment is in the repository (needs a running agent or archive_command).
         #[arg(long)]
         switch_wal: bool,
+        /// Also say how wal-fetch answers as restore_command of the server in this data directory: a standby (standby.signal) or archive recovery (recovery.signal).
+        #[arg(long, env = "PGDATA")]
+        pgdata: Option<PathBuf>,
     },
     /// Print the effective configuration (defaults filled in, what the environment adds, secrets redacted); an invalid file lists every problem and exits 1.
     Config,
@@ -145,12 +149,16 @@ fn one_line(e: &clap::Error) -> String {
 pub fn main() -> ExitCode {
     tune_allocator();
     let fetching = invoked_as_wal_fetch();
+    // Whether a standby or archive recovery calls: it decides the exit
+    // code of every failure below (see crate::fetch).
+    let mode = RecoveryMode::current();
     if fetching {
-        // A panic must never look like "not in the archive" (exit 1 would
-        // let PostgreSQL end recovery early): make it fatal.
-        std::panic::set_hook(Box::new(|info| {
-            eprintln!("walsafe wal-fetch: internal error: {info}");
-            std::process::exit(i32::from(EXIT_FATAL));
+        // A panic must never look like "not in the archive" to archive
+        // recovery (exit 1 would let PostgreSQL end recovery early).
+        std::panic::set_hook(Box::new(move |info| {
+            let what = format!("internal error: {info}");
+            let code = crate::fetch::failed_code(mode, Failure::CouldNotLook, &what);
+            std::process::exit(i32::from(code));
         }));
     }
     let cli = match Cli::try_parse() {
@@ -162,11 +170,14 @@ pub fn main() -> ExitCode {
                     clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
                 ) =>
         {
-            eprintln!(
-                "walsafe wal-fetch: FATAL: invalid arguments: {}; restore_command must be 'walsafe --config FILE wal-fetch %f %p'",
-                one_line(&e)
+            return crate::fetch::failed(
+                mode,
+                Failure::CouldNotLook,
+                &format!(
+                    "invalid arguments: {}; restore_command must be 'walsafe --config FILE wal-fetch %f %p'",
+                    one_line(&e)
+                ),
             );
-            return ExitCode::from(EXIT_FATAL);
         }
         Err(e) => e.exit(),
     };
@@ -179,10 +190,13 @@ pub fn main() -> ExitCode {
                 .unwrap_or(std::path::Path::new(""))
                 .display();
             if fetching {
-                eprintln!(
-                    "walsafe wal-fetch: FATAL: cannot open the log file {file}: {e}; recovery must stop here: fix its directory's permissions or drop --log-file from restore_command"
+                return crate::fetch::failed(
+                    mode,
+                    Failure::CouldNotLook,
+                    &format!(
+                        "cannot open the log file {file}: {e}; fix its directory's permissions or drop --log-file from restore_command"
+                    ),
                 );
-                return ExitCode::from(EXIT_FATAL);
             }
             eprintln!(
                 "walsafe: cannot open the log file {file}: {e}; fix its directory's permissions or drop --log-file"
@@ -194,12 +208,9 @@ pub fn main() -> ExitCode {
         Command::WalFetch { ref name, ref dest } => {
             let cfg = match Config::load(&cli.config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("walsafe wal-fetch: FATAL: {e}");
-                    return ExitCode::from(EXIT_FATAL);
-                }
+                Err(e) => return crate::fetch::failed(mode, Failure::CouldNotLook, &e.to_string()),
             };
-            runtime(|| crate::fetch::wal_fetch_command(cfg, name.clone(), dest.clone()))
+            runtime(|| crate::fetch::wal_fetch_command(cfg, mode, name.clone(), dest.clone()))
         }
         Command::Keygen { ref file } => {
             let key = crate::repository::key::Key::generate();
@@ -244,7 +255,9 @@ pub fn main() -> ExitCode {
                 }
                 Command::WalVerify { json } => runtime(|| verify::command(cfg, json)),
                 Command::Status { json } => runtime(|| status::command(cfg, json)),
-                Command::Check { switch_wal } => runtime(|| check::command(cfg, switch_wal)),
+                Command::Check { switch_wal, pgdata } => {
+                    runtime(|| check::command(cfg, switch_wal, pgdata))
+                }
                 Command::Config => report(config::command(&cfg)),
                 Command::WalPrefetch { name } => {
                     runtime(|| async move { report(crate::fetch::prefetch(&cfg, &name).await) })

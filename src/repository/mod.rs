@@ -26,7 +26,7 @@
 //!   [`Repository::get_chunk`] return plaintext only after the envelope
 //!   authenticated (with a key) or checksummed (without) it under the
 //!   expected name. A missing object is `Ok(None)`, never an error; every
-//!   error is something recovery must stop on (see [`ErrorClass`]).
+//!   error is something archive recovery must stop on (see [`ErrorClass`]).
 //! * **Never archive a stranger's WAL.** [`Repository::pin`] creates
 //!   `walsafe.repo` for the first cluster and refuses any other system
 //!   identifier, segment size, major version or key afterwards.
@@ -132,8 +132,9 @@ pub enum PutOutcome {
 }
 
 /// How callers (wal-fetch's exit code, the agent's alarms) treat an error.
-/// `wal-fetch` exits ≥ 126 for every class: only `Ok(None)` means "not in
-/// the archive" (exit 1).
+/// In archive recovery `wal-fetch` exits ≥ 126 for every class: only
+/// `Ok(None)` means "not in the archive" (exit 1). A standby's `wal-fetch`
+/// asks [`RepositoryError::is_untrustworthy_object`] instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// The repository's content cannot be trusted or does not belong to
@@ -259,6 +260,40 @@ impl RepositoryError {
             | KeyUnexpected { .. }
             | BadRecord { .. } => ErrorClass::Corrupt,
             Key(_) | Layout(_) | TooLarge { .. } | Internal { .. } => ErrorClass::Invalid,
+        }
+    }
+
+    /// True when an object itself must never be replayed: it is damaged,
+    /// was altered or planted, or belongs to another cluster. False for
+    /// everything a fix of the set-up cures (storage unreachable, the key
+    /// file or its setting, a walsafe too old for the format): a standby's
+    /// `wal-fetch` answers those "not in the archive" and keeps it running
+    /// (see `fetch`), but stops it for these.
+    pub fn is_untrustworthy_object(&self) -> bool {
+        use RepositoryError::*;
+        match self {
+            Envelope { source, .. } => !matches!(
+                source,
+                EnvelopeError::WrongKey { .. }
+                    | EnvelopeError::KeyRequired { .. }
+                    | EnvelopeError::UnsupportedVersion { .. }
+            ),
+            Conflict { .. }
+            | ExistingUnreadable { .. }
+            | DescriptorInvalid { .. }
+            | DescriptorTampered { .. }
+            | ClusterMismatch { .. }
+            | SegmentSizeMismatch { .. }
+            | VersionMismatch { .. }
+            | BadRecord { .. } => true,
+            Store(_)
+            | Key(_)
+            | Layout(_)
+            | KeyMissing { .. }
+            | KeyMismatch { .. }
+            | KeyUnexpected { .. }
+            | TooLarge { .. }
+            | Internal { .. } => false,
         }
     }
 
