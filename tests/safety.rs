@@ -25,7 +25,7 @@ fn stored_segments(repo: &Path) -> Vec<String> {
 /// pieces: a base backup whose recovery needs the stored segments.
 struct Archived {
     dir: TestDir,
-    _pg: PgCluster,
+    pg: PgCluster,
     settings: Settings,
     config: std::path::PathBuf,
     backup: std::path::PathBuf,
@@ -60,7 +60,7 @@ fn archived_cluster(name: &str, key: bool) -> Archived {
     );
     Archived {
         dir,
-        _pg: pg,
+        pg,
         settings,
         config,
         backup,
@@ -165,6 +165,9 @@ fn unencrypted_objects_are_checksummed_and_prefetch_is_verified() {
     let victim = &segs[segs.len() - 2];
     let path = repo.join("wal").join(victim);
     let original = std::fs::read(&path).unwrap();
+    // The reference: the server's own copy of the segment.
+    let server_copy = std::fs::read(a.pg.wal_file(victim))
+        .unwrap_or_else(|e| panic!("{victim} is no longer in the server's pg_wal: {e}"));
     let work = a.dir.subdir("work");
     let mut flipped = original.clone();
     let at = flipped.len() - 40;
@@ -188,6 +191,10 @@ fn unencrypted_objects_are_checksummed_and_prefetch_is_verified() {
     common::pg::chown_postgres(&a.settings.prefetch_dir);
     let (code, err) = fetch_code(&a.config, victim, &work);
     assert_eq!(code, Some(0), "{err}");
+    assert!(
+        std::fs::read(work.join("out")).unwrap() == server_copy,
+        "the segment served is not the server's {victim}: the bad prefetched copy was served"
+    );
     assert!(
         !cache.join(victim).exists(),
         "the bad prefetched copy is gone"
@@ -215,7 +222,7 @@ fn strangers_are_refused() {
         agent.try_wait().is_some()
     }));
     let log = agent.log();
-    let mine = a._pg.system_identifier().to_string();
+    let mine = a.pg.system_identifier().to_string();
     let theirs = other.system_identifier().to_string();
     assert!(
         log.contains(&mine) && log.contains(&theirs),
