@@ -543,10 +543,22 @@ fn ack_remote_concurrent_commits_each_return_only_once_their_commit_record_is_st
         "REPORT {} commits in {ROUNDS} bursts of {SESSIONS}: {used:.0} chunk uploads",
         seen.len()
     );
-    // The rows are readable through wal-fetch, the path recovery takes.
-    let name = s.pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    // The commits are served through wal-fetch, the path recovery takes:
+    // the segment holding the last commit, as assembled from what was
+    // stored, is the server's own WAL up to that commit's end.
+    let last = *ends.values().max().expect("commits");
+    let segno = (last - 1) / segment_size;
+    let name = segment_name(1, segno);
     let data = fetch(&config, &name, &s.dir.subdir("work"));
     assert!(data.len() as u64 == segment_size);
+    let upto = (last - segno * segment_size) as usize;
+    let server = std::fs::read(s.pg.wal_file(&name)).unwrap();
+    let differs = data[..upto].iter().zip(&server[..upto]).position(|(a, b)| a != b);
+    assert!(
+        differs.is_none(),
+        "{name} served by wal-fetch differs from the server's at offset {:#X}, before the last commit's end {upto:#X}",
+        differs.unwrap_or(0)
+    );
 }
 
 /// `pg_current_wal_flush_lsn()` in bytes.
