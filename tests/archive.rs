@@ -553,7 +553,10 @@ fn ack_remote_concurrent_commits_each_return_only_once_their_commit_record_is_st
     assert!(data.len() as u64 == segment_size);
     let upto = (last - segno * segment_size) as usize;
     let server = std::fs::read(s.pg.wal_file(&name)).unwrap();
-    let differs = data[..upto].iter().zip(&server[..upto]).position(|(a, b)| a != b);
+    let differs = data[..upto]
+        .iter()
+        .zip(&server[..upto])
+        .position(|(a, b)| a != b);
     assert!(
         differs.is_none(),
         "{name} served by wal-fetch differs from the server's at offset {:#X}, before the last commit's end {upto:#X}",

@@ -91,6 +91,10 @@ fn asynchronous_failover(name: &str, attrs: &str) {
     );
     // The repository holds both histories, consistently.
     assert_no_gap(&agent, &settings.spool, &config);
+    // What walsafe held past the fork is archived under timeline 1: the
+    // closed .partial is the old primary's own WAL up to where it ends,
+    // and reaches at least what walsafe had archived before the failover.
+    assert_partial_is_the_old_primary_s_wal(&config, &primary, walsafe_end);
 
     // A restore following the latest timeline is the new primary's history:
     // everything before the fork, everything after it on timeline 2, and
@@ -206,6 +210,59 @@ fn a_server_down_at_start_up_is_waited_for_once_the_repository_is_pinned() {
     let end = current_lsn(&pg);
     agent.wait_archived(end, Duration::from_secs(60));
     assert!(agent.try_wait().is_none(), "log:\n{}", agent.log());
+}
+
+/// The one closed `.partial` of timeline 1 in the repository, decoded
+/// through the library (wal-fetch never serves `.partial` names), equals
+/// the old primary's pg_wal file byte for byte up to where its WAL ends
+/// (zeros after), and that end is at or past `held`.
+fn assert_partial_is_the_old_primary_s_wal(config: &std::path::Path, old: &PgCluster, held: u64) {
+    use walsafe::repository::{ObjectName, Repository, SegmentFile};
+    let cfg = walsafe::config::Config::load(config).unwrap();
+    let wal_dir =
+        std::path::PathBuf::from(cfg.repository.url.strip_prefix("file://").unwrap()).join("wal");
+    let partials: Vec<String> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("00000001") && n.ends_with(".partial"))
+        .collect();
+    assert_eq!(
+        partials.len(),
+        1,
+        "timeline 1's closed .partial: {partials:?}"
+    );
+    let name = partials[0].trim_end_matches(".partial").to_string();
+    let data = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let repo = Repository::open(&cfg.repository).unwrap();
+        repo.get(&ObjectName::ClosedPartial(
+            SegmentFile::parse(&name).unwrap(),
+        ))
+        .await
+        .unwrap()
+        .expect("the closed partial is stored")
+    });
+    let server = std::fs::read(old.wal_file(&name)).unwrap();
+    assert_eq!(data.len(), server.len());
+    // Records are MAXALIGNed (8 bytes): a record's last bytes may be zeros.
+    let end = data
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |i| (i + 1).next_multiple_of(8));
+    let seg_start = u64::from_str_radix(&name[16..24], 16).unwrap() * server.len() as u64
+        + (u64::from_str_radix(&name[8..16], 16).unwrap() << 32);
+    assert!(
+        seg_start + end as u64 >= held,
+        "{name}.partial ends at offset {end:#X}, before what walsafe had archived ({held:X})"
+    );
+    let differs = data[..end]
+        .iter()
+        .zip(&server[..end])
+        .position(|(a, b)| a != b);
+    assert!(
+        differs.is_none(),
+        "{name}.partial differs from the old primary's WAL at offset {:#X} (its WAL ends at {end:#X})",
+        differs.unwrap_or(0)
+    );
 }
 
 /// Waits until walsafe, still running, archived timeline 2 up to `end`.
