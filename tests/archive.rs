@@ -9,33 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::pg::PgOptions;
 use common::setup::{current_lsn, segment_name, setup, write_wal};
-use common::walsafe::{restore_promoted, walsafe, Agent};
-
-/// Complete segment names (no `.partial`) in a pg_receivewal directory.
-fn complete_segments(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
-        .collect();
-    v.sort();
-    v
-}
-
-/// `walsafe wal-fetch NAME` into `dir`; returns the bytes.
-fn fetch(config: &Path, name: &str, dir: &Path) -> Vec<u8> {
-    let dest = dir.join(format!("fetched-{name}"));
-    let out = walsafe(config, &["wal-fetch", name, dest.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "wal-fetch {name} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let data = std::fs::read(&dest).unwrap();
-    std::fs::remove_file(&dest).unwrap();
-    data
-}
+use common::walsafe::{complete_segments, fetch_bytes, restore_promoted, walsafe, Agent};
 
 #[test]
 fn archive_is_byte_exact_with_pg_receivewal() {
@@ -63,7 +37,7 @@ fn archive_is_byte_exact_with_pg_receivewal() {
     let work = s.dir.subdir("work");
     for (i, name) in names.iter().enumerate() {
         let theirs = std::fs::read(recv_dir.join(name)).unwrap();
-        let ours = fetch(&s.config, name, &work);
+        let ours = fetch_bytes(&s.config, name, &work);
         if i == 0 {
             // wal-fetch started a prefetcher: the next segment is downloaded
             // before recovery asks for it (and is verified when it does).
@@ -271,7 +245,7 @@ fn crash_anywhere_loses_nothing() {
     let work = s.dir.subdir("work");
     for name in &names {
         let theirs = std::fs::read(recv_dir.join(name)).unwrap();
-        let ours = fetch(&s.config, name, &work);
+        let ours = fetch_bytes(&s.config, name, &work);
         assert!(
             ours == theirs,
             "segment {name} differs from pg_receivewal's after {kills} kills"
@@ -340,7 +314,7 @@ fn ack_remote_commits_are_in_the_repository_when_they_return() {
         let marker = format!("remote-ack-{i:03}-{}", std::process::id());
         s.pg.psql(&format!("INSERT INTO t VALUES ('{marker}')"));
         let name = s.pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
-        let data = fetch(&config, &name, &work);
+        let data = fetch_bytes(&config, &name, &work);
         assert!(
             data.windows(marker.len()).any(|w| w == marker.as_bytes()),
             "commit {i} returned but its row is not in the repository"
@@ -549,7 +523,7 @@ fn ack_remote_concurrent_commits_each_return_only_once_their_commit_record_is_st
     let last = *ends.values().max().expect("commits");
     let segno = (last - 1) / segment_size;
     let name = segment_name(1, segno);
-    let data = fetch(&config, &name, &s.dir.subdir("work"));
+    let data = fetch_bytes(&config, &name, &s.dir.subdir("work"));
     assert!(data.len() as u64 == segment_size);
     let upto = (last - segno * segment_size) as usize;
     let server = std::fs::read(s.pg.wal_file(&name)).unwrap();

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::pg::{PgCluster, PgOptions, TestDir};
 use common::setup::current_lsn;
-use common::walsafe::{assert_no_gap, walsafe, Agent, Settings};
+use common::walsafe::{
+    assert_no_gap, assert_served_as, complete_segments, restore_promoted, walsafe, Agent, Settings,
+};
 
 #[test]
 fn lost_wal_is_recorded_as_a_gap_and_archiving_goes_on() {
@@ -132,6 +134,8 @@ fn an_invalidated_slot_whose_wal_is_still_there_is_no_gap() {
     let config = settings.write(&dir.join("walsafe.toml"));
     let mut agent = Agent::start(&config, settings.metrics_port);
     pg.psql("CREATE TABLE t (pad text)");
+    let backup = dir.join("backup");
+    pg.base_backup(&backup, "none");
     pg.psql("INSERT INTO t SELECT repeat('x', 100) FROM generate_series(1, 1000)");
     agent.wait_archived(current_lsn(&pg), Duration::from_secs(30));
     agent.kill9();
@@ -167,5 +171,29 @@ fn an_invalidated_slot_whose_wal_is_still_there_is_no_gap() {
             "SELECT wal_status <> 'lost' AND invalidation_reason IS NULL FROM pg_replication_slots WHERE slot_name = 'walsafe'"
         ),
         "t"
+    );
+
+    // Nothing dropped, proven against the server itself: every complete
+    // segment in the repository is the server's pg_wal file (wal_keep_size
+    // keeps them all), and a restore holds every row.
+    let stored = complete_segments(&dir.join("repo").join("wal"));
+    assert!(stored.len() >= 2, "{stored:?}");
+    assert_served_as(
+        &config,
+        &pg.datadir().join("pg_wal"),
+        &stored,
+        &dir.subdir("work"),
+    );
+    let restored = restore_promoted(
+        &backup,
+        dir.path(),
+        &config,
+        &[],
+        "restore across the invalidation",
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), "21001");
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM t WHERE pad = 'after the invalidation'"),
+        "1"
     );
 }

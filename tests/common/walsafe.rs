@@ -387,3 +387,52 @@ pub fn assert_no_gap(agent: &Agent, spool: &Path, config: &Path) {
         agent.log()
     );
 }
+
+/// Complete segment names (no `.partial`), sorted, in a directory: a
+/// pg_receivewal directory, a server's pg_wal, a `file://` repository's
+/// `wal/`.
+pub fn complete_segments(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `walsafe wal-fetch NAME` into `dir`; returns the bytes.
+pub fn fetch_bytes(config: &Path, name: &str, dir: &Path) -> Vec<u8> {
+    let dest = dir.join(format!("fetched-{name}"));
+    let out = walsafe(config, &["wal-fetch", name, dest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "wal-fetch {name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = std::fs::read(&dest).unwrap();
+    std::fs::remove_file(&dest).unwrap();
+    data
+}
+
+/// Each of `names` is served by `wal-fetch` byte for byte as the file of
+/// that name in `reference` (pg_receivewal's directory, or the server's
+/// pg_wal): nothing dropped or changed, proven without walsafe's own
+/// bookkeeping.
+pub fn assert_served_as(config: &Path, reference: &Path, names: &[String], work: &Path) {
+    assert!(!names.is_empty(), "no segment to compare");
+    for name in names {
+        let theirs = std::fs::read(reference.join(name))
+            .unwrap_or_else(|e| panic!("{name} in {}: {e}", reference.display()));
+        let ours = fetch_bytes(config, name, work);
+        let differs = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+        assert!(
+            ours.len() == theirs.len() && differs.is_none(),
+            "{name} served by wal-fetch differs from {} (at byte {differs:?}, {} vs {} bytes)",
+            reference.display(),
+            ours.len(),
+            theirs.len()
+        );
+    }
+}
