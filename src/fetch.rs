@@ -778,19 +778,21 @@ mod tests {
             .put_chunk(&file, 0, Bytes::copy_from_slice(&full[..65536]))
             .await
             .unwrap();
-        faults.set_for(
-            Some(Op::List),
-            "chunks/",
-            Fault::Delay(Duration::from_millis(400)),
-        );
+        // The fetcher's chunk listing waits until the agent has stored the
+        // segment and deleted its chunks (events, not timing).
+        faults.set_for(Some(Op::List), "chunks/", Fault::Hang);
         let writer = {
             let agent = agent.clone();
             let full = full.clone();
             let file = file.clone();
+            let faults = faults.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(150)).await;
+                while faults.attempts(Op::List) == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 agent.put_wal(SEG, Bytes::from(full)).await.unwrap();
                 agent.delete_chunks(&file).await.unwrap();
+                faults.clear();
             })
         };
         let got = fetch_segment(&cfg, &fetcher, &d, SEG).await.unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::pg::{PgCluster, PgOptions, TestDir};
 use common::setup::current_lsn;
-use common::walsafe::{assert_no_gap, restore_promoted, Agent, Settings};
+use common::walsafe::{assert_no_gap, restore_promoted, wait_until, Agent, Settings};
 
 #[test]
 fn an_asynchronous_failover_to_a_standby_behind_walsafe_is_followed() {
@@ -194,7 +194,22 @@ fn a_server_down_at_start_up_is_waited_for_once_the_repository_is_pinned() {
     pg.stop_immediate();
 
     let mut agent = Agent::spawn(&config, settings.metrics_port);
-    std::thread::sleep(Duration::from_secs(4));
+    // The event: walsafe still retrying two connect_timeouts after its
+    // first failed attempt (the log's own timestamps), or its exit.
+    let retried_past_the_timeout = |log: &str| {
+        let stamps: Vec<chrono::DateTime<chrono::FixedOffset>> = log
+            .lines()
+            .filter(|l| l.contains("cannot connect yet"))
+            .filter_map(|l| chrono::DateTime::parse_from_rfc3339(l.split_whitespace().next()?).ok())
+            .collect();
+        stamps.len() >= 2 && *stamps.last().unwrap() - stamps[0] >= chrono::TimeDelta::seconds(2)
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || agent.try_wait().is_some()
+            || retried_past_the_timeout(&agent.log())),
+        "log:\n{}",
+        agent.log()
+    );
     assert!(
         agent.try_wait().is_none(),
         "walsafe gave up on a pinned cluster's server after connect_timeout; log:\n{}",

@@ -648,8 +648,17 @@ fn every_metric_is_described_and_typed() {
     s.pg.psql("SELECT pg_switch_wal()");
     s.pg.psql("INSERT INTO t VALUES (1)");
     agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(1500));
-    let text = exposition(s.settings.metrics_port);
+    // Gauges set once a second and histograms recorded at their first
+    // event appear in their own time: wait until every one is exported
+    // (the checks below then say what is missing, if it never is).
+    let mut text = String::new();
+    wait_until(Duration::from_secs(30), || {
+        text = exposition(s.settings.metrics_port);
+        declared
+            .iter()
+            .filter(|(_, t)| *t != "counter")
+            .all(|(n, _)| text.contains(&format!("# TYPE {n} ")))
+    });
 
     let mut help = BTreeSet::new();
     let mut types = BTreeMap::new();

@@ -281,8 +281,18 @@ async fn missing_pg_hba_entry_and_wal_senders_exhausted() {
     .unwrap();
     common::pg::chown_postgres(&pg.datadir().join("pg_hba.conf"));
     pg.reload();
-    std::thread::sleep(Duration::from_millis(500));
-    let _first = connect(&pg.conninfo()).await;
+    // The reload has taken effect once the socket admits replication.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let _first = loop {
+        match ReplicationConnection::connect(&pg.conninfo(), APP).await {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(matches!(e, PgError::HbaRejected { .. }), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("pg_hba.conf was not reloaded: {e}"),
+        }
+    };
     let e = connect_err(&pg.conninfo()).await;
     assert!(matches!(e, PgError::WalSendersExhausted { .. }), "{e:?}");
     assert_eq!(e.sqlstate(), Some("53300"));
