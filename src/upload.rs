@@ -1023,7 +1023,10 @@ mod tests {
         shut_down(cancel, writer, task).await;
     }
 
-    #[cfg(feature = "failpoints")]
+    #[cfg_attr(
+        not(feature = "failpoints"),
+        ignore = "needs the failpoints feature: run scripts/test.sh, or cargo test --features failpoints"
+    )]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failure_between_storing_and_releasing_keeps_the_segment_until_a_retry_finds_it_stored(
     ) {

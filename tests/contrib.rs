@@ -12,11 +12,12 @@
 //! * Every expression passes a small PromQL well-formedness check: balanced
 //!   brackets outside strings, label matchers, range durations, known
 //!   function names, defined Grafana variables.
-//! * When `promtool` is installed (Debian: `apt-get install prometheus`),
-//!   it also checks the rule file, the dashboard's expressions, and the
-//!   alerts' behaviour on synthetic series (which fire, and which stay
-//!   quiet: an idle cluster must not page). Without it those checks are
-//!   skipped with a note; nothing else depends on it.
+//! * `promtool` (Debian: `apt-get install prometheus`; scripts/test.sh
+//!   installs it) checks the rule file, the dashboard's expressions, and
+//!   the alerts' behaviour on synthetic series (which fire, and which stay
+//!   quiet: an idle cluster must not page). Without it those two tests
+//!   fail, saying how to install it: a check that did not run never
+//!   passes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -797,18 +798,18 @@ fn promql_checker_catches_what_it_claims() {
     assert!(substitute_grafana_vars(r#"x{instance=~"$host"}"#, &vars).is_err());
 }
 
-/// `promtool`, when installed.
-fn promtool() -> Option<PathBuf> {
+/// `promtool`; a test that needs it fails, saying how to install it,
+/// rather than pass without checking anything.
+fn promtool() -> PathBuf {
     let ok = Command::new("promtool")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if ok {
-        Some(PathBuf::from("promtool"))
-    } else {
-        eprintln!("promtool is not installed (apt-get install prometheus); skipping its checks");
-        None
-    }
+    assert!(
+        ok,
+        "promtool is not installed, so the alert rules and dashboard queries cannot be checked: apt-get install prometheus (scripts/test.sh installs it)"
+    );
+    PathBuf::from("promtool")
 }
 
 fn run_promtool(tool: &Path, args: &[&str], dir: &Path) {
@@ -827,7 +828,7 @@ fn run_promtool(tool: &Path, args: &[&str], dir: &Path) {
 
 #[test]
 fn promtool_accepts_the_rules_and_the_dashboard_queries() {
-    let Some(tool) = promtool() else { return };
+    let tool = promtool();
     let tmp = tempfile::tempdir().unwrap();
     run_promtool(
         &tool,
@@ -1026,7 +1027,7 @@ tests:
 
 #[test]
 fn promtool_alerts_fire_when_they_should_and_only_then() {
-    let Some(tool) = promtool() else { return };
+    let tool = promtool();
     let tmp = tempfile::tempdir().unwrap();
     let mut v: serde_norway::Value = serde_norway::from_str(&read(ALERTS)).unwrap();
     for g in v["groups"].as_sequence_mut().unwrap() {

@@ -1268,7 +1268,10 @@ mod tests {
         assert!(!e.is_retryable());
     }
 
-    #[cfg(feature = "failpoints")]
+    #[cfg_attr(
+        not(feature = "failpoints"),
+        ignore = "needs the failpoints feature: run scripts/test.sh, or cargo test --features failpoints"
+    )]
     #[test]
     fn a_failed_fsync_poisons_the_writer_and_nothing_after_it_counts_as_flushed() {
         let _scenario = fail::FailScenario::setup();
@@ -1302,7 +1305,10 @@ mod tests {
         assert_eq!(rec.resume, Some((T1, start)));
     }
 
-    #[cfg(feature = "failpoints")]
+    #[cfg_attr(
+        not(feature = "failpoints"),
+        ignore = "needs the failpoints feature: run scripts/test.sh, or cargo test --features failpoints"
+    )]
     #[test]
     fn a_full_disk_while_pre_sizing_leaves_nothing_behind_and_may_be_retried() {
         let _scenario = fail::FailScenario::setup();

@@ -378,7 +378,7 @@ fn flush_and_publish(
     Ok(())
 }
 
-#[cfg(all(test, feature = "failpoints"))]
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::durable::Fsync;
@@ -386,6 +386,10 @@ mod tests {
 
     const SEG: u64 = 1 << 20;
 
+    #[cfg_attr(
+        not(feature = "failpoints"),
+        ignore = "needs the failpoints feature: run scripts/test.sh, or cargo test --features failpoints"
+    )]
     #[tokio::test]
     async fn after_a_failed_fsync_the_durable_position_stays_at_the_last_good_flush() {
         let _scenario = fail::FailScenario::setup();
