@@ -33,6 +33,13 @@
 //! repository that the next restore depends on is then wrong, and a
 //! stopped standby is the alarm nobody can miss.
 //!
+//! **What is asked for.** NAME is parsed once, at the door: a segment, a
+//! closed `.partial` (`wal/<name>.partial`), a timeline history file, or
+//! a backup history file (`<segment>.<offset>.backup`, stored by
+//! `wal-push` and `walsafe backup`); anything else is a wrong call (often
+//! `%p %f` swapped) and a [`Failure::CouldNotLook`], never "not in the
+//! archive".
+//!
 //! Where a segment is looked for, in order:
 //!
 //! 1. the prefetch cache, `<[fetch] dir>/<repository id>/<name>`, which
@@ -94,6 +101,7 @@ use crate::pg::SegmentName;
 use crate::report::{EXIT_FATAL, EXIT_NOT_FOUND};
 use crate::repository::chunks::{self, Uncovered};
 use crate::repository::descriptor::Descriptor;
+use crate::repository::object::is_backup_history;
 use crate::repository::{ObjectName, Repository, RepositoryError, SegmentFile};
 
 /// Chunk downloads in flight while assembling a segment.
@@ -272,13 +280,14 @@ pub async fn wal_fetch_command(
 
 /// Restores `name` into `dest`. `Err` means recovery must abort.
 pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<Fetched> {
-    let Some(kind) = classify(name) else {
-        // Names walsafe never stores (e.g. backup history files): honestly absent.
-        debug!("{name} is not a WAL segment or history file name");
-        return Ok(Fetched::NotFound);
-    };
-    if kind == NameKind::Partial {
-        return Ok(Fetched::NotFound);
+    // Parse at the door: a name that is no file of the archive is a wrong
+    // call (often %f and %p swapped), never "not in the archive", which
+    // would let PostgreSQL end recovery without a single archived segment.
+    let kind = classify(name);
+    if kind.is_none() && !is_backup_history(name) {
+        bail!(
+            "{name:?} is not the name of a WAL segment, timeline history or backup history file; restore_command must be 'walsafe --config FILE wal-fetch %f %p' (%f the file name, then %p the path to write)"
+        );
     }
     let repo = Repository::open(&cfg.repository)
         .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
@@ -290,9 +299,17 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
         )
     })?;
     let data = match kind {
-        NameKind::History(_) => repo.get_wal(name).await?,
-        NameKind::Segment => fetch_segment(cfg, &repo, &descriptor, name).await?,
-        NameKind::Partial => None,
+        Some(NameKind::History(_)) => repo.get_wal(name).await?,
+        Some(NameKind::Segment) => fetch_segment(cfg, &repo, &descriptor, name).await?,
+        // A closed partial, stored as the agent (or wal-push) closed it.
+        Some(NameKind::Partial) => {
+            let file = SegmentFile::parse(name.trim_end_matches(".partial"))?;
+            repo.get(&ObjectName::ClosedPartial(file)).await?
+        }
+        None => {
+            repo.get(&ObjectName::BackupHistory(name.to_string()))
+                .await?
+        }
     };
     let Some(data) = data else {
         return Ok(Fetched::NotFound);

@@ -311,6 +311,10 @@ fn a_prefetched_object_of_another_repository_is_not_served() {
     assert!(served == own, "B was served another repository's {second}");
 }
 
+/// A backup history file, as PostgreSQL writes it beside the WAL.
+const BACKUP_HISTORY: &str = "000000010000000000000001.00000028.backup";
+const BACKUP_HISTORY_TEXT: &str = "START WAL LOCATION: 0/1000028 (file 000000010000000000000001)\nSTOP WAL LOCATION: 0/1000100 (file 000000010000000000000001)\n";
+
 /// `wal-fetch` run in `data_dir` (as PostgreSQL runs `restore_command`),
 /// with `WALSAFE_CONFIG` set to `config`.
 fn fetch_in(data_dir: &Path, bin_dir: &Path, config: &Path, args: &[&str]) -> std::process::Output {
@@ -351,6 +355,20 @@ fn a_standby_gets_exit_1_when_wal_fetch_cannot_look_and_126_for_an_untrustworthy
         r.put_wal(&seg(2), wal(&stranger, 2).into()).await.unwrap();
         // A damaged object.
         r.put_wal(&seg(3), wal(&ident, 3).into()).await.unwrap();
+        // A closed partial and a backup history file.
+        let file = walsafe::repository::SegmentFile::parse(&seg(5)).unwrap();
+        r.put(
+            &walsafe::repository::ObjectName::ClosedPartial(file),
+            wal(&ident, 5).into(),
+        )
+        .await
+        .unwrap();
+        r.put_wal(
+            BACKUP_HISTORY,
+            BACKUP_HISTORY_TEXT.as_bytes().to_vec().into(),
+        )
+        .await
+        .unwrap();
     });
     let damaged = repo_dir.join("wal").join(seg(3));
     let mut bytes = std::fs::read(&damaged).unwrap();
@@ -376,10 +394,35 @@ fn a_standby_gets_exit_1_when_wal_fetch_cannot_look_and_126_for_an_untrustworthy
     let dest = dir.join("out");
     let dest = dest.to_str().unwrap();
     let (s1, s2, s3, s9) = (seg(1), seg(2), seg(3), seg(9));
+    let (p5, p6) = (format!("{}.partial", seg(5)), format!("{}.partial", seg(6)));
+    let absent_history = "000000010000000000000009.00000028.backup";
     // (what, config, args, standby's exit, others' exit)
     let cases: Vec<(&str, &Path, Vec<&str>, i32, i32)> = vec![
         ("restored", &good, vec!["wal-fetch", &s1, dest], 0, 0),
+        ("restored", &good, vec!["wal-fetch", &p5, dest], 0, 0),
+        (
+            "restored",
+            &good,
+            vec!["wal-fetch", BACKUP_HISTORY, dest],
+            0,
+            0,
+        ),
         ("proven absent", &good, vec!["wal-fetch", &s9, dest], 1, 1),
+        ("proven absent", &good, vec!["wal-fetch", &p6, dest], 1, 1),
+        (
+            "proven absent",
+            &good,
+            vec!["wal-fetch", absent_history, dest],
+            1,
+            1,
+        ),
+        (
+            "arguments swapped (%p %f)",
+            &good,
+            vec!["wal-fetch", "pg_wal/RECOVERYXLOG", &s1],
+            1,
+            126,
+        ),
         (
             "no configuration file",
             &no_config,
@@ -437,6 +480,24 @@ fn a_standby_gets_exit_1_when_wal_fetch_cannot_look_and_126_for_an_untrustworthy
                 expected == 0,
                 "{what}, {mode}: only a restored file is written"
             );
+            if what.starts_with("arguments swapped") && expected == 126 {
+                assert!(
+                    err.contains("%f %p"),
+                    "{what}, {mode}: say what the arguments should be: {all}"
+                );
+            }
+            if expected == 0 {
+                let want = match args[1] {
+                    n if n == BACKUP_HISTORY => BACKUP_HISTORY_TEXT.as_bytes().to_vec(),
+                    n if n == p5 => wal(&ident, 5),
+                    _ => wal(&ident, 1),
+                };
+                assert!(
+                    std::fs::read(dest).unwrap() == want,
+                    "{what}, {mode}: {} differs",
+                    args[1]
+                );
+            }
         }
     }
 }

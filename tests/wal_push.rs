@@ -163,6 +163,23 @@ fn wal_push_archives_a_whole_life_with_backups_and_promotions() {
         .filter(|n| n.ends_with(".backup"))
         .collect();
     assert_eq!(backups.len(), 1, "the backup history file is stored");
+    // ... and served back as PostgreSQL wrote it (exit 1 would claim it
+    // absent while the repository holds it).
+    let fetched = dir.join("fetched.backup");
+    let f = walsafe(
+        &config,
+        &["wal-fetch", &backups[0], fetched.to_str().unwrap()],
+    );
+    assert_eq!(
+        f.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&f.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&fetched).unwrap(),
+        std::fs::read(primary.wal_file(&backups[0])).unwrap()
+    );
 
     // First promotion: a standby becomes timeline 2 and archives too.
     let standby = primary.create_standby();
