@@ -22,6 +22,13 @@
 //!    the store's PUT p50 (small chunk puts through walsafe's own
 //!    repository code, timed in the same run) and the ratios.
 //!
+//! 5. **base backup**: a cluster of `WALSAFE_BENCH_BACKUP_SCALE` pgbench
+//!    scale (default 130, about 2 GB); `walsafe backup` (encrypted, into
+//!    `file://`, the agent archiving beside it) against `pg_basebackup -Ft
+//!    --compress=zstd` and `-Ft -z` writing to local disk, in the same run:
+//!    throughput, CPU seconds per GB and peak RSS (VmHWM, from wait4) of
+//!    each client process.
+//!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
@@ -595,6 +602,118 @@ fn main() {
     if want("commit latency") {
         commit_latency();
     }
+    if want("base backup") {
+        base_backup();
+    }
+}
+
+/// Runs `cmd` to completion; (wall seconds, CPU seconds, peak RSS MiB)
+/// from the kernel's own accounting of that process (wait4).
+fn measured(cmd: &mut std::process::Command, what: &str) -> (f64, f64, f64) {
+    let started = Instant::now();
+    // Reaped by wait4 below, which also reports its resource usage.
+    #[allow(clippy::zombie_processes)]
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert!(
+        r > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{what} failed ({status})"
+    );
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (
+        started.elapsed().as_secs_f64(),
+        secs(ru.ru_utime) + secs(ru.ru_stime),
+        ru.ru_maxrss as f64 / 1024.0,
+    )
+}
+
+fn base_backup() {
+    let scale = env_u64("WALSAFE_BENCH_BACKUP_SCALE", 130);
+    println!("\n== scenario 5: base backup of a pgbench scale {scale} cluster");
+    let (dir, pg, mut settings, _) = start_pair("bench-backup");
+    settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let agent = Agent::start(&config, settings.metrics_port);
+    let mut init = pg.bins().command("pgbench");
+    init.args(["-i", "-q", "-s", &scale.to_string(), "-h"])
+        .arg(pg.socket_dir())
+        .args(["-p", &pg.port().to_string(), "-U", "postgres", "postgres"]);
+    common::pg::as_postgres(&mut init);
+    let st = init.status().unwrap();
+    assert!(st.success(), "pgbench -i");
+    pg.psql("CHECKPOINT");
+    let size: u64 = pg
+        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")
+        .parse()
+        .unwrap();
+    let gb = size as f64 / (1u64 << 30) as f64;
+    println!("cluster: {:.2} GiB", gb);
+    agent.wait_archived(
+        parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()")),
+        Duration::from_secs(600),
+    );
+
+    let mut rows = Vec::new();
+    for (label, args) in [
+        (
+            "pg_basebackup -Ft --compress=zstd",
+            vec!["-Ft", "--compress=zstd"],
+        ),
+        ("pg_basebackup -Ft -z", vec!["-Ft", "-z"]),
+    ] {
+        let out = dir.join(format!("pgbb-{}", rows.len()));
+        let mut cmd = pg.bins().command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&out)
+            .args(&args)
+            .args(["-X", "none", "--checkpoint=fast", "-h"])
+            .arg(pg.socket_dir())
+            .args(["-p", &pg.port().to_string(), "-U", "postgres"]);
+        common::pg::as_postgres(&mut cmd);
+        let (wall, cpu, rss) = measured(&mut cmd, label);
+        rows.push((label.to_string(), wall, cpu, rss, dir_size(&out)));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let mut cmd = std::process::Command::new(common::walsafe::bin_copy(dir.path()));
+    common::pg::as_postgres(&mut cmd);
+    cmd.arg("--config").arg(&config).arg("backup");
+    let (wall, cpu, rss) = measured(&mut cmd, "walsafe backup");
+    let stored = dir_size(&dir.join("repo").join("backups"));
+    rows.push((
+        "walsafe backup (zstd + AES-256-GCM, file://)".into(),
+        wall,
+        cpu,
+        rss,
+        stored,
+    ));
+
+    println!(
+        "{:<46} {:>8} {:>9} {:>10} {:>9} {:>10}",
+        "", "wall s", "MiB/s", "CPU s/GB", "RSS MiB", "stored MiB"
+    );
+    for (label, wall, cpu, rss, stored) in &rows {
+        println!(
+            "{label:<46} {wall:>8.2} {:>9.1} {:>10.2} {rss:>9.1} {:>10.1}",
+            size as f64 / (1 << 20) as f64 / wall,
+            cpu / gb,
+            *stored as f64 / (1 << 20) as f64
+        );
+    }
+    let (w, c) = (rows[2].1, rows[2].2);
+    println!(
+        "ratios walsafe / pg_basebackup zstd: throughput {:.2}x, CPU per GB {:.2}x; / -z: throughput {:.2}x, CPU per GB {:.2}x",
+        rows[0].1 / w,
+        c / rows[0].2,
+        rows[1].1 / w,
+        c / rows[1].2
+    );
+    drop(agent);
 }
 
 /// An SQL session to `pg` as postgres, its connection driven in the background.

@@ -20,6 +20,7 @@
 //! and nothing imports `cmd`.
 
 pub mod agent;
+pub mod backup;
 pub mod cmd;
 pub mod config;
 pub mod durable;

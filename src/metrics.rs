@@ -51,6 +51,7 @@ pub const ARCHIVE_GAPS: &str = "walsafe_archive_gaps";
 pub const TIMELINE: &str = "walsafe_timeline";
 pub const REPLICATION_CONNECTED: &str = "walsafe_replication_connected";
 pub const LAST_ARCHIVED_TIMESTAMP_SECONDS: &str = "walsafe_last_archived_timestamp_seconds";
+pub const LAST_BACKUP_TIMESTAMP_SECONDS: &str = "walsafe_last_backup_timestamp_seconds";
 pub const UPLOADS_TOTAL: &str = "walsafe_uploads_total";
 pub const UPLOAD_CONFLICTS_TOTAL: &str = "walsafe_upload_conflicts_total";
 pub const UPLOAD_REFUSED_TOTAL: &str = "walsafe_upload_refused_total";
@@ -197,6 +198,10 @@ pub fn describe() {
         SPOOL_PENDING_SEGMENTS,
         "Complete segments in the spool not yet stored"
     );
+    describe_gauge!(
+        LAST_BACKUP_TIMESTAMP_SECONDS,
+        "Stop time of the newest complete base backup in the repository (Unix seconds; 0 when there is none), looked up every minute"
+    );
 }
 
 /// Copies the shared positions into their gauges.
@@ -257,6 +262,11 @@ pub fn upload_duration(kind: Kind, d: Duration) {
 /// Number of recorded gaps.
 pub fn set_gaps(n: usize) {
     gauge!(ARCHIVE_GAPS).set(n as f64);
+}
+
+/// The stop time of the newest complete base backup (Unix seconds; 0 for none).
+pub fn set_last_backup(unix_seconds: f64) {
+    gauge!(LAST_BACKUP_TIMESTAMP_SECONDS).set(unix_seconds);
 }
 
 /// Counts bytes newly stored in the repository.

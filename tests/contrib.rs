@@ -558,6 +558,7 @@ fn alert_rules_are_complete_and_well_formed() {
         "WalsafeUploadErrors",
         "WalsafeConflict",
         "WalsafeSpoolBacklog",
+        "WalsafeNoRecentBackup",
     ] {
         if !seen.contains_key(name) {
             problems.push(format!("alert {name} is missing"));
@@ -1023,6 +1024,20 @@ tests:
         alertname: WalsafeSpoolBacklog
         exp_alerts:
           - exp_labels: {severity: warning, job: walsafe, instance: db1}
+
+  # A daily backup keeps it quiet; one 26 hours old (or none) warns.
+  - interval: 1m
+    input_series:
+      - series: 'walsafe_last_backup_timestamp_seconds{job="walsafe",instance="daily"}'
+        values: '0+60x1800'
+      - series: 'walsafe_last_backup_timestamp_seconds{job="walsafe",instance="stale"}'
+        values: '0x1800'
+    alert_rule_test:
+      - {eval_time: 20h, alertname: WalsafeNoRecentBackup, exp_alerts: []}
+      - eval_time: 28h
+        alertname: WalsafeNoRecentBackup
+        exp_alerts:
+          - exp_labels: {severity: warning, job: walsafe, instance: stale}
 "#;
 
 #[test]

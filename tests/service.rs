@@ -156,6 +156,60 @@ fn unit_file_is_a_hardened_notify_service() {
     }
 }
 
+/// The daily backup: a hardened oneshot unit and its timer, accepted by
+/// systemd's own checker when it is on this machine.
+#[test]
+fn backup_unit_and_timer_are_hardened_and_daily() {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{}/systemd/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let unit = read("walsafe-backup.service");
+    let timer = read("walsafe-backup.timer");
+    let has = |text: &str, l: &str| text.lines().any(|x| x.trim() == l);
+    for line in [
+        "Type=oneshot",
+        "User=postgres",
+        "ExecStart=/usr/local/bin/walsafe backup --checkpoint spread",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=true",
+        "PrivateTmp=true",
+        "ProtectHome=true",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "MemoryDenyWriteExecute=true",
+    ] {
+        assert!(
+            has(&unit, line),
+            "{line} missing from walsafe-backup.service"
+        );
+    }
+    assert!(has(&timer, "OnCalendar=*-*-* 02:00:00"), "daily by default");
+    assert!(has(&timer, "Persistent=true"));
+    if let Ok(out) = Command::new("systemd-analyze").arg("--version").output() {
+        if out.status.success() {
+            let dir = TestDir::new("backup-unit");
+            std::fs::write(
+                dir.join("walsafe-backup.service"),
+                unit.replace(
+                    "/usr/local/bin/walsafe",
+                    common::walsafe::bin().to_str().unwrap(),
+                ),
+            )
+            .unwrap();
+            std::fs::write(dir.join("walsafe-backup.timer"), &timer).unwrap();
+            let v = Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(dir.join("walsafe-backup.service"))
+                .arg(dir.join("walsafe-backup.timer"))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&v.stderr);
+            assert!(v.status.success(), "systemd-analyze verify: {err}");
+        }
+    }
+}
+
 #[test]
 fn json_logs_are_one_object_per_line() {
     let dir = TestDir::new("jsonlog");

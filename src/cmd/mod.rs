@@ -5,6 +5,7 @@
 //! [`crate::fetch`] for `wal-fetch`), and the exit-code contract in
 //! [`crate::report`].
 
+pub mod backup;
 pub mod check;
 pub mod config;
 pub mod demo;
@@ -97,12 +98,58 @@ pub enum Command {
         #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
     },
+    /// Take a base backup over the replication protocol into the repository (its record is written last, once the WAL it needs is archived).
+    Backup {
+        /// A label for the backup (default: "walsafe backup <name>").
+        #[arg(long)]
+        label: Option<String>,
+        /// The start checkpoint: fast (immediate, more I/O at once) or spread (as checkpoint_completion_target paces it).
+        #[arg(long, value_enum, default_value_t = CheckpointMode::Fast)]
+        checkpoint: CheckpointMode,
+        /// Limit the server's send rate, e.g. 50MB (bytes per second; 32kB to 1GB).
+        #[arg(long, value_parser = parse_rate)]
+        max_rate: Option<u64>,
+        /// How long to wait for the WAL from the backup's start to its stop to be archived.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        wal_timeout: std::time::Duration,
+    },
+    /// Every backup in the repository, newest first: label, times, LSNs, sizes, the WAL it needs; incomplete ones flagged.
+    BackupList {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify a backup: every part against its checksum, every file against the server's manifest, the WAL it needs present. Exit 0 good, 1 problems, 2 could not check.
+    BackupVerify {
+        /// The backup's name, or "latest".
+        #[arg(default_value = "latest")]
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Download segments following NAME into the prefetch directory (started by wal-fetch).
     #[command(hide = true)]
     WalPrefetch {
         /// The segment recovery just received.
         name: String,
     },
+}
+
+/// The start checkpoint of a base backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckpointMode {
+    Fast,
+    Spread,
+}
+
+/// A rate like `50MB`, `512kB` or `1048576` (bytes per second).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    crate::pg::replication::parse_size_setting(text)
+        .filter(|&r| (32 << 10..=1 << 30).contains(&r))
+        .ok_or_else(|| {
+            format!("{text:?} is not a rate between 32kB and 1GB per second (e.g. 50MB)")
+        })
 }
 
 /// Keeps resident memory close to live memory.
@@ -259,6 +306,26 @@ pub fn main() -> ExitCode {
                     runtime(|| check::command(cfg, switch_wal, pgdata))
                 }
                 Command::Config => report(config::command(&cfg)),
+                Command::Backup {
+                    label,
+                    checkpoint,
+                    max_rate,
+                    wal_timeout,
+                } => runtime(|| {
+                    backup::command(
+                        cfg,
+                        crate::backup::BackupArgs {
+                            label,
+                            fast_checkpoint: checkpoint == CheckpointMode::Fast,
+                            max_rate,
+                            wal_timeout,
+                        },
+                    )
+                }),
+                Command::BackupList { json } => runtime(|| backup::list_command(cfg, json)),
+                Command::BackupVerify { name, json } => {
+                    runtime(|| backup::verify_command(cfg, name, json))
+                }
                 Command::WalPrefetch { name } => {
                     runtime(|| async move { report(crate::fetch::prefetch(&cfg, &name).await) })
                 }

@@ -52,6 +52,19 @@ pub struct Status {
     pub last_archived: LastArchived,
     pub spool: Listing,
     pub agent: AgentStatus,
+    pub backups: BackupsStatus,
+}
+
+/// The base backups in the repository.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupsStatus {
+    /// The newest complete backup: its name and stop time.
+    pub newest: Option<String>,
+    pub newest_stop_time: Option<String>,
+    pub newest_age_seconds: Option<f64>,
+    pub complete: usize,
+    /// Backups without a record (interrupted, or running now).
+    pub incomplete: usize,
 }
 
 /// The repository and what it is pinned to.
@@ -253,12 +266,28 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
     };
     let agent = agent_status(&cfg.spool.dir, state.as_ref(), scraped.as_ref(), cfg);
     let last_archived = last_archived(state.as_ref(), scraped.as_ref(), &timelines);
+    let listed = crate::backup::list(&repo)
+        .await
+        .with_context(|| format!("cannot list the backups in {}", repo.url()))?;
+    let newest = listed.iter().find_map(|(_, r, _, _)| r.as_ref());
+    let backups = BackupsStatus {
+        newest: newest.map(|r| r.name.clone()),
+        newest_stop_time: newest.map(|r| r.stop_time.clone()),
+        newest_age_seconds: newest
+            .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.stop_time).ok())
+            .map(|t| {
+                (chrono::Utc::now().timestamp_millis() - t.timestamp_millis()) as f64 / 1000.0
+            }),
+        complete: listed.iter().filter(|(_, r, _, _)| r.is_some()).count(),
+        incomplete: listed.iter().filter(|(_, r, _, _)| r.is_none()).count(),
+    };
     Ok(Status {
         repository,
         timelines,
         last_archived,
         spool,
         agent,
+        backups,
     })
 }
 
@@ -437,6 +466,22 @@ pub fn render(s: &Status) -> String {
                     .as_ref()
                     .map(|n| format!("segment {n}"))
                     .unwrap_or_else(|| "nothing".into())
+            ),
+        },
+    );
+    let b = &s.backups;
+    line(
+        "backups",
+        match (&b.newest, b.newest_age_seconds) {
+            (Some(n), Some(age)) => format!(
+                "newest complete {n}, finished {} ago; {} complete, {} incomplete",
+                human_age(age.max(0.0)),
+                b.complete,
+                b.incomplete
+            ),
+            _ => format!(
+                "no complete base backup ({} incomplete): run walsafe backup",
+                b.incomplete
             ),
         },
     );

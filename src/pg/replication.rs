@@ -50,7 +50,10 @@
 //! conninfo or in `PGAPPNAME` wins, so an operator can name the standby in
 //! `synchronous_standby_names`.
 
+mod base_backup;
 mod wire;
+
+pub use base_backup::{BackupEvent, BaseBackup, BaseBackupOptions, Tablespace};
 
 use std::time::Duration;
 

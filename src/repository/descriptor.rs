@@ -69,7 +69,7 @@ pub enum DescriptorError {
     UnsupportedFormat { found: u64 },
 }
 
-mod u64_as_string {
+pub(crate) mod u64_as_string {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {

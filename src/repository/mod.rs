@@ -670,6 +670,27 @@ impl Repository {
             .collect())
     }
 
+    /// Every object under `backups/` (parts and records of base backups),
+    /// with its stored size, sorted by key; `backup` limits it to one.
+    pub async fn list_backup_objects(
+        &self,
+        backup: Option<&str>,
+    ) -> Result<Vec<(ObjectName, u64)>, RepositoryError> {
+        let prefix = match backup {
+            Some(b) => format!("{}{b}/", object::BACKUPS_PREFIX),
+            None => object::BACKUPS_PREFIX.to_string(),
+        };
+        let mut v: Vec<(ObjectName, u64)> = self
+            .store
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| Some((ObjectName::parse_key(&o.key)?, o.size)))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
     /// Segments that have chunks, sorted.
     pub async fn list_chunked_segments(&self) -> Result<Vec<SegmentFile>, RepositoryError> {
         let mut segs: Vec<SegmentFile> = self

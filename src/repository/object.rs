@@ -14,6 +14,9 @@
 //!                                        start and end are 8 upper-case hex digits
 //!   gaps/<TLI>-<from>-<to>               Gap: a recorded loss (8, 16, 16 upper-case hex digits)
 //!   check/<token>                        Probe: written and removed by `walsafe check`
+//!   backups/<backup>/<archive>.<NNNNNN>  BackupPart: part NNNNNN (decimal, from 0) of one archive
+//!                                        of a base backup (`base.tar`, `<oid>.tar`, `backup_manifest`)
+//!   backups/<backup>/backup.json         BackupRecord: the backup's record, written last
 //! ```
 //!
 //! The WAL part of every `wal/` key is exactly the name PostgreSQL's
@@ -44,6 +47,10 @@ pub const CHUNKS_PREFIX: &str = "chunks/";
 pub const GAPS_PREFIX: &str = "gaps/";
 /// Prefix of `walsafe check`'s probe objects.
 pub const PROBE_PREFIX: &str = "check/";
+/// Prefix of base backups.
+pub const BACKUPS_PREFIX: &str = "backups/";
+/// File name of a backup's record under its prefix.
+pub const BACKUP_RECORD: &str = "backup.json";
 
 /// Why a name is not a valid repository name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +72,9 @@ pub enum LayoutError {
     /// A probe token with characters a key cannot hold.
     #[error("invalid probe name {token:?}: use letters, digits, '-' and '_'")]
     BadProbe { token: String },
+    /// A backup or archive name with characters a key cannot hold.
+    #[error("invalid backup object name {name:?}: use letters, digits, '-', '_' and '.'")]
+    BadBackupName { name: String },
 }
 
 impl LayoutError {
@@ -152,6 +162,14 @@ pub enum ObjectName {
     },
     /// A `walsafe check` probe.
     Probe(String),
+    /// Part `index` of archive `archive` of base backup `backup`.
+    BackupPart {
+        backup: String,
+        archive: String,
+        index: u32,
+    },
+    /// The record of base backup `backup` (written last: no record, no backup).
+    BackupRecord(String),
 }
 
 impl ObjectName {
@@ -209,6 +227,23 @@ impl ObjectName {
         Ok(ObjectName::Probe(token.to_string()))
     }
 
+    /// Part `index` of `archive` of `backup`, names checked.
+    pub fn backup_part(backup: &str, archive: &str, index: u32) -> Result<ObjectName, LayoutError> {
+        check_backup_name(backup)?;
+        check_backup_name(archive)?;
+        Ok(ObjectName::BackupPart {
+            backup: backup.to_string(),
+            archive: archive.to_string(),
+            index,
+        })
+    }
+
+    /// The record of `backup`, name checked.
+    pub fn backup_record(backup: &str) -> Result<ObjectName, LayoutError> {
+        check_backup_name(backup)?;
+        Ok(ObjectName::BackupRecord(backup.to_string()))
+    }
+
     /// The record of `gap`.
     pub fn gap(gap: &crate::gap::Gap) -> ObjectName {
         ObjectName::Gap {
@@ -236,6 +271,14 @@ impl ObjectName {
                 )
             }
             ObjectName::Probe(token) => format!("{PROBE_PREFIX}{token}"),
+            ObjectName::BackupPart {
+                backup,
+                archive,
+                index,
+            } => format!("{BACKUPS_PREFIX}{backup}/{archive}.{index:06}"),
+            ObjectName::BackupRecord(backup) => {
+                format!("{BACKUPS_PREFIX}{backup}/{BACKUP_RECORD}")
+            }
         }
     }
 
@@ -251,7 +294,11 @@ impl ObjectName {
                 start,
                 end,
             } => format!("{segment}/{start:08X}-{end:08X}"),
-            ObjectName::Descriptor | ObjectName::Gap { .. } | ObjectName::Probe(_) => self.key(),
+            ObjectName::Descriptor
+            | ObjectName::Gap { .. }
+            | ObjectName::Probe(_)
+            | ObjectName::BackupPart { .. }
+            | ObjectName::BackupRecord(_) => self.key(),
         }
     }
 
@@ -261,11 +308,13 @@ impl ObjectName {
             ObjectName::Descriptor
             | ObjectName::Segment(_)
             | ObjectName::ClosedPartial(_)
-            | ObjectName::History(_) => Lane::Bulk,
+            | ObjectName::History(_)
+            | ObjectName::BackupPart { .. } => Lane::Bulk,
             ObjectName::Chunk { .. }
             | ObjectName::BackupHistory(_)
             | ObjectName::Gap { .. }
-            | ObjectName::Probe(_) => Lane::Small,
+            | ObjectName::Probe(_)
+            | ObjectName::BackupRecord(_) => Lane::Small,
         }
     }
 
@@ -296,6 +345,17 @@ impl ObjectName {
         if let Some(token) = key.strip_prefix(PROBE_PREFIX) {
             return ObjectName::probe(token).ok();
         }
+        if let Some(rest) = key.strip_prefix(BACKUPS_PREFIX) {
+            let (backup, file) = rest.split_once('/')?;
+            if file == BACKUP_RECORD {
+                return ObjectName::backup_record(backup).ok();
+            }
+            let (archive, index) = file.rsplit_once('.')?;
+            if index.len() != 6 || !index.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            return ObjectName::backup_part(backup, archive, index.parse().ok()?).ok();
+        }
         None
     }
 
@@ -321,6 +381,23 @@ pub fn is_backup_history(name: &str) -> bool {
         && name.ends_with(".backup")
         && b[24] == b'.'
         && b[..24].iter().chain(&b[25..33]).all(u8::is_ascii_hexdigit)
+}
+
+/// A backup or archive name: letters, digits, `-`, `_`, `.`; not empty,
+/// not starting with a dot.
+fn check_backup_name(name: &str) -> Result<(), LayoutError> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(LayoutError::BadBackupName {
+            name: name.to_string(),
+        })
+    }
 }
 
 /// `chunks/<segment>/`: the prefix of one segment's chunks.
