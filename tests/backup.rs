@@ -110,6 +110,26 @@ fn extract(config: &Path, rec: &BackupRecord, dir: &Path) -> PathBuf {
     data
 }
 
+/// Starts the extracted data directory `data` in archive recovery with
+/// `wal-fetch` (of `config`) as restore_command, and waits until it has
+/// promoted.
+fn restore_extracted(data: &Path, dir: &Path, config: &Path) -> common::pg::PgCluster {
+    let restored = common::pg::start_restore(
+        data,
+        &[format!(
+            "restore_command = '{}'",
+            restore_command(dir, config)
+        )],
+    );
+    assert_eq!(
+        restored.wait_recovery_end(Duration::from_secs(120)),
+        RecoveryOutcome::Promoted,
+        "{}",
+        restored.log_tail()
+    );
+    restored
+}
+
 /// A backup of PostgreSQL 15 with a tablespace, taken while rows are
 /// committed: listed complete, verified by walsafe and by pg_verifybackup
 /// on a hand extraction, and restored to the last commit.
@@ -429,19 +449,7 @@ fn postgresql_14_backups_use_the_keyword_syntax() {
     let work = TestDir::new("backup-14-extract");
     let data = extract(&s.config, &rec, work.path());
     std::fs::remove_file(data.join("backup_manifest")).unwrap();
-    let restored = common::pg::start_restore(
-        &data,
-        &[format!(
-            "restore_command = '{}'",
-            restore_command(s.dir.path(), &s.config)
-        )],
-    );
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{}",
-        restored.log_tail()
-    );
+    let restored = restore_extracted(&data, s.dir.path(), &s.config);
     assert_eq!(restored.psql("SELECT count(*) FROM t"), "5001");
 }
 
@@ -500,19 +508,7 @@ fn a_postgresql_18_backup_passes_its_own_pg_verifybackup() {
             .unwrap();
     assert!(pv.status.success(), "pg_verifybackup 18: {}", text(&pv));
     std::fs::remove_file(data.join("backup_manifest")).unwrap();
-    let restored = common::pg::start_restore(
-        &data,
-        &[format!(
-            "restore_command = '{}'",
-            restore_command(s.dir.path(), &s.config)
-        )],
-    );
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{}",
-        restored.log_tail()
-    );
+    let restored = restore_extracted(&data, s.dir.path(), &s.config);
     assert_eq!(restored.psql("SELECT count(*) FROM t"), "5001");
 }
 
@@ -536,19 +532,73 @@ fn without_an_agent_the_backup_stores_its_own_wal() {
     let rec = newest_record(&s.config);
     let work = TestDir::new("backup-alone-extract");
     let data = extract(&s.config, &rec, work.path());
+    // The backup history file is stored and wal-fetch serves it: the
+    // backup_label with the stop location and time, as PostgreSQL writes it.
+    let history = rec.backup_history.clone().expect("a backup history file");
+    assert!(
+        history.starts_with(&rec.wal_first) && history.ends_with(".backup"),
+        "{history}"
+    );
+    let fetched = work.join("history");
+    let f = walsafe(
+        &s.config,
+        &["wal-fetch", &history, fetched.to_str().unwrap()],
+    );
+    assert_eq!(f.status.code(), Some(0), "{}", text(&f));
+    let h = std::fs::read_to_string(&fetched).unwrap();
+    let label = std::fs::read_to_string(data.join("backup_label")).unwrap();
+    let first = label.lines().next().unwrap();
+    assert!(h.starts_with(first), "{h}");
+    assert!(
+        h.contains(&format!("STOP WAL LOCATION: {} (file ", rec.stop_lsn))
+            && h.contains(&format!("LABEL: walsafe backup {}", rec.name))
+            && h.contains("STOP TIMELINE: 1"),
+        "{h}"
+    );
     std::fs::remove_file(data.join("backup_manifest")).unwrap();
-    let restored = common::pg::start_restore(
-        &data,
-        &[format!(
-            "restore_command = '{}'",
-            restore_command(s.dir.path(), &s.config)
-        )],
-    );
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{}",
-        restored.log_tail()
-    );
+    let restored = restore_extracted(&data, s.dir.path(), &s.config);
     assert_eq!(restored.psql("SELECT count(*) FROM t"), "5000");
+}
+
+/// Bad input is a clear error naming the fix, exit 1, and nothing stored
+/// as a backup: a role without REPLICATION, a repository pinned to
+/// another cluster.
+#[test]
+fn backup_errors_name_the_fix_and_store_nothing() {
+    let s = setup("backup-bad", PgOptions::default());
+    s.pg.psql("CREATE ROLE norepl LOGIN");
+    let mut settings = s.settings.clone();
+    settings.conninfo = format!(
+        "host={} port={} user=norepl",
+        s.pg.socket_dir().display(),
+        s.pg.port()
+    );
+    let norepl = settings.write(&s.dir.join("norepl.toml"));
+    let o = walsafe(&norepl, &["backup"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("norepl") && err.contains("REPLICATION"),
+        "name the missing privilege: {err}"
+    );
+
+    // The repository belongs to another cluster.
+    let other = common::pg::PgCluster::start(&PgOptions {
+        name: "backup-bad-other".into(),
+        ..Default::default()
+    });
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let mut settings = s.settings.clone();
+    settings.conninfo = other.conninfo();
+    let stranger = settings.write(&s.dir.join("stranger.toml"));
+    let o = walsafe(&stranger, &["backup"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("belongs to the cluster with system identifier"),
+        "{err}"
+    );
+    let rows = list(&s.config);
+    assert_eq!(rows.len(), 1, "only the first cluster's backup: {rows:?}");
 }

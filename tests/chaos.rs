@@ -725,17 +725,7 @@ fn chaos_loses_no_commit_and_matches_pg_receivewal() {
     let mut settings = Settings::new(dir.path(), &conninfo(""));
     let prefix = "chaos";
     settings.repo_url = s3.url(prefix);
-    settings.repo_options = s3
-        .repo_options()
-        .into_iter()
-        .map(|(k, v)| {
-            if k == "aws_endpoint" {
-                (k, front.endpoint())
-            } else {
-                (k, v)
-            }
-        })
-        .collect();
+    settings.repo_options = s3.repo_options_at(&front.endpoint()).into_iter().collect();
     settings.key_file = Some(keygen(dir.path(), "repo.key"));
     settings.connect_timeout = "5s".into();
     let config = settings.write(&dir.join("walsafe.toml"));

@@ -131,29 +131,37 @@ fn unit_file_is_a_hardened_notify_service() {
         assert!(has(line), "{line} missing from the unit");
     }
     assert!(unit.lines().any(|l| l.starts_with("WatchdogSec=")));
-    // When systemd's own checker is on this machine, it must accept the unit
-    // (with ExecStart pointing at the binary under test).
-    if let Ok(out) = Command::new("systemd-analyze").arg("--version").output() {
-        if out.status.success() {
-            let dir = TestDir::new("unit");
-            let path = dir.join("walsafe.service");
-            std::fs::write(
-                &path,
-                unit.replace(
-                    "/usr/local/bin/walsafe",
-                    common::walsafe::bin().to_str().unwrap(),
-                ),
-            )
-            .unwrap();
-            let v = Command::new("systemd-analyze")
-                .arg("verify")
-                .arg(&path)
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&v.stderr);
-            assert!(v.status.success(), "systemd-analyze verify: {err}");
-        }
+    systemd_accepts(&[("walsafe.service", &unit)]);
+}
+
+/// When systemd's own checker is on this machine, it must accept the
+/// units (with ExecStart pointing at the binary under test).
+fn systemd_accepts(units: &[(&str, &str)]) {
+    let available = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        return;
     }
+    let dir = TestDir::new("unit");
+    let mut verify = Command::new("systemd-analyze");
+    verify.arg("verify");
+    for (name, text) in units {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            text.replace(
+                "/usr/local/bin/walsafe",
+                common::walsafe::bin().to_str().unwrap(),
+            ),
+        )
+        .unwrap();
+        verify.arg(&path);
+    }
+    let v = verify.output().unwrap();
+    let err = String::from_utf8_lossy(&v.stderr);
+    assert!(v.status.success(), "systemd-analyze verify: {err}");
 }
 
 /// The daily backup: a hardened oneshot unit and its timer, accepted by
@@ -186,28 +194,10 @@ fn backup_unit_and_timer_are_hardened_and_daily() {
     }
     assert!(has(&timer, "OnCalendar=*-*-* 02:00:00"), "daily by default");
     assert!(has(&timer, "Persistent=true"));
-    if let Ok(out) = Command::new("systemd-analyze").arg("--version").output() {
-        if out.status.success() {
-            let dir = TestDir::new("backup-unit");
-            std::fs::write(
-                dir.join("walsafe-backup.service"),
-                unit.replace(
-                    "/usr/local/bin/walsafe",
-                    common::walsafe::bin().to_str().unwrap(),
-                ),
-            )
-            .unwrap();
-            std::fs::write(dir.join("walsafe-backup.timer"), &timer).unwrap();
-            let v = Command::new("systemd-analyze")
-                .arg("verify")
-                .arg(dir.join("walsafe-backup.service"))
-                .arg(dir.join("walsafe-backup.timer"))
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&v.stderr);
-            assert!(v.status.success(), "systemd-analyze verify: {err}");
-        }
-    }
+    systemd_accepts(&[
+        ("walsafe-backup.service", &unit),
+        ("walsafe-backup.timer", &timer),
+    ]);
 }
 
 #[test]

@@ -49,17 +49,7 @@ fn rig(name: &str) -> Rig {
     let dir = TestDir::new(name);
     let mut settings = Settings::new(dir.path(), &primary.conninfo());
     settings.repo_url = s3.url(name);
-    settings.repo_options = s3
-        .repo_options()
-        .into_iter()
-        .map(|(k, v)| {
-            if k == "aws_endpoint" {
-                (k, front.endpoint())
-            } else {
-                (k, v)
-            }
-        })
-        .collect();
+    settings.repo_options = s3.repo_options_at(&front.endpoint()).into_iter().collect();
     settings.retries = 2;
     let config = settings.write(&dir.join("walsafe.toml"));
     let fetch_config = settings.write(&dir.join("fetch.toml"));

@@ -2,7 +2,7 @@
 //! straight into the repository beside the WAL.
 //!
 //! ```text
-//! PostgreSQL ──BASE_BACKUP──▶ events ──▶ part buffer (PART_SIZE) ──▶ SHA-256, envelope, PUT
+//! PostgreSQL ──BASE_BACKUP──▶ events ──▶ part buffer (PART_SIZE) ──▶ BLAKE3, envelope, PUT
 //!                              (archive, data, manifest)     ▲            (UPLOADS_IN_FLIGHT at once)
 //!                                                            └── the socket is not read while
 //!                                                                every upload slot is taken
@@ -38,14 +38,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Bytes, BytesMut};
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::pg::replication::{BackupEvent, BaseBackupOptions, ReplMessage, ReplicationConnection};
-use crate::pg::Lsn;
+use crate::pg::{Lsn, SegmentName};
 use crate::repository::{chunks, ObjectName, Repository, SegmentFile};
 use record::{ArchiveRecord, BackupRecord, PartRecord, MANIFEST_ARCHIVE, RECORD_FORMAT};
 
@@ -53,8 +52,12 @@ use record::{ArchiveRecord, BackupRecord, PartRecord, MANIFEST_ARCHIVE, RECORD_F
 pub const PART_SIZE: usize = 8 << 20;
 /// Part uploads at once (each holds one part and its encoded object).
 pub const UPLOADS_IN_FLIGHT: usize = 2;
-/// How often the repository is looked at while waiting for the WAL.
-const WAL_POLL: Duration = Duration::from_secs(1);
+/// How often the repository is looked at while waiting for the WAL: soon
+/// at first (the agent stores the stop segment within a few hundred
+/// milliseconds), then less often, so that a long wait does not turn
+/// into a stream of listings.
+const WAL_POLL_FIRST: Duration = Duration::from_millis(100);
+const WAL_POLL_MAX: Duration = Duration::from_secs(2);
 /// tar's end of archive: two zero blocks.
 const TAR_END: [u8; 1024] = [0; 1024];
 
@@ -127,6 +130,8 @@ pub async fn take(
     let mut current: Option<Current> = None;
     let mut received = 0u64;
     let mut server_progress = None;
+    // The start of base.tar, whose first entry is backup_label.
+    let mut label_head: Vec<u8> = Vec::new();
     loop {
         let event = bb.next().await?;
         match event {
@@ -135,6 +140,10 @@ pub async fn take(
                     bail!("the server sent backup data before naming its archive");
                 };
                 received += d.len() as u64;
+                if archives[c.index].name == "base.tar" && label_head.len() < LABEL_HEAD {
+                    let n = (LABEL_HEAD - label_head.len()).min(d.len());
+                    label_head.extend_from_slice(&d[..n]);
+                }
                 c.buf.extend_from_slice(&d);
                 archives[c.index].size += d.len() as u64;
                 while c.buf.len() >= PART_SIZE {
@@ -223,6 +232,7 @@ pub async fn take(
         stop_time: now(),
         wal_first: String::new(),
         wal_last: String::new(),
+        backup_history: None,
         archives,
         size: 0,
         stored_size: 0,
@@ -247,6 +257,19 @@ pub async fn take(
             })??;
     }
     wait_for_wal(cfg, &repo, &record, args.wal_timeout).await?;
+
+    // The backup history file, as PostgreSQL writes it beside the WAL
+    // (archive_command would have stored the server's own: kept if there).
+    match backup_history(&label_head, &record) {
+        Some((file, content)) => {
+            let n = ObjectName::BackupHistory(file.clone());
+            if repo.get(&n).await?.is_none() {
+                repo.put(&n, Bytes::from(content)).await?;
+            }
+            record.backup_history = Some(file);
+        }
+        None => warn!("base.tar does not start with backup_label: no backup history file stored"),
+    }
 
     // Stored sizes, from the store itself.
     let stored: std::collections::HashMap<ObjectName, u64> = repo
@@ -279,6 +302,56 @@ pub async fn take(
     Ok(record)
 }
 
+/// Bytes of base.tar kept to read backup_label from (its first entry).
+const LABEL_HEAD: usize = 8192;
+
+/// The backup history file (`<start segment>.<offset>.backup`) of
+/// `record`, built as PostgreSQL builds it at the end of a backup: the
+/// `backup_label` (first entry of base.tar, in `head`) with the stop
+/// location after the start location and the stop time and timeline at
+/// the end. The stop time is walsafe's clock, in UTC.
+fn backup_history(head: &[u8], record: &BackupRecord) -> Option<(String, Vec<u8>)> {
+    if head.len() < 512 {
+        return None;
+    }
+    let name_end = head[..100].iter().position(|&b| b == 0).unwrap_or(100);
+    if &head[..name_end] != b"backup_label" {
+        return None;
+    }
+    let size_field = std::str::from_utf8(&head[124..136]).ok()?;
+    let size =
+        usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok()?;
+    let label = std::str::from_utf8(head.get(512..512 + size)?).ok()?;
+    let size_of_seg = record.segment_size;
+    let start_seg = SegmentName::containing(record.start_timeline, record.start_lsn, size_of_seg);
+    let stop_seg = SegmentName::containing(record.stop_timeline, record.stop_lsn, size_of_seg);
+    let mut out = String::new();
+    for (i, line) in label.lines().enumerate() {
+        out.push_str(line);
+        out.push('\n');
+        if i == 0 {
+            out.push_str(&format!(
+                "STOP WAL LOCATION: {} (file {})\n",
+                record.stop_lsn,
+                stop_seg.file_name(size_of_seg)
+            ));
+        }
+    }
+    let stop_time = chrono::DateTime::parse_from_rfc3339(&record.stop_time)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|_| record.stop_time.clone());
+    out.push_str(&format!(
+        "STOP TIME: {stop_time}\nSTOP TIMELINE: {}\n",
+        record.stop_timeline.0
+    ));
+    let file = format!(
+        "{}.{:08X}.backup",
+        start_seg.file_name(size_of_seg),
+        record.start_lsn.segment_offset(size_of_seg)
+    );
+    Some((file, out.into_bytes()))
+}
+
 /// Starts the upload of one part (waiting for a slot: backpressure).
 async fn upload(
     repo: &Repository,
@@ -296,8 +369,8 @@ async fn upload(
     let (repo, i) = (repo.clone(), c.index);
     uploads.spawn(async move {
         let data = part.clone();
-        let sha256 =
-            tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&data))).await?;
+        let blake3 =
+            tokio::task::spawn_blocking(move || blake3::hash(&data).to_hex().to_string()).await?;
         let size = part.len() as u64;
         repo.put(&name, part)
             .await
@@ -308,7 +381,7 @@ async fn upload(
             PartRecord {
                 index,
                 size,
-                sha256,
+                blake3,
                 stored_size: 0,
             },
         ))
@@ -465,6 +538,7 @@ async fn wait_for_wal(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut poll = WAL_POLL_FIRST;
     loop {
         let missing = missing_wal(repo, record).await?;
         if missing.is_empty() {
@@ -481,7 +555,8 @@ async fn wait_for_wal(
                 missing.join(", ")
             );
         }
-        tokio::time::sleep(WAL_POLL).await;
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(WAL_POLL_MAX);
     }
 }
 

@@ -15,9 +15,10 @@
 //!   "stop_lsn": "0/2000100",  "stop_timeline": 1,
 //!   "start_time": "2026-12-06T17:05:01Z", "stop_time": "2026-12-06T17:05:09Z",
 //!   "wal_first": "000000010000000000000002", "wal_last": "000000010000000000000002",
+//!   "backup_history": "000000010000000000000002.00000028.backup",
 //!   "archives": [
 //!     { "name": "base.tar", "oid": null, "location": null, "size": 31522816,
-//!       "parts": [ { "index": 0, "size": 8388608, "sha256": "…", "stored_size": 1523310 }, … ] },
+//!       "parts": [ { "index": 0, "size": 8388608, "blake3": "…", "stored_size": 1523310 }, … ] },
 //!     { "name": "backup_manifest", … }
 //!   ],
 //!   "size": 31703040, "stored_size": 4102232
@@ -26,8 +27,10 @@
 //!
 //! `archives` holds one entry per tablespace tar (`base.tar` for the data
 //! directory, `<oid>.tar` for the others, each ended with tar's two zero
-//! blocks) and one for the server's `backup_manifest`; `sha256` is over
-//! the part's plaintext. `wal_first` ..= `wal_last` are the segments
+//! blocks) and one for the server's `backup_manifest`; `blake3` is the
+//! BLAKE3 hash of the part's plaintext (cryptographic, and a fifth of
+//! SHA-256's CPU on a database host: the envelope already authenticates
+//! every object, this is the record's own check of what it lists). `wal_first` ..= `wal_last` are the segments
 //! (on the stop timeline) that recovery needs to reach consistency.
 
 use serde::{Deserialize, Serialize};
@@ -45,8 +48,8 @@ pub struct PartRecord {
     pub index: u32,
     /// Plaintext bytes.
     pub size: u64,
-    /// SHA-256 of the plaintext, hex.
-    pub sha256: String,
+    /// BLAKE3 of the plaintext, hex.
+    pub blake3: String,
     /// Bytes of the stored object (compressed, encrypted).
     pub stored_size: u64,
 }
@@ -86,6 +89,10 @@ pub struct BackupRecord {
     pub stop_time: String,
     pub wal_first: String,
     pub wal_last: String,
+    /// The backup history file stored beside the WAL
+    /// (`wal/<segment>.<offset>.backup`).
+    #[serde(default)]
+    pub backup_history: Option<String>,
     pub archives: Vec<ArchiveRecord>,
     pub size: u64,
     pub stored_size: u64,
@@ -181,6 +188,7 @@ mod tests {
             stop_time: "2026-12-06T17:05:09Z".into(),
             wal_first: "000000010000000000000002".into(),
             wal_last: "000000010000000000000004".into(),
+            backup_history: None,
             archives: vec![],
             size: 0,
             stored_size: 0,

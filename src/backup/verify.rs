@@ -3,7 +3,8 @@
 //!
 //! 1. The record exists and parses (no record: the backup is incomplete).
 //! 2. Every part of every archive decrypts (or passes its checksum) under
-//!    its name, and its plaintext has the size and SHA-256 the record says.
+//!    its name, and its plaintext has the size and BLAKE3 hash the record
+//!    says.
 //! 3. The server's `backup_manifest` is intact (its own SHA-256
 //!    `Manifest-Checksum`), and every tar archive, streamed part by part
 //!    through a tar reader, holds exactly the files the manifest lists,
@@ -161,13 +162,14 @@ async fn feed(
             }
         };
         let check = data.clone();
-        let sha = tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&check))).await?;
-        if data.len() as u64 != part.size || sha != part.sha256 {
+        let hash =
+            tokio::task::spawn_blocking(move || blake3::hash(&check).to_hex().to_string()).await?;
+        if data.len() as u64 != part.size || hash != part.blake3 {
             problems.push(format!(
-                "{name}: {} bytes with SHA-256 {sha}, but the record says {} bytes with {}",
+                "{name}: {} bytes with BLAKE3 {hash}, but the record says {} bytes with {}",
                 data.len(),
                 part.size,
-                part.sha256
+                part.blake3
             ));
             break;
         }

@@ -278,22 +278,9 @@ impl RepositoryError {
                     | EnvelopeError::KeyRequired { .. }
                     | EnvelopeError::UnsupportedVersion { .. }
             ),
-            Conflict { .. }
-            | ExistingUnreadable { .. }
-            | DescriptorInvalid { .. }
-            | DescriptorTampered { .. }
-            | ClusterMismatch { .. }
-            | SegmentSizeMismatch { .. }
-            | VersionMismatch { .. }
-            | BadRecord { .. } => true,
-            Store(_)
-            | Key(_)
-            | Layout(_)
-            | KeyMissing { .. }
-            | KeyMismatch { .. }
-            | KeyUnexpected { .. }
-            | TooLarge { .. }
-            | Internal { .. } => false,
+            // The key setting, not the content: a fix of the set-up.
+            KeyMissing { .. } | KeyMismatch { .. } | KeyUnexpected { .. } => false,
+            _ => self.class() == ErrorClass::Corrupt,
         }
     }
 

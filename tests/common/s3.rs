@@ -178,6 +178,14 @@ impl S3Server {
         .collect()
     }
 
+    /// [`S3Server::repo_options`] with another endpoint (a TCP front
+    /// before the server, which a test takes down).
+    pub fn repo_options_at(&self, endpoint: &str) -> BTreeMap<String, String> {
+        let mut o = self.repo_options();
+        o.insert("aws_endpoint".into(), endpoint.to_string());
+        o
+    }
+
     /// A raw `object_store` client for the bucket, to inspect and damage
     /// objects behind walsafe's back.
     pub fn raw_client(&self) -> object_store::aws::AmazonS3 {
