@@ -602,3 +602,29 @@ fn backup_errors_name_the_fix_and_store_nothing() {
     let rows = list(&s.config);
     assert_eq!(rows.len(), 1, "only the first cluster's backup: {rows:?}");
 }
+
+/// A full repository (a small tmpfs): the backup fails saying so, exit 1,
+/// and nothing is offered as a backup.
+#[test]
+fn a_full_repository_fails_the_backup_clearly() {
+    let s = setup("backup-full", PgOptions::default());
+    let fs = common::tmpfs::TmpFs::mount(&s.dir.join("repo-fs"), "12m");
+    let mut settings = s.settings.clone();
+    settings.repo_url = format!("file://{}", fs.path().join("repo").display());
+    let config = settings.write(&s.dir.join("full.toml"));
+    s.pg.psql("CREATE TABLE t (pad text)");
+    // Incompressible rows: the parts cannot fit in 12 MiB.
+    s.pg.psql(
+        "INSERT INTO t SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 100), generate_series(1, 16000) g GROUP BY g",
+    );
+    let o = walsafe(&config, &["backup"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("No space left on device") && err.contains("no backup record was written"),
+        "{err}"
+    );
+    let v = walsafe(&config, &["backup-verify", "latest"]);
+    assert_eq!(v.status.code(), Some(1), "{}", text(&v));
+    assert!(list(&config).iter().all(|r| r["complete"] == false));
+}

@@ -2,7 +2,7 @@
 //! straight into the repository beside the WAL.
 //!
 //! ```text
-//! PostgreSQL ──BASE_BACKUP──▶ events ──▶ part buffer (PART_SIZE) ──▶ BLAKE3, envelope, PUT
+//! PostgreSQL ──BASE_BACKUP──▶ events ──▶ part buffer (PART_SIZE) ──▶ envelope, PUT, BLAKE3 of what was stored
 //!                              (archive, data, manifest)     ▲            (UPLOADS_IN_FLIGHT at once)
 //!                                                            └── the socket is not read while
 //!                                                                every upload slot is taken
@@ -271,20 +271,8 @@ pub async fn take(
         None => warn!("base.tar does not start with backup_label: no backup history file stored"),
     }
 
-    // Stored sizes, from the store itself.
-    let stored: std::collections::HashMap<ObjectName, u64> = repo
-        .list_backup_objects(Some(&name))
-        .await?
-        .into_iter()
-        .collect();
     for a in &mut record.archives {
         a.parts.sort_by_key(|p| p.index);
-        for p in &mut a.parts {
-            let n = ObjectName::backup_part(&name, &a.name, p.index)?;
-            p.stored_size = *stored
-                .get(&n)
-                .ok_or_else(|| anyhow!("part {n} is not in the repository after its upload"))?;
-        }
     }
     record.size = record.archives.iter().map(|a| a.size).sum();
     record.stored_size = record
@@ -368,11 +356,9 @@ async fn upload(
     c.next_part += 1;
     let (repo, i) = (repo.clone(), c.index);
     uploads.spawn(async move {
-        let data = part.clone();
-        let blake3 =
-            tokio::task::spawn_blocking(move || blake3::hash(&data).to_hex().to_string()).await?;
         let size = part.len() as u64;
-        repo.put(&name, part)
+        let (stored_size, stored_blake3) = repo
+            .put_digest(&name, part)
             .await
             .with_context(|| format!("cannot store {name}"))?;
         drop(permit);
@@ -381,8 +367,8 @@ async fn upload(
             PartRecord {
                 index,
                 size,
-                blake3,
-                stored_size: 0,
+                stored_size,
+                stored_blake3,
             },
         ))
     });

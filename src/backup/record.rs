@@ -18,7 +18,7 @@
 //!   "backup_history": "000000010000000000000002.00000028.backup",
 //!   "archives": [
 //!     { "name": "base.tar", "oid": null, "location": null, "size": 31522816,
-//!       "parts": [ { "index": 0, "size": 8388608, "blake3": "…", "stored_size": 1523310 }, … ] },
+//!       "parts": [ { "index": 0, "size": 8388608, "stored_size": 1523310, "stored_blake3": "…" }, … ] },
 //!     { "name": "backup_manifest", … }
 //!   ],
 //!   "size": 31703040, "stored_size": 4102232
@@ -27,10 +27,12 @@
 //!
 //! `archives` holds one entry per tablespace tar (`base.tar` for the data
 //! directory, `<oid>.tar` for the others, each ended with tar's two zero
-//! blocks) and one for the server's `backup_manifest`; `blake3` is the
-//! BLAKE3 hash of the part's plaintext (cryptographic, and a fifth of
-//! SHA-256's CPU on a database host: the envelope already authenticates
-//! every object, this is the record's own check of what it lists). `wal_first` ..= `wal_last` are the segments
+//! blocks) and one for the server's `backup_manifest`; `stored_blake3` is
+//! the BLAKE3 hash of the stored object's bytes, checked before anything
+//! is decrypted or decompressed: the record's own proof of exactly what it
+//! lists, on top of the envelope's authentication, at the cost of hashing
+//! the compressed bytes only (a twentieth of the plaintext on a typical
+//! cluster: the database host pays for it). `wal_first` ..= `wal_last` are the segments
 //! (on the stop timeline) that recovery needs to reach consistency.
 
 use serde::{Deserialize, Serialize};
@@ -48,10 +50,10 @@ pub struct PartRecord {
     pub index: u32,
     /// Plaintext bytes.
     pub size: u64,
-    /// BLAKE3 of the plaintext, hex.
-    pub blake3: String,
     /// Bytes of the stored object (compressed, encrypted).
     pub stored_size: u64,
+    /// BLAKE3 of the stored object's bytes, hex.
+    pub stored_blake3: String,
 }
 
 /// One archive of the backup (a tablespace's tar, or the manifest).

@@ -2,9 +2,10 @@
 //! without a server and without writing it anywhere.
 //!
 //! 1. The record exists and parses (no record: the backup is incomplete).
-//! 2. Every part of every archive decrypts (or passes its checksum) under
-//!    its name, and its plaintext has the size and BLAKE3 hash the record
-//!    says.
+//! 2. Every part of every archive is the object the record lists (its
+//!    stored bytes have the recorded size and BLAKE3 hash), decrypts (or
+//!    passes its checksum) under its name, and has the recorded plaintext
+//!    size.
 //! 3. The server's `backup_manifest` is intact (its own SHA-256
 //!    `Manifest-Checksum`), and every tar archive, streamed part by part
 //!    through a tar reader, holds exactly the files the manifest lists,
@@ -147,29 +148,38 @@ async fn feed(
             ));
             break;
         }
-        let data = match repo.get(&name).await {
+        let raw = match repo.get_raw(&name).await {
             Ok(Some(d)) => d,
             Ok(None) => {
                 problems.push(format!("{name}: missing from the repository"));
                 break;
             }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {name}")),
+        };
+        let check = raw.clone();
+        let hash =
+            tokio::task::spawn_blocking(move || blake3::hash(&check).to_hex().to_string()).await?;
+        if raw.len() as u64 != part.stored_size || hash != part.stored_blake3 {
+            problems.push(format!(
+                "{name}: the stored object has {} bytes and BLAKE3 {hash}, but the record lists {} bytes and {}: it was altered or replaced",
+                raw.len(),
+                part.stored_size,
+                part.stored_blake3
+            ));
+            break;
+        }
+        let data = match repo.decode_raw(&name, raw).await {
+            Ok(d) => d,
             Err(e) => {
-                if e.is_retryable() {
-                    return Err(e).with_context(|| format!("cannot read {name}"));
-                }
                 problems.push(format!("{name}: {e}"));
                 break;
             }
         };
-        let check = data.clone();
-        let hash =
-            tokio::task::spawn_blocking(move || blake3::hash(&check).to_hex().to_string()).await?;
-        if data.len() as u64 != part.size || hash != part.blake3 {
+        if data.len() as u64 != part.size {
             problems.push(format!(
-                "{name}: {} bytes with BLAKE3 {hash}, but the record says {} bytes with {}",
+                "{name}: {} bytes of plaintext, the record says {}",
                 data.len(),
-                part.size,
-                part.blake3
+                part.size
             ));
             break;
         }

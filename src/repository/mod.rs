@@ -441,6 +441,40 @@ impl Repository {
             .await
     }
 
+    /// [`Repository::put`], returning what was stored: the object's length
+    /// and the BLAKE3 hash of its bytes (for records that list the objects
+    /// they wrote, like a base backup's parts: checked later on the raw
+    /// object, before anything is decrypted or decompressed).
+    pub async fn put_digest(
+        &self,
+        name: &ObjectName,
+        plaintext: Bytes,
+    ) -> Result<(u64, String), RepositoryError> {
+        let encoded = self.encode(name, plaintext.clone()).await?;
+        let stored = match self
+            .put_encoded(name, encoded.clone(), Plain::Memory(plaintext))
+            .await?
+        {
+            PutOutcome::Stored => encoded,
+            // The same plaintext was there (a retried call): its bytes.
+            PutOutcome::AlreadyStored => {
+                self.store
+                    .get(&name.key())
+                    .await?
+                    .ok_or_else(|| RepositoryError::Internal {
+                        what: format!("storing {name}"),
+                        message: "the object vanished after it was found stored".into(),
+                    })?
+            }
+        };
+        let len = stored.len() as u64;
+        let digest = on_cpu_lane(name, "hashing", move || {
+            blake3::hash(&stored).to_hex().to_string()
+        })
+        .await?;
+        Ok((len, digest))
+    }
+
     /// Create-only write of the file at `path` (a segment or closed
     /// partial), streamed through the envelope: memory holds the compressed
     /// object, never the whole plaintext.
