@@ -33,6 +33,7 @@ pub mod positions;
 pub mod receive;
 pub mod report;
 pub mod repository;
+pub mod restore;
 pub mod retry;
 pub mod service;
 pub mod spool;

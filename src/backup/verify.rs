@@ -132,7 +132,7 @@ pub async fn verify(repo: &Repository, record: &BackupRecord) -> anyhow::Result<
 /// Fetches the parts of `archive` in order, checks each against the
 /// record, and sends the plaintexts (stopping at the first bad part: what
 /// follows it cannot be read as tar anyway). Returns the problems found.
-async fn feed(
+pub(crate) async fn feed(
     repo: Repository,
     backup: String,
     archive: ArchiveRecord,
@@ -191,13 +191,13 @@ async fn feed(
 }
 
 /// A `Read` over parts arriving on a channel (blocking side).
-struct PartsReader {
+pub(crate) struct PartsReader {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
 }
 
 impl PartsReader {
-    fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
         PartsReader {
             rx,
             current: Bytes::new(),

@@ -128,6 +128,41 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a base backup into DIR (empty or absent) with the recovery settings for a target; then start PostgreSQL on it.
+    Restore {
+        /// The data directory to create.
+        dir: PathBuf,
+        /// The backup to restore: a name from backup-list, or "latest" (the newest that can reach the target).
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        /// Recover up to this time (e.g. "2026-12-06 17:05:00+00").
+        #[arg(long, group = "target")]
+        target_time: Option<String>,
+        /// Recover up to this WAL position (e.g. 0/5000028).
+        #[arg(long, group = "target")]
+        target_lsn: Option<String>,
+        /// Recover up to this transaction id.
+        #[arg(long, group = "target")]
+        target_xid: Option<String>,
+        /// Recover up to this restore point (pg_create_restore_point).
+        #[arg(long, group = "target")]
+        target_name: Option<String>,
+        /// "immediate": stop as soon as the backup is consistent.
+        #[arg(long = "target", group = "target", value_parser = ["immediate"])]
+        target_immediate: Option<String>,
+        /// Whether the target itself is included (PostgreSQL's default: true).
+        #[arg(long)]
+        target_inclusive: Option<bool>,
+        /// The timeline to recover along: latest (default), current, or a number.
+        #[arg(long)]
+        target_timeline: Option<String>,
+        /// What the server does at the target: promote, pause (PostgreSQL's default) or shutdown.
+        #[arg(long, value_parser = ["promote", "pause", "shutdown"])]
+        target_action: Option<String>,
+        /// Put the tablespace at OLD (its location on the backed-up server) at NEW instead.
+        #[arg(long, value_parser = parse_mapping)]
+        tablespace_map: Vec<(PathBuf, PathBuf)>,
+    },
     /// Download segments following NAME into the prefetch directory (started by wal-fetch).
     #[command(hide = true)]
     WalPrefetch {
@@ -150,6 +185,18 @@ fn parse_rate(text: &str) -> Result<u64, String> {
         .ok_or_else(|| {
             format!("{text:?} is not a rate between 32kB and 1GB per second (e.g. 50MB)")
         })
+}
+
+/// `OLD=NEW` of `--tablespace-map`.
+fn parse_mapping(text: &str) -> Result<(PathBuf, PathBuf), String> {
+    match text.split_once('=') {
+        Some((old, new)) if old.starts_with('/') && new.starts_with('/') => {
+            Ok((PathBuf::from(old), PathBuf::from(new)))
+        }
+        _ => Err(format!(
+            "{text:?} is not OLD=NEW with two absolute paths (e.g. /srv/ts1=/restore/ts1)"
+        )),
+    }
 }
 
 /// Keeps resident memory close to live memory.
@@ -323,6 +370,65 @@ pub fn main() -> ExitCode {
                     )
                 }),
                 Command::BackupList { json } => runtime(|| backup::list_command(cfg, json)),
+                Command::Restore {
+                    dir,
+                    backup,
+                    target_time,
+                    target_lsn,
+                    target_xid,
+                    target_name,
+                    target_immediate,
+                    target_inclusive,
+                    target_timeline,
+                    target_action,
+                    tablespace_map,
+                } => {
+                    use crate::restore::Target;
+                    let target = if let Some(t) = target_time {
+                        Target::time(&t)
+                    } else if let Some(l) = target_lsn {
+                        l.parse::<crate::pg::Lsn>().map(Target::Lsn).map_err(|_| {
+                            anyhow::anyhow!("--target-lsn {l:?} is not an LSN (e.g. 0/5000028)")
+                        })
+                    } else if let Some(x) = target_xid {
+                        Ok(Target::Xid(x))
+                    } else if let Some(n) = target_name {
+                        Ok(Target::Name(n))
+                    } else if target_immediate.is_some() {
+                        Ok(Target::Immediate)
+                    } else {
+                        Ok(Target::End)
+                    };
+                    let target = match target {
+                        Ok(t) => t,
+                        Err(e) => return report(Err(e)),
+                    };
+                    let args = crate::restore::RestoreArgs {
+                        dir,
+                        backup: Some(backup),
+                        target,
+                        inclusive: target_inclusive,
+                        timeline: target_timeline,
+                        action: target_action,
+                        tablespace_map,
+                    };
+                    runtime(|| async move {
+                        report(crate::restore::restore(&cfg, &args).await.map(|r| {
+                            println!(
+                                "restored backup {} ({} .. {} on timeline {}) into {}; wrote recovery.signal and to postgresql.auto.conf:",
+                                r.backup.name,
+                                r.backup.start_lsn,
+                                r.backup.stop_lsn,
+                                r.backup.stop_timeline,
+                                args.dir.display()
+                            );
+                            for l in &r.settings {
+                                println!("  {l}");
+                            }
+                            println!("start the server on it (pg_ctl -D {} start) to recover", args.dir.display());
+                        }))
+                    })
+                }
                 Command::BackupVerify { name, json } => {
                     runtime(|| backup::verify_command(cfg, name, json))
                 }

@@ -1,0 +1,350 @@
+//! restore: `walsafe restore DIR`, a base backup from the repository into
+//! a data directory, ready to recover to a target through `wal-fetch`.
+//!
+//! 1. **Refuse before touching anything**: `DIR` must be absent or empty,
+//!    and so must every tablespace directory (its original location, or
+//!    where `--tablespace-map OLD=NEW` sends it).
+//! 2. **Pick the backup**: the one named, or the newest complete backup
+//!    that ends before the target (a time or LSN target must lie after the
+//!    backup's stop: recovery cannot go back). None fits: an error listing
+//!    every backup considered and why it was rejected.
+//! 3. **Extract** each archive streamed part by part, every part checked
+//!    against the record (stored size and BLAKE3) and authenticated before
+//!    the tar reader sees it: `base.tar` into `DIR`, each `<oid>.tar` into
+//!    its tablespace directory (the map rewritten in `tablespace_map`), the
+//!    server's `backup_manifest` beside (for `pg_verifybackup`).
+//! 4. **Recovery settings**: `recovery.signal`, and in
+//!    `postgresql.auto.conf` a `restore_command` calling this walsafe by
+//!    absolute path with this configuration, the target, the timeline
+//!    (default `latest`) and the action; run as root, everything is handed
+//!    to `postgres`, `DIR` mode 0700.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use tracing::info;
+
+use crate::backup::record::{BackupRecord, MANIFEST_ARCHIVE};
+use crate::backup::verify::{feed, PartsReader};
+use crate::config::Config;
+use crate::pg::Lsn;
+use crate::repository::Repository;
+
+/// Parts fetched ahead of the tar reader, per archive.
+const PARTS_AHEAD: usize = 2;
+
+/// Where recovery is to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The end of the archive (PostgreSQL's default).
+    End,
+    /// As soon as the backup is consistent.
+    Immediate,
+    /// A time, as given (passed to PostgreSQL), and its instant.
+    Time(String, chrono::DateTime<chrono::FixedOffset>),
+    Lsn(Lsn),
+    Xid(String),
+    /// A restore point created by `pg_create_restore_point`.
+    Name(String),
+}
+
+impl Target {
+    /// Parses `--target-time`: RFC 3339, or PostgreSQL's
+    /// `YYYY-MM-DD HH:MM:SS[.ffffff][+TZ]`.
+    pub fn time(text: &str) -> anyhow::Result<Target> {
+        let t = text.trim();
+        let parsed = chrono::DateTime::parse_from_rfc3339(t)
+            .or_else(|_| chrono::DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f%#z"))
+            .or_else(|_| chrono::DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f %#z"))
+            .map_err(|_| {
+                anyhow!("--target-time {text:?} is not a time with its zone; write e.g. \"2026-12-06 17:05:00+00\"")
+            })?;
+        Ok(Target::Time(t.to_string(), parsed))
+    }
+}
+
+/// What `walsafe restore` was asked.
+#[derive(Debug, Clone)]
+pub struct RestoreArgs {
+    pub dir: PathBuf,
+    /// A backup name, or `None`/"latest" for the newest that fits.
+    pub backup: Option<String>,
+    pub target: Target,
+    pub inclusive: Option<bool>,
+    pub timeline: Option<String>,
+    pub action: Option<String>,
+    /// Tablespace location on the server → where to put it.
+    pub tablespace_map: Vec<(PathBuf, PathBuf)>,
+}
+
+/// What was restored.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub backup: BackupRecord,
+    /// The lines written to `postgresql.auto.conf`.
+    pub settings: Vec<String>,
+}
+
+/// Restores as described in the module doc.
+pub async fn restore(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Restored> {
+    refuse_unless_empty(&args.dir, "the data directory")?;
+    let repo = Repository::open(&cfg.repository)
+        .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
+    let backup = choose(&repo, args).await?;
+    // Every tablespace's destination, checked before anything is written.
+    let mut destinations = Vec::new();
+    for a in backup.archives.iter().filter(|a| a.oid.is_some()) {
+        let original = PathBuf::from(a.location.clone().ok_or_else(|| {
+            anyhow!(
+                "the record of {} has tablespace {} without its location",
+                backup.name,
+                a.name
+            )
+        })?);
+        let dest = args
+            .tablespace_map
+            .iter()
+            .find(|(old, _)| *old == original)
+            .map(|(_, new)| new.clone())
+            .unwrap_or_else(|| original.clone());
+        refuse_unless_empty(
+            &dest,
+            &format!("tablespace {} ({})", a.oid.unwrap_or(0), original.display()),
+        )?;
+        destinations.push((a.name.clone(), a.oid, original, dest));
+    }
+    create_private(&args.dir)?;
+    info!(backup = %backup.name, "restoring into {}", args.dir.display());
+    for a in &backup.archives {
+        let dest = if a.name == MANIFEST_ARCHIVE {
+            None
+        } else if a.oid.is_none() {
+            Some(args.dir.clone())
+        } else {
+            let d = &destinations
+                .iter()
+                .find(|(n, ..)| *n == a.name)
+                .expect("checked above")
+                .3;
+            create_private(d)?;
+            Some(d.clone())
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(PARTS_AHEAD);
+        let producer = feed(repo.clone(), backup.name.clone(), a.clone(), tx);
+        let archive = a.name.clone();
+        let manifest_path = args.dir.join("backup_manifest");
+        let consumer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut reader = PartsReader::new(rx);
+            match dest {
+                Some(d) => {
+                    let mut tar = tar::Archive::new(reader);
+                    tar.set_preserve_permissions(true);
+                    tar.set_preserve_mtime(true);
+                    tar.unpack(&d)
+                        .with_context(|| format!("cannot extract {archive} into {}", d.display()))
+                }
+                None => {
+                    let mut f = std::fs::File::create(&manifest_path)?;
+                    std::io::copy(&mut reader, &mut f)?;
+                    Ok(())
+                }
+            }
+        });
+        let (problems, extracted) = tokio::join!(producer, consumer);
+        let problems = problems?;
+        if !problems.is_empty() {
+            bail!(
+                "backup {} cannot be restored: {}",
+                backup.name,
+                problems.join("; ")
+            );
+        }
+        extracted??;
+    }
+    // The map PostgreSQL reads at the start of recovery.
+    if !destinations.is_empty() {
+        let map: String = destinations
+            .iter()
+            .map(|(_, oid, _, dest)| format!("{} {}\n", oid.unwrap_or(0), dest.display()))
+            .collect();
+        std::fs::write(args.dir.join("tablespace_map"), map)?;
+    }
+    let settings = recovery_settings(cfg, args)?;
+    std::fs::write(args.dir.join("recovery.signal"), "")?;
+    let auto = args.dir.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    text.push_str(&format!(
+        "# walsafe restore of backup {} ({} .. {} on timeline {})\n",
+        backup.name, backup.start_lsn, backup.stop_lsn, backup.stop_timeline
+    ));
+    for l in &settings {
+        text.push_str(l);
+        text.push('\n');
+    }
+    std::fs::write(&auto, text)?;
+    if nix::unistd::geteuid().is_root() {
+        let pg = nix::unistd::User::from_name("postgres")?.ok_or_else(|| {
+            anyhow!("running as root, but there is no postgres user to own the restored directory")
+        })?;
+        chown_tree(&args.dir, pg.uid, pg.gid)?;
+        for (_, _, _, d) in &destinations {
+            chown_tree(d, pg.uid, pg.gid)?;
+        }
+    }
+    Ok(Restored { backup, settings })
+}
+
+/// `path` must be absent or an empty directory.
+fn refuse_unless_empty(path: &Path, what: &str) -> anyhow::Result<()> {
+    match std::fs::read_dir(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow!("cannot read {what} {}: {e}", path.display())),
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                bail!(
+                    "{what} {} is not empty; walsafe restore writes only into an empty or new directory (nothing was changed): choose another, or empty it yourself",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Creates `dir` (and parents) with mode 0700.
+fn create_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+fn chown_tree(dir: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> anyhow::Result<()> {
+    nix::unistd::chown(dir, Some(uid), Some(gid))?;
+    if dir.is_dir() && !dir.is_symlink() {
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            if p.is_symlink() {
+                nix::unistd::fchownat(
+                    None,
+                    &p,
+                    Some(uid),
+                    Some(gid),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?;
+            } else {
+                chown_tree(&p, uid, gid)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The backup to restore (see the module doc).
+async fn choose(repo: &Repository, args: &RestoreArgs) -> anyhow::Result<BackupRecord> {
+    let listed = crate::backup::list(repo).await?;
+    let mut considered = Vec::new();
+    for (name, record, _, _) in &listed {
+        if let Some(wanted) = args.backup.as_deref().filter(|b| *b != "latest") {
+            if name != wanted {
+                continue;
+            }
+        }
+        let Some(r) = record else {
+            considered.push(format!("{name}: incomplete (no record)"));
+            continue;
+        };
+        match reaches(r, &args.target) {
+            Ok(()) => return Ok(r.clone()),
+            Err(why) => considered.push(format!("{name}: {why}")),
+        }
+    }
+    if considered.is_empty() {
+        bail!(match args.backup.as_deref().filter(|b| *b != "latest") {
+            Some(b) => format!(
+                "there is no backup {b} in {}; see walsafe backup-list",
+                repo.url()
+            ),
+            None => format!(
+                "there is no base backup in {}; take one with walsafe backup",
+                repo.url()
+            ),
+        });
+    }
+    bail!("no backup can reach the target: {}", considered.join("; "))
+}
+
+/// Whether recovery from `r` can reach `target`: a time or LSN target
+/// must lie after the backup's stop.
+fn reaches(r: &BackupRecord, target: &Target) -> Result<(), String> {
+    match target {
+        Target::Lsn(l) if *l < r.stop_lsn => Err(format!(
+            "it ends at {}, after the target LSN {l}",
+            r.stop_lsn
+        )),
+        Target::Time(text, t) => {
+            let stop = chrono::DateTime::parse_from_rfc3339(&r.stop_time)
+                .map_err(|e| format!("its stop time {:?} is unreadable: {e}", r.stop_time))?;
+            if stop > *t {
+                Err(format!(
+                    "it ends at {}, after the target time {text}",
+                    r.stop_time
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The lines for `postgresql.auto.conf`.
+fn recovery_settings(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Vec<String>> {
+    let exe = std::env::current_exe().context("cannot find this walsafe binary's path")?;
+    let config = std::fs::canonicalize(&cfg.path)
+        .with_context(|| format!("cannot resolve {}", cfg.path.display()))?;
+    let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let mut lines = vec![format!(
+        "restore_command = {}",
+        q(&format!(
+            "{} --config {} wal-fetch %f %p",
+            exe.display(),
+            config.display()
+        ))
+    )];
+    match &args.target {
+        Target::End => {}
+        Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
+        Target::Time(text, _) => lines.push(format!("recovery_target_time = {}", q(text))),
+        Target::Lsn(l) => lines.push(format!("recovery_target_lsn = '{l}'")),
+        Target::Xid(x) => lines.push(format!("recovery_target_xid = {}", q(x))),
+        Target::Name(n) => lines.push(format!("recovery_target_name = {}", q(n))),
+    }
+    if let Some(i) = args.inclusive {
+        lines.push(format!("recovery_target_inclusive = {i}"));
+    }
+    lines.push(format!(
+        "recovery_target_timeline = {}",
+        q(args.timeline.as_deref().unwrap_or("latest"))
+    ));
+    if let Some(a) = &args.action {
+        lines.push(format!("recovery_target_action = {}", q(a)));
+    }
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_times_in_both_spellings() {
+        let a = Target::time("2026-12-06 17:05:00+00").unwrap();
+        let b = Target::time("2026-12-06T17:05:00Z").unwrap();
+        match (a, b) {
+            (Target::Time(_, x), Target::Time(_, y)) => assert_eq!(x, y),
+            _ => unreachable!(),
+        }
+        assert!(Target::time("yesterday").is_err());
+    }
+}
