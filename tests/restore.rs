@@ -120,3 +120,93 @@ fn a_restore_to_a_time_holds_exactly_the_rows_before_it_and_wrong_requests_are_r
         "exactly the rows committed before the target"
     );
 }
+
+/// Restores the newest backup `walsafe restore` picks for `args` (plus
+/// `--target-action promote`) and returns the batches present after
+/// recovery.
+fn batches_after(config: &std::path::Path, args: &[&str]) -> String {
+    let work = TestDir::new("restore-target");
+    let dir = work.join("data");
+    let mut all = vec![
+        "restore",
+        dir.to_str().unwrap(),
+        "--target-action",
+        "promote",
+    ];
+    all.extend_from_slice(args);
+    let o = walsafe(config, &all);
+    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
+    let restored = common::pg::start_restore(&dir, &[]);
+    assert_eq!(
+        restored.wait_recovery_end(Duration::from_secs(120)),
+        RecoveryOutcome::Promoted,
+        "{args:?}: {}",
+        restored.log_tail()
+    );
+    restored.psql("SELECT string_agg(DISTINCT batch::text, ',' ORDER BY batch::text) FROM t")
+}
+
+/// Every kind of target, and the backup each one needs: an LSN between
+/// two backups restores the older one; a restore point, an xid and the
+/// end of the archive use the newer; `--target immediate` with
+/// `--backup` stops at that backup's consistency.
+#[test]
+fn every_target_kind_restores_exactly_its_rows_from_the_right_backup() {
+    let s = setup("restore-kinds", PgOptions::default());
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (batch int)");
+    s.pg.psql("INSERT INTO t VALUES (1)");
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let older = walsafe(&s.config, &["backup-list", "--json"]);
+    let older: serde_json::Value = serde_json::from_slice(&older.stdout).unwrap();
+    let older = older[0]["name"].as_str().unwrap().to_string();
+    s.pg.psql("INSERT INTO t VALUES (2)");
+    let lsn_2 = s.pg.psql("SELECT pg_current_wal_lsn()");
+    std::thread::sleep(Duration::from_millis(1100)); // backups are named by the second
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    s.pg.psql("INSERT INTO t VALUES (3)");
+    s.pg.psql("SELECT pg_create_restore_point('after three')");
+    let xid =
+        s.pg.psql("INSERT INTO t VALUES (4) RETURNING pg_current_xact_id()");
+    s.pg.psql("INSERT INTO t VALUES (5)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+
+    assert_eq!(batches_after(&s.config, &["--target-lsn", &lsn_2]), "1,2");
+    assert_eq!(
+        batches_after(&s.config, &["--target-name", "after three"]),
+        "1,2,3"
+    );
+    assert_eq!(batches_after(&s.config, &["--target-xid", &xid]), "1,2,3,4");
+    assert_eq!(
+        batches_after(&s.config, &["--target", "immediate", "--backup", &older]),
+        "1"
+    );
+    assert_eq!(batches_after(&s.config, &[]), "1,2,3,4,5");
+
+    // An explicit backup that ends after the target is refused.
+    let newest = walsafe(&s.config, &["backup-list", "--json"]);
+    let newest: serde_json::Value = serde_json::from_slice(&newest.stdout).unwrap();
+    let newest = newest[0]["name"].as_str().unwrap().to_string();
+    let work = TestDir::new("restore-refused");
+    let o = walsafe(
+        &s.config,
+        &[
+            "restore",
+            work.join("data").to_str().unwrap(),
+            "--backup",
+            &newest,
+            "--target-lsn",
+            &lsn_2,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("after the target LSN"),
+        "{}",
+        text(&o)
+    );
+    assert!(!work.join("data").exists());
+}
