@@ -75,6 +75,8 @@ pub struct RestoreArgs {
     pub action: Option<String>,
     /// Tablespace location on the server → where to put it.
     pub tablespace_map: Vec<(PathBuf, PathBuf)>,
+    /// `port` for the restored server (written with the settings).
+    pub port: Option<u16>,
 }
 
 /// What was restored.
@@ -192,6 +194,135 @@ pub async fn restore(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Restore
         }
     }
     Ok(Restored { backup, settings })
+}
+
+/// Where recovery ended, as the server's log tells it.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// "recovery stopping …" (the target was reached), as logged.
+    pub target_line: Option<String>,
+    /// The last replayed position ("redo done at …").
+    pub redo_done_at: Option<String>,
+    /// "last completed transaction was at log time …".
+    pub last_commit: Option<String>,
+    /// The new timeline, when the server promoted.
+    pub timeline: Option<u32>,
+    /// How recovery ended: "promoted", "paused at the target", "shut down at the target".
+    pub outcome: String,
+    /// From the start of `walsafe restore` to the end of recovery.
+    pub rto: std::time::Duration,
+    pub log: PathBuf,
+}
+
+/// Starts PostgreSQL (the backup's major: `bindir`, or
+/// `/usr/lib/postgresql/<major>/bin`) on the restored `dir` — as
+/// `postgres` when run as root — and follows its log until recovery ends:
+/// promoted, paused, shut down, or failed (an error quoting the log).
+pub async fn start(
+    record: &BackupRecord,
+    dir: &Path,
+    bindir: Option<&Path>,
+    started: std::time::Instant,
+) -> anyhow::Result<Recovered> {
+    use std::os::unix::process::CommandExt;
+    let major = record.pg_version_num / 10000;
+    let bindir = match bindir {
+        Some(b) => b.to_path_buf(),
+        None => PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+    };
+    let pg_ctl = bindir.join("pg_ctl");
+    if !pg_ctl.exists() {
+        bail!(
+            "{} not found: the backup is of PostgreSQL {major}; give its binaries with --pg-bindir",
+            pg_ctl.display()
+        );
+    }
+    let log = dir.join("walsafe-restore.log");
+    let mut cmd = std::process::Command::new(&pg_ctl);
+    cmd.arg("-D")
+        .arg(dir)
+        .arg("-l")
+        .arg(&log)
+        .args(["-W", "start"]);
+    if nix::unistd::geteuid().is_root() {
+        let pg = nix::unistd::User::from_name("postgres")?.ok_or_else(|| {
+            anyhow!("running as root, but there is no postgres user to run PostgreSQL")
+        })?;
+        cmd.uid(pg.uid.as_raw())
+            .gid(pg.gid.as_raw())
+            .current_dir("/tmp");
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", pg_ctl.display()))?;
+    if !out.status.success() {
+        bail!(
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut r = Recovered {
+        log: log.clone(),
+        ..Recovered::default()
+    };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text.lines() {
+            let msg = line.split_once("LOG:  ").map(|(_, m)| m).unwrap_or(line);
+            if msg.starts_with("recovery stopping") {
+                r.target_line = Some(msg.to_string());
+            } else if let Some(at) = msg.strip_prefix("redo done at ") {
+                r.redo_done_at = Some(at.split_whitespace().next().unwrap_or(at).to_string());
+            } else if let Some(t) = msg.strip_prefix("last completed transaction was at log time ")
+            {
+                r.last_commit = Some(t.to_string());
+            } else if let Some(t) = msg.strip_prefix("selected new timeline ID: ") {
+                r.timeline = t.trim().parse().ok();
+            }
+        }
+        let promoted = text.contains("archive recovery complete")
+            && text
+                .rsplit("archive recovery complete")
+                .next()
+                .is_some_and(|after| {
+                    after.contains("database system is ready to accept connections")
+                });
+        let outcome = if promoted {
+            Some("promoted")
+        } else if text.contains("recovery has paused")
+            || text.contains("pausing at the end of recovery")
+        {
+            Some("paused at the target (SELECT pg_wal_replay_resume() to promote)")
+        } else if r.target_line.is_some() && text.contains("database system is shut down") {
+            Some("shut down at the target")
+        } else {
+            None
+        };
+        if let Some(o) = outcome {
+            r.outcome = o.to_string();
+            r.rto = started.elapsed();
+            return Ok(r);
+        }
+        let alive = std::process::Command::new(&pg_ctl)
+            .arg("-D")
+            .arg(dir)
+            .arg("status")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !alive {
+            let tail: Vec<&str> = text.lines().rev().take(12).collect();
+            bail!(
+                "PostgreSQL stopped during recovery; the end of its log ({}):\n{}",
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
 }
 
 /// `path` must be absent or an empty directory.
@@ -329,6 +460,9 @@ fn recovery_settings(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Vec<Str
     ));
     if let Some(a) = &args.action {
         lines.push(format!("recovery_target_action = {}", q(a)));
+    }
+    if let Some(p) = args.port {
+        lines.push(format!("port = {p}"));
     }
     Ok(lines)
 }

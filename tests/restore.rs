@@ -210,3 +210,67 @@ fn every_target_kind_restores_exactly_its_rows_from_the_right_backup() {
     );
     assert!(!work.join("data").exists());
 }
+
+/// `--start`: the restored server is started, recovery followed to the
+/// target, and where it stopped is reported with the measured RTO.
+#[test]
+fn restore_start_recovers_to_the_target_and_reports_it() {
+    let s = setup("restore-start", PgOptions::default());
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (batch int)");
+    s.pg.psql("INSERT INTO t VALUES (1)");
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    s.pg.psql("INSERT INTO t VALUES (2)");
+    let target = s.pg.psql("SELECT clock_timestamp()");
+    s.pg.psql("INSERT INTO t VALUES (3)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+
+    let work = TestDir::new("restore-start-out");
+    let dir = work.join("data");
+    let port = common::walsafe::free_port();
+    let o = walsafe(
+        &s.config,
+        &[
+            "restore",
+            dir.to_str().unwrap(),
+            "--target-time",
+            &target,
+            "--target-action",
+            "promote",
+            "--start",
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    // Whatever happened, stop the restored server at the end.
+    struct Stop(std::path::PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let mut c = common::pg::pg_command("pg_ctl");
+            c.arg("-D").arg(&self.0).args(["-m", "immediate", "stop"]);
+            let _ = c.output();
+        }
+    }
+    let _stop = Stop(dir.clone());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    eprintln!("REPORT walsafe restore --start:\n{out}");
+    assert!(out.contains("recovery ended: promoted"), "{out}");
+    assert!(out.contains("target reached: recovery stopping"), "{out}");
+    assert!(out.contains("timeline 2") && out.contains("RTO"), "{out}");
+    let rows = std::process::Command::new(s.pg.bins().program("psql"))
+        .args(["-XAtq", "-h"])
+        .arg(s.pg.socket_dir())
+        .args(["-p", &port.to_string(), "-U", "postgres", "-c"])
+        .arg("SELECT string_agg(batch::text, ',' ORDER BY batch) FROM t")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&rows.stdout).trim(),
+        "1,2",
+        "{}",
+        text(&rows)
+    );
+}

@@ -42,6 +42,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (restore's
+// options) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: stream WAL, spool it, upload it, serve metrics.
@@ -162,6 +165,15 @@ pub enum Command {
         /// Put the tablespace at OLD (its location on the backed-up server) at NEW instead.
         #[arg(long, value_parser = parse_mapping)]
         tablespace_map: Vec<(PathBuf, PathBuf)>,
+        /// Start PostgreSQL on DIR (as postgres when run as root), follow recovery and report where it stopped and the time it took (RTO).
+        #[arg(long)]
+        start: bool,
+        /// The port of the restored server (written into postgresql.auto.conf).
+        #[arg(long)]
+        port: Option<u16>,
+        /// PostgreSQL's programs for --start (default /usr/lib/postgresql/<the backup's major>/bin).
+        #[arg(long)]
+        pg_bindir: Option<PathBuf>,
     },
     /// Download segments following NAME into the prefetch directory (started by wal-fetch).
     #[command(hide = true)]
@@ -382,6 +394,9 @@ pub fn main() -> ExitCode {
                     target_timeline,
                     target_action,
                     tablespace_map,
+                    start,
+                    port,
+                    pg_bindir,
                 } => {
                     use crate::restore::Target;
                     let target = if let Some(t) = target_time {
@@ -411,9 +426,14 @@ pub fn main() -> ExitCode {
                         timeline: target_timeline,
                         action: target_action,
                         tablespace_map,
+                        port,
                     };
+                    let began = std::time::Instant::now();
+                    let targeted = !matches!(args.target, Target::End);
                     runtime(|| async move {
-                        report(crate::restore::restore(&cfg, &args).await.map(|r| {
+                        let restored = crate::restore::restore(&cfg, &args).await;
+                        let backup = restored.as_ref().ok().map(|r| r.backup.clone());
+                        let code = report(restored.map(|r| {
                             println!(
                                 "restored backup {} ({} .. {} on timeline {}) into {}; wrote recovery.signal and to postgresql.auto.conf:",
                                 r.backup.name,
@@ -425,8 +445,38 @@ pub fn main() -> ExitCode {
                             for l in &r.settings {
                                 println!("  {l}");
                             }
-                            println!("start the server on it (pg_ctl -D {} start) to recover", args.dir.display());
-                        }))
+                            if !start {
+                                println!("start the server on it (pg_ctl -D {} start) to recover", args.dir.display());
+                            }
+                        }));
+                        let (Some(backup), true) = (backup, start) else {
+                            return code;
+                        };
+                        match crate::restore::start(&backup, &args.dir, pg_bindir.as_deref(), began)
+                            .await
+                        {
+                            Err(e) => report(Err(e)),
+                            Ok(r) => {
+                                println!(
+                                    "recovery ended: {}; last replayed {}, last commit {}, timeline {}; RTO {} (log {})",
+                                    r.outcome,
+                                    r.redo_done_at.as_deref().unwrap_or("?"),
+                                    r.last_commit.as_deref().unwrap_or("none replayed"),
+                                    r.timeline.map_or("unchanged".to_string(), |t| t.to_string()),
+                                    crate::report::human_age(r.rto.as_secs_f64()),
+                                    r.log.display()
+                                );
+                                match &r.target_line {
+                                    Some(l) => println!("target reached: {l}"),
+                                    None if targeted => {
+                                        eprintln!("walsafe restore: recovery ended before reaching the target: the archive ends earlier (see the log)");
+                                        return ExitCode::FAILURE;
+                                    }
+                                    None => println!("recovered to the end of the archive"),
+                                }
+                                ExitCode::SUCCESS
+                            }
+                        }
                     })
                 }
                 Command::BackupVerify { name, json } => {
