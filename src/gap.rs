@@ -70,7 +70,8 @@ impl Gap {
     }
 }
 
-mod lsn_text {
+/// An LSN as PostgreSQL writes it (`0/2000028`), for serde.
+pub(crate) mod lsn_text {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use crate::pg::Lsn;
@@ -85,7 +86,8 @@ mod lsn_text {
     }
 }
 
-mod timeline_number {
+/// A timeline as its number, for serde.
+pub(crate) mod timeline_number {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use crate::pg::TimelineId;

@@ -92,7 +92,7 @@ pub async fn restore(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Restore
     refuse_unless_empty(&args.dir, "the data directory")?;
     let repo = Repository::open(&cfg.repository)
         .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
-    let backup = choose(&repo, args).await?;
+    let backup = choose(cfg, &repo, args).await?;
     // Every tablespace's destination, checked before anything is written.
     let mut destinations = Vec::new();
     for a in backup.archives.iter().filter(|a| a.oid.is_some()) {
@@ -372,8 +372,13 @@ fn chown_tree(dir: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> anyho
 }
 
 /// The backup to restore (see the module doc).
-async fn choose(repo: &Repository, args: &RestoreArgs) -> anyhow::Result<BackupRecord> {
+async fn choose(
+    cfg: &Config,
+    repo: &Repository,
+    args: &RestoreArgs,
+) -> anyhow::Result<BackupRecord> {
     let listed = crate::backup::list(repo).await?;
+    let gaps = repo.gaps().await?;
     let mut considered = Vec::new();
     for (name, record, _, _) in &listed {
         if let Some(wanted) = args.backup.as_deref().filter(|b| *b != "latest") {
@@ -385,7 +390,7 @@ async fn choose(repo: &Repository, args: &RestoreArgs) -> anyhow::Result<BackupR
             considered.push(format!("{name}: incomplete (no record)"));
             continue;
         };
-        match reaches(r, &args.target) {
+        match reaches(r, &args.target).and_then(|()| no_gap_after(cfg, r, &args.target, &gaps)) {
             Ok(()) => return Ok(r.clone()),
             Err(why) => considered.push(format!("{name}: {why}")),
         }
@@ -427,6 +432,36 @@ fn reaches(r: &BackupRecord, target: &Target) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// Recovery from `r` towards `target` must not meet a recorded gap (WAL
+/// lost before it was archived): `wal-fetch` would stop recovery there.
+/// A gap the operator opted in to (`[fetch] recover_to_gap`) is allowed;
+/// `immediate` needs no WAL past the backup's end.
+fn no_gap_after(
+    cfg: &Config,
+    r: &BackupRecord,
+    target: &Target,
+    gaps: &[crate::gap::Gap],
+) -> Result<(), String> {
+    if *target == Target::Immediate {
+        return Ok(());
+    }
+    for g in gaps {
+        let after_backup = g.timeline >= r.stop_timeline && g.to > r.stop_lsn;
+        let before_target = match target {
+            Target::Lsn(l) => g.from < *l,
+            _ => true,
+        };
+        let opted_in = cfg.fetch.recover_to_gap == Some((g.timeline, g.from));
+        if after_backup && before_target && !opted_in {
+            return Err(format!(
+                "WAL from {} to {} on timeline {} was lost before it was archived ({}); recovery from this backup stops there. Restore a backup taken after {}, or to end recovery at the gap on purpose add recover_to_gap = \"{}:{}\" to [fetch]",
+                g.from, g.to, g.timeline, g.reason, g.to, g.timeline, g.from
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The lines for `postgresql.auto.conf`.

@@ -274,3 +274,60 @@ fn restore_start_recovers_to_the_target_and_reports_it() {
         text(&rows)
     );
 }
+
+/// A recorded gap after the backup: a restore that would have to cross it
+/// is refused with the gap named (recovery would stop there); a target
+/// before the gap, or `immediate`, is fine.
+#[test]
+fn a_restore_across_a_recorded_gap_is_refused() {
+    let s = setup("restore-gap", PgOptions::default());
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (batch int)");
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    s.pg.psql("INSERT INTO t VALUES (1)");
+    let before_gap = s.pg.psql("SELECT pg_current_wal_lsn()");
+    s.pg.psql("SELECT pg_switch_wal()");
+    s.pg.psql("INSERT INTO t VALUES (2)");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+    // As if WAL after `before_gap` had been lost before it was archived.
+    let from = common::setup::parse_lsn(&before_gap) + 8;
+    let gap = walsafe::gap::Gap::new(
+        walsafe::pg::TimelineId(1),
+        walsafe::pg::Lsn(from),
+        walsafe::pg::Lsn(from + (16 << 20)),
+        "test: slot invalidated",
+    );
+    let cfg = walsafe::config::Config::load(&s.config).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async {
+            walsafe::repository::Repository::open(&cfg.repository)
+                .unwrap()
+                .record_gap(&gap)
+                .await
+        })
+        .unwrap();
+    // Written as root: hand it to the user walsafe runs as.
+    common::pg::chown_postgres(&s.dir.join("repo"));
+
+    let work = TestDir::new("restore-gap-out");
+    let restore = |name: &str, extra: &[&str]| {
+        let dir = work.join(name);
+        let mut args = vec!["restore", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        (walsafe(&s.config, &args), dir)
+    };
+    let (o, dir) = restore("to-the-end", &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("was lost before it was archived") && err.contains("recover_to_gap"),
+        "{err}"
+    );
+    assert!(!dir.exists());
+    let (o, _) = restore("before-the-gap", &["--target-lsn", &before_gap]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let (o, _) = restore("immediate", &["--target", "immediate"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -79,13 +79,13 @@ pub struct BackupRecord {
     pub system_identifier: u64,
     pub pg_version_num: u32,
     pub segment_size: u64,
-    #[serde(with = "lsn_text")]
+    #[serde(with = "crate::gap::lsn_text")]
     pub start_lsn: Lsn,
-    #[serde(with = "timeline_number")]
+    #[serde(with = "crate::gap::timeline_number")]
     pub start_timeline: TimelineId,
-    #[serde(with = "lsn_text")]
+    #[serde(with = "crate::gap::lsn_text")]
     pub stop_lsn: Lsn,
-    #[serde(with = "timeline_number")]
+    #[serde(with = "crate::gap::timeline_number")]
     pub stop_timeline: TimelineId,
     pub start_time: String,
     pub stop_time: String,
@@ -98,36 +98,6 @@ pub struct BackupRecord {
     pub archives: Vec<ArchiveRecord>,
     pub size: u64,
     pub stored_size: u64,
-}
-
-/// An LSN as PostgreSQL writes it (`0/2000028`).
-mod lsn_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::pg::Lsn;
-
-    pub fn serialize<S: Serializer>(v: &Lsn, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&v.to_string())
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
-        let t = String::deserialize(d)?;
-        t.parse()
-            .map_err(|_| serde::de::Error::custom(format!("{t:?} is not an LSN")))
-    }
-}
-
-/// A timeline as its number.
-mod timeline_number {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::pg::TimelineId;
-
-    pub fn serialize<S: Serializer>(v: &TimelineId, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u32(v.0)
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TimelineId, D::Error> {
-        Ok(TimelineId(u32::deserialize(d)?))
-    }
 }
 
 impl BackupRecord {
