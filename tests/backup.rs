@@ -14,19 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::pg::{chown_postgres, PgOptions, RecoveryOutcome, TestDir};
-use common::setup::{current_lsn, setup, write_wal};
+use common::setup::{current_lsn, output_text as text, setup, write_wal};
 use common::walsafe::{bin_copy, restore_command, wait_until, walsafe, Agent};
 use walsafe::backup::record::{BackupRecord, MANIFEST_ARCHIVE};
 use walsafe::repository::{ObjectName, Repository};
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn repository(config: &Path) -> Repository {
     let cfg = walsafe::config::Config::load(config).unwrap();
@@ -108,6 +99,19 @@ fn extract(config: &Path, rec: &BackupRecord, dir: &Path) -> PathBuf {
         .unwrap();
     assert!(st.success());
     data
+}
+
+/// PostgreSQL's own `pg_verifybackup` (of `pg`'s major) accepts `data`
+/// (the WAL is checked by walsafe: none is in the extracted directory).
+fn pg_verifybackup(pg: &common::pg::PgCluster, data: &Path) {
+    let pv = pg
+        .bins()
+        .command("pg_verifybackup")
+        .args(["--no-parse-wal"])
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(pv.status.success(), "pg_verifybackup: {}", text(&pv));
 }
 
 /// Starts the extracted data directory `data` in archive recovery with
@@ -211,14 +215,7 @@ fn a_backup_under_load_verifies_and_restores_with_its_tablespace() {
     // By hand: extract, then PostgreSQL's own verifier.
     let work = TestDir::new("backup-extract");
     let data = extract(&s.config, &rec, work.path());
-    let pv =
-        s.pg.bins()
-            .command("pg_verifybackup")
-            .args(["--no-parse-wal"])
-            .arg(&data)
-            .output()
-            .unwrap();
-    assert!(pv.status.success(), "pg_verifybackup: {}", text(&pv));
+    pg_verifybackup(&s.pg, &data);
 
     // And it restores through the archive: the tablespace map points at
     // the extracted tablespace, not the primary's.
@@ -499,14 +496,7 @@ fn a_postgresql_18_backup_passes_its_own_pg_verifybackup() {
         s.pg.bins().has_own("pg_verifybackup"),
         "PostgreSQL 18's own pg_verifybackup"
     );
-    let pv =
-        s.pg.bins()
-            .command("pg_verifybackup")
-            .args(["--no-parse-wal"])
-            .arg(&data)
-            .output()
-            .unwrap();
-    assert!(pv.status.success(), "pg_verifybackup 18: {}", text(&pv));
+    pg_verifybackup(&s.pg, &data);
     std::fs::remove_file(data.join("backup_manifest")).unwrap();
     let restored = restore_extracted(&data, s.dir.path(), &s.config);
     assert_eq!(restored.psql("SELECT count(*) FROM t"), "5001");

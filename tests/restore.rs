@@ -9,17 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::pg::{PgOptions, RecoveryOutcome, TestDir};
-use common::setup::{current_lsn, setup};
+use common::setup::{current_lsn, output_text as text, setup};
 use common::walsafe::{walsafe, Agent};
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[test]
 fn a_restore_to_a_time_holds_exactly_the_rows_before_it_and_wrong_requests_are_refused() {

@@ -12,20 +12,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::pg::{chown_postgres, PgCluster, PgOptions, RecoveryOutcome, TestDir};
-use common::setup::{current_lsn, segment_name, setup, write_wal};
+use common::setup::{current_lsn, output_text as text, segment_name, setup, write_wal};
 use common::walsafe::{bin_copy, restore, wait_until, walsafe, Agent, Settings};
 use walsafe::gap::Gap;
 use walsafe::pg::{Lsn, TimelineId};
 use walsafe::repository::{Compression, Repository, Store};
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// `walsafe ARGS…` without a --config of ours.
 fn walsafe_raw(dir: &Path, args: &[&str]) -> std::process::Output {

@@ -69,6 +69,17 @@ pub fn keygen(dir: &Path, name: &str) -> PathBuf {
     key
 }
 
+/// A finished command, for assertion messages: its exit code, stdout and
+/// stderr.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// A command's stderr as text.
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
