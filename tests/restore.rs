@@ -322,3 +322,74 @@ fn a_restore_across_a_recorded_gap_is_refused() {
     let (o, _) = restore("immediate", &["--target", "immediate"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// PostgreSQL 18, an encrypted S3 repository (moto): restored with
+/// `--start` using 18's own programs, to the end of the archive.
+#[test]
+fn a_postgresql_18_backup_in_s3_restores_and_starts() {
+    let s3 = common::s3::S3Server::start();
+    let mut s = setup("restore-18-s3", PgOptions::default().major(18));
+    s.settings.repo_url = s3.url("restore-18");
+    s.settings.repo_options = s3.repo_options().into_iter().collect();
+    s.settings.key_file = Some(common::setup::keygen(s.dir.path(), "repo.key"));
+    let config = s.settings.write(&s.dir.join("walsafe.toml"));
+    let agent = Agent::start(&config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (batch int)");
+    s.pg.psql("INSERT INTO t VALUES (1)");
+    let o = walsafe(&config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    s.pg.psql("INSERT INTO t VALUES (2)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+
+    let work = TestDir::new("restore-18-out");
+    let dir = work.join("data");
+    let port = common::walsafe::free_port();
+    let bindir =
+        s.pg.bins()
+            .program("pg_ctl")
+            .parent()
+            .unwrap()
+            .to_path_buf();
+    let o = walsafe(
+        &config,
+        &[
+            "restore",
+            dir.to_str().unwrap(),
+            "--target-action",
+            "promote",
+            "--start",
+            "--port",
+            &port.to_string(),
+            "--pg-bindir",
+            bindir.to_str().unwrap(),
+        ],
+    );
+    struct Stop(std::path::PathBuf, std::path::PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let mut c = std::process::Command::new(self.1.join("pg_ctl"));
+            c.arg("-D").arg(&self.0).args(["-m", "immediate", "stop"]);
+            common::pg::as_postgres(&mut c);
+            let _ = c.output();
+        }
+    }
+    let _stop = Stop(dir.clone(), bindir.clone());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("recovery ended: promoted"), "{out}");
+    assert!(out.contains("recovered to the end of the archive"), "{out}");
+    let rows = std::process::Command::new(s.pg.bins().program("psql"))
+        .args(["-XAtq", "-h"])
+        .arg(s.pg.socket_dir())
+        .args(["-p", &port.to_string(), "-U", "postgres", "-c"])
+        .arg("SELECT string_agg(batch::text, ',' ORDER BY batch) FROM t")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&rows.stdout).trim(),
+        "1,2",
+        "{}",
+        text(&rows)
+    );
+}

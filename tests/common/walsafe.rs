@@ -159,17 +159,15 @@ impl Agent {
             .unwrap();
         let mut cmd = Command::new(bin_copy(config.parent().unwrap()));
         super::pg::as_postgres(&mut cmd);
-        let child = cmd
-            .arg("--config")
+        cmd.arg("--config")
             .arg(config)
             .arg("run")
             .env("WALSAFE_LOG", "walsafe=debug,info")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(logfile)
-            .spawn()
-            .expect("start walsafe run");
+            .stderr(logfile);
+        let child = retry_text_busy(|| cmd.spawn()).expect("start walsafe run");
         Agent {
             config: config.to_path_buf(),
             metrics_port,
@@ -290,9 +288,25 @@ pub fn walsafe(config: &Path, args: &[&str]) -> Output {
         .arg(config)
         .args(args)
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run walsafe")
+        .stdin(Stdio::null());
+    retry_text_busy(|| cmd.output()).expect("run walsafe")
+}
+
+/// Runs `f` (a spawn of the walsafe copy) again while it fails with
+/// ETXTBSY: another thread of the test forking (psql, pg_ctl) while the
+/// copy was being written leaves a child holding the file open for
+/// writing until it execs, and exec of the copy fails meanwhile.
+pub fn retry_text_busy<T>(mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// `restore_command` for a config: the binary copy, run by postgres.
