@@ -618,3 +618,36 @@ fn a_full_repository_fails_the_backup_clearly() {
     assert_eq!(v.status.code(), Some(1), "{}", text(&v));
     assert!(list(&config).iter().all(|r| r["complete"] == false));
 }
+
+/// The server ends the stream mid-backup (its walsender terminated): a
+/// clear error, exit 1, no record.
+#[test]
+fn an_interrupted_stream_fails_the_backup_and_offers_nothing() {
+    let s = setup("backup-cut", PgOptions::default());
+    s.pg.psql("CREATE TABLE t (pad text)");
+    write_wal(&s.pg, 30);
+    let mut cmd = Command::new(bin_copy(s.dir.path()));
+    common::pg::as_postgres(&mut cmd);
+    let child = cmd
+        .arg("--config")
+        .arg(&s.config)
+        .args(["backup", "--max-rate", "2MB"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let streaming = wait_until(Duration::from_secs(60), || {
+        s.pg.psql("SELECT count(*) FROM pg_stat_progress_basebackup WHERE phase = 'streaming database files'")
+            == "1"
+    });
+    assert!(streaming, "the backup never streamed");
+    s.pg.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = 'walsafe-backup'",
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no backup record was written"), "{err}");
+    assert!(list(&s.config).iter().all(|r| r["complete"] == false));
+}
