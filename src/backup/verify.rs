@@ -14,7 +14,8 @@
 //! 4. Every WAL segment from the backup's start to its stop is in the
 //!    repository.
 //!
-//! Memory: one part being read plus at most [`PARTS_AHEAD`] fetched ahead.
+//! Memory: one part being read, [`PARTS_AHEAD`] waiting for the reader and
+//! [`PARTS_FETCHED`] being fetched and checked.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -29,6 +30,8 @@ use crate::repository::{ObjectName, Repository};
 
 /// Parts fetched ahead of the tar reader.
 const PARTS_AHEAD: usize = 2;
+/// Parts fetched and checked at once.
+pub const PARTS_FETCHED: usize = 3;
 
 /// Files a backup's tar holds that its manifest does not list, as
 /// `pg_verifybackup` ignores them.
@@ -129,8 +132,9 @@ pub async fn verify(repo: &Repository, record: &BackupRecord) -> anyhow::Result<
     Ok(report)
 }
 
-/// Fetches the parts of `archive` in order, checks each against the
-/// record, and sends the plaintexts (stopping at the first bad part: what
+/// Fetches the parts of `archive`, [`PARTS_FETCHED`] at once (a round
+/// trip each on object storage), checks each against the record and
+/// sends the plaintexts in order (stopping at the first bad part: what
 /// follows it cannot be read as tar anyway). Returns the problems found.
 pub(crate) async fn feed(
     repo: Repository,
@@ -138,56 +142,70 @@ pub(crate) async fn feed(
     archive: ArchiveRecord,
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) -> anyhow::Result<Vec<String>> {
-    let mut problems = Vec::new();
-    for (expected_index, part) in (0u32..).zip(&archive.parts) {
-        let name = ObjectName::backup_part(&backup, &archive.name, part.index)?;
-        if part.index != expected_index {
-            problems.push(format!(
-                "{name}: the record's parts of {} are not numbered 0, 1, 2, …",
-                archive.name
-            ));
-            break;
-        }
-        let raw = match repo.get_raw(&name).await {
-            Ok(Some(d)) => d,
-            Ok(None) => {
-                problems.push(format!("{name}: missing from the repository"));
-                break;
+    use futures::StreamExt;
+    let checked = futures::stream::iter((0u32..).zip(archive.parts.clone()))
+        .map(|(expected, part)| {
+            let (repo, backup, archive) = (repo.clone(), backup.clone(), archive.name.clone());
+            async move { check_part(&repo, &backup, &archive, expected, &part).await }
+        })
+        .buffered(PARTS_FETCHED);
+    futures::pin_mut!(checked);
+    while let Some(r) = checked.next().await {
+        match r? {
+            Ok(data) => {
+                if tx.send(data).await.is_err() {
+                    break;
+                }
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot read {name}")),
-        };
-        let check = raw.clone();
-        let hash =
-            tokio::task::spawn_blocking(move || blake3::hash(&check).to_hex().to_string()).await?;
-        if raw.len() as u64 != part.stored_size || hash != part.stored_blake3 {
-            problems.push(format!(
-                "{name}: the stored object has {} bytes and BLAKE3 {hash}, but the record lists {} bytes and {}: it was altered or replaced",
-                raw.len(),
-                part.stored_size,
-                part.stored_blake3
-            ));
-            break;
-        }
-        let data = match repo.decode_raw(&name, raw).await {
-            Ok(d) => d,
-            Err(e) => {
-                problems.push(format!("{name}: {e}"));
-                break;
-            }
-        };
-        if data.len() as u64 != part.size {
-            problems.push(format!(
-                "{name}: {} bytes of plaintext, the record says {}",
-                data.len(),
-                part.size
-            ));
-            break;
-        }
-        if tx.send(Bytes::from(data)).await.is_err() {
-            break;
+            Err(problem) => return Ok(vec![problem]),
         }
     }
-    Ok(problems)
+    Ok(Vec::new())
+}
+
+/// One part, fetched and checked: its plaintext, or the problem found
+/// (the outer error: the repository could not be read).
+async fn check_part(
+    repo: &Repository,
+    backup: &str,
+    archive: &str,
+    expected_index: u32,
+    part: &super::record::PartRecord,
+) -> anyhow::Result<Result<Bytes, String>> {
+    let name = ObjectName::backup_part(backup, archive, part.index)?;
+    if part.index != expected_index {
+        return Ok(Err(format!(
+            "{name}: the record's parts of {archive} are not numbered 0, 1, 2, …"
+        )));
+    }
+    let raw = match repo.get_raw(&name).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(Err(format!("{name}: missing from the repository"))),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {name}")),
+    };
+    let check = raw.clone();
+    let hash =
+        tokio::task::spawn_blocking(move || blake3::hash(&check).to_hex().to_string()).await?;
+    if raw.len() as u64 != part.stored_size || hash != part.stored_blake3 {
+        return Ok(Err(format!(
+            "{name}: the stored object has {} bytes and BLAKE3 {hash}, but the record lists {} bytes and {}: it was altered or replaced",
+            raw.len(),
+            part.stored_size,
+            part.stored_blake3
+        )));
+    }
+    let data = match repo.decode_raw(&name, raw).await {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(format!("{name}: {e}"))),
+    };
+    if data.len() as u64 != part.size {
+        return Ok(Err(format!(
+            "{name}: {} bytes of plaintext, the record says {}",
+            data.len(),
+            part.size
+        )));
+    }
+    Ok(Ok(Bytes::from(data)))
 }
 
 /// A `Read` over parts arriving on a channel (blocking side).
