@@ -329,17 +329,14 @@ const LABEL_HEAD: usize = 8192;
 /// location after the start location and the stop time and timeline at
 /// the end. The stop time is walsafe's clock, in UTC.
 fn backup_history(head: &[u8], record: &BackupRecord) -> Option<(String, Vec<u8>)> {
-    if head.len() < 512 {
+    use std::io::Read;
+    let mut tar = tar::Archive::new(head);
+    let mut first = tar.entries().ok()?.next()?.ok()?;
+    if first.path().ok()?.as_os_str() != "backup_label" {
         return None;
     }
-    let name_end = head[..100].iter().position(|&b| b == 0).unwrap_or(100);
-    if &head[..name_end] != b"backup_label" {
-        return None;
-    }
-    let size_field = std::str::from_utf8(&head[124..136]).ok()?;
-    let size =
-        usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok()?;
-    let label = std::str::from_utf8(head.get(512..512 + size)?).ok()?;
+    let mut label = String::new();
+    first.read_to_string(&mut label).ok()?;
     let size_of_seg = record.segment_size;
     let start_seg = SegmentName::containing(record.start_timeline, record.start_lsn, size_of_seg);
     let stop_seg = SegmentName::containing(record.stop_timeline, record.stop_lsn, size_of_seg);
@@ -664,21 +661,11 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(60);
 /// The stop time of the newest complete backup, Unix seconds (`None`
 /// when there is none).
 pub async fn newest_stop_time(repo: &Repository) -> anyhow::Result<Option<f64>> {
-    let newest = repo
-        .list_backup_objects(None)
-        .await?
-        .into_iter()
-        .filter_map(|(n, _)| match n {
-            ObjectName::BackupRecord(b) => Some(b),
-            _ => None,
-        })
-        .max();
-    let Some(name) = newest else {
+    let Some(r) = newest_complete(repo).await? else {
         return Ok(None);
     };
-    let r = read_record(repo, &name).await?;
     let t = chrono::DateTime::parse_from_rfc3339(&r.stop_time)
-        .map_err(|e| anyhow!("backup {name}: stop_time {:?}: {e}", r.stop_time))?;
+        .map_err(|e| anyhow!("backup {}: stop_time {:?}: {e}", r.name, r.stop_time))?;
     Ok(Some(t.timestamp() as f64))
 }
 
@@ -739,10 +726,37 @@ pub async fn list(
 
 /// The record of backup `name`, verified and parsed.
 pub async fn read_record(repo: &Repository, name: &str) -> anyhow::Result<BackupRecord> {
-    let n = ObjectName::backup_record(name)?;
-    let bytes = repo
-        .get(&n)
+    find_record(repo, name)
         .await?
-        .ok_or_else(|| anyhow!("backup {name} has no record: it is incomplete"))?;
-    BackupRecord::parse(&bytes).map_err(|e| anyhow!("{n}: {e}"))
+        .ok_or_else(|| anyhow!("backup {name} has no record: it is incomplete"))
+}
+
+/// The record of backup `name`, verified and parsed; `None` when it has
+/// none (incomplete, or no such backup).
+pub async fn find_record(repo: &Repository, name: &str) -> anyhow::Result<Option<BackupRecord>> {
+    let n = ObjectName::backup_record(name)?;
+    match repo.get(&n).await? {
+        None => Ok(None),
+        Some(bytes) => BackupRecord::parse(&bytes)
+            .map(Some)
+            .map_err(|e| anyhow!("{n}: {e}")),
+    }
+}
+
+/// The newest complete backup's record (backup names sort by time);
+/// `None` when there is none. Reads one record, not all of them.
+pub async fn newest_complete(repo: &Repository) -> anyhow::Result<Option<BackupRecord>> {
+    let newest = repo
+        .list_backup_objects(None)
+        .await?
+        .into_iter()
+        .filter_map(|(n, _)| match n {
+            ObjectName::BackupRecord(b) => Some(b),
+            _ => None,
+        })
+        .max();
+    match newest {
+        Some(name) => find_record(repo, &name).await,
+        None => Ok(None),
+    }
 }

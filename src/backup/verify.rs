@@ -17,7 +17,7 @@
 //! Memory: one part being read, [`PARTS_AHEAD`] waiting for the reader and
 //! [`PARTS_FETCHED`] being fetched and checked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 
 use anyhow::{anyhow, Context};
@@ -86,7 +86,7 @@ pub async fn verify(repo: &Repository, record: &BackupRecord) -> anyhow::Result<
         }
     };
 
-    let mut seen: BTreeMap<String, ()> = BTreeMap::new();
+    let mut seen: BTreeSet<String> = BTreeSet::new();
     for archive in record
         .archives
         .iter()
@@ -109,11 +109,11 @@ pub async fn verify(repo: &Repository, record: &BackupRecord) -> anyhow::Result<
         let (files, found, tar_problems) = checked??;
         report.files_checked += files;
         report.problems.extend(tar_problems);
-        seen.extend(found.into_iter().map(|p| (p, ())));
+        seen.extend(found);
     }
     if let Some(m) = &manifest {
         for path in m.files.keys() {
-            if !seen.contains_key(path) {
+            if !seen.contains(path) {
                 report.problems.push(format!(
                     "{path}: listed in the manifest, missing from the backup"
                 ));
@@ -366,23 +366,11 @@ impl Manifest {
 
 /// Reads backup `name` ("latest": the newest complete one) for verify.
 pub async fn resolve(repo: &Repository, name: &str) -> anyhow::Result<Option<BackupRecord>> {
-    if name != "latest" {
-        let has_record = repo
-            .list_backup_objects(Some(name))
-            .await?
-            .iter()
-            .any(|(n, _)| matches!(n, ObjectName::BackupRecord(_)));
-        return if has_record {
-            Ok(Some(super::read_record(repo, name).await?))
-        } else {
-            Ok(None)
-        };
+    if name == "latest" {
+        super::newest_complete(repo).await
+    } else {
+        super::find_record(repo, name).await
     }
-    let newest = super::list(repo)
-        .await?
-        .into_iter()
-        .find_map(|(_, r, _, _)| r);
-    Ok(newest)
 }
 
 #[cfg(test)]
