@@ -202,6 +202,36 @@ fn every_target_kind_restores_exactly_its_rows_from_the_right_backup() {
     assert!(!work.join("data").exists());
 }
 
+/// Stops the server `walsafe restore --start` started on `dir`, whatever
+/// the test's outcome.
+struct StopOnDrop {
+    dir: std::path::PathBuf,
+    pg_ctl: std::path::PathBuf,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let mut c = std::process::Command::new(&self.pg_ctl);
+        c.arg("-D").arg(&self.dir).args(["-m", "immediate", "stop"]);
+        common::pg::as_postgres(&mut c);
+        let _ = c.output();
+    }
+}
+
+/// The batches in `t` of the restored server listening on `port` (its
+/// socket in the directory of the cluster it was backed up from).
+fn batches_on_port(pg: &common::pg::PgCluster, port: u16) -> String {
+    let rows = std::process::Command::new(pg.bins().program("psql"))
+        .args(["-XAtq", "-h"])
+        .arg(pg.socket_dir())
+        .args(["-p", &port.to_string(), "-U", "postgres", "-c"])
+        .arg("SELECT string_agg(batch::text, ',' ORDER BY batch) FROM t")
+        .output()
+        .unwrap();
+    assert!(rows.status.success(), "{}", text(&rows));
+    String::from_utf8_lossy(&rows.stdout).trim().to_string()
+}
+
 /// `--start`: the restored server is started, recovery followed to the
 /// target, and where it stopped is reported with the measured RTO.
 #[test]
@@ -235,35 +265,17 @@ fn restore_start_recovers_to_the_target_and_reports_it() {
             &port.to_string(),
         ],
     );
-    // Whatever happened, stop the restored server at the end.
-    struct Stop(std::path::PathBuf);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let mut c = common::pg::pg_command("pg_ctl");
-            c.arg("-D").arg(&self.0).args(["-m", "immediate", "stop"]);
-            let _ = c.output();
-        }
-    }
-    let _stop = Stop(dir.clone());
+    let _stop = StopOnDrop {
+        dir: dir.clone(),
+        pg_ctl: s.pg.bins().program("pg_ctl"),
+    };
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     eprintln!("REPORT walsafe restore --start:\n{out}");
     assert!(out.contains("recovery ended: promoted"), "{out}");
     assert!(out.contains("target reached: recovery stopping"), "{out}");
     assert!(out.contains("timeline 2") && out.contains("RTO"), "{out}");
-    let rows = std::process::Command::new(s.pg.bins().program("psql"))
-        .args(["-XAtq", "-h"])
-        .arg(s.pg.socket_dir())
-        .args(["-p", &port.to_string(), "-U", "postgres", "-c"])
-        .arg("SELECT string_agg(batch::text, ',' ORDER BY batch) FROM t")
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&rows.stdout).trim(),
-        "1,2",
-        "{}",
-        text(&rows)
-    );
+    assert_eq!(batches_on_port(&s.pg, port), "1,2");
 }
 
 /// A recorded gap after the backup: a restore that would have to cross it
@@ -365,31 +377,13 @@ fn a_postgresql_18_backup_in_s3_restores_and_starts() {
             bindir.to_str().unwrap(),
         ],
     );
-    struct Stop(std::path::PathBuf, std::path::PathBuf);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            let mut c = std::process::Command::new(self.1.join("pg_ctl"));
-            c.arg("-D").arg(&self.0).args(["-m", "immediate", "stop"]);
-            common::pg::as_postgres(&mut c);
-            let _ = c.output();
-        }
-    }
-    let _stop = Stop(dir.clone(), bindir.clone());
+    let _stop = StopOnDrop {
+        dir: dir.clone(),
+        pg_ctl: bindir.join("pg_ctl"),
+    };
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("recovery ended: promoted"), "{out}");
     assert!(out.contains("recovered to the end of the archive"), "{out}");
-    let rows = std::process::Command::new(s.pg.bins().program("psql"))
-        .args(["-XAtq", "-h"])
-        .arg(s.pg.socket_dir())
-        .args(["-p", &port.to_string(), "-U", "postgres", "-c"])
-        .arg("SELECT string_agg(batch::text, ',' ORDER BY batch) FROM t")
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&rows.stdout).trim(),
-        "1,2",
-        "{}",
-        text(&rows)
-    );
+    assert_eq!(batches_on_port(&s.pg, port), "1,2");
 }

@@ -10,6 +10,7 @@ pub mod check;
 pub mod config;
 pub mod demo;
 pub mod push;
+pub mod restore;
 pub mod status;
 pub mod verify;
 
@@ -42,9 +43,6 @@ pub struct Cli {
     pub command: Command,
 }
 
-// Parsed once per process: the size of the largest variant (restore's
-// options) does not matter.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: stream WAL, spool it, upload it, serve metrics.
@@ -132,49 +130,7 @@ pub enum Command {
         json: bool,
     },
     /// Restore a base backup into DIR (empty or absent) with the recovery settings for a target; then start PostgreSQL on it.
-    Restore {
-        /// The data directory to create.
-        dir: PathBuf,
-        /// The backup to restore: a name from backup-list, or "latest" (the newest that can reach the target).
-        #[arg(long, default_value = "latest")]
-        backup: String,
-        /// Recover up to this time (e.g. "2026-12-06 17:05:00+00").
-        #[arg(long, group = "target")]
-        target_time: Option<String>,
-        /// Recover up to this WAL position (e.g. 0/5000028).
-        #[arg(long, group = "target")]
-        target_lsn: Option<String>,
-        /// Recover up to this transaction id.
-        #[arg(long, group = "target")]
-        target_xid: Option<String>,
-        /// Recover up to this restore point (pg_create_restore_point).
-        #[arg(long, group = "target")]
-        target_name: Option<String>,
-        /// "immediate": stop as soon as the backup is consistent.
-        #[arg(long = "target", group = "target", value_parser = ["immediate"])]
-        target_immediate: Option<String>,
-        /// Whether the target itself is included (PostgreSQL's default: true).
-        #[arg(long)]
-        target_inclusive: Option<bool>,
-        /// The timeline to recover along: latest (default), current, or a number.
-        #[arg(long)]
-        target_timeline: Option<String>,
-        /// What the server does at the target: promote, pause (PostgreSQL's default) or shutdown.
-        #[arg(long, value_parser = ["promote", "pause", "shutdown"])]
-        target_action: Option<String>,
-        /// Put the tablespace at OLD (its location on the backed-up server) at NEW instead.
-        #[arg(long, value_parser = parse_mapping)]
-        tablespace_map: Vec<(PathBuf, PathBuf)>,
-        /// Start PostgreSQL on DIR (as postgres when run as root), follow recovery and report where it stopped and the time it took (RTO).
-        #[arg(long)]
-        start: bool,
-        /// The port of the restored server (written into postgresql.auto.conf).
-        #[arg(long)]
-        port: Option<u16>,
-        /// PostgreSQL's programs for --start (default /usr/lib/postgresql/<the backup's major>/bin).
-        #[arg(long)]
-        pg_bindir: Option<PathBuf>,
-    },
+    Restore(Box<restore::RestoreOpts>),
     /// Download segments following NAME into the prefetch directory (started by wal-fetch).
     #[command(hide = true)]
     WalPrefetch {
@@ -197,18 +153,6 @@ fn parse_rate(text: &str) -> Result<u64, String> {
         .ok_or_else(|| {
             format!("{text:?} is not a rate between 32kB and 1GB per second (e.g. 50MB)")
         })
-}
-
-/// `OLD=NEW` of `--tablespace-map`.
-fn parse_mapping(text: &str) -> Result<(PathBuf, PathBuf), String> {
-    match text.split_once('=') {
-        Some((old, new)) if old.starts_with('/') && new.starts_with('/') => {
-            Ok((PathBuf::from(old), PathBuf::from(new)))
-        }
-        _ => Err(format!(
-            "{text:?} is not OLD=NEW with two absolute paths (e.g. /srv/ts1=/restore/ts1)"
-        )),
-    }
 }
 
 /// Keeps resident memory close to live memory.
@@ -382,103 +326,7 @@ pub fn main() -> ExitCode {
                     )
                 }),
                 Command::BackupList { json } => runtime(|| backup::list_command(cfg, json)),
-                Command::Restore {
-                    dir,
-                    backup,
-                    target_time,
-                    target_lsn,
-                    target_xid,
-                    target_name,
-                    target_immediate,
-                    target_inclusive,
-                    target_timeline,
-                    target_action,
-                    tablespace_map,
-                    start,
-                    port,
-                    pg_bindir,
-                } => {
-                    use crate::restore::Target;
-                    let target = if let Some(t) = target_time {
-                        Target::time(&t)
-                    } else if let Some(l) = target_lsn {
-                        l.parse::<crate::pg::Lsn>().map(Target::Lsn).map_err(|_| {
-                            anyhow::anyhow!("--target-lsn {l:?} is not an LSN (e.g. 0/5000028)")
-                        })
-                    } else if let Some(x) = target_xid {
-                        Ok(Target::Xid(x))
-                    } else if let Some(n) = target_name {
-                        Ok(Target::Name(n))
-                    } else if target_immediate.is_some() {
-                        Ok(Target::Immediate)
-                    } else {
-                        Ok(Target::End)
-                    };
-                    let target = match target {
-                        Ok(t) => t,
-                        Err(e) => return report(Err(e)),
-                    };
-                    let args = crate::restore::RestoreArgs {
-                        dir,
-                        backup: Some(backup),
-                        target,
-                        inclusive: target_inclusive,
-                        timeline: target_timeline,
-                        action: target_action,
-                        tablespace_map,
-                        port,
-                    };
-                    let began = std::time::Instant::now();
-                    let targeted = !matches!(args.target, Target::End);
-                    runtime(|| async move {
-                        let restored = crate::restore::restore(&cfg, &args).await;
-                        let backup = restored.as_ref().ok().map(|r| r.backup.clone());
-                        let code = report(restored.map(|r| {
-                            println!(
-                                "restored backup {} ({} .. {} on timeline {}) into {}; wrote recovery.signal and to postgresql.auto.conf:",
-                                r.backup.name,
-                                r.backup.start_lsn,
-                                r.backup.stop_lsn,
-                                r.backup.stop_timeline,
-                                args.dir.display()
-                            );
-                            for l in &r.settings {
-                                println!("  {l}");
-                            }
-                            if !start {
-                                println!("start the server on it (pg_ctl -D {} start) to recover", args.dir.display());
-                            }
-                        }));
-                        let (Some(backup), true) = (backup, start) else {
-                            return code;
-                        };
-                        match crate::restore::start(&backup, &args.dir, pg_bindir.as_deref(), began)
-                            .await
-                        {
-                            Err(e) => report(Err(e)),
-                            Ok(r) => {
-                                println!(
-                                    "recovery ended: {}; last replayed {}, last commit {}, timeline {}; RTO {} (log {})",
-                                    r.outcome,
-                                    r.redo_done_at.as_deref().unwrap_or("?"),
-                                    r.last_commit.as_deref().unwrap_or("none replayed"),
-                                    r.timeline.map_or("unchanged".to_string(), |t| t.to_string()),
-                                    crate::report::human_age(r.rto.as_secs_f64()),
-                                    r.log.display()
-                                );
-                                match &r.target_line {
-                                    Some(l) => println!("target reached: {l}"),
-                                    None if targeted => {
-                                        eprintln!("walsafe restore: recovery ended before reaching the target: the archive ends earlier (see the log)");
-                                        return ExitCode::FAILURE;
-                                    }
-                                    None => println!("recovered to the end of the archive"),
-                                }
-                                ExitCode::SUCCESS
-                            }
-                        }
-                    })
-                }
+                Command::Restore(opts) => runtime(|| restore::command(cfg, *opts)),
                 Command::BackupVerify { name, json } => {
                     runtime(|| backup::verify_command(cfg, name, json))
                 }
@@ -507,7 +355,7 @@ where
     rt.block_on(f())
 }
 
-fn report(r: anyhow::Result<()>) -> ExitCode {
+pub(crate) fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
