@@ -5,9 +5,12 @@
 //!    and so must every tablespace directory (its original location, or
 //!    where `--tablespace-map OLD=NEW` sends it).
 //! 2. **Pick the backup**: the one named, or the newest complete backup
-//!    that ends before the target (a time or LSN target must lie after the
-//!    backup's stop: recovery cannot go back). None fits: an error listing
-//!    every backup considered and why it was rejected.
+//!    that can reach the target: it ends before a time or LSN target
+//!    (recovery cannot go back), it lies on the target timeline's history
+//!    (ended before its own timeline was left for the target's), and no
+//!    recorded gap lies on the WAL between its end and the target. None
+//!    fits: an error listing every backup considered and why it was
+//!    rejected.
 //! 3. **Extract** each archive streamed part by part, every part checked
 //!    against the record (stored size and BLAKE3) and authenticated before
 //!    the tar reader sees it: `base.tar` into `DIR`, each `<oid>.tar` into
@@ -27,8 +30,9 @@ use tracing::info;
 use crate::backup::record::{BackupRecord, MANIFEST_ARCHIVE};
 use crate::backup::verify::{feed, PartsReader};
 use crate::config::Config;
-use crate::pg::Lsn;
-use crate::repository::Repository;
+use crate::pg::lsn::history_entries;
+use crate::pg::{Lsn, TimelineId};
+use crate::repository::{ObjectName, Repository};
 
 /// Parts fetched ahead of the tar reader, per archive.
 const PARTS_AHEAD: usize = 2;
@@ -379,6 +383,7 @@ async fn choose(
 ) -> anyhow::Result<BackupRecord> {
     let listed = crate::backup::list(repo).await?;
     let gaps = repo.gaps().await?;
+    let histories = Histories::read(repo).await?;
     let mut considered = Vec::new();
     for (name, record, _, _) in &listed {
         if let Some(wanted) = args.backup.as_deref().filter(|b| *b != "latest") {
@@ -390,7 +395,10 @@ async fn choose(
             considered.push(format!("{name}: incomplete (no record)"));
             continue;
         };
-        match reaches(r, &args.target).and_then(|()| no_gap_after(cfg, r, &args.target, &gaps)) {
+        let fits = reaches(r, &args.target)
+            .and_then(|()| histories.path(r, args.timeline.as_deref()))
+            .and_then(|path| no_gap_on(cfg, &path, &args.target, &gaps));
+        match fits {
             Ok(()) => return Ok(r.clone()),
             Err(why) => considered.push(format!("{name}: {why}")),
         }
@@ -434,13 +442,116 @@ fn reaches(r: &BackupRecord, target: &Target) -> Result<(), String> {
     }
 }
 
-/// Recovery from `r` towards `target` must not meet a recorded gap (WAL
-/// lost before it was archived): `wal-fetch` would stop recovery there.
-/// A gap the operator opted in to (`[fetch] recover_to_gap`) is allowed;
-/// `immediate` needs no WAL past the backup's end.
-fn no_gap_after(
+/// The timeline history files in the repository, by timeline.
+struct Histories(std::collections::BTreeMap<TimelineId, String>);
+
+/// One stretch of the WAL recovery replays: `timeline` from `from` up to
+/// `to` (where its child begins), or to the end of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stretch {
+    timeline: TimelineId,
+    from: Lsn,
+    to: Option<Lsn>,
+}
+
+impl Histories {
+    async fn read(repo: &Repository) -> anyhow::Result<Histories> {
+        let mut out = std::collections::BTreeMap::new();
+        for n in repo.list_wal().await? {
+            if let ObjectName::History(t) = n {
+                let name = crate::pg::walfile::history_file_name(t);
+                if let Some(bytes) = repo.get_wal(&name).await? {
+                    out.insert(t, String::from_utf8_lossy(&bytes).into_owned());
+                }
+            }
+        }
+        Ok(Histories(out))
+    }
+
+    /// The timeline recovery from `r` follows for `--target-timeline`
+    /// `spec`: `current` is the backup's; `latest` (the default) the
+    /// newest one PostgreSQL finds by asking for `<TLI+1>.history` from
+    /// the backup's timeline on, as it does.
+    fn target(&self, r: &BackupRecord, spec: Option<&str>) -> Result<TimelineId, String> {
+        match spec.unwrap_or("latest") {
+            "current" => Ok(r.stop_timeline),
+            "latest" => {
+                let mut t = r.stop_timeline;
+                while self.0.contains_key(&TimelineId(t.0 + 1)) {
+                    t = TimelineId(t.0 + 1);
+                }
+                Ok(t)
+            }
+            n => n.parse().map(TimelineId).map_err(|_| {
+                format!("--target-timeline {n:?} is not latest, current or a timeline number")
+            }),
+        }
+    }
+
+    /// The stretches of WAL recovery from `r` replays to reach the target
+    /// timeline, or why that timeline cannot be reached from `r`: the
+    /// backup must lie on its history, ending at or before the point where
+    /// its own timeline was left (a backup on timeline 1 serves timeline 2
+    /// when it ended before the promotion that began timeline 2).
+    fn path(&self, r: &BackupRecord, spec: Option<&str>) -> Result<Vec<Stretch>, String> {
+        let target = self.target(r, spec)?;
+        let own = r.stop_timeline;
+        if target == own {
+            return Ok(vec![Stretch {
+                timeline: own,
+                from: r.stop_lsn,
+                to: None,
+            }]);
+        }
+        if target < own {
+            return Err(format!(
+                "it is on timeline {own}, after the target timeline {target}"
+            ));
+        }
+        let history = self.0.get(&target).ok_or_else(|| {
+            format!("the history file of timeline {target} is not in the repository: recovery cannot follow timeline {target}")
+        })?;
+        let ancestors: Vec<(TimelineId, Lsn)> = history_entries(history).collect();
+        let Some(i) = ancestors.iter().position(|&(t, _)| t == own) else {
+            return Err(format!(
+                "its timeline {own} is not in the history of the target timeline {target}"
+            ));
+        };
+        let left_at = ancestors[i].1;
+        if r.stop_lsn > left_at {
+            return Err(format!(
+                "it ends at {} on timeline {own}, after timeline {target} branched off at {left_at}: that backup is not on timeline {target}'s history",
+                r.stop_lsn
+            ));
+        }
+        let mut path = vec![Stretch {
+            timeline: own,
+            from: r.stop_lsn,
+            to: Some(left_at),
+        }];
+        for w in ancestors[i..].windows(2) {
+            path.push(Stretch {
+                timeline: w[1].0,
+                from: w[0].1,
+                to: Some(w[1].1),
+            });
+        }
+        path.push(Stretch {
+            timeline: target,
+            from: ancestors.last().map_or(left_at, |&(_, at)| at),
+            to: None,
+        });
+        Ok(path)
+    }
+}
+
+/// Recovery along `path` towards `target` must not meet a recorded gap
+/// (WAL lost before it was archived): `wal-fetch` would stop recovery
+/// there. A gap the operator opted in to (`[fetch] recover_to_gap`) is
+/// allowed; `immediate` needs no WAL past the backup's end.
+fn no_gap_on(
     cfg: &Config,
-    r: &BackupRecord,
+    path: &[Stretch],
     target: &Target,
     gaps: &[crate::gap::Gap],
 ) -> Result<(), String> {
@@ -448,13 +559,15 @@ fn no_gap_after(
         return Ok(());
     }
     for g in gaps {
-        let after_backup = g.timeline >= r.stop_timeline && g.to > r.stop_lsn;
+        let on_path = path.iter().any(|s| {
+            s.timeline == g.timeline && g.to > s.from && s.to.is_none_or(|to| g.from < to)
+        });
         let before_target = match target {
             Target::Lsn(l) => g.from < *l,
             _ => true,
         };
         let opted_in = cfg.fetch.recover_to_gap == Some((g.timeline, g.from));
-        if after_backup && before_target && !opted_in {
+        if on_path && before_target && !opted_in {
             return Err(format!(
                 "WAL from {} to {} on timeline {} was lost before it was archived ({}); recovery from this backup stops there. Restore a backup taken after {}, or to end recovery at the gap on purpose add recover_to_gap = \"{}:{}\" to [fetch]",
                 g.from, g.to, g.timeline, g.reason, g.to, g.timeline, g.from
@@ -515,5 +628,103 @@ mod tests {
             _ => unreachable!(),
         }
         assert!(Target::time("yesterday").is_err());
+    }
+
+    fn record(timeline: u32, stop: u64) -> BackupRecord {
+        let mut r: BackupRecord = serde_json::from_str(
+            r#"{"format":1,"name":"b","label":"b","system_identifier":"1","pg_version_num":150000,
+                "segment_size":16777216,"start_lsn":"0/1000028","start_timeline":1,"stop_lsn":"0/1000100",
+                "stop_timeline":1,"start_time":"2026-12-06T17:05:01Z","stop_time":"2026-12-06T17:05:09Z",
+                "wal_first":"000000010000000000000001","wal_last":"000000010000000000000001",
+                "backup_history":"000000010000000000000001.00000028.backup","archives":[],
+                "size":0,"stored_size":0}"#,
+        )
+        .unwrap();
+        r.stop_timeline = TimelineId(timeline);
+        r.start_timeline = TimelineId(timeline);
+        r.stop_lsn = Lsn(stop);
+        r
+    }
+
+    /// Timeline 2 branched off 1 at 0/5000000, timeline 3 off 2 at 0/9000000.
+    fn histories() -> Histories {
+        Histories(
+            [
+                (
+                    TimelineId(2),
+                    "1\t0/5000000\tno recovery target specified\n".to_string(),
+                ),
+                (
+                    TimelineId(3),
+                    "1\t0/5000000\tx\n2\t0/9000000\tx\n".to_string(),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        )
+    }
+
+    #[test]
+    fn a_backup_serves_a_later_timeline_only_when_it_ended_before_the_branch() {
+        let h = histories();
+        let stretch = |t, from, to: Option<u64>| Stretch {
+            timeline: TimelineId(t),
+            from: Lsn(from),
+            to: to.map(Lsn),
+        };
+        // latest follows 2.history and 3.history from timeline 1.
+        assert_eq!(
+            h.path(&record(1, 0x4000000), None).unwrap(),
+            vec![
+                stretch(1, 0x4000000, Some(0x5000000)),
+                stretch(2, 0x5000000, Some(0x9000000)),
+                stretch(3, 0x9000000, None)
+            ]
+        );
+        // Ending exactly at the branch point is still on the history.
+        assert!(h.path(&record(1, 0x5000000), Some("2")).is_ok());
+        let err = h.path(&record(1, 0x6000000), None).unwrap_err();
+        assert!(
+            err.contains("after timeline 3 branched off at 0/5000000"),
+            "{err}"
+        );
+        // current and an explicit timeline 1 stay on timeline 1.
+        for spec in ["current", "1"] {
+            assert_eq!(
+                h.path(&record(1, 0x6000000), Some(spec)).unwrap(),
+                vec![stretch(1, 0x6000000, None)]
+            );
+        }
+        let err = h.path(&record(3, 0xA000000), Some("2")).unwrap_err();
+        assert!(err.contains("after the target timeline 2"), "{err}");
+        let err = h.path(&record(2, 0x6000000), Some("4")).unwrap_err();
+        assert!(err.contains("history file of timeline 4"), "{err}");
+        // A backup on 2 past 3's branch point does not serve 3.
+        let err = h.path(&record(2, 0x9000001), None).unwrap_err();
+        assert!(err.contains("branched off at 0/9000000"), "{err}");
+    }
+
+    #[test]
+    fn only_a_gap_on_the_path_to_the_target_refuses_the_backup() {
+        let cfg = Config::parse(
+            "[postgres]\nconninfo = \"host=/tmp\"\n[spool]\ndir = \"/tmp/s\"\n[repository]\nurl = \"file:///tmp/r\"\n",
+            Path::new("/tmp/walsafe.toml"),
+        )
+        .unwrap();
+        let gap = |t, from, to| crate::gap::Gap::new(TimelineId(t), Lsn(from), Lsn(to), "test");
+        let path = histories().path(&record(1, 0x4000000), Some("2")).unwrap();
+        // On timeline 1 after the branch: not replayed.
+        assert!(no_gap_on(&cfg, &path, &Target::End, &[gap(1, 0x6000000, 0x7000000)]).is_ok());
+        // On timeline 1 before the backup's end: not replayed.
+        assert!(no_gap_on(&cfg, &path, &Target::End, &[gap(1, 0x1000000, 0x2000000)]).is_ok());
+        // On timeline 3: not on the way to 2.
+        assert!(no_gap_on(&cfg, &path, &Target::End, &[gap(3, 0xA000000, 0xB000000)]).is_ok());
+        // Between the backup and the branch, and on timeline 2: refused.
+        assert!(no_gap_on(&cfg, &path, &Target::End, &[gap(1, 0x4800000, 0x4900000)]).is_err());
+        assert!(no_gap_on(&cfg, &path, &Target::End, &[gap(2, 0x6000000, 0x7000000)]).is_err());
+        // Past an LSN target, or with immediate: no matter.
+        let g = [gap(2, 0x6000000, 0x7000000)];
+        assert!(no_gap_on(&cfg, &path, &Target::Lsn(Lsn(0x5800000)), &g).is_ok());
+        assert!(no_gap_on(&cfg, &path, &Target::Immediate, &g).is_ok());
     }
 }

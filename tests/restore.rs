@@ -114,7 +114,7 @@ fn a_restore_to_a_time_holds_exactly_the_rows_before_it_and_wrong_requests_are_r
 
 /// Restores the newest backup `walsafe restore` picks for `args` (plus
 /// `--target-action promote`) and returns the batches present after
-/// recovery.
+/// recovery, with their row counts past one ("1,2×57,3").
 fn batches_after(config: &std::path::Path, args: &[&str]) -> String {
     let work = TestDir::new("restore-target");
     let dir = work.join("data");
@@ -134,13 +134,17 @@ fn batches_after(config: &std::path::Path, args: &[&str]) -> String {
         "{args:?}: {}",
         restored.log_tail()
     );
-    restored.psql("SELECT string_agg(DISTINCT batch::text, ',' ORDER BY batch::text) FROM t")
+    restored.psql(
+        "SELECT string_agg(batch || CASE WHEN n > 1 THEN '×' || n ELSE '' END, ',' ORDER BY batch) \
+         FROM (SELECT batch, count(*) n FROM t GROUP BY batch) b",
+    )
 }
 
 /// Every kind of target, and the backup each one needs: an LSN between
 /// two backups restores the older one; a restore point, an xid and the
 /// end of the archive use the newer; `--target immediate` with
-/// `--backup` stops at that backup's consistency.
+/// `--backup` stops at that backup's consistency. The newer backup is
+/// taken under a write load, every committed row of it restored.
 #[test]
 fn every_target_kind_restores_exactly_its_rows_from_the_right_backup() {
     let s = setup("restore-kinds", PgOptions::default());
@@ -155,8 +159,32 @@ fn every_target_kind_restores_exactly_its_rows_from_the_right_backup() {
     s.pg.psql("INSERT INTO t VALUES (2)");
     let lsn_2 = s.pg.psql("SELECT pg_current_wal_lsn()");
     std::thread::sleep(Duration::from_millis(1100)); // backups are named by the second
+                                                     // The newer backup is taken under a write load: a session committing
+                                                     // a row of batch 2 every millisecond (pages torn under the copy, put
+                                                     // right by WAL), cancelled once the backup is done.
+    let mut load = s.pg.bins().command("psql");
+    load.args(["-XAtq", "-h"])
+        .arg(s.pg.socket_dir())
+        .args(["-p", &s.pg.port().to_string(), "-U", "postgres", "-c"])
+        .arg("DO $$ BEGIN LOOP INSERT INTO t VALUES (2); COMMIT; PERFORM pg_sleep(0.001); END LOOP; END $$")
+        .env("PGAPPNAME", "load")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut load = load.spawn().unwrap();
+    s.pg.wait_for(
+        "SELECT count(*) > 10 FROM t WHERE batch = 2",
+        "t",
+        Duration::from_secs(30),
+    );
     let o = walsafe(&s.config, &["backup"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    s.pg.psql(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'load'",
+    );
+    load.wait().unwrap();
+    let loaded = s.pg.psql("SELECT count(*) FROM t WHERE batch = 2");
+    assert!(loaded.parse::<u64>().unwrap() > 20, "{loaded} rows of load");
+    let twos = format!("2×{loaded}");
     s.pg.psql("INSERT INTO t VALUES (3)");
     s.pg.psql("SELECT pg_create_restore_point('after three')");
     let xid =
@@ -168,14 +196,17 @@ fn every_target_kind_restores_exactly_its_rows_from_the_right_backup() {
     assert_eq!(batches_after(&s.config, &["--target-lsn", &lsn_2]), "1,2");
     assert_eq!(
         batches_after(&s.config, &["--target-name", "after three"]),
-        "1,2,3"
+        format!("1,{twos},3")
     );
-    assert_eq!(batches_after(&s.config, &["--target-xid", &xid]), "1,2,3,4");
+    assert_eq!(
+        batches_after(&s.config, &["--target-xid", &xid]),
+        format!("1,{twos},3,4")
+    );
     assert_eq!(
         batches_after(&s.config, &["--target", "immediate", "--backup", &older]),
         "1"
     );
-    assert_eq!(batches_after(&s.config, &[]), "1,2,3,4,5");
+    assert_eq!(batches_after(&s.config, &[]), format!("1,{twos},3,4,5"));
 
     // An explicit backup that ends after the target is refused.
     let newest = walsafe(&s.config, &["backup-list", "--json"]);
@@ -386,4 +417,117 @@ fn a_postgresql_18_backup_in_s3_restores_and_starts() {
     assert!(out.contains("recovery ended: promoted"), "{out}");
     assert!(out.contains("recovered to the end of the archive"), "{out}");
     assert_eq!(batches_on_port(&s.pg, port), "1,2");
+}
+
+/// The name of the newest backup in the repository.
+fn newest_backup(config: &std::path::Path) -> String {
+    let o = walsafe(config, &["backup-list", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    list[0]["name"].as_str().unwrap().to_string()
+}
+
+/// Across a timeline switch: backup `before` on timeline 1, then a
+/// restore of it to `fork` promoted onto timeline 2 (and archived there by
+/// a second agent), while backup `after` on timeline 1 ended past `fork`.
+/// A restore to timeline 2 (the default, latest) picks `before` — `after`
+/// is newer but not on timeline 2's history — and reaches timeline 2's
+/// rows; `--target-timeline 1` picks `after`; `--backup after` with the
+/// latest timeline is refused, naming the branch point.
+#[test]
+fn a_restore_onto_a_later_timeline_picks_the_backup_on_its_history() {
+    let s = setup("restore-timeline", PgOptions::default());
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (batch int)");
+    s.pg.psql("INSERT INTO t VALUES (1)");
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let before = newest_backup(&s.config);
+    let fork = s.pg.psql("SELECT pg_current_wal_lsn()");
+    std::thread::sleep(Duration::from_millis(1100)); // backups are named by the second
+    s.pg.psql("INSERT INTO t VALUES (2)");
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let after = newest_backup(&s.config);
+    s.pg.psql("INSERT INTO t VALUES (3)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+    drop(agent);
+    s.pg.stop_fast();
+
+    // Timeline 2: `before` recovered to `fork` and promoted.
+    let work = TestDir::new("restore-timeline-out");
+    let tl2 = work.join("timeline-2");
+    let port = common::walsafe::free_port();
+    let o = walsafe(
+        &s.config,
+        &[
+            "restore",
+            tl2.to_str().unwrap(),
+            "--backup",
+            &before,
+            "--target-lsn",
+            &fork,
+            "--target-action",
+            "promote",
+            "--start",
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let _stop = StopOnDrop {
+        dir: tl2.clone(),
+        pg_ctl: s.pg.bins().program("pg_ctl"),
+    };
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("timeline 2"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(batches_on_port(&s.pg, port), "1");
+    // A second agent archives timeline 2 into the same repository.
+    let mut settings = s.settings.clone();
+    settings.conninfo = format!(
+        "host={} port={port} user=postgres",
+        s.pg.socket_dir().display()
+    );
+    settings.spool = work.join("spool-2");
+    settings.metrics_port = common::walsafe::free_port();
+    let config_2 = settings.write(&work.join("walsafe-2.toml"));
+    let agent_2 = Agent::start(&config_2, settings.metrics_port);
+    let on_2 = |sql: &str| {
+        let o = std::process::Command::new(s.pg.bins().program("psql"))
+            .args(["-XAtq", "-h"])
+            .arg(s.pg.socket_dir())
+            .args(["-p", &port.to_string(), "-U", "postgres", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    on_2("INSERT INTO t VALUES (4)");
+    on_2("SELECT pg_switch_wal()");
+    agent_2.wait_archived(
+        common::setup::parse_lsn(&on_2("SELECT pg_current_wal_lsn()")),
+        Duration::from_secs(60),
+    );
+
+    assert_eq!(batches_after(&s.config, &[]), "1,4");
+    assert_eq!(
+        batches_after(&s.config, &["--target-timeline", "1"]),
+        "1,2,3"
+    );
+    let refused = work.join("refused");
+    let o = walsafe(
+        &s.config,
+        &["restore", refused.to_str().unwrap(), "--backup", &after],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("after timeline 2 branched off at") && err.contains(&after),
+        "{err}"
+    );
+    assert!(!refused.exists());
 }

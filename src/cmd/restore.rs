@@ -40,7 +40,7 @@ pub struct RestoreOpts {
     #[arg(long)]
     target_inclusive: Option<bool>,
     /// The timeline to recover along: latest (default), current, or a number.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_timeline)]
     target_timeline: Option<String>,
     /// What the server does at the target: promote, pause (PostgreSQL's default) or shutdown.
     #[arg(long, value_parser = ["promote", "pause", "shutdown"])]
@@ -67,6 +67,17 @@ fn parse_mapping(text: &str) -> Result<(PathBuf, PathBuf), String> {
         }
         _ => Err(format!(
             "{text:?} is not OLD=NEW with two absolute paths (e.g. /srv/ts1=/restore/ts1)"
+        )),
+    }
+}
+
+/// `--target-timeline`: latest, current, or a timeline number (1 or more).
+fn parse_timeline(text: &str) -> Result<String, String> {
+    match text {
+        "latest" | "current" => Ok(text.to_string()),
+        n if n.parse::<u32>().is_ok_and(|n| n >= 1) => Ok(n.to_string()),
+        _ => Err(format!(
+            "{text:?} is not latest, current or a timeline number (e.g. 2)"
         )),
     }
 }
