@@ -1,5 +1,6 @@
 //! The README's first command must keep working: `walsafe demo` archives a
-//! throwaway cluster, crashes it, restores to a point in time and checks
+//! throwaway cluster, backs it up with `walsafe backup`, crashes it,
+//! restores to a point in time with `walsafe restore --start` and checks
 //! the rows.
 
 mod common;
@@ -22,6 +23,15 @@ fn demo_restores_exactly_the_rows_before_the_target() {
     );
     assert!(
         stdout.contains("OK: the restore holds exactly the"),
+        "{stdout}"
+    );
+    // walsafe's own path: `walsafe backup`, then `walsafe restore --start`.
+    assert!(
+        stdout.contains("backup ") && stdout.contains(" complete: "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("recovery ended: promoted") && stdout.contains("RTO"),
         "{stdout}"
     );
     assert!(

@@ -6,15 +6,16 @@
 //! 1. a throwaway cluster (initdb from the local binaries, Unix socket in
 //!    the demo directory, a free port on 127.0.0.1);
 //! 2. `walsafe run` archiving it into `file://<dir>/repository`;
-//! 3. a base backup with `pg_basebackup -X none` (its WAL comes from the
-//!    repository at restore time, as in real life);
+//! 3. a base backup with `walsafe backup` (into the same repository; its
+//!    WAL is archived by the agent, as in real life);
 //! 4. a write workload while received / durable / archived positions and
 //!    the live archive lag are printed once a second;
 //! 5. a recovery target time between two batches of rows, then a disaster:
 //!    the primary is stopped with `-m immediate` and the agent with SIGKILL;
-//! 6. a restore of the base backup with `walsafe wal-fetch` as
-//!    `restore_command` and `recovery_target_time`, and a check that the
-//!    rows are exactly those committed before the target.
+//! 6. `walsafe restore --target-time … --start`: the backup extracted,
+//!    recovery through `walsafe wal-fetch` followed to the target and
+//!    reported with its RTO, and a check that the rows are exactly those
+//!    committed before the target.
 //!
 //! Run as root, every PostgreSQL process and walsafe itself run as the
 //! `postgres` user (PostgreSQL refuses root), from a copy of this binary
@@ -352,18 +353,13 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     );
     println!("    streaming into file://{}/repository", dir.display());
 
-    step("taking a base backup (pg_basebackup -X none: its WAL will come from walsafe)");
+    step("taking a base backup (walsafe backup: streamed into the repository, its WAL archived by walsafe run)");
     primary.psql("create table demo (id bigserial primary key, batch int not null, at timestamptz not null default clock_timestamp(), pad text)")?;
-    let backup = dir.join("backup");
-    run_cmd(
-        env.pg("pg_basebackup")
-            .arg("-D")
-            .arg(&backup)
-            .args(["-X", "none", "-c", "fast", "--no-sync", "-h"])
-            .arg(&sockets)
-            .args(["-p", &port.to_string(), "-U", "postgres"]),
-    )?;
-    println!("    backup in {}", backup.display());
+    let out = run_cmd(env.cmd(&bin).arg("--config").arg(&config).arg("backup"))
+        .context("walsafe backup failed")?;
+    for l in out.lines() {
+        println!("    {l}");
+    }
 
     step(&format!(
         "writing for {duration:?} (batch 1), with the archive's live positions"
@@ -427,39 +423,44 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     }));
 
     step(&format!(
-        "restoring the base backup to {target} with restore_command = walsafe wal-fetch"
+        "restoring to {target}: walsafe restore --start (the newest backup before the target, WAL through walsafe wal-fetch)"
     ));
     let restored_data = dir.join("restored");
-    std::fs::rename(&backup, &restored_data)?;
     let rport = free_port()?;
-    append(
-        &restored_data.join("postgresql.conf"),
-        &format!(
-            "port = {rport}\nrestore_command = '{} --config {} wal-fetch %f %p'\nrecovery_target_time = '{target}'\nrecovery_target_action = 'promote'\n",
-            bin.display(),
-            config.display()
-        ),
-    )?;
-    std::fs::write(restored_data.join("recovery.signal"), b"")?;
-    env.chown(&restored_data)?;
     let mut restored = Server {
         env,
         data: restored_data.clone(),
         port: rport,
         socket_dir: sockets.clone(),
-        running: false,
+        running: true,
     };
-    restored.start(&dir.join("restored.log"))?;
-    wait_for(Duration::from_secs(120), || async {
-        restored.psql("select pg_is_in_recovery()").ok().as_deref() == Some("f")
-    })
-    .await
+    let out = run_cmd(
+        env.cmd(&bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("restore")
+            .arg(&restored_data)
+            .args([
+                "--target-time",
+                &target,
+                "--target-action",
+                "promote",
+                "--start",
+                "--port",
+                &rport.to_string(),
+                "--pg-bindir",
+            ])
+            .arg(&env.bindir),
+    )
     .with_context(|| {
         format!(
-            "the restored server did not finish recovery; see {}",
-            dir.join("restored.log").display()
+            "walsafe restore failed; see {}",
+            restored_data.join("walsafe-restore.log").display()
         )
     })?;
+    for l in out.lines() {
+        println!("    {l}");
+    }
     let got =
         restored.psql("select count(*) filter (where batch = 1) || ' ' || count(*) from demo")?;
     let (b1, total) = got.split_once(' ').unwrap_or(("", ""));
@@ -471,7 +472,7 @@ async fn demo(env: &Env, dir: &Path, duration: Duration) -> anyhow::Result<()> {
     } else {
         bail!(
             "the restore holds {total} rows ({b1} of batch 1), expected exactly {batch1}; see {}",
-            dir.join("restored.log").display()
+            restored_data.join("walsafe-restore.log").display()
         )
     }
 }
