@@ -11,7 +11,9 @@
 //!    recorded gap lies on the WAL between its end and the target. None
 //!    fits: an error listing every backup considered and why it was
 //!    rejected.
-//! 3. **Extract** each archive streamed part by part, every part checked
+//! 3. **Extract** each archive streamed part by part (two archives at
+//!    once; per archive, three parts fetched, hashed and decoded in
+//!    parallel while one thread unpacks), every part checked
 //!    against the record (stored size and BLAKE3) and authenticated before
 //!    the tar reader sees it: `base.tar` into `DIR`, each `<oid>.tar` into
 //!    its tablespace directory (the map rewritten in `tablespace_map`), the
@@ -23,12 +25,16 @@
 //!    to `postgres`, `DIR` mode 0700.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
+use futures::{StreamExt, TryStreamExt};
 use tracing::info;
 
-use crate::backup::record::{BackupRecord, MANIFEST_ARCHIVE};
+use crate::backup::record::{ArchiveRecord, BackupRecord, MANIFEST_ARCHIVE};
 use crate::backup::verify::{feed, PartsReader};
+use crate::backup::Progress;
 use crate::config::Config;
 use crate::pg::lsn::history_entries;
 use crate::pg::{Lsn, TimelineId};
@@ -36,6 +42,8 @@ use crate::repository::{ObjectName, Repository};
 
 /// Parts fetched ahead of the tar reader, per archive.
 const PARTS_AHEAD: usize = 2;
+/// Archives (tablespaces) extracted at once.
+const ARCHIVES_AT_ONCE: usize = 2;
 
 /// Where recovery is to stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,8 +99,13 @@ pub struct Restored {
     pub settings: Vec<String>,
 }
 
-/// Restores as described in the module doc.
-pub async fn restore(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Restored> {
+/// Restores as described in the module doc, reporting the bytes
+/// extracted to `progress`.
+pub async fn restore(
+    cfg: &Config,
+    args: &RestoreArgs,
+    progress: &mut dyn Progress,
+) -> anyhow::Result<Restored> {
     refuse_unless_empty(&args.dir, "the data directory")?;
     let repo = Repository::open(&cfg.repository)
         .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
@@ -119,13 +132,17 @@ pub async fn restore(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Restore
         )?;
         destinations.push((a.name.clone(), a.oid, original, dest));
     }
+    let created = Created::new(&args.dir, destinations.iter().map(|d| d.3.clone()));
     create_private(&args.dir)?;
     info!(backup = %backup.name, "restoring into {}", args.dir.display());
+    let done = Arc::new(AtomicU64::new(0));
+    let total: u64 = backup.archives.iter().map(|a| a.size).sum();
+    let mut jobs = Vec::new();
     for a in &backup.archives {
         let dest = if a.name == MANIFEST_ARCHIVE {
-            None
+            Dest::Manifest(args.dir.join("backup_manifest"))
         } else if a.oid.is_none() {
-            Some(args.dir.clone())
+            Dest::Tar(args.dir.clone())
         } else {
             let d = &destinations
                 .iter()
@@ -133,40 +150,35 @@ pub async fn restore(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Restore
                 .expect("checked above")
                 .3;
             create_private(d)?;
-            Some(d.clone())
+            Dest::Tar(d.clone())
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(PARTS_AHEAD);
-        let producer = feed(repo.clone(), backup.name.clone(), a.clone(), tx);
-        let archive = a.name.clone();
-        let manifest_path = args.dir.join("backup_manifest");
-        let consumer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let mut reader = PartsReader::new(rx);
-            match dest {
-                Some(d) => {
-                    let mut tar = tar::Archive::new(reader);
-                    tar.set_preserve_permissions(true);
-                    tar.set_preserve_mtime(true);
-                    tar.unpack(&d)
-                        .with_context(|| format!("cannot extract {archive} into {}", d.display()))
-                }
-                None => {
-                    let mut f = std::fs::File::create(&manifest_path)?;
-                    std::io::copy(&mut reader, &mut f)?;
-                    Ok(())
-                }
-            }
-        });
-        let (problems, extracted) = tokio::join!(producer, consumer);
-        let problems = problems?;
-        if !problems.is_empty() {
-            bail!(
-                "backup {} cannot be restored: {}",
-                backup.name,
-                problems.join("; ")
-            );
-        }
-        extracted??;
+        jobs.push(extract(
+            repo.clone(),
+            backup.name.clone(),
+            a.clone(),
+            dest,
+            done.clone(),
+        ));
     }
+    let work = futures::stream::iter(jobs)
+        .buffer_unordered(ARCHIVES_AT_ONCE)
+        .try_collect::<Vec<()>>();
+    futures::pin_mut!(work);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let extracted = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick() => progress.update(done.load(Ordering::Relaxed), Some(total)),
+        }
+    };
+    if let Err(e) = extracted {
+        created.remove();
+        return Err(e.context(format!(
+            "nothing was left in {} (restore again once the cause is fixed)",
+            args.dir.display()
+        )));
+    }
+    progress.update(total, Some(total));
     // The map PostgreSQL reads at the start of recovery.
     if !destinations.is_empty() {
         let map: String = destinations
@@ -198,6 +210,113 @@ pub async fn restore(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Restore
         }
     }
     Ok(Restored { backup, settings })
+}
+
+/// Where an archive goes.
+enum Dest {
+    /// A tar, unpacked into this directory.
+    Tar(PathBuf),
+    /// The server's manifest, written to this file.
+    Manifest(PathBuf),
+}
+
+/// Extracts one archive: its parts fetched and checked ahead
+/// ([`feed`]) while a blocking thread unpacks the plaintext in order,
+/// counting the bytes consumed into `done`.
+async fn extract(
+    repo: Repository,
+    backup: String,
+    archive: ArchiveRecord,
+    dest: Dest,
+    done: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(PARTS_AHEAD);
+    let name = archive.name.clone();
+    let producer = feed(repo, backup.clone(), archive, tx);
+    let consumer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut reader = Counted {
+            inner: PartsReader::new(rx),
+            done,
+        };
+        match dest {
+            Dest::Tar(d) => {
+                let mut tar = tar::Archive::new(reader);
+                tar.set_preserve_permissions(true);
+                tar.set_preserve_mtime(true);
+                tar.unpack(&d)
+                    .with_context(|| format!("cannot extract {name} into {}", d.display()))
+            }
+            Dest::Manifest(path) => {
+                let mut f = std::fs::File::create(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+                std::io::copy(&mut reader, &mut f)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                Ok(())
+            }
+        }
+    });
+    let (problems, extracted) = tokio::join!(producer, consumer);
+    let problems = problems?;
+    if !problems.is_empty() {
+        bail!(
+            "backup {backup} cannot be restored: {}",
+            problems.join("; ")
+        );
+    }
+    extracted?
+}
+
+/// A reader that adds what it reads to a shared count.
+struct Counted<R> {
+    inner: R,
+    done: Arc<AtomicU64>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// What a restore created (`DIR` and the tablespace directories), to be
+/// removed when it fails: each was absent or empty before (checked), so
+/// nothing of anyone else's goes with it.
+struct Created(Vec<(PathBuf, bool)>);
+
+impl Created {
+    fn new(dir: &Path, tablespaces: impl Iterator<Item = PathBuf>) -> Created {
+        Created(
+            std::iter::once(dir.to_path_buf())
+                .chain(tablespaces)
+                .map(|d| {
+                    let existed = d.exists();
+                    (d, existed)
+                })
+                .collect(),
+        )
+    }
+
+    /// Empties each directory that was empty, removes each that was absent.
+    fn remove(&self) {
+        for (d, existed) in &self.0 {
+            if *existed {
+                if let Ok(entries) = std::fs::read_dir(d) {
+                    for e in entries.flatten() {
+                        let p = e.path();
+                        let _ = if p.is_dir() && !p.is_symlink() {
+                            std::fs::remove_dir_all(&p)
+                        } else {
+                            std::fs::remove_file(&p)
+                        };
+                    }
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
 }
 
 /// Where recovery ended, as the server's log tells it.

@@ -531,3 +531,66 @@ fn a_restore_onto_a_later_timeline_picks_the_backup_on_its_history() {
     );
     assert!(!refused.exists());
 }
+
+/// A part altered in the repository (one byte of the last part of
+/// `base.tar`): the restore fails naming the part, after the tablespace
+/// and the first parts were already extracted, and leaves nothing behind
+/// — neither `DIR` nor the mapped tablespace directory.
+#[test]
+fn an_altered_part_fails_the_restore_and_leaves_nothing_behind() {
+    let s = setup("restore-altered", PgOptions::default());
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    let ts = s.dir.subdir("tablespace");
+    s.pg.psql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        ts.display()
+    ));
+    s.pg.psql("CREATE TABLE t TABLESPACE extra AS SELECT g, md5(g::text) FROM generate_series(1, 100000) g");
+    // Enough in base.tar for several 8 MiB parts.
+    s.pg.psql("CREATE TABLE big AS SELECT g, repeat(md5(g::text), 8) pad FROM generate_series(1, 100000) g");
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+    let name = newest_backup(&s.config);
+    let mut parts: Vec<_> = std::fs::read_dir(s.dir.join("repo/backups").join(&name))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("base.tar.")
+        })
+        .collect();
+    parts.sort();
+    assert!(parts.len() >= 3, "{parts:?}");
+    let last = parts.last().unwrap();
+    let mut bytes = std::fs::read(last).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(last, bytes).unwrap();
+
+    let work = TestDir::new("restore-altered-out");
+    let dir = work.join("data");
+    let moved = work.join("ts-moved");
+    let o = walsafe(
+        &s.config,
+        &[
+            "restore",
+            dir.to_str().unwrap(),
+            "--tablespace-map",
+            &format!("{}={}", ts.display(), moved.display()),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let part = last.file_name().unwrap().to_string_lossy();
+    assert!(
+        err.contains(part.as_ref()) && err.contains("altered or replaced"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was left in"), "{err}");
+    assert!(!dir.exists(), "{dir:?} removed");
+    assert!(!moved.exists(), "{moved:?} removed");
+}

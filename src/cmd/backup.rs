@@ -7,79 +7,18 @@
 //! | `backup-list` | 0 listed; 1 the repository could not be read |
 //! | `backup-verify` | 0 all good; 1 problems found (each listed); 2 could not check |
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
-use tracing::info;
-
-use crate::backup::{self, verify, BackupArgs, Progress};
+use crate::backup::{self, verify, BackupArgs};
 use crate::config::Config;
 use crate::report::{error_line, human_age, human_bytes, EXIT_VERIFY_ERROR};
 use crate::repository::Repository;
 
-/// How often progress is logged when no terminal shows a bar.
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// A bar on a terminal (bytes, rate, ETA).
-struct Bar(ProgressBar);
-
-impl Progress for Bar {
-    fn update(&mut self, done: u64, total: Option<u64>) {
-        if let Some(t) = total {
-            self.0.set_length(t.max(done));
-        }
-        self.0.set_position(done);
-    }
-    fn phase(&mut self, what: &str) {
-        self.0.set_message(what.to_string());
-    }
-}
-
-/// Plain log lines, every [`LOG_EVERY`].
-struct Lines {
-    last: Instant,
-}
-
-impl Progress for Lines {
-    fn update(&mut self, done: u64, total: Option<u64>) {
-        if self.last.elapsed() < LOG_EVERY {
-            return;
-        }
-        self.last = Instant::now();
-        match total {
-            Some(t) if t > 0 => info!(
-                "base backup: {} of about {} ({:.0}%)",
-                human_bytes(done),
-                human_bytes(t),
-                100.0 * done as f64 / t as f64
-            ),
-            _ => info!("base backup: {}", human_bytes(done)),
-        }
-    }
-    fn phase(&mut self, what: &str) {
-        info!("base backup: {what}");
-    }
-}
-
 /// `walsafe backup`.
 pub async fn command(cfg: Config, args: BackupArgs) -> ExitCode {
     let started = Instant::now();
-    let mut progress: Box<dyn Progress> = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-            )
-            .expect("a valid template"),
-        );
-        Box::new(Bar(bar))
-    } else {
-        Box::new(Lines {
-            last: Instant::now(),
-        })
-    };
+    let mut progress = super::progress::on_stderr("base backup");
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod check;
 pub mod config;
 pub mod demo;
+pub mod progress;
 pub mod push;
 pub mod restore;
 pub mod status;

@@ -121,7 +121,10 @@ pub async fn command(cfg: Config, o: RestoreOpts) -> ExitCode {
         tablespace_map: o.tablespace_map,
         port: o.port,
     };
-    let restored = match crate::restore::restore(&cfg, &args).await {
+    let mut progress = super::progress::on_stderr("restore");
+    let restored = crate::restore::restore(&cfg, &args, progress.as_mut()).await;
+    drop(progress);
+    let restored = match restored {
         Ok(r) => r,
         Err(e) => return report(Err(e)),
     };
