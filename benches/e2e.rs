@@ -29,6 +29,16 @@
 //!    throughput, CPU seconds per GB and peak RSS (VmHWM, from wait4) of
 //!    each client process.
 //!
+//! 6. **restore**: the same kind of cluster (`WALSAFE_BENCH_RESTORE_SCALE`,
+//!    default 130); time to a running server. `walsafe restore --target
+//!    immediate --target-action promote --start` from an encrypted
+//!    `file://` repository, against extracting `pg_basebackup -Ft
+//!    --compress=zstd -X fetch`'s archive (its WAL inside) with `tar -I
+//!    zstd` and starting
+//!    the server (`pg_ctl -w start`), in the same run; then walsafe from S3
+//!    (moto on loopback). Wall time, CPU seconds per GB and peak RSS of the
+//!    client process (walsafe; tar with its zstd children).
+//!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
@@ -605,6 +615,9 @@ fn main() {
     if want("base backup") {
         base_backup();
     }
+    if want("restore") {
+        restore();
+    }
 }
 
 /// Runs `cmd` to completion; (wall seconds, CPU seconds, peak RSS MiB)
@@ -712,6 +725,131 @@ fn base_backup() {
         c / rows[0].2,
         rows[1].1 / w,
         c / rows[1].2
+    );
+    drop(agent);
+}
+
+/// Stops the server on `data` (as postgres), whatever it is doing.
+fn stop_server(pg: &PgCluster, data: &Path) {
+    let mut c = pg.bins().command("pg_ctl");
+    c.arg("-D").arg(data).args(["-m", "immediate", "stop"]);
+    let _ = c.output();
+}
+
+fn restore() {
+    let scale = env_u64("WALSAFE_BENCH_RESTORE_SCALE", 130);
+    println!("\n== scenario 6: restore of a pgbench scale {scale} cluster, to a running server");
+    let (dir, pg, mut settings, _) = start_pair("bench-restore");
+    settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let s3 = S3Server::start();
+    let mut s3_settings = settings.clone();
+    s3_settings.repo_url = s3.url("bench-restore");
+    s3_settings.repo_options = s3.repo_options().into_iter().collect();
+    s3_settings.spool = dir.join("spool-s3");
+    s3_settings.slot = "walsafe_s3".into();
+    s3_settings.metrics_port = common::walsafe::free_port();
+    let s3_config = s3_settings.write(&dir.join("walsafe-s3.toml"));
+    let agent = Agent::start(&config, settings.metrics_port);
+    let mut init = pg.bins().command("pgbench");
+    init.args(["-i", "-q", "-s", &scale.to_string(), "-h"])
+        .arg(pg.socket_dir())
+        .args(["-p", &pg.port().to_string(), "-U", "postgres", "postgres"]);
+    assert!(init.status().unwrap().success(), "pgbench -i");
+    pg.psql("CHECKPOINT");
+    let size: u64 = pg
+        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")
+        .parse()
+        .unwrap();
+    let gb = size as f64 / (1u64 << 30) as f64;
+    println!("cluster: {gb:.2} GiB");
+    agent.wait_archived(
+        parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()")),
+        Duration::from_secs(600),
+    );
+    let bin = common::walsafe::bin_copy(dir.path());
+    for c in [&config, &s3_config] {
+        let mut cmd = std::process::Command::new(&bin);
+        common::pg::as_postgres(&mut cmd);
+        cmd.arg("--config").arg(c).arg("backup");
+        measured(&mut cmd, "walsafe backup");
+    }
+    let pgbb = dir.subdir("pgbb");
+    let mut cmd = pg.bins().command("pg_basebackup");
+    cmd.arg("-D")
+        .arg(&pgbb)
+        .args([
+            "-Ft",
+            "--compress=zstd",
+            "-X",
+            "fetch",
+            "--checkpoint=fast",
+            "-h",
+        ])
+        .arg(pg.socket_dir())
+        .args(["-p", &pg.port().to_string(), "-U", "postgres"]);
+    measured(&mut cmd, "pg_basebackup");
+
+    let mut rows = Vec::new();
+    // The reference: tar and zstd, then the server started on it.
+    let data = dir.subdir("restored-tar");
+    let port = common::walsafe::free_port();
+    let script = format!(
+        "set -e; tar -I zstd -xf {pgbb}/base.tar.zst -C {d}; chmod 700 {d}; {pg_ctl} -D {d} -l {d}/log -o '-p {port}' -w -t 600 start",
+        pgbb = pgbb.display(),
+        d = data.display(),
+        pg_ctl = pg.bins().program("pg_ctl").display()
+    );
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", &script]);
+    common::pg::as_postgres(&mut cmd);
+    let (wall, cpu, rss) = measured(&mut cmd, "tar + pg_ctl start");
+    stop_server(&pg, &data);
+    rows.push(("tar -I zstd + pg_ctl start".to_string(), wall, cpu, rss));
+    let _ = std::fs::remove_dir_all(&data);
+    for (label, c) in [
+        ("walsafe restore --start (file://)", &config),
+        ("walsafe restore --start (S3, moto)", &s3_config),
+    ] {
+        let data = dir.subdir(&format!("restored-{}", rows.len()));
+        let port = common::walsafe::free_port();
+        let mut cmd = std::process::Command::new(&bin);
+        common::pg::as_postgres(&mut cmd);
+        cmd.arg("--config")
+            .arg(c)
+            .arg("restore")
+            .arg(&data)
+            .args([
+                "--target",
+                "immediate",
+                "--target-action",
+                "promote",
+                "--start",
+            ])
+            .args(["--port", &port.to_string(), "--pg-bindir"])
+            .arg(pg.bins().program("pg_ctl").parent().unwrap());
+        let (wall, cpu, rss) = measured(&mut cmd, label);
+        stop_server(&pg, &data);
+        rows.push((label.to_string(), wall, cpu, rss));
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    println!(
+        "{:<40} {:>8} {:>9} {:>10} {:>9}",
+        "", "wall s", "MiB/s", "CPU s/GB", "RSS MiB"
+    );
+    for (label, wall, cpu, rss) in &rows {
+        println!(
+            "{label:<40} {wall:>8.2} {:>9.1} {:>10.2} {rss:>9.1}",
+            size as f64 / (1 << 20) as f64 / wall,
+            cpu / gb,
+        );
+    }
+    println!(
+        "ratios (speed, tar time / walsafe time): file:// {:.2}x, S3 {:.2}x; CPU per GB walsafe / tar: file:// {:.2}x, S3 {:.2}x",
+        rows[0].1 / rows[1].1,
+        rows[0].1 / rows[2].1,
+        rows[1].2 / rows[0].2,
+        rows[2].2 / rows[0].2,
     );
     drop(agent);
 }
