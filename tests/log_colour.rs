@@ -1,6 +1,7 @@
-//! Colour codes only where a person reads a terminal: never in
-//! PostgreSQL's server log (where `wal-fetch` and `wal-push` write), in
-//! journald (the agent's stderr) or in a file, and never with `NO_COLOR`.
+//! Colour codes (and progress bars) only where a person reads a terminal:
+//! never in PostgreSQL's server log (where `wal-fetch` and `wal-push`
+//! write), in journald (the agent's stderr) or in a file, and never with
+//! `NO_COLOR`.
 
 mod common;
 
@@ -71,6 +72,8 @@ fn no_colour_codes_unless_a_terminal_reads_them() {
     let standby = s.dir.subdir("standby-data");
     std::fs::write(standby.join("standby.signal"), "").unwrap();
     let absent = s.dir.join("absent.toml");
+    let restored = s.dir.join("restored");
+    let restored = restored.to_str().unwrap();
     let mut logged = 0;
     for (config, args, cwd) in [
         (&s.config, vec!["wal-fetch", &seg, dest], dir),
@@ -80,6 +83,12 @@ fn no_colour_codes_unless_a_terminal_reads_them() {
         (&s.config, vec!["status"], dir),
         (&s.config, vec!["check"], dir),
         (&s.config, vec!["config"], dir),
+        (&s.config, vec!["backup"], dir),
+        (
+            &s.config,
+            vec!["restore", restored, "--target", "immediate"],
+            dir,
+        ),
     ] {
         let (code, err) = stderr_to_file(dir, config, &args, cwd);
         assert!(
@@ -92,6 +101,24 @@ fn no_colour_codes_unless_a_terminal_reads_them() {
     assert!(
         logged > 0,
         "the commands logged nothing: the test saw nothing"
+    );
+    assert!(
+        std::path::Path::new(restored).join("backup_label").exists(),
+        "the restore ran"
+    );
+    // A restore on a terminal shows its progress bar (bytes, rate, ETA);
+    // into a file (above) it wrote no escape codes.
+    let bar = s.dir.join("restored-on-a-terminal");
+    let shown = on_a_terminal(
+        dir,
+        &s.config,
+        &["restore", bar.to_str().unwrap(), "--target", "immediate"],
+        None,
+    );
+    assert!(
+        String::from_utf8_lossy(&shown).contains("ETA"),
+        "no progress bar on a terminal:\n{}",
+        String::from_utf8_lossy(&shown)
     );
     let agent_log = std::fs::read(&agent.log).unwrap();
     assert!(!agent_log.is_empty());

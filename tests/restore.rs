@@ -264,7 +264,8 @@ fn batches_on_port(pg: &common::pg::PgCluster, port: u16) -> String {
 }
 
 /// `--start`: the restored server is started, recovery followed to the
-/// target, and where it stopped is reported with the measured RTO.
+/// target, and where it stopped is reported with the measured RTO; a
+/// target past the end of the archive exits 1 with the server's words.
 #[test]
 fn restore_start_recovers_to_the_target_and_reports_it() {
     let s = setup("restore-start", PgOptions::default());
@@ -307,6 +308,34 @@ fn restore_start_recovers_to_the_target_and_reports_it() {
     assert!(out.contains("target reached: recovery stopping"), "{out}");
     assert!(out.contains("timeline 2") && out.contains("RTO"), "{out}");
     assert_eq!(batches_on_port(&s.pg, port), "1,2");
+
+    // A target the archive does not reach (an hour from now): recovery
+    // stops short, and walsafe exits 1 quoting the server's log.
+    let later = s.pg.psql("SELECT now() + interval '1 hour'");
+    let short = work.join("short");
+    let o = walsafe(
+        &s.config,
+        &[
+            "restore",
+            short.to_str().unwrap(),
+            "--target-time",
+            &later,
+            "--start",
+            "--port",
+            &common::walsafe::free_port().to_string(),
+        ],
+    );
+    let _stop_short = StopOnDrop {
+        dir: short.clone(),
+        pg_ctl: s.pg.bins().program("pg_ctl"),
+    };
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("recovery ended before configured recovery target was reached"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// A recorded gap after the backup: a restore that would have to cross it
