@@ -113,6 +113,7 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
     let refresher =
         crate::service::spawn_monitor(positions.clone(), cfg.spool.dir.clone(), cancel.clone());
     crate::backup::spawn_watch(repo.clone(), cancel.clone());
+    crate::drill::spawn_watch(repo.clone(), cancel.clone());
 
     // A pinned repository tells the segment size: ship what the spool holds
     // right away, even while PostgreSQL is unreachable (after a disaster, the

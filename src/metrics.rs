@@ -52,6 +52,9 @@ pub const TIMELINE: &str = "walsafe_timeline";
 pub const REPLICATION_CONNECTED: &str = "walsafe_replication_connected";
 pub const LAST_ARCHIVED_TIMESTAMP_SECONDS: &str = "walsafe_last_archived_timestamp_seconds";
 pub const LAST_BACKUP_TIMESTAMP_SECONDS: &str = "walsafe_last_backup_timestamp_seconds";
+pub const LAST_DRILL_OK_SECONDS: &str = "walsafe_last_drill_success_timestamp_seconds";
+pub const LAST_DRILL_RTO_SECONDS: &str = "walsafe_last_drill_rto_seconds";
+pub const LAST_DRILL_RECOVERED_LAG_SECONDS: &str = "walsafe_last_drill_recovered_lag_seconds";
 pub const UPLOADS_TOTAL: &str = "walsafe_uploads_total";
 pub const UPLOAD_CONFLICTS_TOTAL: &str = "walsafe_upload_conflicts_total";
 pub const UPLOAD_REFUSED_TOTAL: &str = "walsafe_upload_refused_total";
@@ -202,6 +205,18 @@ pub fn describe() {
         LAST_BACKUP_TIMESTAMP_SECONDS,
         "Stop time of the newest complete base backup in the repository (Unix seconds; 0 when there is none), looked up every minute"
     );
+    describe_gauge!(
+        LAST_DRILL_OK_SECONDS,
+        "When the newest successful restore drill (walsafe drill) began (Unix seconds; 0 when none passed), looked up every minute"
+    );
+    describe_gauge!(
+        LAST_DRILL_RTO_SECONDS,
+        "The newest successful drill's measured RTO: from its start to the end of recovery (0 when none passed)"
+    );
+    describe_gauge!(
+        LAST_DRILL_RECOVERED_LAG_SECONDS,
+        "How long before the newest successful drill began its newest recovered commit was (0 when none passed)"
+    );
 }
 
 /// Copies the shared positions into their gauges.
@@ -267,6 +282,14 @@ pub fn set_gaps(n: usize) {
 /// The stop time of the newest complete base backup (Unix seconds; 0 for none).
 pub fn set_last_backup(unix_seconds: f64) {
     gauge!(LAST_BACKUP_TIMESTAMP_SECONDS).set(unix_seconds);
+}
+
+/// The newest successful drill: when it began (Unix seconds), its RTO
+/// and its recovered lag; all 0 when none passed.
+pub fn set_last_drill(unix_seconds: f64, rto: f64, lag: f64) {
+    gauge!(LAST_DRILL_OK_SECONDS).set(unix_seconds);
+    gauge!(LAST_DRILL_RTO_SECONDS).set(rto);
+    gauge!(LAST_DRILL_RECOVERED_LAG_SECONDS).set(lag);
 }
 
 /// Counts bytes newly stored in the repository.

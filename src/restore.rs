@@ -89,6 +89,9 @@ pub struct RestoreArgs {
     pub tablespace_map: Vec<(PathBuf, PathBuf)>,
     /// `port` for the restored server (written with the settings).
     pub port: Option<u16>,
+    /// Every tablespace not in `tablespace_map` goes to `<this>/<oid>`
+    /// instead of its original location (a drill's throwaway copy).
+    pub tablespaces_under: Option<PathBuf>,
 }
 
 /// What was restored.
@@ -125,6 +128,11 @@ pub async fn restore(
             .iter()
             .find(|(old, _)| *old == original)
             .map(|(_, new)| new.clone())
+            .or_else(|| {
+                args.tablespaces_under
+                    .as_ref()
+                    .map(|d| d.join(a.oid.unwrap_or(0).to_string()))
+            })
             .unwrap_or_else(|| original.clone());
         refuse_unless_empty(
             &dest,
@@ -187,10 +195,24 @@ pub async fn restore(
             .collect();
         std::fs::write(args.dir.join("tablespace_map"), map)?;
     }
-    let settings = recovery_settings(cfg, args)?;
+    let mut settings = recovery_settings(cfg, args)?;
     std::fs::write(args.dir.join("recovery.signal"), "")?;
+    // Recovery settings the backed-up server still carried (it was itself
+    // restored, or a DBA left them): commented out in
+    // postgresql.auto.conf, emptied when postgresql.conf sets them, so
+    // that only this restore's target applies.
+    let conf = std::fs::read_to_string(args.dir.join("postgresql.conf")).unwrap_or_default();
+    for key in RECOVERY_TARGET_KEYS {
+        let ours = settings.iter().any(|l| setting_key(l) == Some(key));
+        if !ours && conf.lines().any(|l| setting_key(l) == Some(key)) {
+            settings.push(format!("{key} = ''"));
+        }
+    }
     let auto = args.dir.join("postgresql.auto.conf");
-    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    let mut text = without_settings(
+        &std::fs::read_to_string(&auto).unwrap_or_default(),
+        &settings,
+    );
     text.push_str(&format!(
         "# walsafe restore of backup {} ({} .. {} on timeline {})\n",
         backup.name, backup.start_lsn, backup.stop_lsn, backup.stop_timeline
@@ -562,7 +584,7 @@ fn reaches(r: &BackupRecord, target: &Target) -> Result<(), String> {
 }
 
 /// The timeline history files in the repository, by timeline.
-struct Histories(std::collections::BTreeMap<TimelineId, String>);
+pub(crate) struct Histories(std::collections::BTreeMap<TimelineId, String>);
 
 /// One stretch of the WAL recovery replays: `timeline` from `from` up to
 /// `to` (where its child begins), or to the end of it.
@@ -574,7 +596,7 @@ struct Stretch {
 }
 
 impl Histories {
-    async fn read(repo: &Repository) -> anyhow::Result<Histories> {
+    pub(crate) async fn read(repo: &Repository) -> anyhow::Result<Histories> {
         let mut out = std::collections::BTreeMap::new();
         for n in repo.list_wal().await? {
             if let ObjectName::History(t) = n {
@@ -585,6 +607,22 @@ impl Histories {
             }
         }
         Ok(Histories(out))
+    }
+
+    /// Whether timeline `t` descends from `ancestor` (is it, or has it in
+    /// its history). A timeline after the first whose history file is
+    /// missing is taken to descend: the answer errs on keeping WAL.
+    pub(crate) fn descends(&self, t: TimelineId, ancestor: TimelineId) -> bool {
+        if t == ancestor {
+            return true;
+        }
+        if t < ancestor {
+            return false;
+        }
+        match self.0.get(&t) {
+            Some(h) => history_entries(h).any(|(a, _)| a == ancestor),
+            None => true,
+        }
     }
 
     /// The timeline recovery from `r` follows for `--target-timeline`
@@ -696,6 +734,42 @@ fn no_gap_on(
     Ok(())
 }
 
+/// The recovery target settings, one of which at most may be set.
+const RECOVERY_TARGET_KEYS: [&str; 5] = [
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+];
+
+/// The key a configuration line sets (`None` for comments and blanks).
+fn setting_key(line: &str) -> Option<&str> {
+    let l = line.trim_start();
+    if l.starts_with('#') {
+        return None;
+    }
+    let key = l.split(['=', ' ', '\t']).next()?.trim();
+    (!key.is_empty()).then_some(key)
+}
+
+/// `text` (postgresql.auto.conf) with every line that sets a recovery
+/// setting, or a key of `ours`, commented out.
+fn without_settings(text: &str, ours: &[String]) -> String {
+    let replaced = |key: &str| {
+        key.starts_with("recovery_target")
+            || key == "restore_command"
+            || key == "recovery_end_command"
+            || ours.iter().any(|l| setting_key(l) == Some(key))
+    };
+    text.lines()
+        .map(|l| match setting_key(l) {
+            Some(k) if replaced(k) => format!("# {l}  # replaced by walsafe restore\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect()
+}
+
 /// The lines for `postgresql.auto.conf`.
 fn recovery_settings(cfg: &Config, args: &RestoreArgs) -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("cannot find this walsafe binary's path")?;
@@ -747,6 +821,30 @@ mod tests {
             _ => unreachable!(),
         }
         assert!(Target::time("yesterday").is_err());
+    }
+
+    #[test]
+    fn settings_a_restored_server_carried_are_commented_out() {
+        let ours = vec![
+            "restore_command = 'x'".to_string(),
+            "recovery_target_timeline = 'latest'".to_string(),
+            "port = 5433".to_string(),
+        ];
+        let auto = "# Do not edit this file manually!\nwork_mem = '8MB'\nrestore_command = '/old'\nrecovery_target_lsn = '0/5000110'\nrecovery_target_action = 'promote'\nport = 45331\n";
+        let out = without_settings(auto, &ours);
+        assert_eq!(
+            out,
+            "# Do not edit this file manually!\nwork_mem = '8MB'\n\
+             # restore_command = '/old'  # replaced by walsafe restore\n\
+             # recovery_target_lsn = '0/5000110'  # replaced by walsafe restore\n\
+             # recovery_target_action = 'promote'  # replaced by walsafe restore\n\
+             # port = 45331  # replaced by walsafe restore\n"
+        );
+        assert_eq!(
+            setting_key("  recovery_target_xid='7'"),
+            Some("recovery_target_xid")
+        );
+        assert_eq!(setting_key("#recovery_target_xid = '7'"), None);
     }
 
     fn record(timeline: u32, stop: u64) -> BackupRecord {

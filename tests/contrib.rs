@@ -559,6 +559,8 @@ fn alert_rules_are_complete_and_well_formed() {
         "WalsafeConflict",
         "WalsafeSpoolBacklog",
         "WalsafeNoRecentBackup",
+        "WalsafeNoRecentDrill",
+        "WalsafeDrillRtoHigh",
     ] {
         if !seen.contains_key(name) {
             problems.push(format!("alert {name} is missing"));
@@ -1038,6 +1040,29 @@ tests:
         alertname: WalsafeNoRecentBackup
         exp_alerts:
           - exp_labels: {severity: warning, job: walsafe, instance: stale}
+
+  # A weekly drill keeps it quiet; none for 8 days warns. An RTO over an
+  # hour warns.
+  - interval: 1m
+    input_series:
+      - series: 'walsafe_last_drill_success_timestamp_seconds{job="walsafe",instance="weekly"}'
+        values: '0+60x13000'
+      - series: 'walsafe_last_drill_success_timestamp_seconds{job="walsafe",instance="never"}'
+        values: '0x13000'
+      - series: 'walsafe_last_drill_rto_seconds{job="walsafe",instance="weekly"}'
+        values: '600x13000'
+      - series: 'walsafe_last_drill_rto_seconds{job="walsafe",instance="slow"}'
+        values: '5400x13000'
+    alert_rule_test:
+      - {eval_time: 7d, alertname: WalsafeNoRecentDrill, exp_alerts: []}
+      - eval_time: 9d
+        alertname: WalsafeNoRecentDrill
+        exp_alerts:
+          - exp_labels: {severity: warning, job: walsafe, instance: never}
+      - eval_time: 2h
+        alertname: WalsafeDrillRtoHigh
+        exp_alerts:
+          - exp_labels: {severity: warning, job: walsafe, instance: slow}
 "#;
 
 #[test]

@@ -200,6 +200,66 @@ fn backup_unit_and_timer_are_hardened_and_daily() {
     ]);
 }
 
+/// The weekly drill: hardened like the backup's unit.
+#[test]
+fn drill_unit_and_timer_are_hardened_and_weekly() {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{}/systemd/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let unit = read("walsafe-drill.service");
+    let timer = read("walsafe-drill.timer");
+    let backup = read("walsafe-backup.service");
+    let has = |text: &str, l: &str| text.lines().any(|x| x.trim() == l);
+    assert!(has(
+        &unit,
+        "ExecStart=/usr/local/bin/walsafe drill --dir /var/tmp"
+    ));
+    assert!(has(&unit, "PrivateTmp=true"));
+    let hardening = &backup[backup.find("ProtectSystem=").unwrap()..];
+    for line in hardening.lines().filter(|l| l.contains('=')) {
+        assert!(
+            has(&unit, line.trim()),
+            "{line} missing from walsafe-drill.service"
+        );
+    }
+    assert!(has(&timer, "OnCalendar=Sun *-*-* 06:00:00"));
+    assert!(has(&timer, "Persistent=true"));
+    systemd_accepts(&[
+        ("walsafe-drill.service", &unit),
+        ("walsafe-drill.timer", &timer),
+    ]);
+}
+
+/// Daily retention: hardened like the backup's unit, after it.
+#[test]
+fn retain_unit_and_timer_are_hardened_and_daily() {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{}/systemd/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let unit = read("walsafe-retain.service");
+    let timer = read("walsafe-retain.timer");
+    let backup = read("walsafe-backup.service");
+    let has = |text: &str, l: &str| text.lines().any(|x| x.trim() == l);
+    assert!(has(
+        &unit,
+        "ExecStart=/usr/local/bin/walsafe retain --window 14d --keep 2 --apply"
+    ));
+    // Every hardening line of the backup's unit.
+    let hardening = &backup[backup.find("ProtectSystem=").unwrap()..];
+    for line in hardening.lines().filter(|l| l.contains('=')) {
+        assert!(
+            has(&unit, line.trim()),
+            "{line} missing from walsafe-retain.service"
+        );
+    }
+    assert!(has(&timer, "OnCalendar=*-*-* 05:00:00"));
+    assert!(has(&timer, "Persistent=true"));
+    systemd_accepts(&[
+        ("walsafe-retain.service", &unit),
+        ("walsafe-retain.timer", &timer),
+    ]);
+}
+
 #[test]
 fn json_logs_are_one_object_per_line() {
     let dir = TestDir::new("jsonlog");

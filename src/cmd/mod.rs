@@ -9,9 +9,11 @@ pub mod backup;
 pub mod check;
 pub mod config;
 pub mod demo;
+pub mod drill;
 pub mod progress;
 pub mod push;
 pub mod restore;
+pub mod retain;
 pub mod status;
 pub mod verify;
 
@@ -132,6 +134,23 @@ pub enum Command {
     },
     /// Restore a base backup into DIR (empty or absent) with the recovery settings for a target; then start PostgreSQL on it.
     Restore(Box<restore::RestoreOpts>),
+    /// Retention by recovery window: keep the backups that started inside it, the newest before it and the --keep newest, and the WAL they need; delete the rest (a dry run without --apply).
+    Retain {
+        /// The recovery window, e.g. 7d, 36h, 90s: every instant of it stays restorable.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        window: std::time::Duration,
+        /// Keep at least this many of the newest complete backups, even before the window.
+        #[arg(long, default_value_t = 1)]
+        keep: usize,
+        /// Delete; without it, only print what would be deleted.
+        #[arg(long)]
+        apply: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore drill: restore a backup into a throwaway directory, recover, query it, remove it; report the RTO and store the result (walsafe status, metrics).
+    Drill(Box<drill::DrillOpts>),
     /// Download segments following NAME into the prefetch directory (started by wal-fetch).
     #[command(hide = true)]
     WalPrefetch {
@@ -199,6 +218,10 @@ fn one_line(e: &clap::Error) -> String {
 /// Parses arguments and runs the command.
 pub fn main() -> ExitCode {
     tune_allocator();
+    // Failpoints named in FAILPOINTS (tests of crashes midway; the
+    // feature is never in a release build).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let fetching = invoked_as_wal_fetch();
     // Whether a standby or archive recovery calls: it decides the exit
     // code of every failure below (see crate::fetch).
@@ -328,6 +351,15 @@ pub fn main() -> ExitCode {
                 }),
                 Command::BackupList { json } => runtime(|| backup::list_command(cfg, json)),
                 Command::Restore(opts) => runtime(|| restore::command(cfg, *opts)),
+                Command::Drill(opts) => runtime(|| drill::command(cfg, *opts)),
+                Command::Retain {
+                    window,
+                    keep,
+                    apply,
+                    json,
+                } => runtime(|| {
+                    retain::command(cfg, crate::retain::RetainArgs { window, keep }, apply, json)
+                }),
                 Command::BackupVerify { name, json } => {
                     runtime(|| backup::verify_command(cfg, name, json))
                 }

@@ -21,21 +21,8 @@ pub struct RestoreOpts {
     /// The backup to restore: a name from backup-list, or "latest" (the newest that can reach the target).
     #[arg(long, default_value = "latest")]
     backup: String,
-    /// Recover up to this time (e.g. "2026-12-06 17:05:00+00").
-    #[arg(long, group = "target")]
-    target_time: Option<String>,
-    /// Recover up to this WAL position (e.g. 0/5000028).
-    #[arg(long, group = "target")]
-    target_lsn: Option<String>,
-    /// Recover up to this transaction id.
-    #[arg(long, group = "target")]
-    target_xid: Option<String>,
-    /// Recover up to this restore point (pg_create_restore_point).
-    #[arg(long, group = "target")]
-    target_name: Option<String>,
-    /// "immediate": stop as soon as the backup is consistent.
-    #[arg(long = "target", group = "target", value_parser = ["immediate"])]
-    target_immediate: Option<String>,
+    #[command(flatten)]
+    target: TargetOpts,
     /// Whether the target itself is included (PostgreSQL's default: true).
     #[arg(long)]
     target_inclusive: Option<bool>,
@@ -57,6 +44,47 @@ pub struct RestoreOpts {
     /// PostgreSQL's programs for --start (default /usr/lib/postgresql/<the backup's major>/bin).
     #[arg(long)]
     pg_bindir: Option<PathBuf>,
+}
+
+/// The recovery target flags, shared by `restore` and `drill` (at most one).
+#[derive(Debug, clap::Args)]
+pub struct TargetOpts {
+    /// Recover up to this time (e.g. "2026-12-06 17:05:00+00").
+    #[arg(long, group = "target")]
+    target_time: Option<String>,
+    /// Recover up to this WAL position (e.g. 0/5000028).
+    #[arg(long, group = "target")]
+    target_lsn: Option<String>,
+    /// Recover up to this transaction id.
+    #[arg(long, group = "target")]
+    target_xid: Option<String>,
+    /// Recover up to this restore point (pg_create_restore_point).
+    #[arg(long, group = "target")]
+    target_name: Option<String>,
+    /// "immediate": stop as soon as the backup is consistent.
+    #[arg(long = "target", group = "target", value_parser = ["immediate"])]
+    target_immediate: Option<String>,
+}
+
+impl TargetOpts {
+    /// The recovery target the flags name.
+    pub fn target(&self) -> anyhow::Result<Target> {
+        if let Some(t) = &self.target_time {
+            Target::time(t)
+        } else if let Some(l) = &self.target_lsn {
+            l.parse::<crate::pg::Lsn>()
+                .map(Target::Lsn)
+                .map_err(|_| anyhow::anyhow!("--target-lsn {l:?} is not an LSN (e.g. 0/5000028)"))
+        } else if let Some(x) = &self.target_xid {
+            Ok(Target::Xid(x.clone()))
+        } else if let Some(n) = &self.target_name {
+            Ok(Target::Name(n.clone()))
+        } else if self.target_immediate.is_some() {
+            Ok(Target::Immediate)
+        } else {
+            Ok(Target::End)
+        }
+    }
 }
 
 /// `OLD=NEW` of `--tablespace-map`.
@@ -82,31 +110,10 @@ fn parse_timeline(text: &str) -> Result<String, String> {
     }
 }
 
-impl RestoreOpts {
-    /// The recovery target the flags name (clap allows at most one).
-    fn target(&self) -> anyhow::Result<Target> {
-        if let Some(t) = &self.target_time {
-            Target::time(t)
-        } else if let Some(l) = &self.target_lsn {
-            l.parse::<crate::pg::Lsn>()
-                .map(Target::Lsn)
-                .map_err(|_| anyhow::anyhow!("--target-lsn {l:?} is not an LSN (e.g. 0/5000028)"))
-        } else if let Some(x) = &self.target_xid {
-            Ok(Target::Xid(x.clone()))
-        } else if let Some(n) = &self.target_name {
-            Ok(Target::Name(n.clone()))
-        } else if self.target_immediate.is_some() {
-            Ok(Target::Immediate)
-        } else {
-            Ok(Target::End)
-        }
-    }
-}
-
 /// `walsafe restore`.
 pub async fn command(cfg: Config, o: RestoreOpts) -> ExitCode {
     let began = std::time::Instant::now();
-    let target = match o.target() {
+    let target = match o.target.target() {
         Ok(t) => t,
         Err(e) => return report(Err(e)),
     };
@@ -120,6 +127,7 @@ pub async fn command(cfg: Config, o: RestoreOpts) -> ExitCode {
         action: o.target_action,
         tablespace_map: o.tablespace_map,
         port: o.port,
+        tablespaces_under: None,
     };
     let mut progress = super::progress::on_stderr("restore");
     let restored = crate::restore::restore(&cfg, &args, progress.as_mut()).await;

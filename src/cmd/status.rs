@@ -53,6 +53,9 @@ pub struct Status {
     pub spool: Listing,
     pub agent: AgentStatus,
     pub backups: BackupsStatus,
+    /// The newest restore drill, and the newest that passed.
+    pub last_drill: Option<crate::drill::DrillResult>,
+    pub last_passed_drill: Option<crate::drill::DrillResult>,
 }
 
 /// The base backups in the repository.
@@ -281,6 +284,9 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
         complete: listed.iter().filter(|(_, r, _, _)| r.is_some()).count(),
         incomplete: listed.iter().filter(|(_, r, _, _)| r.is_none()).count(),
     };
+    let (last_drill, last_passed_drill) = crate::drill::newest(&repo)
+        .await
+        .with_context(|| format!("cannot read the drill results in {}", repo.url()))?;
     Ok(Status {
         repository,
         timelines,
@@ -288,6 +294,8 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
         spool,
         agent,
         backups,
+        last_drill,
+        last_passed_drill,
     })
 }
 
@@ -482,6 +490,28 @@ pub fn render(s: &Status) -> String {
             _ => format!(
                 "no complete base backup ({} incomplete): run walsafe backup",
                 b.incomplete
+            ),
+        },
+    );
+    line(
+        "drills",
+        match (&s.last_drill, &s.last_passed_drill) {
+            (None, _) => "no restore drill yet: run walsafe drill".to_string(),
+            (Some(d), passed) if !d.success => format!(
+                "last drill {} FAILED: {}{}",
+                d.started_at,
+                d.error.as_deref().unwrap_or("?"),
+                passed
+                    .as_ref()
+                    .map(|p| format!("; last passed {}", p.started_at))
+                    .unwrap_or_else(|| "; none has passed".into())
+            ),
+            (Some(d), _) => format!(
+                "last drill {} passed: backup {} to {}, RTO {}",
+                d.started_at,
+                d.backup.as_deref().unwrap_or("?"),
+                d.target,
+                human_age(d.rto_seconds.unwrap_or(0.0))
             ),
         },
     );

@@ -691,6 +691,28 @@ impl Repository {
             .collect())
     }
 
+    /// Every object of the WAL side (`wal/`, `chunks/`, `gaps/`) with its
+    /// stored size, and the keys there that are not walsafe's.
+    pub async fn list_wal_side(
+        &self,
+    ) -> Result<(Vec<(ObjectName, u64)>, Vec<String>), RepositoryError> {
+        let mut named = Vec::new();
+        let mut foreign = Vec::new();
+        for prefix in [
+            object::WAL_PREFIX,
+            object::CHUNKS_PREFIX,
+            object::GAPS_PREFIX,
+        ] {
+            for o in self.store.list(prefix).await? {
+                match ObjectName::parse_key(&o.key) {
+                    Some(n) => named.push((n, o.size)),
+                    None => foreign.push(o.key),
+                }
+            }
+        }
+        Ok((named, foreign))
+    }
+
     /// Every object under `backups/` (parts and records of base backups),
     /// with its stored size, sorted by key; `backup` limits it to one.
     pub async fn list_backup_objects(
@@ -707,6 +729,21 @@ impl Repository {
             .await?
             .into_iter()
             .filter_map(|o| Some((ObjectName::parse_key(&o.key)?, o.size)))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// The drill results stored, oldest first (their names are the
+    /// times they ran).
+    pub async fn list_drills(&self) -> Result<Vec<ObjectName>, RepositoryError> {
+        let mut v: Vec<ObjectName> = self
+            .store
+            .list(object::DRILLS_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| ObjectName::parse_key(&o.key))
+            .filter(|n| matches!(n, ObjectName::Drill(_)))
             .collect();
         v.sort();
         Ok(v)

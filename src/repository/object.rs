@@ -49,6 +49,8 @@ pub const GAPS_PREFIX: &str = "gaps/";
 pub const PROBE_PREFIX: &str = "check/";
 /// Prefix of base backups.
 pub const BACKUPS_PREFIX: &str = "backups/";
+/// Where `walsafe drill` records its results.
+pub const DRILLS_PREFIX: &str = "drills/";
 /// File name of a backup's record under its prefix.
 pub const BACKUP_RECORD: &str = "backup.json";
 
@@ -170,6 +172,9 @@ pub enum ObjectName {
     },
     /// The record of base backup `backup` (written last: no record, no backup).
     BackupRecord(String),
+    /// The result of a restore drill, named by when it ran
+    /// (`20261206T190233Z.json`).
+    Drill(String),
 }
 
 impl ObjectName {
@@ -244,6 +249,12 @@ impl ObjectName {
         Ok(ObjectName::BackupRecord(backup.to_string()))
     }
 
+    /// The result of the drill that ran at `stamp`, name checked.
+    pub fn drill(stamp: &str) -> Result<ObjectName, LayoutError> {
+        check_backup_name(stamp)?;
+        Ok(ObjectName::Drill(stamp.to_string()))
+    }
+
     /// The record of `gap`.
     pub fn gap(gap: &crate::gap::Gap) -> ObjectName {
         ObjectName::Gap {
@@ -279,6 +290,7 @@ impl ObjectName {
             ObjectName::BackupRecord(backup) => {
                 format!("{BACKUPS_PREFIX}{backup}/{BACKUP_RECORD}")
             }
+            ObjectName::Drill(stamp) => format!("{DRILLS_PREFIX}{stamp}.json"),
         }
     }
 
@@ -298,7 +310,8 @@ impl ObjectName {
             | ObjectName::Gap { .. }
             | ObjectName::Probe(_)
             | ObjectName::BackupPart { .. }
-            | ObjectName::BackupRecord(_) => self.key(),
+            | ObjectName::BackupRecord(_)
+            | ObjectName::Drill(_) => self.key(),
         }
     }
 
@@ -314,7 +327,8 @@ impl ObjectName {
             | ObjectName::BackupHistory(_)
             | ObjectName::Gap { .. }
             | ObjectName::Probe(_)
-            | ObjectName::BackupRecord(_) => Lane::Small,
+            | ObjectName::BackupRecord(_)
+            | ObjectName::Drill(_) => Lane::Small,
         }
     }
 
@@ -344,6 +358,9 @@ impl ObjectName {
         }
         if let Some(token) = key.strip_prefix(PROBE_PREFIX) {
             return ObjectName::probe(token).ok();
+        }
+        if let Some(rest) = key.strip_prefix(DRILLS_PREFIX) {
+            return ObjectName::drill(rest.strip_suffix(".json")?).ok();
         }
         if let Some(rest) = key.strip_prefix(BACKUPS_PREFIX) {
             let (backup, file) = rest.split_once('/')?;

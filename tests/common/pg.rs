@@ -960,6 +960,18 @@ pub fn start_restore(backup_dir: &Path, conf_lines: &[String]) -> PgCluster {
     }
     fs::write(datadir.join("recovery.signal"), "").unwrap();
     chown_postgres(&datadir.join("recovery.signal"));
+    // A backup of a server that `walsafe restore --port` set up carries
+    // that port in postgresql.auto.conf, which would win over the
+    // harness's own.
+    let auto = datadir.join("postgresql.auto.conf");
+    if let Ok(text) = fs::read_to_string(&auto) {
+        let kept: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("port ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fs::write(&auto, kept).unwrap();
+    }
     let mut lines = vec!["archive_mode = off".to_string()];
     lines.extend(conf_lines.iter().cloned());
     append_lines(&datadir.join("postgresql.conf"), &lines);

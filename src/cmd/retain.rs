@@ -1,0 +1,89 @@
+//! `walsafe retain`: the command-line side of [`crate::retain`].
+//!
+//! Exit codes: 0 planned (dry run) or applied; 1 refused or failed (what
+//! was deleted before a failure is in the log; the next run finishes).
+
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::report::{error_line, human_bytes};
+use crate::repository::Repository;
+use crate::retain::{self, RetainArgs};
+
+/// `walsafe retain`.
+pub async fn command(cfg: Config, args: RetainArgs, apply: bool, json: bool) -> ExitCode {
+    let result = async {
+        let repo = Repository::open(&cfg.repository)?;
+        let plan = retain::plan(&repo, &args, chrono::Utc::now()).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            print(&plan, &args);
+        }
+        if apply {
+            let n = retain::apply(&repo, &plan).await?;
+            if !json {
+                println!("deleted {n} objects, {} freed", human_bytes(plan.freed()));
+            }
+        } else if !json {
+            println!(
+                "dry run: nothing was deleted; run again with --apply to delete the above ({})",
+                human_bytes(plan.freed())
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("walsafe retain: {}", error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print(plan: &retain::Plan, args: &RetainArgs) {
+    println!(
+        "window {} (from {}), keeping at least the {} newest",
+        humantime::format_duration(args.window),
+        plan.window_start,
+        args.keep
+    );
+    println!("keeps {} backups:", plan.kept.len());
+    for b in &plan.kept {
+        println!(
+            "  {}  started {}, timeline {}, {} stored: {}",
+            b.name,
+            b.start_time,
+            b.timeline,
+            human_bytes(b.stored_size),
+            b.why
+        );
+    }
+    if plan.deleted_backups.is_empty() {
+        println!("deletes no backup");
+    } else {
+        println!("deletes {} backups:", plan.deleted_backups.len());
+        for b in &plan.deleted_backups {
+            println!(
+                "  {}  {} stored: {}",
+                b.name,
+                human_bytes(b.stored_size),
+                b.why
+            );
+        }
+    }
+    println!(
+        "WAL: deletes {} objects ({}), keeps {} ({}); the oldest kept segment per timeline: {}",
+        plan.deleted_wal.len(),
+        human_bytes(plan.deleted_wal_size),
+        plan.kept_wal_objects,
+        human_bytes(plan.kept_wal_size),
+        if plan.first_kept_segment.is_empty() {
+            "none".to_string()
+        } else {
+            plan.first_kept_segment.join(", ")
+        }
+    );
+}
