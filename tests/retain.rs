@@ -306,3 +306,71 @@ impl Drop for StopOnDrop {
         let _ = c.output();
     }
 }
+
+/// On S3 (moto), encrypted: two backups and a window of one second that
+/// began after both, so the newer anchors it; the dry run lists the older
+/// and its WAL, `--apply` deletes them, and a drill of what is left
+/// passes.
+#[test]
+fn on_s3_retention_deletes_the_older_backup_and_a_drill_still_passes() {
+    let s3 = common::s3::S3Server::start();
+    let mut s = setup("retain-s3", PgOptions::default());
+    s.settings.repo_url = s3.url("retain");
+    s.settings.repo_options = s3.repo_options().into_iter().collect();
+    s.settings.key_file = Some(common::setup::keygen(s.dir.path(), "repo.key"));
+    let config = s.settings.write(&s.dir.join("walsafe.toml"));
+    let agent = Agent::start(&config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (batch int)");
+    s.pg.psql("INSERT INTO t VALUES (1)");
+    let o = walsafe(&config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for _ in 0..3 {
+        s.pg.psql("SELECT pg_switch_wal()");
+        s.pg.psql("INSERT INTO t SELECT 1 WHERE false");
+    }
+    std::thread::sleep(Duration::from_millis(2100));
+    s.pg.psql("INSERT INTO t VALUES (2)");
+    let o = walsafe(&config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    s.pg.psql("INSERT INTO t VALUES (3)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+    let listed = backups(&config);
+    let (newer, older) = (listed[0].clone(), listed[1].0.clone());
+    std::thread::sleep(Duration::from_millis(2100));
+    let o = retain(&config, &["--window", "1s", "--keep", "1", "--json"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doomed = plan["deleted_backups"].as_array().unwrap();
+    assert_eq!(doomed.len(), 1, "{plan}");
+    assert_eq!(doomed[0]["name"], older.as_str());
+    let wal = plan["deleted_wal"].as_array().unwrap();
+    assert!(
+        wal.len() >= 3,
+        "the segments only the older backup needed: {plan}"
+    );
+    assert_eq!(backups(&config).len(), 2, "a dry run deletes nothing");
+
+    let o = retain(&config, &["--window", "1s", "--apply"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        backups(&config)
+            .into_iter()
+            .map(|b| b.0)
+            .collect::<Vec<_>>(),
+        vec![newer.0.clone()]
+    );
+    let o = walsafe(&config, &["wal-verify"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let copies = TestDir::new("retain-s3-drill");
+    let o = walsafe(
+        &config,
+        &["drill", "--dir", copies.path().to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("postgres: 1 tables, 3 rows"),
+        "{}",
+        text(&o)
+    );
+}
