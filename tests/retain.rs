@@ -374,3 +374,29 @@ fn on_s3_retention_deletes_the_older_backup_and_a_drill_still_passes() {
         text(&o)
     );
 }
+
+/// Nothing to anchor a window: an unpinned repository, then one with WAL
+/// but no complete backup. Each refused with the reason, nothing deleted.
+#[test]
+fn retention_refuses_a_repository_without_a_descriptor_or_a_backup() {
+    let s = setup("retain-refused", PgOptions::default());
+    let o = retain(&s.config, &["--window", "1s", "--apply"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not pinned"), "{err}");
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("SELECT pg_switch_wal()");
+    s.pg.psql("CREATE TABLE t (batch int)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+    drop(agent); // nothing else writes to the repository from here on
+    let before = files(&s.dir.join("repo"));
+    let o = retain(&s.config, &["--window", "1s", "--apply"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no complete backup") && err.contains("walsafe backup"),
+        "{err}"
+    );
+    assert_eq!(files(&s.dir.join("repo")), before);
+}
