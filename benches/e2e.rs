@@ -39,6 +39,14 @@
 //!    (moto on loopback). Wall time, CPU seconds per GB and peak RSS of the
 //!    client process (walsafe; tar with its zstd children).
 //!
+//! 7. **replay**: about `WALSAFE_BENCH_REPLAY_MB` (default 900) of WAL
+//!    from two INSERT sessions, archived by walsafe (zstd, a key,
+//!    `file://`) and by `pg_receivewal` beside it; then a base backup taken
+//!    before the load is recovered to the end of the archive, alternately
+//!    with `restore_command = walsafe wal-fetch` and with `cp` from
+//!    `pg_receivewal`'s directory (twice each, cold prefetch cache): replay
+//!    MB/s and the ratio.
+//!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
@@ -618,6 +626,9 @@ fn main() {
     if want("restore") {
         restore();
     }
+    if want("replay") {
+        replay();
+    }
 }
 
 /// Runs `cmd` to completion; (wall seconds, CPU seconds, peak RSS MiB)
@@ -727,6 +738,87 @@ fn base_backup() {
         c / rows[1].2
     );
     drop(agent);
+}
+
+fn replay() {
+    let mb = env_u64("WALSAFE_BENCH_REPLAY_MB", 900);
+    println!("\n== scenario 7: replay of {mb} MB of WAL through restore_command");
+    let (dir, pg, mut settings, _) = start_pair("bench-replay");
+    settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let recv_dir = dir.join("receivewal");
+    let base = dir.join("base");
+    let prefetch = settings.prefetch_dir.clone();
+    let bin = common::walsafe::bin_copy(dir.path());
+    let pair = Pair::start(dir, pg, &settings, &config, true);
+    pair.pg.base_backup(&base, "none");
+    let start = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+    while parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()")) - start < mb << 20 {
+        for h in spawn_load(&pair.pg, 2, 2) {
+            h.join().unwrap();
+        }
+    }
+    pair.pg.psql("SELECT pg_switch_wal()");
+    let end = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+    wait_both(&pair, end, Instant::now());
+    let bytes = end - start;
+    println!("WAL to replay: {:.0} MiB", bytes as f64 / 1048576.0);
+    let mut times: Vec<(&str, f64)> = Vec::new();
+    let variants: Vec<(&str, String)> = vec![
+        (
+            "walsafe wal-fetch",
+            format!(
+                "{} --config {} wal-fetch %f %p",
+                bin.display(),
+                config.display()
+            ),
+        ),
+        ("cp", format!("cp {}/%f %p", recv_dir.display())),
+        (
+            "walsafe, no fsync",
+            format!(
+                "WALSAFE_UNSAFE_NO_FSYNC=1 {} --config {} wal-fetch %f %p",
+                bin.display(),
+                config.display()
+            ),
+        ),
+    ];
+    for round in 0..6 {
+        let (label, command) = variants[round % variants.len()].clone();
+        let _ = std::fs::remove_dir_all(&prefetch);
+        let t0 = Instant::now();
+        let restored = common::pg::start_restore(
+            &base,
+            &[
+                format!("restore_command = '{command}'"),
+                "recovery_target_action = 'promote'".into(),
+            ],
+        );
+        let outcome = restored.wait_recovery_end(Duration::from_secs(900));
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(
+            outcome,
+            common::pg::RecoveryOutcome::Promoted,
+            "{label}: {}",
+            restored.log_tail()
+        );
+        println!(
+            "{label:<20} {secs:>7.2} s  {:>7.1} MB/s",
+            bytes as f64 / 1e6 / secs
+        );
+        times.push((label, secs));
+    }
+    let best = |l: &str| {
+        times
+            .iter()
+            .filter(|(x, _)| *x == l)
+            .map(|(_, t)| *t)
+            .fold(f64::MAX, f64::min)
+    };
+    println!(
+        "replay speed walsafe / cp (best of two each): {:.2}x",
+        best("cp") / best("walsafe wal-fetch")
+    );
 }
 
 /// Stops the server on `data` (as postgres), whatever it is doing.

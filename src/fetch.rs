@@ -42,12 +42,18 @@
 //!
 //! Where a segment is looked for, in order:
 //!
-//! 1. the prefetch cache, `<[fetch] dir>/<repository id>/<name>`, which
-//!    holds *raw repository objects*, so they are authenticated and
-//!    checksummed exactly like a download; a bad prefetched file is
-//!    discarded and fetched again. The repository id (see
-//!    [`prefetch_cache`]) keeps one repository's objects from ever being
-//!    served for another that shares the directory;
+//! 1. the prefetch cache, `<[fetch] dir>/<repository id>/<name>.<hash>`:
+//!    segments the prefetcher downloaded, authenticated, decoded and
+//!    validated ahead of recovery (two at a time, on the core PostgreSQL's
+//!    replay does not use), kept as plaintext under the BLAKE3 hash of
+//!    their name and bytes. Serving one checks the hash (a copy that went
+//!    bad on local disk, or was put there under another name, is discarded
+//!    and fetched again) and the page headers, then *renames* it to `%p`
+//!    (a copy when the cache is on another file system): recovery does
+//!    not wait for a download, a decryption or a decompression. The
+//!    repository id (see [`prefetch_cache`]) keeps one repository's
+//!    segments from ever being served for another that shares the
+//!    directory;
 //! 2. `wal/<name>` — the complete segment;
 //! 3. `wal/<name>.partial` — the closed last segment of an ended timeline,
 //!    or the segment closed at a recorded gap;
@@ -108,6 +114,11 @@ use crate::repository::{ObjectName, Repository, RepositoryError, SegmentFile};
 const CHUNK_FETCH_CONCURRENCY: usize = 8;
 /// Name of the lock that keeps one prefetcher per prefetch directory.
 const PREFETCH_LOCK: &str = ".prefetch.lock";
+/// What the prefetch cache holds (part of its directory's id: a cache of
+/// another format is never read).
+const PREFETCH_FORMAT: &str = "plaintext-blake3-1";
+/// Segments the prefetcher downloads and decodes at once.
+const PREFETCH_CONCURRENCY: usize = 2;
 /// Looks at a segment's places before a picture that keeps changing is an
 /// error (see the module doc).
 pub const CONSISTENT_LOOKS: usize = 5;
@@ -298,6 +309,10 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
             cfg.path.display()
         )
     })?;
+    if kind == Some(NameKind::Segment) && take_prefetched(cfg, &repo, &descriptor, name, dest).await
+    {
+        return Ok(Fetched::Restored);
+    }
     let data = match kind {
         Some(NameKind::History(_)) => repo.get_wal(name).await?,
         Some(NameKind::Segment) => fetch_segment(cfg, &repo, &descriptor, name).await?,
@@ -335,12 +350,7 @@ async fn fetch_segment(
         )
     })?;
     let file = SegmentFile::of(seg, d.segment_size);
-    let cache = prefetch_cache(cfg, repo, d);
-    let found = match from_prefetch(&cache, repo, &file).await {
-        // Only complete segments are prefetched.
-        Some(data) => Some((data, Source::Segment)),
-        None => look_up(repo, &file, d.segment_size).await?,
-    };
+    let found = look_up(repo, &file, d.segment_size).await?;
     let Some((data, source)) = found else {
         refuse_if_in_gap(cfg, &repo.gaps().await?, seg, d.segment_size)?;
         return Ok(None);
@@ -513,6 +523,7 @@ fn refuse_if_gap_starts_in(
 pub fn prefetch_cache(cfg: &Config, repo: &Repository, d: &Descriptor) -> PathBuf {
     let mut h = Sha256::new();
     for part in [
+        PREFETCH_FORMAT,
         repo.url(),
         &d.system_identifier.to_string(),
         &d.created_at,
@@ -524,22 +535,68 @@ pub fn prefetch_cache(cfg: &Config, repo: &Repository, d: &Descriptor) -> PathBu
     cfg.fetch.dir.join(hex::encode(&h.finalize()[..8]))
 }
 
-/// A prefetched raw object, decoded and verified; `None` when absent or bad.
-async fn from_prefetch(cache: &Path, repo: &Repository, file: &SegmentFile) -> Option<Vec<u8>> {
-    let name = file.as_str();
-    let path = cache.join(name);
-    let raw = tokio::fs::read(&path).await.ok()?;
-    let _ = tokio::fs::remove_file(&path).await;
-    match repo
-        .decode_raw(&ObjectName::Segment(file.clone()), raw.into())
-        .await
-    {
-        Ok(data) => Some(data),
-        Err(e) => {
-            warn!("discarding prefetched {name}: {e}; fetching it from the repository");
-            None
+/// The cache file name of segment `name` holding `data`: the name, then
+/// the BLAKE3 hash of the name and the bytes.
+pub fn prefetch_file_name(name: &str, data: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(name.as_bytes());
+    h.update(&[0]);
+    h.update(data);
+    format!("{name}.{}", h.finalize().to_hex())
+}
+
+/// Serves segment `name` from the prefetch cache into `dest` (see the
+/// module doc): true when it did. A cached copy that fails its hash or
+/// its page headers is removed and the segment fetched again.
+async fn take_prefetched(
+    cfg: &Config,
+    repo: &Repository,
+    d: &Descriptor,
+    name: &str,
+    dest: &Path,
+) -> bool {
+    let Some(seg) = SegmentName::parse(name, d.segment_size) else {
+        return false;
+    };
+    let cache = prefetch_cache(cfg, repo, d);
+    let ident = d.identity();
+    let segment_size = d.segment_size;
+    let (name, dest, fsync) = (name.to_string(), dest.to_path_buf(), cfg.fsync);
+    tokio::task::spawn_blocking(move || {
+        let prefix = format!("{name}.");
+        let Some(path) = std::fs::read_dir(&cache).ok().and_then(|entries| {
+            entries.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|f| f.to_string_lossy().starts_with(&prefix))
+            })
+        }) else {
+            return false;
+        };
+        let Ok(data) = std::fs::read(&path) else {
+            return false;
+        };
+        let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned());
+        let intact = data.len() as u64 == segment_size
+            && file_name.as_deref() == Some(prefetch_file_name(&name, &data).as_str());
+        if let Err(why) = if intact {
+            validate_segment(&ident, seg, &data).map_err(|e| e.to_string())
+        } else {
+            Err("its bytes do not match its hash".to_string())
+        } {
+            warn!("discarding prefetched {name}: {why}; fetching it from the repository");
+            let _ = std::fs::remove_file(&path);
+            return false;
         }
-    }
+        // Verified: moved into place, or copied across file systems.
+        if std::fs::rename(&path, &dest).is_ok() {
+            return true;
+        }
+        let ok = fsync.write_atomically(&dest, &data, 0o600).is_ok();
+        let _ = std::fs::remove_file(&path);
+        ok
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// What a segment's chunks gave.
@@ -698,32 +755,64 @@ pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
     if let Ok(entries) = std::fs::read_dir(&cache) {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if let Some(s) = SegmentName::parse(&n, d.segment_size) {
-                if s.segno <= seg.segno {
-                    let _ = std::fs::remove_file(e.path());
-                }
+            let passed = n
+                .get(..24)
+                .and_then(|s| SegmentName::parse(s, d.segment_size))
+                .is_none_or(|s| s.segno <= seg.segno);
+            if passed {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
+    let cached: Vec<String> = std::fs::read_dir(&cache)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut wanted = Vec::new();
     let mut next = seg;
     for _ in 0..cfg.fetch.prefetch {
         next = next.next();
-        let n = next.file_name(d.segment_size);
-        let path = cache.join(&n);
-        if path.exists() {
-            continue;
-        }
-        match repo
-            .get_raw(&ObjectName::Segment(SegmentFile::of(next, d.segment_size)))
-            .await?
-        {
-            Some(raw) => {
-                let p = path.clone();
-                let fsync = cfg.fsync;
-                tokio::task::spawn_blocking(move || fsync.write_atomically(&p, &raw, 0o600))
-                    .await??;
+        wanted.push(next);
+    }
+    let ident = d.identity();
+    let fetched = futures::stream::iter(wanted)
+        .map(|s| {
+            let (repo, cache, ident) = (&repo, &cache, ident);
+            let n = s.file_name(d.segment_size);
+            let have = cached.iter().any(|c| c.starts_with(&format!("{n}.")));
+            async move {
+                if have {
+                    return anyhow::Ok(true);
+                }
+                let object = ObjectName::Segment(SegmentFile::of(s, d.segment_size));
+                let Some(raw) = repo.get_raw(&object).await? else {
+                    return Ok(false);
+                };
+                let data = repo.decode_raw(&object, raw).await?;
+                let cache = cache.clone();
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    validate_segment(&ident, s, &data)?;
+                    // A cache: a copy torn by a crash fails its hash.
+                    crate::durable::Fsync::Off.write_atomically(
+                        &cache.join(prefetch_file_name(&n, &data)),
+                        &data,
+                        0o600,
+                    )?;
+                    Ok(())
+                })
+                .await??;
+                Ok(true)
             }
-            None => break,
+        })
+        .buffered(PREFETCH_CONCURRENCY);
+    futures::pin_mut!(fetched);
+    while let Some(r) = fetched.next().await {
+        if !r? {
+            break;
         }
     }
     drop(lock);

@@ -41,13 +41,24 @@ fn archive_is_byte_exact_with_pg_receivewal() {
         if i == 0 {
             // wal-fetch started a prefetcher: the next segment is downloaded
             // before recovery asks for it (and is verified when it does).
-            // (The cache of a repository is `<[fetch] dir>/<repository id>/`.)
+            // (The cache of a repository is `<[fetch] dir>/<repository id>/`,
+            // each segment in it as `<name>.<hash>`.)
             let prefetched = || {
                 std::fs::read_dir(&s.settings.prefetch_dir)
                     .into_iter()
                     .flatten()
                     .flatten()
-                    .any(|d| d.path().join(&names[1]).exists())
+                    .any(|d| {
+                        std::fs::read_dir(d.path())
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                            .any(|f| {
+                                f.file_name()
+                                    .to_string_lossy()
+                                    .starts_with(&format!("{}.", names[1]))
+                            })
+                    })
             };
             assert!(
                 common::walsafe::wait_until(Duration::from_secs(20), prefetched),

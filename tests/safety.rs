@@ -186,8 +186,13 @@ fn unencrypted_objects_are_checksummed_and_prefetch_is_verified() {
         let d = repo.descriptor().await.unwrap().unwrap();
         walsafe::fetch::prefetch_cache(&cfg, &repo, &d)
     });
+    // It is kept as plaintext under the hash of its name and bytes: one
+    // bit flipped on disk, under the name of the good bytes.
     std::fs::create_dir_all(&cache).unwrap();
-    std::fs::write(cache.join(victim), &flipped).unwrap();
+    let cached = cache.join(walsafe::fetch::prefetch_file_name(victim, &server_copy));
+    let mut rotten = server_copy.clone();
+    rotten[8192 + 100] ^= 0x01;
+    std::fs::write(&cached, &rotten).unwrap();
     common::pg::chown_postgres(&a.settings.prefetch_dir);
     let (code, err) = fetch_code(&a.config, victim, &work);
     assert_eq!(code, Some(0), "{err}");
@@ -195,10 +200,14 @@ fn unencrypted_objects_are_checksummed_and_prefetch_is_verified() {
         std::fs::read(work.join("out")).unwrap() == server_copy,
         "the segment served is not the server's {victim}: the bad prefetched copy was served"
     );
-    assert!(
-        !cache.join(victim).exists(),
-        "the bad prefetched copy is gone"
-    );
+    assert!(!cached.exists(), "the bad prefetched copy is gone");
+    // An intact prefetched copy is served as it is (moved into place).
+    std::fs::write(&cached, &server_copy).unwrap();
+    common::pg::chown_postgres(&a.settings.prefetch_dir);
+    let (code, err) = fetch_code(&a.config, victim, &work);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read(work.join("out")).unwrap() == server_copy);
+    assert!(!cached.exists(), "served by a move");
 }
 
 #[test]
