@@ -44,8 +44,10 @@
 //!    `file://`) and by `pg_receivewal` beside it; then a base backup taken
 //!    before the load is recovered to the end of the archive, alternately
 //!    with `restore_command = walsafe wal-fetch` and with `cp` from
-//!    `pg_receivewal`'s directory (twice each, cold prefetch cache): replay
-//!    MB/s and the ratio.
+//!    `pg_receivewal`'s directory (twice each, cold prefetch cache); and
+//!    from S3 (moto, a second agent), walsafe against one plain GET per
+//!    segment into place (`curl`, of `pg_receivewal`'s segments stored
+//!    as plain objects): replay MB/s and the ratios.
 //!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
@@ -750,7 +752,18 @@ fn replay() {
     let base = dir.join("base");
     let prefetch = settings.prefetch_dir.clone();
     let bin = common::walsafe::bin_copy(dir.path());
+    // The same WAL into S3 (moto) by a second agent with its own slot.
+    let s3 = S3Server::start();
+    let mut s3_settings = settings.clone();
+    s3_settings.repo_url = s3.url("replay");
+    s3_settings.repo_options = s3.repo_options().into_iter().collect();
+    s3_settings.spool = dir.join("spool-s3");
+    s3_settings.prefetch_dir = dir.join("prefetch-s3");
+    s3_settings.slot = "walsafe_s3".into();
+    s3_settings.metrics_port = common::walsafe::free_port();
+    let s3_config = s3_settings.write(&dir.join("walsafe-s3.toml"));
     let pair = Pair::start(dir, pg, &settings, &config, true);
+    let s3_agent = Agent::start(&s3_config, s3_settings.metrics_port);
     pair.pg.base_backup(&base, "none");
     let start = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
     while parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()")) - start < mb << 20 {
@@ -761,8 +774,24 @@ fn replay() {
     pair.pg.psql("SELECT pg_switch_wal()");
     let end = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
     wait_both(&pair, end, Instant::now());
+    s3_agent.wait_archived(end, Duration::from_secs(600));
     let bytes = end - start;
     println!("WAL to replay: {:.0} MiB", bytes as f64 / 1048576.0);
+    // The S3 reference: pg_receivewal's segments as plain objects, one
+    // GET each into place.
+    for e in std::fs::read_dir(&recv_dir).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.len() == 24 {
+            let (status, _) = common::s3::http(
+                s3.port(),
+                "PUT",
+                &format!("/walsafe-test/plain/{n}"),
+                &std::fs::read(e.path()).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(status, 200, "PUT {n}");
+        }
+    }
     let mut times: Vec<(&str, f64)> = Vec::new();
     let variants: Vec<(&str, String)> = vec![
         (
@@ -775,17 +804,27 @@ fn replay() {
         ),
         ("cp", format!("cp {}/%f %p", recv_dir.display())),
         (
-            "walsafe, no fsync",
+            "walsafe wal-fetch S3",
             format!(
-                "WALSAFE_UNSAFE_NO_FSYNC=1 {} --config {} wal-fetch %f %p",
+                "{} --config {} wal-fetch %f %p",
                 bin.display(),
-                config.display()
+                s3_config.display()
+            ),
+        ),
+        (
+            "curl GET S3",
+            format!(
+                "curl -sf --aws-sigv4 aws:amz:us-east-1:s3 --user {}:{} -o %p http://127.0.0.1:{}/walsafe-test/plain/%f",
+                common::s3::ACCESS_KEY_ID,
+                common::s3::SECRET_ACCESS_KEY,
+                s3.port()
             ),
         ),
     ];
-    for round in 0..6 {
+    for round in 0..2 * variants.len() {
         let (label, command) = variants[round % variants.len()].clone();
         let _ = std::fs::remove_dir_all(&prefetch);
+        let _ = std::fs::remove_dir_all(&s3_settings.prefetch_dir);
         let t0 = Instant::now();
         let restored = common::pg::start_restore(
             &base,
@@ -816,9 +855,11 @@ fn replay() {
             .fold(f64::MAX, f64::min)
     };
     println!(
-        "replay speed walsafe / cp (best of two each): {:.2}x",
-        best("cp") / best("walsafe wal-fetch")
+        "replay speed (best of two each): walsafe / cp from file:// {:.2}x; walsafe / curl GET from S3 {:.2}x",
+        best("cp") / best("walsafe wal-fetch"),
+        best("curl GET S3") / best("walsafe wal-fetch S3"),
     );
+    drop(s3_agent);
 }
 
 /// Stops the server on `data` (as postgres), whatever it is doing.
