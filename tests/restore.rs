@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::pg::{PgOptions, RecoveryOutcome, TestDir};
 use common::setup::{current_lsn, output_text as text, setup};
+use common::timeline::{batches_after, psql_on, StopOnDrop, Timeline2};
 use common::walsafe::{walsafe, Agent};
 
 #[test]
@@ -112,34 +113,6 @@ fn a_restore_to_a_time_holds_exactly_the_rows_before_it_and_wrong_requests_are_r
     );
 }
 
-/// Restores the newest backup `walsafe restore` picks for `args` (plus
-/// `--target-action promote`) and returns the batches present after
-/// recovery, with their row counts past one ("1,2×57,3").
-fn batches_after(config: &std::path::Path, args: &[&str]) -> String {
-    let work = TestDir::new("restore-target");
-    let dir = work.join("data");
-    let mut all = vec![
-        "restore",
-        dir.to_str().unwrap(),
-        "--target-action",
-        "promote",
-    ];
-    all.extend_from_slice(args);
-    let o = walsafe(config, &all);
-    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
-    let restored = common::pg::start_restore(&dir, &[]);
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{args:?}: {}",
-        restored.log_tail()
-    );
-    restored.psql(
-        "SELECT string_agg(batch || CASE WHEN n > 1 THEN '×' || n ELSE '' END, ',' ORDER BY batch) \
-         FROM (SELECT batch, count(*) n FROM t GROUP BY batch) b",
-    )
-}
-
 /// Every kind of target, and the backup each one needs: an LSN between
 /// two backups restores the older one; a restore point, an xid and the
 /// end of the archive use the newer; `--target immediate` with
@@ -233,34 +206,14 @@ fn every_target_kind_restores_exactly_its_rows_from_the_right_backup() {
     assert!(!work.join("data").exists());
 }
 
-/// Stops the server `walsafe restore --start` started on `dir`, whatever
-/// the test's outcome.
-struct StopOnDrop {
-    dir: std::path::PathBuf,
-    pg_ctl: std::path::PathBuf,
-}
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        let mut c = std::process::Command::new(&self.pg_ctl);
-        c.arg("-D").arg(&self.dir).args(["-m", "immediate", "stop"]);
-        common::pg::as_postgres(&mut c);
-        let _ = c.output();
-    }
-}
-
 /// The batches in `t` of the restored server listening on `port` (its
 /// socket in the directory of the cluster it was backed up from).
 fn batches_on_port(pg: &common::pg::PgCluster, port: u16) -> String {
-    let rows = std::process::Command::new(pg.bins().program("psql"))
-        .args(["-XAtq", "-h"])
-        .arg(pg.socket_dir())
-        .args(["-p", &port.to_string(), "-U", "postgres", "-c"])
-        .arg("SELECT string_agg(batch::text, ',' ORDER BY batch) FROM t")
-        .output()
-        .unwrap();
-    assert!(rows.status.success(), "{}", text(&rows));
-    String::from_utf8_lossy(&rows.stdout).trim().to_string()
+    psql_on(
+        pg,
+        port,
+        "SELECT string_agg(batch::text, ',' ORDER BY batch) FROM t",
+    )
 }
 
 /// `--start`: the restored server is started, recovery followed to the
@@ -484,63 +437,13 @@ fn a_restore_onto_a_later_timeline_picks_the_backup_on_its_history() {
     drop(agent);
     s.pg.stop_fast();
 
-    // Timeline 2: `before` recovered to `fork` and promoted.
+    // Timeline 2: `before` recovered to `fork` and promoted, archived by
+    // a second agent into the same repository.
     let work = TestDir::new("restore-timeline-out");
-    let tl2 = work.join("timeline-2");
-    let port = common::walsafe::free_port();
-    let o = walsafe(
-        &s.config,
-        &[
-            "restore",
-            tl2.to_str().unwrap(),
-            "--backup",
-            &before,
-            "--target-lsn",
-            &fork,
-            "--target-action",
-            "promote",
-            "--start",
-            "--port",
-            &port.to_string(),
-        ],
-    );
-    let _stop = StopOnDrop {
-        dir: tl2.clone(),
-        pg_ctl: s.pg.bins().program("pg_ctl"),
-    };
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("timeline 2"),
-        "{}",
-        text(&o)
-    );
-    assert_eq!(batches_on_port(&s.pg, port), "1");
-    // A second agent archives timeline 2 into the same repository.
-    let mut settings = s.settings.clone();
-    settings.conninfo = format!(
-        "host={} port={port} user=postgres",
-        s.pg.socket_dir().display()
-    );
-    settings.spool = work.join("spool-2");
-    settings.metrics_port = common::walsafe::free_port();
-    let config_2 = settings.write(&work.join("walsafe-2.toml"));
-    let agent_2 = Agent::start(&config_2, settings.metrics_port);
-    let on_2 = |sql: &str| {
-        let o = std::process::Command::new(s.pg.bins().program("psql"))
-            .args(["-XAtq", "-h"])
-            .arg(s.pg.socket_dir())
-            .args(["-p", &port.to_string(), "-U", "postgres", "-c", sql])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
-    on_2("INSERT INTO t VALUES (4)");
-    on_2("SELECT pg_switch_wal()");
-    agent_2.wait_archived(
-        common::setup::parse_lsn(&on_2("SELECT pg_current_wal_lsn()")),
-        Duration::from_secs(60),
-    );
+    let tl2 = Timeline2::promote(&s, &work, Some(&before), &fork);
+    assert_eq!(tl2.psql("SELECT string_agg(batch::text, ',') FROM t"), "1");
+    tl2.psql("INSERT INTO t VALUES (4)");
+    tl2.switch_and_archive();
 
     assert_eq!(batches_after(&s.config, &[]), "1,4");
     assert_eq!(

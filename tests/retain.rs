@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::pg::{PgOptions, RecoveryOutcome, TestDir};
-use common::setup::{current_lsn, output_text as text, parse_lsn, setup};
+use common::pg::{PgOptions, TestDir};
+use common::setup::{current_lsn, output_text as text, setup};
+use common::timeline::{batches_after, Timeline2};
 use common::walsafe::{bin_copy, walsafe, Agent};
 
 /// `walsafe retain ARGS…` with the failpoints in `failpoints` set.
@@ -62,29 +63,6 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Restores with `args` (plus promote) and returns the batches in `t`.
-fn batches_after(config: &Path, args: &[&str]) -> String {
-    let work = TestDir::new("retain-restore");
-    let dir = work.join("data");
-    let mut all = vec![
-        "restore",
-        dir.to_str().unwrap(),
-        "--target-action",
-        "promote",
-    ];
-    all.extend_from_slice(args);
-    let o = walsafe(config, &all);
-    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", text(&o));
-    let restored = common::pg::start_restore(&dir, &[]);
-    assert_eq!(
-        restored.wait_recovery_end(Duration::from_secs(120)),
-        RecoveryOutcome::Promoted,
-        "{args:?}: {}",
-        restored.log_tail()
-    );
-    restored.psql("SELECT string_agg(batch::text, ',' ORDER BY batch) FROM t")
-}
-
 /// Seconds from `start` (RFC 3339) to now, plus one: a window that
 /// begins just before that start.
 fn window_from(start: &str) -> String {
@@ -125,56 +103,13 @@ fn retention_keeps_every_instant_of_the_window_restorable_even_when_stopped_midw
     // Timeline 2: the anchor recovered to `fork` and promoted, archived
     // by a second agent into the same repository.
     let work = TestDir::new("retain-out");
-    let tl2 = work.join("timeline-2");
-    let port = common::walsafe::free_port();
-    let o = walsafe(
-        &s.config,
-        &[
-            "restore",
-            tl2.to_str().unwrap(),
-            "--target-lsn",
-            &fork,
-            "--target-action",
-            "promote",
-            "--start",
-            "--port",
-            &port.to_string(),
-        ],
-    );
-    let _stop = StopOnDrop {
-        dir: tl2.clone(),
-        pg_ctl: s.pg.bins().program("pg_ctl"),
-    };
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let mut settings = s.settings.clone();
-    settings.conninfo = format!(
-        "host={} port={port} user=postgres",
-        s.pg.socket_dir().display()
-    );
-    settings.spool = work.join("spool-2");
-    settings.metrics_port = common::walsafe::free_port();
-    let config_2 = settings.write(&work.join("walsafe-2.toml"));
-    let agent_2 = Agent::start(&config_2, settings.metrics_port);
-    let on_2 = |sql: &str| {
-        let o = std::process::Command::new(s.pg.bins().program("psql"))
-            .args(["-XAtq", "-h"])
-            .arg(s.pg.socket_dir())
-            .args(["-p", &port.to_string(), "-U", "postgres", "-c", sql])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
-    on_2("INSERT INTO t VALUES (4)");
+    let tl2 = Timeline2::promote(&s, &work, None, &fork);
+    tl2.psql("INSERT INTO t VALUES (4)");
     std::thread::sleep(Duration::from_millis(3100));
-    let o = walsafe(&config_2, &["backup"]);
+    let o = walsafe(tl2.config(), &["backup"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    on_2("INSERT INTO t VALUES (5)");
-    on_2("SELECT pg_switch_wal()");
-    agent_2.wait_archived(
-        parse_lsn(&on_2("SELECT pg_current_wal_lsn()")),
-        Duration::from_secs(60),
-    );
+    tl2.psql("INSERT INTO t VALUES (5)");
+    tl2.switch_and_archive();
     let listed = backups(&s.config);
     assert_eq!(listed.len(), 3, "{listed:?}");
     let (newest, oldest) = (listed[0].clone(), listed[2].0.clone());
@@ -290,21 +225,6 @@ fn retention_keeps_every_instant_of_the_window_restorable_even_when_stopped_midw
         batches_after(&s.config, &["--target-time", &first_instant]),
         "1,2,3,4"
     );
-}
-
-/// Stops the server `walsafe restore --start` started on `dir`.
-struct StopOnDrop {
-    dir: PathBuf,
-    pg_ctl: PathBuf,
-}
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        let mut c = std::process::Command::new(&self.pg_ctl);
-        c.arg("-D").arg(&self.dir).args(["-m", "immediate", "stop"]);
-        common::pg::as_postgres(&mut c);
-        let _ = c.output();
-    }
 }
 
 /// On S3 (moto), encrypted: two backups and a window of one second that
