@@ -6,7 +6,9 @@
 //! 2. **Isolate** the copy: no archiving (a promoted drill must never push
 //!    a timeline of its own into the repository), no TCP (Unix socket in
 //!    the drill's private directory only), no synchronous standbys, no
-//!    JIT; local connections trusted through a `pg_hba` of its own.
+//!    JIT; local connections trusted through a `pg_hba` of its own (a
+//!    backup without its configuration, as on Debian, gets a minimal one
+//!    from the restore).
 //! 3. **Recover** to the end of the archive or the target, following the
 //!    server's log ([`crate::restore::start`]); as root, PostgreSQL runs as
 //!    `postgres`.
@@ -227,11 +229,6 @@ fn isolate(work: &Path, data: &Path) -> anyhow::Result<()> {
         &hba,
         "# walsafe drill: the socket is in a private directory\nlocal all all trust\n",
     )?;
-    // Debian keeps postgresql.conf in /etc: the data directory may have none.
-    let conf = data.join("postgresql.conf");
-    if !conf.exists() {
-        std::fs::write(&conf, "# written by walsafe drill (the backup had none)\n")?;
-    }
     let mut auto = std::fs::OpenOptions::new()
         .append(true)
         .open(data.join("postgresql.auto.conf"))?;
@@ -245,7 +242,7 @@ fn isolate(work: &Path, data: &Path) -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() {
         let pg = nix::unistd::User::from_name("postgres")?
             .ok_or_else(|| anyhow!("running as root, but there is no postgres user"))?;
-        for p in [work, &hba, &conf] {
+        for p in [work, &hba] {
             nix::unistd::chown(p, Some(pg.uid), Some(pg.gid))?;
         }
     }

@@ -197,6 +197,7 @@ pub async fn restore(
     }
     let mut settings = recovery_settings(cfg, args)?;
     std::fs::write(args.dir.join("recovery.signal"), "")?;
+    write_missing_configuration(&args.dir)?;
     // Recovery settings the backed-up server still carried (it was itself
     // restored, or a DBA left them): commented out in
     // postgresql.auto.conf, emptied when postgresql.conf sets them, so
@@ -730,6 +731,44 @@ fn no_gap_on(
                 g.from, g.to, g.timeline, g.reason, g.to, g.timeline, g.from
             ));
         }
+    }
+    Ok(())
+}
+
+/// Debian and Ubuntu keep `postgresql.conf`, `pg_hba.conf` and
+/// `pg_ident.conf` in `/etc/postgresql/<major>/<cluster>`, so a backup of
+/// such a cluster has none and PostgreSQL would not start on it. Each
+/// missing file is written, minimal (PostgreSQL's defaults, local
+/// connections by peer authentication), saying so; a warning names them.
+fn write_missing_configuration(dir: &Path) -> anyhow::Result<()> {
+    let note = "# Written by walsafe restore: the backed-up cluster kept this file outside
+# its data directory (Debian and Ubuntu keep it in /etc/postgresql/<major>/<cluster>).
+# Copy your own here, or start the server with its configuration elsewhere
+# (pg_ctlcluster, or postgres -c config_file=…).
+";
+    let mut written = Vec::new();
+    for (file, body) in [
+        ("postgresql.conf", ""),
+        (
+            "pg_hba.conf",
+            "local all all peer
+",
+        ),
+        ("pg_ident.conf", ""),
+    ] {
+        let path = dir.join(file);
+        if !path.exists() {
+            std::fs::write(&path, format!("{note}{body}"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            written.push(file);
+        }
+    }
+    if !written.is_empty() {
+        tracing::warn!(
+            "the backup holds no {}: the cluster kept its configuration outside the data directory; wrote minimal ones into {} (PostgreSQL's defaults, local connections by peer authentication)",
+            written.join(", "),
+            dir.display()
+        );
     }
     Ok(())
 }

@@ -526,3 +526,57 @@ fn an_altered_part_fails_the_restore_and_leaves_nothing_behind() {
     assert!(!dir.exists(), "{dir:?} removed");
     assert!(!moved.exists(), "{moved:?} removed");
 }
+
+/// A cluster that keeps its configuration outside the data directory (as
+/// Debian does in /etc/postgresql): its backup holds no postgresql.conf,
+/// pg_hba.conf or pg_ident.conf. `walsafe restore --start` writes minimal
+/// ones, says so, and the server recovers.
+#[test]
+fn a_backup_without_configuration_files_restores_and_starts() {
+    let s = setup("restore-noconf", PgOptions::default());
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (batch int)");
+    s.pg.psql("INSERT INTO t VALUES (1)");
+    // The running server has read them; the backup will not find them.
+    for f in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
+        std::fs::remove_file(s.pg.datadir().join(f)).unwrap();
+    }
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    s.pg.psql("INSERT INTO t VALUES (2)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+
+    let work = TestDir::new("restore-noconf-out");
+    let dir = work.join("data");
+    let port = common::walsafe::free_port();
+    let o = walsafe(
+        &s.config,
+        &[
+            "restore",
+            dir.to_str().unwrap(),
+            "--target-action",
+            "promote",
+            "--start",
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let _stop = StopOnDrop {
+        dir: dir.clone(),
+        pg_ctl: s.pg.bins().program("pg_ctl"),
+    };
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("postgresql.conf, pg_hba.conf, pg_ident.conf"),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("recovery ended: promoted"),
+        "{}",
+        text(&o)
+    );
+    let hba = std::fs::read_to_string(dir.join("pg_hba.conf")).unwrap();
+    assert!(hba.contains("local all all peer"), "{hba}");
+}
