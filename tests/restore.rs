@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::pg::{PgOptions, RecoveryOutcome, TestDir};
 use common::setup::{current_lsn, output_text as text, setup};
-use common::timeline::{batches_after, psql_on, StopOnDrop, Timeline2};
+use common::timeline::{batches_after, psql_on, restore_started, StopOnDrop, Timeline2};
 use common::walsafe::{walsafe, Agent};
 
 #[test]
@@ -235,25 +235,12 @@ fn restore_start_recovers_to_the_target_and_reports_it() {
 
     let work = TestDir::new("restore-start-out");
     let dir = work.join("data");
-    let port = common::walsafe::free_port();
-    let o = walsafe(
+    let (o, port, _stop) = restore_started(
+        &s.pg,
         &s.config,
-        &[
-            "restore",
-            dir.to_str().unwrap(),
-            "--target-time",
-            &target,
-            "--target-action",
-            "promote",
-            "--start",
-            "--port",
-            &port.to_string(),
-        ],
+        &dir,
+        &["--target-time", &target, "--target-action", "promote"],
     );
-    let _stop = StopOnDrop {
-        dir: dir.clone(),
-        pg_ctl: s.pg.bins().program("pg_ctl"),
-    };
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     eprintln!("REPORT walsafe restore --start:\n{out}");
@@ -353,11 +340,13 @@ fn a_restore_across_a_recorded_gap_is_refused() {
 #[test]
 fn a_postgresql_18_backup_in_s3_restores_and_starts() {
     let s3 = common::s3::S3Server::start();
-    let mut s = setup("restore-18-s3", PgOptions::default().major(18));
-    s.settings.repo_url = s3.url("restore-18");
-    s.settings.repo_options = s3.repo_options().into_iter().collect();
-    s.settings.key_file = Some(common::setup::keygen(s.dir.path(), "repo.key"));
-    let config = s.settings.write(&s.dir.join("walsafe.toml"));
+    let s = common::setup::setup_s3(
+        "restore-18-s3",
+        PgOptions::default().major(18),
+        &s3,
+        "restore-18",
+    );
+    let config = s.config.clone();
     let agent = Agent::start(&config, s.settings.metrics_port);
     s.pg.psql("CREATE TABLE t (batch int)");
     s.pg.psql("INSERT INTO t VALUES (1)");
@@ -549,23 +538,7 @@ fn a_backup_without_configuration_files_restores_and_starts() {
 
     let work = TestDir::new("restore-noconf-out");
     let dir = work.join("data");
-    let port = common::walsafe::free_port();
-    let o = walsafe(
-        &s.config,
-        &[
-            "restore",
-            dir.to_str().unwrap(),
-            "--target-action",
-            "promote",
-            "--start",
-            "--port",
-            &port.to_string(),
-        ],
-    );
-    let _stop = StopOnDrop {
-        dir: dir.clone(),
-        pg_ctl: s.pg.bins().program("pg_ctl"),
-    };
+    let (o, _, _stop) = restore_started(&s.pg, &s.config, &dir, &["--target-action", "promote"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -234,11 +234,8 @@ fn retention_keeps_every_instant_of_the_window_restorable_even_when_stopped_midw
 #[test]
 fn on_s3_retention_deletes_the_older_backup_and_a_drill_still_passes() {
     let s3 = common::s3::S3Server::start();
-    let mut s = setup("retain-s3", PgOptions::default());
-    s.settings.repo_url = s3.url("retain");
-    s.settings.repo_options = s3.repo_options().into_iter().collect();
-    s.settings.key_file = Some(common::setup::keygen(s.dir.path(), "repo.key"));
-    let config = s.settings.write(&s.dir.join("walsafe.toml"));
+    let s = common::setup::setup_s3("retain-s3", PgOptions::default(), &s3, "retain");
+    let config = s.config.clone();
     let agent = Agent::start(&config, s.settings.metrics_port);
     s.pg.psql("CREATE TABLE t (batch int)");
     s.pg.psql("INSERT INTO t VALUES (1)");

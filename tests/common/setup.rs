@@ -32,6 +32,17 @@ pub fn setup(name: &str, opts: PgOptions) -> Setup {
     }
 }
 
+/// [`setup`] with its repository in `s3` under `prefix`, encrypted with
+/// a new key.
+pub fn setup_s3(name: &str, opts: PgOptions, s3: &super::s3::S3Server, prefix: &str) -> Setup {
+    let mut s = setup(name, opts);
+    s.settings.repo_url = s3.url(prefix);
+    s.settings.repo_options = s3.repo_options().into_iter().collect();
+    s.settings.key_file = Some(keygen(s.dir.path(), "repo.key"));
+    s.config = s.settings.write(&s.dir.join("walsafe.toml"));
+    s
+}
+
 /// Parses PostgreSQL's `X/Y` into bytes.
 pub fn parse_lsn(text: &str) -> u64 {
     let (hi, lo) = text.trim().split_once('/').expect("an LSN");

@@ -27,6 +27,27 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// `walsafe restore DIR ARGS… --start --port P` with `config`: its
+/// output, the port, and a guard that stops the server it started.
+pub fn restore_started(
+    pg: &PgCluster,
+    config: &Path,
+    dir: &Path,
+    args: &[&str],
+) -> (std::process::Output, u16, StopOnDrop) {
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut all = vec!["restore", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend(["--start", "--port", &port_s]);
+    let o = walsafe(config, &all);
+    let stop = StopOnDrop {
+        dir: dir.to_path_buf(),
+        pg_ctl: pg.bins().program("pg_ctl"),
+    };
+    (o, port, stop)
+}
+
 /// psql on the server listening on `port` with `pg`'s socket directory
 /// (a server restored from `pg`'s backup keeps its configuration).
 pub fn psql_on(pg: &PgCluster, port: u16, sql: &str) -> String {
@@ -55,27 +76,11 @@ impl<'a> Timeline2<'a> {
     /// repository. `s`'s own server and agent must be stopped.
     pub fn promote(s: &'a Setup, work: &TestDir, backup: Option<&str>, lsn: &str) -> Timeline2<'a> {
         let data = work.join("timeline-2");
-        let port = free_port();
-        let port_s = port.to_string();
-        let mut args = vec![
-            "restore",
-            data.to_str().unwrap(),
-            "--target-lsn",
-            lsn,
-            "--target-action",
-            "promote",
-            "--start",
-            "--port",
-            &port_s,
-        ];
+        let mut args = vec!["--target-lsn", lsn, "--target-action", "promote"];
         if let Some(b) = backup {
             args.extend(["--backup", b]);
         }
-        let o = walsafe(&s.config, &args);
-        let stop = StopOnDrop {
-            dir: data.clone(),
-            pg_ctl: s.pg.bins().program("pg_ctl"),
-        };
+        let (o, port, stop) = restore_started(&s.pg, &s.config, &data, &args);
         assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
         assert!(
             String::from_utf8_lossy(&o.stdout).contains("timeline 2"),
