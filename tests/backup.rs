@@ -385,8 +385,18 @@ fn a_backup_killed_mid_stream_is_never_complete_and_the_next_succeeds() {
         stop(&mut child);
         child.wait_with_output().unwrap()
     };
-    // SIGTERM: a clear error, non-zero, nothing offered.
+    // SIGTERM: a clear error, non-zero, nothing offered. Before it, a
+    // second backup of the same configuration is refused: the two would
+    // see each other as incomplete and one would lose its parts.
     let out = slow_backup(&|c| {
+        let second = walsafe(&s.config, &["backup"]);
+        assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+        assert!(
+            String::from_utf8_lossy(&second.stderr)
+                .contains("another walsafe backup with this configuration is running"),
+            "{}",
+            text(&second)
+        );
         let st = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status()

@@ -126,12 +126,75 @@ struct Parts<'a> {
     buffers: Buffers,
 }
 
+/// The lock one backup of a configuration holds while it runs.
+pub const LOCK_FILE: &str = "backup.lock";
+
+/// Takes the backup lock (`<spool dir>/backup.lock`): one backup at a
+/// time per configuration. Two at once would each see the other as an
+/// incomplete backup, and the cleanup (here and in `walsafe retain`)
+/// removes an incomplete backup older than a complete one: the earlier
+/// backup would lose its parts to the later.
+fn lock(cfg: &Config) -> anyhow::Result<std::fs::File> {
+    let dir = &cfg.spool.dir;
+    if !dir.is_dir() {
+        cfg.fsync
+            .create_dir_all(dir)
+            .with_context(|| format!("cannot create the spool directory {}", dir.display()))?;
+        // Run as root before the agent ever ran: the spool belongs to whoever
+        // owns its parent (postgres, under /var/lib/walsafe), not to root.
+        if nix::unistd::geteuid().is_root() {
+            use std::os::unix::fs::MetadataExt;
+            if let Some(parent) = dir.parent().and_then(|p| std::fs::metadata(p).ok()) {
+                nix::unistd::chown(
+                    dir,
+                    Some(nix::unistd::Uid::from_raw(parent.uid())),
+                    Some(nix::unistd::Gid::from_raw(parent.gid())),
+                )?;
+            }
+        }
+    }
+    let path = dir.join(LOCK_FILE);
+    // Opened for reading (a lock needs no more), so that a lock file
+    // created by root does not lock postgres out later; created, it is
+    // given to the spool's owner.
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            if nix::unistd::geteuid().is_root() {
+                use std::os::unix::fs::MetadataExt;
+                let owner = std::fs::metadata(dir)?;
+                nix::unistd::chown(
+                    &path,
+                    Some(nix::unistd::Uid::from_raw(owner.uid())),
+                    Some(nix::unistd::Gid::from_raw(owner.gid())),
+                )?;
+            }
+            f
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+    };
+    if !fs4::fs_std::FileExt::try_lock_exclusive(&file)? {
+        bail!(
+            "another walsafe backup with this configuration is running (it holds {}); wait for it to end, or stop it (systemctl stop walsafe-backup)",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
 /// Takes a base backup into the repository; returns its record (stored).
 pub async fn take(
     cfg: &Config,
     args: &BackupArgs,
     progress: &mut dyn Progress,
 ) -> anyhow::Result<BackupRecord> {
+    let _lock = lock(cfg)?;
     let repo = Repository::open(&cfg.repository)
         .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
     let app = format!("{}-backup", cfg.postgres.application_name);

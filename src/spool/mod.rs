@@ -27,6 +27,7 @@
 //! ```text
 //! <[spool] dir>/
 //!   walsafe.lock                       flock()ed by the running agent; holds its pid (text)
+//!   backup.lock                        flock()ed by a running `walsafe backup` (one at a time)
 //!   000000010000000A000000FD           complete segment: segment_size bytes, all fsynced
 //!   000000010000000A000000FE.partial   segment being filled (pre-sized, zero-filled)
 //!   000000010000000A000000FC.partial   closed end of an older timeline (switch point inside)
