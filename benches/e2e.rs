@@ -659,6 +659,28 @@ fn measured(cmd: &mut std::process::Command, what: &str) -> (f64, f64, f64) {
     )
 }
 
+/// Fills `pg` with `pgbench -i` at `scale`, checkpoints, waits until
+/// `agent` archived it all; the cluster's size in bytes and GiB.
+fn pgbench_cluster(pg: &PgCluster, scale: u64, agent: &Agent) -> (u64, f64) {
+    let mut init = pg.bins().command("pgbench");
+    init.args(["-i", "-q", "-s", &scale.to_string(), "-h"])
+        .arg(pg.socket_dir())
+        .args(["-p", &pg.port().to_string(), "-U", "postgres", "postgres"]);
+    assert!(init.status().unwrap().success(), "pgbench -i");
+    pg.psql("CHECKPOINT");
+    let size: u64 = pg
+        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")
+        .parse()
+        .unwrap();
+    let gb = size as f64 / (1u64 << 30) as f64;
+    println!("cluster: {gb:.2} GiB");
+    agent.wait_archived(
+        parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()")),
+        Duration::from_secs(600),
+    );
+    (size, gb)
+}
+
 fn base_backup() {
     let scale = env_u64("WALSAFE_BENCH_BACKUP_SCALE", 130);
     println!("\n== scenario 5: base backup of a pgbench scale {scale} cluster");
@@ -666,24 +688,7 @@ fn base_backup() {
     settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
     let config = settings.write(&dir.join("walsafe.toml"));
     let agent = Agent::start(&config, settings.metrics_port);
-    let mut init = pg.bins().command("pgbench");
-    init.args(["-i", "-q", "-s", &scale.to_string(), "-h"])
-        .arg(pg.socket_dir())
-        .args(["-p", &pg.port().to_string(), "-U", "postgres", "postgres"]);
-    common::pg::as_postgres(&mut init);
-    let st = init.status().unwrap();
-    assert!(st.success(), "pgbench -i");
-    pg.psql("CHECKPOINT");
-    let size: u64 = pg
-        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")
-        .parse()
-        .unwrap();
-    let gb = size as f64 / (1u64 << 30) as f64;
-    println!("cluster: {:.2} GiB", gb);
-    agent.wait_archived(
-        parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()")),
-        Duration::from_secs(600),
-    );
+    let (size, gb) = pgbench_cluster(&pg, scale, &agent);
 
     let mut rows = Vec::new();
     for (label, args) in [
@@ -884,22 +889,7 @@ fn restore() {
     s3_settings.metrics_port = common::walsafe::free_port();
     let s3_config = s3_settings.write(&dir.join("walsafe-s3.toml"));
     let agent = Agent::start(&config, settings.metrics_port);
-    let mut init = pg.bins().command("pgbench");
-    init.args(["-i", "-q", "-s", &scale.to_string(), "-h"])
-        .arg(pg.socket_dir())
-        .args(["-p", &pg.port().to_string(), "-U", "postgres", "postgres"]);
-    assert!(init.status().unwrap().success(), "pgbench -i");
-    pg.psql("CHECKPOINT");
-    let size: u64 = pg
-        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")
-        .parse()
-        .unwrap();
-    let gb = size as f64 / (1u64 << 30) as f64;
-    println!("cluster: {gb:.2} GiB");
-    agent.wait_archived(
-        parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()")),
-        Duration::from_secs(600),
-    );
+    let (size, gb) = pgbench_cluster(&pg, scale, &agent);
     let bin = common::walsafe::bin_copy(dir.path());
     for c in [&config, &s3_config] {
         let mut cmd = std::process::Command::new(&bin);

@@ -112,8 +112,7 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
     }
     let refresher =
         crate::service::spawn_monitor(positions.clone(), cfg.spool.dir.clone(), cancel.clone());
-    crate::backup::spawn_watch(repo.clone(), cancel.clone());
-    crate::drill::spawn_watch(repo.clone(), cancel.clone());
+    spawn_repository_watch(repo.clone(), cancel.clone());
 
     // A pinned repository tells the segment size: ship what the spool holds
     // right away, even while PostgreSQL is unreachable (after a disaster, the
@@ -391,6 +390,30 @@ async fn skip_lost_wal(
             .await?;
     }
     Ok((now.max(timeline), resume))
+}
+
+/// How often the agent looks up the newest backup and drill in the
+/// repository for their gauges.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps the gauges that describe the repository's backups and drills
+/// (`walsafe_last_backup_timestamp_seconds`, `walsafe_last_drill_*`) up
+/// to date, every [`WATCH_EVERY`], until cancelled.
+fn spawn_repository_watch(
+    repo: Arc<Repository>,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        crate::metrics::set_last_backup(0.0);
+        loop {
+            crate::backup::refresh_metric(&repo).await;
+            crate::drill::refresh_metrics(&repo).await;
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    })
 }
 
 /// SIGTERM/SIGINT: orderly shutdown. SIGHUP: reopen the log file.

@@ -22,8 +22,7 @@
 //!    the copy removed, whatever happened.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -34,12 +33,10 @@ use crate::backup::Progress;
 use crate::config::Config;
 use crate::pg::Lsn;
 use crate::repository::{ObjectName, Repository};
-use crate::restore::{RestoreArgs, Target};
+use crate::restore::{PgCtl, RestoreArgs, Target};
 
 /// The result format this code writes and reads.
 pub const DRILL_FORMAT: u32 = 1;
-/// How often the agent looks up the newest drill.
-const WATCH_EVERY: Duration = Duration::from_secs(60);
 /// Lines of a `--query` result kept in the report.
 const RESULT_LINES: usize = 100;
 
@@ -152,7 +149,7 @@ async fn run(
     let data = work.join("data");
     let port = match args.port {
         Some(p) => p,
-        None => spare_port()?,
+        None => crate::restore::free_port()?,
     };
     let restore_args = RestoreArgs {
         dir: data.clone(),
@@ -172,8 +169,10 @@ async fn run(
     progress.phase("recovering");
     let server = Server {
         data: data.clone(),
-        bindir: args.bindir.clone(),
-        major: restored.backup.pg_version_num / 10000,
+        pg_ctl: PgCtl::of(
+            restored.backup.pg_version_num / 10000,
+            args.bindir.as_deref(),
+        )?,
     };
     let recovered =
         crate::restore::start(&restored.backup, &data, args.bindir.as_deref(), began).await;
@@ -239,9 +238,7 @@ fn isolate(work: &Path, data: &Path) -> anyhow::Result<()> {
         hba.display()
     )?;
     drop(auto);
-    if nix::unistd::geteuid().is_root() {
-        let pg = nix::unistd::User::from_name("postgres")?
-            .ok_or_else(|| anyhow!("running as root, but there is no postgres user"))?;
+    if let Some(pg) = crate::restore::postgres_if_root()? {
         for p in [work, &hba] {
             nix::unistd::chown(p, Some(pg.uid), Some(pg.gid))?;
         }
@@ -254,39 +251,26 @@ fn isolate(work: &Path, data: &Path) -> anyhow::Result<()> {
 /// The drill's server, stopped when the drill ends.
 struct Server {
     data: PathBuf,
-    bindir: Option<PathBuf>,
-    major: u32,
+    pg_ctl: PgCtl,
 }
 
 impl Server {
     fn stop(&self) {
-        use std::os::unix::process::CommandExt;
-        let bindir = self
-            .bindir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{}/bin", self.major)));
-        let mut cmd = std::process::Command::new(bindir.join("pg_ctl"));
-        cmd.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "fast", "-w", "stop"]);
-        if nix::unistd::geteuid().is_root() {
-            if let Ok(Some(pg)) = nix::unistd::User::from_name("postgres") {
-                cmd.uid(pg.uid.as_raw())
-                    .gid(pg.gid.as_raw())
-                    .current_dir("/tmp");
-            }
-        }
-        match cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-        {
-            Ok(s) if s.success() => {}
-            _ => warn!(
+        let stopped = self.pg_ctl.command().and_then(|mut cmd| {
+            Ok(cmd
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "fast", "-w", "stop"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()?)
+        });
+        if !stopped.is_ok_and(|s| s.success()) {
+            warn!(
                 "pg_ctl stop of the drill's server on {} failed",
                 self.data.display()
-            ),
+            );
         }
     }
 }
@@ -368,13 +352,6 @@ async fn query(socket_dir: &Path, port: u16, sql: Option<&str>) -> anyhow::Resul
     Ok(lines)
 }
 
-/// A free TCP port (the drill listens on a socket only; the port names it).
-fn spare_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn describe(t: &Target) -> String {
     match t {
         Target::End => "the end of the archive".into(),
@@ -406,33 +383,23 @@ pub async fn newest(
     Ok((newest, None))
 }
 
-/// The agent's watch: keeps the `walsafe_last_drill_*` gauges up to
-/// date from the newest successful drill, every [`WATCH_EVERY`].
-pub fn spawn_watch(
-    repo: Arc<Repository>,
-    cancel: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match newest(&repo).await {
-                Ok((_, ok)) => crate::metrics::set_last_drill(
-                    ok.as_ref()
-                        .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok())
-                        .map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0),
-                    ok.as_ref().and_then(|r| r.rto_seconds).unwrap_or(0.0),
-                    ok.as_ref()
-                        .and_then(|r| r.recovered_lag_seconds)
-                        .unwrap_or(0.0),
-                ),
-                Err(e) => warn!(
-                    "cannot look up the newest drill: {}",
-                    crate::report::error_line(&e)
-                ),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(WATCH_EVERY) => {}
-                _ = cancel.cancelled() => return,
-            }
-        }
-    })
+/// Sets the `walsafe_last_drill_*` gauges from the newest successful
+/// drill in the repository (all 0 when none passed); a failed look-up is
+/// logged and leaves them as they were.
+pub async fn refresh_metrics(repo: &Repository) {
+    match newest(repo).await {
+        Ok((_, ok)) => crate::metrics::set_last_drill(
+            ok.as_ref()
+                .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok())
+                .map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0),
+            ok.as_ref().and_then(|r| r.rto_seconds).unwrap_or(0.0),
+            ok.as_ref()
+                .and_then(|r| r.recovered_lag_seconds)
+                .unwrap_or(0.0),
+        ),
+        Err(e) => warn!(
+            "cannot look up the newest drill: {}",
+            crate::report::error_line(&e)
+        ),
+    }
 }

@@ -223,10 +223,7 @@ pub async fn restore(
         text.push('\n');
     }
     std::fs::write(&auto, text)?;
-    if nix::unistd::geteuid().is_root() {
-        let pg = nix::unistd::User::from_name("postgres")?.ok_or_else(|| {
-            anyhow!("running as root, but there is no postgres user to own the restored directory")
-        })?;
+    if let Some(pg) = postgres_if_root()? {
         chown_tree(&args.dir, pg.uid, pg.gid)?;
         for (_, _, _, d) in &destinations {
             chown_tree(d, pg.uid, pg.gid)?;
@@ -370,38 +367,18 @@ pub async fn start(
     bindir: Option<&Path>,
     started: std::time::Instant,
 ) -> anyhow::Result<Recovered> {
-    use std::os::unix::process::CommandExt;
-    let major = record.pg_version_num / 10000;
-    let bindir = match bindir {
-        Some(b) => b.to_path_buf(),
-        None => PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
-    };
-    let pg_ctl = bindir.join("pg_ctl");
-    if !pg_ctl.exists() {
-        bail!(
-            "{} not found: the backup is of PostgreSQL {major}; give its binaries with --pg-bindir",
-            pg_ctl.display()
-        );
-    }
     let log = dir.join("walsafe-restore.log");
-    let mut cmd = std::process::Command::new(&pg_ctl);
+    let pg_ctl = PgCtl::of(record.pg_version_num / 10000, bindir)?;
+    let mut cmd = pg_ctl.command()?;
     cmd.arg("-D")
         .arg(dir)
         .arg("-l")
         .arg(&log)
         .args(["-W", "start"]);
-    if nix::unistd::geteuid().is_root() {
-        let pg = nix::unistd::User::from_name("postgres")?.ok_or_else(|| {
-            anyhow!("running as root, but there is no postgres user to run PostgreSQL")
-        })?;
-        cmd.uid(pg.uid.as_raw())
-            .gid(pg.gid.as_raw())
-            .current_dir("/tmp");
-    }
     let out = cmd
         .stdin(std::process::Stdio::null())
         .output()
-        .with_context(|| format!("cannot run {}", pg_ctl.display()))?;
+        .with_context(|| format!("cannot run {}", pg_ctl.0.display()))?;
     if !out.status.success() {
         bail!(
             "pg_ctl start failed: {}{}",
@@ -452,7 +429,8 @@ pub async fn start(
             r.rto = started.elapsed();
             return Ok(r);
         }
-        let alive = std::process::Command::new(&pg_ctl)
+        let alive = pg_ctl
+            .command()?
             .arg("-D")
             .arg(dir)
             .arg("status")
@@ -469,6 +447,59 @@ pub async fn start(
             );
         }
     }
+}
+
+/// When run as root: the `postgres` user, who owns what a restore writes
+/// and runs PostgreSQL (which refuses root).
+pub(crate) fn postgres_if_root() -> anyhow::Result<Option<nix::unistd::User>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let pg = nix::unistd::User::from_name("postgres")?.ok_or_else(|| {
+        anyhow!("running as root, but there is no postgres user to own the restored files and run PostgreSQL")
+    })?;
+    Ok(Some(pg))
+}
+
+/// `pg_ctl` of one PostgreSQL major.
+pub(crate) struct PgCtl(PathBuf);
+
+impl PgCtl {
+    /// `bindir`'s, or `/usr/lib/postgresql/<major>/bin`'s; an error naming
+    /// `--pg-bindir` when it is not there.
+    pub(crate) fn of(major: u32, bindir: Option<&Path>) -> anyhow::Result<PgCtl> {
+        let bindir = match bindir {
+            Some(b) => b.to_path_buf(),
+            None => PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+        };
+        let pg_ctl = bindir.join("pg_ctl");
+        if !pg_ctl.exists() {
+            bail!(
+                "{} not found: the backup is of PostgreSQL {major}; give its binaries with --pg-bindir",
+                pg_ctl.display()
+            );
+        }
+        Ok(PgCtl(pg_ctl))
+    }
+
+    /// A command running it, as `postgres` when run as root.
+    pub(crate) fn command(&self) -> anyhow::Result<std::process::Command> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(&self.0);
+        if let Some(pg) = postgres_if_root()? {
+            cmd.uid(pg.uid.as_raw())
+                .gid(pg.gid.as_raw())
+                .current_dir("/tmp");
+        }
+        Ok(cmd)
+    }
+}
+
+/// A TCP port free on 127.0.0.1 now, for a restored server.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// `path` must be absent or an empty directory.

@@ -114,6 +114,21 @@ pub async fn plan(
         );
     }
     let listed = crate::backup::list(repo).await?;
+    // Every backup object, listed once: a deleted backup's objects, its
+    // record first (a half-deleted backup is an incomplete one).
+    let all_objects = repo.list_backup_objects(None).await?;
+    let objects_of = |name: &str| -> Vec<ObjectName> {
+        let mut v: Vec<ObjectName> = all_objects
+            .iter()
+            .filter(|(n, _)| match n {
+                ObjectName::BackupRecord(b) | ObjectName::BackupPart { backup: b, .. } => b == name,
+                _ => false,
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort_by_key(|n| !matches!(n, ObjectName::BackupRecord(_)));
+        v
+    };
     let mut complete: Vec<(DateTime<Utc>, BackupRecord, u64)> = Vec::new();
     for (name, record, _, stored) in &listed {
         if let Some(r) = record {
@@ -167,7 +182,7 @@ pub async fn plan(
                     "started {}, before the backup that anchors the window",
                     r.start_time
                 ),
-                objects: backup_objects(repo, &r.name).await?,
+                objects: objects_of(&r.name),
             }),
         }
     }
@@ -191,7 +206,7 @@ pub async fn plan(
                     "incomplete (no record), and backup {} started after it",
                     complete[0].1.name
                 ),
-                objects: backup_objects(repo, name).await?,
+                objects: objects_of(name),
             });
         }
     }
@@ -303,18 +318,6 @@ async fn delete(repo: &Repository, n: &ObjectName) -> anyhow::Result<()> {
     repo.delete(n)
         .await
         .with_context(|| format!("cannot delete {n}"))
-}
-
-/// A backup's objects, its record first.
-async fn backup_objects(repo: &Repository, name: &str) -> anyhow::Result<Vec<ObjectName>> {
-    let mut objects: Vec<ObjectName> = repo
-        .list_backup_objects(Some(name))
-        .await?
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    objects.sort_by_key(|n| !matches!(n, ObjectName::BackupRecord(_)));
-    Ok(objects)
 }
 
 fn parse_time(text: &str) -> anyhow::Result<DateTime<Utc>> {

@@ -465,11 +465,8 @@ fn postgresql_14_backups_use_the_keyword_syntax() {
 #[test]
 fn an_encrypted_backup_into_s3_verifies() {
     let s3 = common::s3::S3Server::start();
-    let mut s = setup("backup-s3", PgOptions::default());
-    s.settings.repo_url = s3.url("backup-s3");
-    s.settings.repo_options = s3.repo_options().into_iter().collect();
-    s.settings.key_file = Some(common::setup::keygen(s.dir.path(), "repo.key"));
-    let config = s.settings.write(&s.dir.join("walsafe.toml"));
+    let s = common::setup::setup_s3("backup-s3", PgOptions::default(), &s3, "backup-s3");
+    let config = s.config.clone();
     let agent = Agent::start(&config, s.settings.metrics_port);
     s.pg.psql("CREATE TABLE t (pad text)");
     write_wal(&s.pg, 10);

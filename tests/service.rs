@@ -200,64 +200,51 @@ fn backup_unit_and_timer_are_hardened_and_daily() {
     ]);
 }
 
-/// The weekly drill: hardened like the backup's unit.
-#[test]
-fn drill_unit_and_timer_are_hardened_and_weekly() {
+/// A timer's oneshot unit beside the backup's: `exec` is its ExecStart,
+/// every hardening line of walsafe-backup.service is in it, its timer
+/// runs `on_calendar` and catches up after downtime, and systemd accepts
+/// both when its checker is on this machine.
+fn hardened_like_the_backup(name: &str, exec: &str, on_calendar: &str) {
     let read = |name: &str| {
         std::fs::read_to_string(format!("{}/systemd/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
     };
-    let unit = read("walsafe-drill.service");
-    let timer = read("walsafe-drill.timer");
+    let (service, timer) = (format!("{name}.service"), format!("{name}.timer"));
+    let unit = read(&service);
+    let timer_text = read(&timer);
     let backup = read("walsafe-backup.service");
     let has = |text: &str, l: &str| text.lines().any(|x| x.trim() == l);
-    assert!(has(
-        &unit,
-        "ExecStart=/usr/local/bin/walsafe drill --dir /var/tmp"
-    ));
-    assert!(has(&unit, "PrivateTmp=true"));
+    assert!(
+        has(&unit, &format!("ExecStart={exec}")),
+        "{service}: {exec}"
+    );
     let hardening = &backup[backup.find("ProtectSystem=").unwrap()..];
     for line in hardening.lines().filter(|l| l.contains('=')) {
-        assert!(
-            has(&unit, line.trim()),
-            "{line} missing from walsafe-drill.service"
-        );
+        assert!(has(&unit, line.trim()), "{line} missing from {service}");
     }
-    assert!(has(&timer, "OnCalendar=Sun *-*-* 06:00:00"));
-    assert!(has(&timer, "Persistent=true"));
-    systemd_accepts(&[
-        ("walsafe-drill.service", &unit),
-        ("walsafe-drill.timer", &timer),
-    ]);
+    assert!(has(&timer_text, &format!("OnCalendar={on_calendar}")));
+    assert!(has(&timer_text, "Persistent=true"));
+    systemd_accepts(&[(&service, &unit), (&timer, &timer_text)]);
+}
+
+/// The weekly drill: hardened like the backup's unit (PrivateTmp holds
+/// its copy).
+#[test]
+fn drill_unit_and_timer_are_hardened_and_weekly() {
+    hardened_like_the_backup(
+        "walsafe-drill",
+        "/usr/local/bin/walsafe drill --dir /var/tmp",
+        "Sun *-*-* 06:00:00",
+    );
 }
 
 /// Daily retention: hardened like the backup's unit, after it.
 #[test]
 fn retain_unit_and_timer_are_hardened_and_daily() {
-    let read = |name: &str| {
-        std::fs::read_to_string(format!("{}/systemd/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-    };
-    let unit = read("walsafe-retain.service");
-    let timer = read("walsafe-retain.timer");
-    let backup = read("walsafe-backup.service");
-    let has = |text: &str, l: &str| text.lines().any(|x| x.trim() == l);
-    assert!(has(
-        &unit,
-        "ExecStart=/usr/local/bin/walsafe retain --window 14d --keep 2 --apply"
-    ));
-    // Every hardening line of the backup's unit.
-    let hardening = &backup[backup.find("ProtectSystem=").unwrap()..];
-    for line in hardening.lines().filter(|l| l.contains('=')) {
-        assert!(
-            has(&unit, line.trim()),
-            "{line} missing from walsafe-retain.service"
-        );
-    }
-    assert!(has(&timer, "OnCalendar=*-*-* 05:00:00"));
-    assert!(has(&timer, "Persistent=true"));
-    systemd_accepts(&[
-        ("walsafe-retain.service", &unit),
-        ("walsafe-retain.timer", &timer),
-    ]);
+    hardened_like_the_backup(
+        "walsafe-retain",
+        "/usr/local/bin/walsafe retain --window 14d --keep 2 --apply",
+        "*-*-* 05:00:00",
+    );
 }
 
 #[test]

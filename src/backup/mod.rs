@@ -717,10 +717,6 @@ async fn remove_incomplete(repo: &Repository) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often the agent looks up the newest complete backup for
-/// `walsafe_last_backup_timestamp_seconds`.
-pub const WATCH_EVERY: Duration = Duration::from_secs(60);
-
 /// The stop time of the newest complete backup, Unix seconds (`None`
 /// when there is none).
 pub async fn newest_stop_time(repo: &Repository) -> anyhow::Result<Option<f64>> {
@@ -732,28 +728,17 @@ pub async fn newest_stop_time(repo: &Repository) -> anyhow::Result<Option<f64>> 
     Ok(Some(t.timestamp() as f64))
 }
 
-/// The agent's watch: keeps `walsafe_last_backup_timestamp_seconds` up
-/// to date (0 until a complete backup exists), every [`WATCH_EVERY`].
-pub fn spawn_watch(
-    repo: Arc<Repository>,
-    cancel: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        crate::metrics::set_last_backup(0.0);
-        loop {
-            match newest_stop_time(&repo).await {
-                Ok(t) => crate::metrics::set_last_backup(t.unwrap_or(0.0)),
-                Err(e) => warn!(
-                    "cannot look up the newest base backup: {}",
-                    crate::report::error_line(&e)
-                ),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(WATCH_EVERY) => {}
-                _ = cancel.cancelled() => return,
-            }
-        }
-    })
+/// Sets `walsafe_last_backup_timestamp_seconds` from the repository (0
+/// until a complete backup exists); a failed look-up is logged and leaves
+/// the gauge as it was.
+pub async fn refresh_metric(repo: &Repository) {
+    match newest_stop_time(repo).await {
+        Ok(t) => crate::metrics::set_last_backup(t.unwrap_or(0.0)),
+        Err(e) => warn!(
+            "cannot look up the newest base backup: {}",
+            crate::report::error_line(&e)
+        ),
+    }
 }
 
 /// Every backup in the repository, newest first: its record, or `None`

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::restore::free_port;
+
 /// Rows inserted per statement of the background load (padding to make WAL).
 const PAD_ROWS: u32 = 400;
 
@@ -133,12 +135,6 @@ fn run_cmd(c: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 struct Server<'a> {
