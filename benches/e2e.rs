@@ -49,6 +49,15 @@
 //!    segment into place (`curl`, of `pg_receivewal`'s segments stored
 //!    as plain objects): replay MB/s and the ratios.
 //!
+//! 8. **ingest**: what walsafe costs the database host, as the operator
+//!    runs it: a key (AES-256-GCM), zstd level 1, the default
+//!    `partial_interval`, against `pg_receivewal --synchronous` on the same
+//!    server. Two INSERT sessions for `WALSAFE_BENCH_INGEST_SECONDS`
+//!    (default 10, about 1 GB here), once per ack mode (`local`, `remote`)
+//!    and store (`file://`, S3 on moto): CPU seconds per GB, peak RSS
+//!    (VmHWM from /proc) and the catch-up after the load stops, each beside
+//!    pg_receivewal's, then a table of the ratios.
+//!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
@@ -630,6 +639,83 @@ fn main() {
     }
     if want("replay") {
         replay();
+    }
+    if want("ingest") {
+        ingest();
+    }
+}
+
+/// One ingest run's figures: (CPU s/GB, VmHWM MiB, catch-up s) for
+/// walsafe and for pg_receivewal.
+struct Ingest {
+    label: String,
+    walsafe: (f64, f64, f64),
+    receivewal: (f64, f64, f64),
+}
+
+fn ingest() {
+    let seconds = env_u64("WALSAFE_BENCH_INGEST_SECONDS", 10);
+    println!(
+        "\n== scenario 8: ingest cost, {seconds} s of 2 INSERT sessions; walsafe with a key, zstd 1, default partial_interval; pg_receivewal --synchronous"
+    );
+    let s3 = S3Server::start();
+    let mut rows = Vec::new();
+    for (ack, store) in [
+        ("local", "file"),
+        ("remote", "file"),
+        ("local", "s3"),
+        ("remote", "s3"),
+    ] {
+        let (dir, pg, mut settings, _) = start_pair(&format!("bench-ingest-{ack}-{store}"));
+        settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
+        settings.ack = ack.into();
+        settings.partial_interval = format!(
+            "{}ms",
+            walsafe::config::DEFAULT_PARTIAL_INTERVAL.as_millis()
+        );
+        if store == "s3" {
+            settings.repo_url = s3.url(&format!("ingest-{ack}"));
+            settings.repo_options = s3.repo_options().into_iter().collect();
+        }
+        let config = settings.write(&dir.join("walsafe.toml"));
+        let pair = Pair::start(dir, pg, &settings, &config, true);
+        let start = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+        for h in spawn_load(&pair.pg, 2, seconds) {
+            h.join().unwrap();
+        }
+        let end = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+        let (w, r) = wait_both(&pair, end, Instant::now());
+        let gb = (end - start) as f64 / 1e9;
+        let (w_cpu, w_rss) = usage(pair.agent_pid());
+        let (r_cpu, r_rss) = usage(pair.recv.id());
+        let row = Ingest {
+            label: format!("ack {ack}, {store}"),
+            walsafe: (w_cpu / gb, w_rss, w),
+            receivewal: (r_cpu / gb, r_rss, r),
+        };
+        println!(
+            "{}: {:.2} GB; CPU s/GB walsafe {:.2}, pg_receivewal {:.2}; VmHWM {:.1} / {:.1} MiB; catch-up {:.2} / {:.2} s",
+            row.label, gb, row.walsafe.0, row.receivewal.0, row.walsafe.1, row.receivewal.1, w, r
+        );
+        rows.push(row);
+    }
+    println!("\n| ingest | CPU s/GB walsafe / pg_receivewal | VmHWM MiB walsafe / pg_receivewal | catch-up s walsafe / pg_receivewal (+ partial_interval) |");
+    println!("| --- | --- | --- | --- |");
+    let interval = walsafe::config::DEFAULT_PARTIAL_INTERVAL.as_secs_f64();
+    for r in &rows {
+        println!(
+            "| {} | {:.2} / {:.2} = {:.2}x | {:.1} / {:.1} = {:.2}x | {:.2} / {:.2} (+{interval}) {} |",
+            r.label,
+            r.walsafe.0,
+            r.receivewal.0,
+            r.walsafe.0 / r.receivewal.0.max(1e-9),
+            r.walsafe.1,
+            r.receivewal.1,
+            r.walsafe.1 / r.receivewal.1.max(1e-9),
+            r.walsafe.2,
+            r.receivewal.2,
+            if r.walsafe.2 <= r.receivewal.2 + interval { "within" } else { "OVER" }
+        );
     }
 }
 

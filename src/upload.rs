@@ -56,6 +56,7 @@ use crate::pg::page::PageValidator;
 use crate::pg::ClusterIdentity;
 use crate::pg::{Lsn, SegmentName, TimelineId};
 use crate::positions::{now_ms, Positions};
+use crate::repository::envelope::Frame;
 use crate::repository::{ObjectName, PutOutcome, Repository, RepositoryError, SegmentFile};
 use crate::retry::Backoff;
 use crate::spool::retention::{Retention, SpoolFile};
@@ -76,8 +77,16 @@ const STALE_STAGING_AGE: Duration = Duration::from_secs(600);
 const WHOLE_REMEMBERED: usize = 64;
 /// First wait after a failed chunk upload (the store already retried).
 pub const CHUNK_RETRY_MIN: Duration = Duration::from_millis(500);
+/// A chunk at least this long keeps its zstd frame for its segment's
+/// object (compressed once); shorter ones compress poorly alone, so their
+/// bytes are compressed again with the segment, in 1 MiB blocks.
+const MIN_KEPT_FRAME: u64 = 64 << 10;
 /// How long shutdown waits for in-flight uploads.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// What a finished upload hands back: its outcome and, for a chunk, the
+/// zstd frame its segment's object reuses.
+type Stored = (PutOutcome, Option<Frame>);
 
 /// One upload. The order of the variants is the order jobs start in:
 /// history files first (a timeline's WAL waits for its history, see
@@ -137,6 +146,10 @@ pub struct Uploader {
     chunked: BTreeMap<SegmentName, u64>,
     /// Segments recently stored whole (their late chunks are orphans).
     whole: BTreeSet<SegmentName>,
+    /// Per segment not yet stored whole: the zstd frames of its stored
+    /// chunks, which its object reuses. At most a quarter of a segment's
+    /// size per segment (compressed bytes), so they cost little memory.
+    frames: BTreeMap<SegmentName, Vec<Frame>>,
     /// The newest segment closed by the writer (end of a timeline, or before
     /// a gap): a durable position inside it or before it is old news.
     last_closed: Option<SegmentName>,
@@ -232,6 +245,7 @@ impl Uploader {
             jobs,
             filling,
             chunked: BTreeMap::new(),
+            frames: BTreeMap::new(),
             last_closed: None,
             whole: BTreeSet::new(),
             closed,
@@ -259,7 +273,7 @@ impl Uploader {
             mut events,
         } = feed;
         let mut writer_alive = true;
-        let mut tasks: JoinSet<(Job, Result<PutOutcome, anyhow::Error>)> = JoinSet::new();
+        let mut tasks: JoinSet<(Job, Result<Stored, anyhow::Error>)> = JoinSet::new();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry_tick = tokio::time::interval(REQUEUE_DELAY);
@@ -484,7 +498,7 @@ impl Uploader {
         self.jobs.insert(job, State::Queued);
     }
 
-    fn start_jobs(&mut self, tasks: &mut JoinSet<(Job, Result<PutOutcome, anyhow::Error>)>) {
+    fn start_jobs(&mut self, tasks: &mut JoinSet<(Job, Result<Stored, anyhow::Error>)>) {
         let in_flight_bulk = self
             .jobs
             .iter()
@@ -514,8 +528,14 @@ impl Uploader {
             let spool = self.spool.clone();
             let retention = self.retention.clone();
             let identity = self.identity;
+            let frames = match job {
+                Job::Segment(s) | Job::ClosedPartial(s) => {
+                    self.frames.get(&s).cloned().unwrap_or_default()
+                }
+                _ => Vec::new(),
+            };
             tasks.spawn(async move {
-                let r = upload_one(&repo, &spool, &retention, identity, job).await;
+                let r = upload_one(&repo, &spool, &retention, identity, job, frames).await;
                 (job, r)
             });
         }
@@ -536,7 +556,7 @@ impl Uploader {
             .any(|j| matches!(j, Job::History(t) if *t <= timeline))
     }
 
-    fn on_done(&mut self, job: Job, result: Result<PutOutcome, anyhow::Error>) {
+    fn on_done(&mut self, job: Job, result: Result<Stored, anyhow::Error>) {
         let kind = match job {
             Job::Segment(_) => Kind::Segment,
             Job::ClosedPartial(_) => Kind::ClosedPartial,
@@ -561,11 +581,14 @@ impl Uploader {
             Err(_) => self.failures += 1,
         }
         match result {
-            Ok(outcome) => {
+            Ok((outcome, frame)) => {
                 debug!(?job, ?outcome, "stored");
                 self.jobs.remove(&job);
                 match job {
                     Job::Chunk { seg, end, .. } => {
+                        if let Some(frame) = frame {
+                            self.keep_frame(seg, frame);
+                        }
                         self.chunk_backoff.reset();
                         if let Some(f) = &mut self.filling {
                             if f.seg == seg {
@@ -583,6 +606,7 @@ impl Uploader {
                     }
                     Job::Segment(seg) | Job::ClosedPartial(seg) => {
                         self.chunked.remove(&seg);
+                        self.frames.remove(&seg);
                         self.whole.insert(seg);
                         while self.whole.len() > WHOLE_REMEMBERED {
                             self.whole.pop_first();
@@ -609,6 +633,9 @@ impl Uploader {
                     };
                     self.refused.extend(seg);
                     self.jobs.insert(job, State::Conflict);
+                    if let Some(s) = seg {
+                        self.frames.remove(&s);
+                    }
                 } else if conflict {
                     error!("{}; the local copy is kept in the spool and this object will not be retried until restart", crate::report::error_line(&e));
                     crate::metrics::conflict();
@@ -632,6 +659,20 @@ impl Uploader {
                     }
                 }
             }
+        }
+    }
+
+    /// Keeps a stored chunk's frame for its segment's object, if the chunk
+    /// is long enough to be worth it, the segment is not stored yet, and
+    /// its frames stay within a quarter of a segment.
+    fn keep_frame(&mut self, seg: SegmentName, frame: Frame) {
+        if frame.end - frame.start < MIN_KEPT_FRAME || self.whole.contains(&seg) {
+            return;
+        }
+        let kept = self.frames.entry(seg).or_default();
+        let bytes: usize = kept.iter().map(|f| f.bytes.len()).sum();
+        if (bytes + frame.bytes.len()) as u64 <= self.segment_size / 4 {
+            kept.push(frame);
         }
     }
 
@@ -739,7 +780,8 @@ async fn upload_one(
     retention: &Arc<Retention>,
     identity: ClusterIdentity,
     job: Job,
-) -> anyhow::Result<PutOutcome> {
+    frames: Vec<Frame>,
+) -> anyhow::Result<Stored> {
     let segment_size = identity.segment_size;
     if let Job::Segment(seg) | Job::ClosedPartial(seg) | Job::Chunk { seg, .. } = job {
         let spool = spool.clone();
@@ -761,10 +803,13 @@ async fn upload_one(
         let spool = spool.clone();
         async move { tokio::task::spawn_blocking(move || f(&spool, seg, start, end)).await? }
     };
+    let mut frame = None;
     let (kind, outcome) = match job {
         Job::Segment(seg) => {
             let name = ObjectName::Segment(SegmentFile::of(seg, segment_size));
-            let o = repo.put_file(&name, spool.complete_path(seg)).await?;
+            let o = repo
+                .put_file_with(&name, spool.complete_path(seg), frames)
+                .await?;
             fail::fail_point!("upload::stored", |_| Err(anyhow::anyhow!(
                 "failpoint upload::stored"
             )));
@@ -773,7 +818,9 @@ async fn upload_one(
         }
         Job::ClosedPartial(seg) => {
             let name = ObjectName::ClosedPartial(SegmentFile::of(seg, segment_size));
-            let o = repo.put_file(&name, spool.partial_path(seg)).await?;
+            let o = repo
+                .put_file_with(&name, spool.partial_path(seg), frames)
+                .await?;
             release(retention, SpoolFile::ClosedPartial(seg)).await?;
             (Kind::ClosedPartial, o)
         }
@@ -787,18 +834,19 @@ async fn upload_one(
         }
         Job::Chunk { seg, start, end } => {
             let data = read(Spool::read_range, seg, start, end).await?;
-            let o = repo
-                .put_chunk(
+            let (o, f) = repo
+                .put_chunk_keeping(
                     &SegmentFile::of(seg, segment_size),
                     start,
                     Bytes::from(data),
                 )
                 .await?;
+            frame = f;
             (Kind::Chunk, o)
         }
     };
     crate::metrics::upload_duration(kind, started.elapsed());
-    Ok(outcome)
+    Ok((outcome, frame))
 }
 
 /// Halves the lag samples by merging neighbours: each merged sample keeps
@@ -848,6 +896,7 @@ async fn release(retention: &Arc<Retention>, file: SpoolFile) -> anyhow::Result<
 mod tests {
     use super::*;
     use crate::durable::Fsync;
+    use crate::repository::envelope;
     use crate::repository::faults::{Fault, Faults, Op};
     use crate::repository::{Compression, Store};
     use crate::spool::WriterHandle;
@@ -1309,6 +1358,83 @@ mod tests {
         );
         let ranges = chunk_ranges(&repo, seg).await;
         assert_eq!(ranges, vec![(0, 8192), (8192, 9 * 8192)]);
+        shut_down(cancel, writer, task).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_segment_stored_after_its_chunks_reuses_their_compressed_frames() {
+        let Rig {
+            _dir,
+            repo,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig_with(
+            None,
+            crate::config::AckMode::Remote,
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+        );
+        let t = TimelineId(1);
+        let start = Lsn(3 * SEG);
+        let seg = SegmentName {
+            timeline: t,
+            segno: 3,
+        };
+        let name = SegmentFile::of(seg, SEG).as_str().to_string();
+        // Two chunks long enough to keep their frames, and between them
+        // two short ones, whose bytes are compressed again as one frame.
+        let lens = [
+            MIN_KEPT_FRAME * 2,
+            MIN_KEPT_FRAME / 4,
+            MIN_KEPT_FRAME / 4,
+            MIN_KEPT_FRAME * 3,
+        ];
+        let mut at = start;
+        let mut bodies = Vec::new();
+        for len in lens {
+            writer.write(t, at, wal(t, at, len)).await.unwrap();
+            let from = at.segment_offset(SEG);
+            at = at.plus(len);
+            assert!(until(10, || *archived.borrow() == at).await);
+            let chunk = std::fs::read(_dir.path().join(format!(
+                "repo/chunks/{name}/{from:08X}-{:08X}",
+                at.segment_offset(SEG)
+            )))
+            .unwrap();
+            let h = envelope::read_header(&chunk).unwrap();
+            bodies.push((len, chunk[h.len()..h.len() + h.body_len as usize].to_vec()));
+        }
+        let rest = SEG - at.segment_offset(SEG);
+        writer.write(t, at, wal(t, at, rest)).await.unwrap();
+        let end = start.plus(SEG);
+        assert!(until(10, || *archived.borrow() == end).await);
+        let object = std::fs::read(_dir.path().join(format!("repo/wal/{name}"))).unwrap();
+        for (len, body) in &bodies {
+            let placed = object.windows(body.len()).any(|w| w == &body[..]);
+            assert_eq!(
+                placed,
+                *len >= MIN_KEPT_FRAME,
+                "a chunk of {len} bytes: its frame placed in the segment's object: {placed}"
+            );
+        }
+        let stored = repo
+            .get(&ObjectName::Segment(SegmentFile::of(seg, SEG)))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut expected = Vec::new();
+        let mut at = start;
+        for len in lens.into_iter().chain([rest]) {
+            expected.extend_from_slice(&wal(t, at, len));
+            at = at.plus(len);
+        }
+        assert!(
+            stored == expected,
+            "the segment's object decodes to its WAL"
+        );
         shut_down(cancel, writer, task).await;
     }
 

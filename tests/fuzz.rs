@@ -478,7 +478,13 @@ proptest! {
     /// Any payload round-trips, with and without key and compression; the
     /// header reads back what was written.
     #[test]
-    fn envelope_round_trip(p in payload(), c in compression(), key in prop::option::of(any::<u8>()), level in 1..4i32) {
+    fn envelope_round_trip(
+        p in payload(),
+        c in compression(),
+        key in prop::option::of(any::<u8>()),
+        level in 1..4i32,
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+    ) {
         let key = key.map(key_of);
         let obj = envelope::encode(NAME, &p, c, level, key.as_ref());
         prop_assert_eq!(&envelope::decode(NAME, &obj, key.as_ref()).unwrap(), &p);
@@ -486,8 +492,25 @@ proptest! {
         prop_assert_eq!(h.plain_len, p.len() as u64);
         prop_assert_eq!(h.object_len(), obj.len() as u64);
         prop_assert_eq!(h.name, NAME);
-        let streamed = envelope::encode_from(NAME, p.len() as u64, &mut &p[..], c, level, key.as_ref()).unwrap();
+        let mut reader = std::io::Cursor::new(&p[..]);
+        let streamed = envelope::encode_from(NAME, p.len() as u64, &mut reader, c, level, key.as_ref(), &[]).unwrap();
         prop_assert_eq!(&envelope::decode(NAME, &streamed, key.as_ref()).unwrap(), &p);
+        // Frames made earlier of any ranges (every other range between the
+        // cuts), placed instead of compressed again: the same plaintext.
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(p.len() + 1)).collect();
+        at.sort_unstable();
+        let frames: Vec<envelope::Frame> = at
+            .windows(2)
+            .step_by(2)
+            .map(|w| envelope::Frame {
+                start: w[0] as u64,
+                end: w[1] as u64,
+                bytes: bytes::Bytes::from(envelope::compress(&p[w[0]..w[1]], level)),
+            })
+            .collect();
+        let mut reader = std::io::Cursor::new(&p[..]);
+        let placed = envelope::encode_from(NAME, p.len() as u64, &mut reader, c, level, key.as_ref(), &frames).unwrap();
+        prop_assert_eq!(&envelope::decode(NAME, &placed, key.as_ref()).unwrap(), &p);
     }
 
     /// Any mutation of a valid object (flipped bytes, truncation, appended

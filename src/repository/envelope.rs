@@ -12,8 +12,9 @@
 //! struct Header {                 // 80 bytes + name
 //!     magic:        [u8; 8],      // b"\x89WALSAFE": the high first byte marks it binary
 //!                                 //   (like PNG) and catches 7-bit mangling
-//!     version:      u8,           // 1
-//!     compression:  u8,           // 0 none | 1 zstd (one frame, content size recorded)
+//!     version:      u8,           // 2 (1 is read: its zstd body is exactly one frame)
+//!     compression:  u8,           // 0 none | 1 zstd (one or more frames, each recording
+//!                                 //   its content size; together exactly plain_len bytes)
 //!     encryption:   u8,           // 0 none | 1 AES-256-GCM STREAM (StreamBE32)
 //!     frame_size:   u32,          // plaintext bytes per encrypted frame (64 KiB);
 //!                                 //   0 when unencrypted
@@ -54,9 +55,17 @@
 //!   thirteenth of the hashing work on WAL. It is *not* a MAC — anyone with write access can forge an
 //!   unencrypted object — which is why a reader with a key configured
 //!   refuses unencrypted objects outright.
+//! * **Independent zstd frames** (version 2): a file is compressed in
+//!   blocks of [`BLOCK_LEN`], each its own frame, from one reused buffer:
+//!   each block is compressed in one call over contiguous input (zstd's
+//!   fastest path, no window copies), memory stays bounded by the block
+//!   rather than the segment, and frames compressed earlier (a chunk of
+//!   the segment while it filled) can be placed in the segment's body
+//!   without compressing those bytes again ([`seal_frames`]). At level 1
+//!   zstd's window is 512 KiB, so 1 MiB blocks cost almost no ratio.
 //! * **Bounded decompression**: `plain_len` is capped at [`MAX_PLAIN_LEN`]
-//!   (1 GiB, PostgreSQL's largest segment, plus slack), the zstd frame must
-//!   declare exactly `plain_len` bytes, and the decompressor writes into a
+//!   (1 GiB, PostgreSQL's largest segment, plus slack), the zstd frames must
+//!   declare exactly `plain_len` bytes together, and the decompressor writes into a
 //!   buffer of exactly that capacity, so a hostile object cannot make a
 //!   reader allocate or inflate more.
 //!
@@ -97,8 +106,12 @@ pub enum Compression {
 
 /// First 8 bytes of every object.
 pub const MAGIC: [u8; 8] = *b"\x89WALSAFE";
-/// The format version this code writes and reads.
-pub const VERSION: u8 = 1;
+/// The format version this code writes.
+pub const VERSION: u8 = 2;
+/// The oldest format version this code reads.
+pub const OLDEST_READABLE: u8 = 1;
+/// Plaintext bytes per zstd frame when a file is encoded block by block.
+pub const BLOCK_LEN: usize = 1 << 20;
 /// Header length without the name.
 pub const FIXED_HEADER_LEN: usize = 80;
 /// Plaintext bytes per encrypted frame.
@@ -154,7 +167,7 @@ pub enum EnvelopeError {
     #[error("not a walsafe object: it starts with {found} instead of the walsafe magic; it was not written by walsafe or its start is damaged")]
     BadMagic { found: String },
     /// The object was written by a newer (or unknown) format version.
-    #[error("object format version {found} is not supported (this walsafe reads version {VERSION}); upgrade walsafe")]
+    #[error("object format version {found} is not supported (this walsafe reads versions {OLDEST_READABLE} to {VERSION}); upgrade walsafe")]
     UnsupportedVersion { found: u8 },
     /// A header field holds a value no walsafe writes.
     #[error("object header is invalid: {reason}")]
@@ -276,8 +289,9 @@ impl Header {
                 found: object.len() as u64,
             });
         }
-        if object[8] != VERSION {
-            return Err(EnvelopeError::UnsupportedVersion { found: object[8] });
+        let version = object[8];
+        if !(OLDEST_READABLE..=VERSION).contains(&version) {
+            return Err(EnvelopeError::UnsupportedVersion { found: version });
         }
         if object.len() < FIXED_HEADER_LEN {
             return Err(EnvelopeError::Truncated {
@@ -325,7 +339,7 @@ impl Header {
                     "uncompressed body of {body_len} bytes for {plain_len} plaintext bytes"
                 )))
             }
-            Compression::Zstd if body_len > zstd_safe::compress_bound(plain_len as usize) as u64 => {
+            Compression::Zstd if body_len > body_bound(version, plain_len) => {
                 return Err(bad(format!(
                     "compressed body of {body_len} bytes is larger than zstd can produce from {plain_len} bytes"
                 )))
@@ -348,7 +362,7 @@ impl Header {
             }
         }
         let header = Header {
-            version: VERSION,
+            version,
             compression,
             encryption,
             frame_size,
@@ -371,6 +385,8 @@ pub fn read_header(object: &[u8]) -> Result<Header, EnvelopeError> {
 
 thread_local! {
     static CCTX: RefCell<zstd_safe::CCtx<'static>> = RefCell::new(zstd_safe::CCtx::create());
+    /// The plaintext block a file is read into, reused by each encoding thread.
+    static BLOCK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static DCTX: RefCell<zstd_safe::DCtx<'static>> = RefCell::new(zstd_safe::DCtx::create());
 }
 
@@ -446,16 +462,7 @@ pub fn encode(
     // Body: the (compressed) bytes, written straight behind the header.
     match compression {
         Compression::None => out.extend_from_slice(plaintext),
-        Compression::Zstd => CCTX.with(|c| {
-            let mut cctx = c.borrow_mut();
-            cctx.set_parameter(zstd_safe::CParameter::CompressionLevel(level))
-                .expect("valid zstd level");
-            let mut cursor = Cursor::new(&mut out);
-            cursor.set_position(hlen as u64);
-            cctx.compress2(&mut cursor, plaintext)
-                .map_err(zstd_safe::get_error_name)
-                .expect("zstd compression into a compress_bound buffer cannot fail");
-        }),
+        Compression::Zstd => compress_frame(plaintext, level, &mut out),
     }
     seal(&mut header, hlen, &mut out, key);
     out
@@ -468,12 +475,13 @@ pub fn encode(
 pub fn encode_from(
     name: &str,
     plain_len: u64,
-    reader: &mut dyn std::io::Read,
+    reader: &mut dyn Source,
     compression: Compression,
     level: i32,
     key: Option<&Key>,
+    frames: &[Frame],
 ) -> std::io::Result<Vec<u8>> {
-    use std::io::{Error, ErrorKind, Read};
+    use std::io::{Error, ErrorKind, Read, SeekFrom};
     if plain_len > MAX_PLAIN_LEN {
         return Err(Error::new(
             ErrorKind::InvalidInput,
@@ -482,18 +490,45 @@ pub fn encode_from(
     }
     let (mut header, mut out) = start(name, plain_len, compression, key);
     let hlen = out.len();
-    let mut limited = reader.take(plain_len);
     let copied = match compression {
-        Compression::None => limited.read_to_end(&mut out)? as u64,
-        Compression::Zstd => {
-            let mut enc = zstd::stream::write::Encoder::new(&mut out, level)?;
-            enc.include_contentsize(true)?;
-            enc.set_pledged_src_size(Some(plain_len))?;
-            let n = std::io::copy(&mut limited, &mut enc)?;
-            enc.finish()?;
-            n
-        }
+        Compression::None => reader.take(plain_len).read_to_end(&mut out)? as u64,
+        Compression::Zstd => BLOCK.with(|b| -> std::io::Result<u64> {
+            let mut block = b.borrow_mut();
+            block.resize(BLOCK_LEN, 0);
+            let mut frames = frames
+                .iter()
+                .filter(|f| f.start < f.end && f.end <= plain_len)
+                .peekable();
+            let mut pos = 0u64;
+            loop {
+                // Frames that start behind `pos` overlap what is done.
+                while frames.next_if(|f| f.start < pos).is_some() {}
+                if let Some(f) = frames.next_if(|f| f.start == pos) {
+                    out.extend_from_slice(&f.bytes);
+                    pos = f.end;
+                    reader.seek(SeekFrom::Start(pos))?;
+                    continue;
+                }
+                let until = frames.peek().map_or(plain_len, |f| f.start);
+                let want = (until - pos).min(BLOCK_LEN as u64) as usize;
+                let n = read_full(reader, &mut block[..want])?;
+                if n == 0 && pos > 0 {
+                    break;
+                }
+                compress_frame(&block[..n], level, &mut out);
+                pos += n as u64;
+                if n < want || pos >= plain_len {
+                    break;
+                }
+            }
+            Ok(pos)
+        })?,
     };
+    if out.len() - hlen > body_bound(VERSION, plain_len) as usize {
+        // Only many tiny frames could do this: compress it all afresh.
+        reader.seek(SeekFrom::Start(0))?;
+        return encode_from(name, plain_len, reader, compression, level, key, &[]);
+    }
     if copied != plain_len {
         return Err(Error::new(
             ErrorKind::UnexpectedEof,
@@ -504,12 +539,100 @@ pub fn encode_from(
     Ok(out)
 }
 
+/// A zstd frame of a file's bytes `[start, end)`, compressed earlier (a
+/// chunk of a segment while it filled): [`encode_from`] places it in the
+/// file's body instead of compressing those bytes again.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub start: u64,
+    pub end: u64,
+    pub bytes: bytes::Bytes,
+}
+
+/// `plaintext` as one zstd frame that records its size.
+pub fn compress(plaintext: &[u8], level: i32) -> Vec<u8> {
+    let mut out = Vec::new();
+    compress_frame(plaintext, level, &mut out);
+    out
+}
+
+/// Encodes an object whose body is `frame`, the zstd frame of its
+/// `plain_len` plaintext bytes made by [`compress`]: the same object as
+/// [`encode`] with zstd, without compressing again.
+pub fn encode_compressed(name: &str, plain_len: u64, frame: &[u8], key: Option<&Key>) -> Vec<u8> {
+    let (mut header, mut out) = start_with(name, plain_len, Compression::Zstd, key, frame.len());
+    let hlen = out.len();
+    out.extend_from_slice(frame);
+    seal(&mut header, hlen, &mut out, key);
+    out
+}
+
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+fn read_full(reader: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Appends `plaintext` to `out` as one zstd frame recording its size.
+fn compress_frame(plaintext: &[u8], level: i32, out: &mut Vec<u8>) {
+    out.reserve(zstd_safe::compress_bound(plaintext.len()));
+    CCTX.with(|c| {
+        let mut cctx = c.borrow_mut();
+        cctx.set_parameter(zstd_safe::CParameter::CompressionLevel(level))
+            .expect("valid zstd level");
+        let at = out.len();
+        let mut cursor = Cursor::new(&mut *out);
+        cursor.set_position(at as u64);
+        cctx.compress2(&mut cursor, plaintext)
+            .map_err(zstd_safe::get_error_name)
+            .expect("zstd compression into a compress_bound buffer cannot fail");
+    })
+}
+
+/// The largest zstd body a header of `version` may declare for
+/// `plain_len` bytes: one frame's bound (version 1), or that plus the
+/// overhead of frames down to a few KiB each (version 2).
+fn body_bound(version: u8, plain_len: u64) -> u64 {
+    let one = zstd_safe::compress_bound(plain_len as usize) as u64;
+    match version {
+        1 => one,
+        _ => one + (plain_len >> 8) + 4096,
+    }
+}
+
+/// A plaintext to encode from: a file, or bytes in memory for tests.
+pub trait Source: std::io::Read + std::io::Seek {}
+impl<T: std::io::Read + std::io::Seek> Source for T {}
+
 /// The header for a new object and an output buffer holding its space.
 fn start(
     name: &str,
     plain_len: u64,
     compression: Compression,
     key: Option<&Key>,
+) -> (Header, Vec<u8>) {
+    let body_bound = match compression {
+        Compression::None => plain_len as usize,
+        Compression::Zstd => zstd_safe::compress_bound(plain_len as usize),
+    };
+    start_with(name, plain_len, compression, key, body_bound)
+}
+
+/// [`start`] with room for a body of `body_bound` bytes.
+fn start_with(
+    name: &str,
+    plain_len: u64,
+    compression: Compression,
+    key: Option<&Key>,
+    body_bound: usize,
 ) -> (Header, Vec<u8>) {
     assert!(
         !name.is_empty() && name.len() <= MAX_NAME_LEN,
@@ -537,10 +660,6 @@ fn start(
     }
     let hlen = header.len();
     let frame = DEFAULT_FRAME_SIZE as usize;
-    let body_bound = match compression {
-        Compression::None => plain_len as usize,
-        Compression::Zstd => zstd_safe::compress_bound(plain_len as usize),
-    };
     let trailer_bound = match key {
         Some(_) => body_bound.div_ceil(frame).max(1) * TAG_LEN,
         None => CHECKSUM_LEN,
@@ -663,7 +782,7 @@ pub fn decode(
             body.truncate(body_len);
             let plain = match header.compression {
                 Compression::None => body,
-                Compression::Zstd => decompress(&body, plain_len)?,
+                Compression::Zstd => decompress(&body, plain_len, header.version)?,
             };
             if plain.len() != plain_len {
                 return Err(EnvelopeError::LengthMismatch {
@@ -681,7 +800,7 @@ pub fn decode(
             let body = &object[hlen..hlen + body_len];
             let plain = match header.compression {
                 Compression::None => body.to_vec(),
-                Compression::Zstd => decompress(body, plain_len)?,
+                Compression::Zstd => decompress(body, plain_len, header.version)?,
             };
             if plain.len() != plain_len {
                 return Err(EnvelopeError::LengthMismatch {
@@ -694,25 +813,39 @@ pub fn decode(
     }
 }
 
-/// Decompresses one zstd frame that must yield exactly `plain_len` bytes,
-/// never writing more than `plain_len`.
-fn decompress(body: &[u8], plain_len: usize) -> Result<Vec<u8>, EnvelopeError> {
+/// Decompresses the zstd frames of a body that must yield exactly
+/// `plain_len` bytes, never writing more than `plain_len`: one frame
+/// (version 1), or one or more (version 2), each recording its size.
+fn decompress(body: &[u8], plain_len: usize, version: u8) -> Result<Vec<u8>, EnvelopeError> {
     let failed = |reason: String| EnvelopeError::DecompressionFailed { reason };
-    match zstd_safe::get_frame_content_size(body) {
-        Ok(Some(n)) if n > plain_len as u64 => {
+    let mut declared = 0u64;
+    let mut at = 0usize;
+    loop {
+        let frame = &body[at..];
+        match zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(n)) => declared = declared.saturating_add(n),
+            Ok(None) => return Err(failed("a zstd frame does not record its size".into())),
+            Err(_) => return Err(failed("not a zstd frame".into())),
+        }
+        if declared > plain_len as u64 {
             return Err(EnvelopeError::DecompressionBomb {
                 plain_len: plain_len as u64,
-            })
+            });
         }
-        Ok(Some(n)) if n < plain_len as u64 => {
-            return Err(EnvelopeError::LengthMismatch {
-                expected: plain_len as u64,
-                found: n,
-            })
+        if version == 1 {
+            break;
         }
-        Ok(Some(_)) => {}
-        Ok(None) => return Err(failed("the zstd frame does not record its size".into())),
-        Err(_) => return Err(failed("not a zstd frame".into())),
+        at += zstd_safe::find_frame_compressed_size(frame)
+            .map_err(|c| failed(zstd_safe::get_error_name(c).to_string()))?;
+        if at >= body.len() {
+            break;
+        }
+    }
+    if declared < plain_len as u64 {
+        return Err(EnvelopeError::LengthMismatch {
+            expected: plain_len as u64,
+            found: declared,
+        });
     }
     let mut out: Vec<u8> = Vec::with_capacity(plain_len);
     let dst_too_small =
@@ -799,12 +932,14 @@ mod tests {
             decode(NAME, b"hello world, plain text", None),
             Err(EnvelopeError::BadMagic { .. })
         ));
-        let mut obj = encode(NAME, b"x", Compression::Zstd, 1, None);
-        obj[8] = 2;
-        assert_eq!(
-            decode(NAME, &obj, None),
-            Err(EnvelopeError::UnsupportedVersion { found: 2 })
-        );
+        for v in [0, VERSION + 1, 0xff] {
+            let mut obj = encode(NAME, b"x", Compression::Zstd, 1, None);
+            obj[8] = v;
+            assert_eq!(
+                decode(NAME, &obj, None),
+                Err(EnvelopeError::UnsupportedVersion { found: v })
+            );
+        }
     }
 
     #[test]
@@ -973,8 +1108,12 @@ mod tests {
     /// lengths, with a valid checksum over whatever the body inflates to.
     /// An unencrypted object with a valid checksum around arbitrary bytes.
     fn forge_plain(body: &[u8], plain_len: u64) -> Vec<u8> {
+        forge_plain_version(VERSION, body, plain_len)
+    }
+
+    fn forge_plain_version(version: u8, body: &[u8], plain_len: u64) -> Vec<u8> {
         let h = Header {
-            version: VERSION,
+            version,
             compression: Compression::Zstd,
             encryption: Encryption::None,
             frame_size: 0,
@@ -999,7 +1138,8 @@ mod tests {
         let key = Key::generate();
         for c in [Compression::Zstd, Compression::None] {
             for k in [None, Some(&key)] {
-                let obj = encode_from(NAME, p.len() as u64, &mut &p[..], c, 1, k).unwrap();
+                let obj = encode_from(NAME, p.len() as u64, &mut Cursor::new(&p[..]), c, 1, k, &[])
+                    .unwrap();
                 assert_eq!(decode(NAME, &obj, k).unwrap(), p);
             }
         }
@@ -1007,12 +1147,192 @@ mod tests {
         let e = encode_from(
             NAME,
             p.len() as u64 + 1,
-            &mut &p[..],
+            &mut Cursor::new(&p[..]),
             Compression::Zstd,
             1,
             None,
+            &[],
         );
         assert!(e.is_err());
+    }
+
+    #[test]
+    fn a_file_is_encoded_as_independent_frames_of_one_block() {
+        let p = sample(3 * BLOCK_LEN + 12_345);
+        let key = Key::generate();
+        for k in [None, Some(&key)] {
+            let obj = encode_from(
+                NAME,
+                p.len() as u64,
+                &mut Cursor::new(&p[..]),
+                Compression::Zstd,
+                1,
+                k,
+                &[],
+            )
+            .unwrap();
+            assert_eq!(read_header(&obj).unwrap().version, VERSION);
+            assert_eq!(decode(NAME, &obj, k).unwrap(), p);
+        }
+        // Four frames, each recording its block's size.
+        let obj = encode_from(
+            NAME,
+            p.len() as u64,
+            &mut Cursor::new(&p[..]),
+            Compression::Zstd,
+            1,
+            None,
+            &[],
+        )
+        .unwrap();
+        let (h, hlen) = Header::parse(&obj).unwrap();
+        let mut body = &obj[hlen..hlen + h.body_len as usize];
+        let mut sizes = vec![];
+        while !body.is_empty() {
+            sizes.push(zstd_safe::get_frame_content_size(body).unwrap().unwrap());
+            body = &body[zstd_safe::find_frame_compressed_size(body).unwrap()..];
+        }
+        let b = BLOCK_LEN as u64;
+        assert_eq!(sizes, vec![b, b, b, 12_345]);
+        // Exactly one block, and nothing: one frame each.
+        for len in [BLOCK_LEN, 0] {
+            let p = sample(len);
+            let obj = encode_from(
+                NAME,
+                len as u64,
+                &mut Cursor::new(&p[..]),
+                Compression::Zstd,
+                1,
+                None,
+                &[],
+            )
+            .unwrap();
+            assert_eq!(decode(NAME, &obj, None).unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn frames_made_earlier_are_placed_not_compressed_again() {
+        let p = sample(3 * BLOCK_LEN);
+        let frame = |start: usize, end: usize| Frame {
+            start: start as u64,
+            end: end as u64,
+            bytes: bytes::Bytes::from(compress(&p[start..end], 1)),
+        };
+        let key = Key::generate();
+        let layouts: Vec<Vec<Frame>> = vec![
+            vec![frame(0, 100_000)],
+            vec![frame(0, 100_000), frame(100_000, 250_000)],
+            // A gap, an overlap (skipped), a frame reaching the end.
+            vec![
+                frame(0, 70_000),
+                frame(200_000, 1_500_000),
+                frame(1_000_000, 1_600_000),
+                frame(2 * BLOCK_LEN, 3 * BLOCK_LEN),
+            ],
+            // Ranges past the file's end are ignored.
+            vec![
+                frame(5, 9),
+                Frame {
+                    start: 0,
+                    end: 4 * BLOCK_LEN as u64,
+                    bytes: bytes::Bytes::new(),
+                },
+            ],
+        ];
+        for frames in layouts {
+            for k in [None, Some(&key)] {
+                let obj = encode_from(
+                    NAME,
+                    p.len() as u64,
+                    &mut Cursor::new(&p[..]),
+                    Compression::Zstd,
+                    1,
+                    k,
+                    &frames,
+                )
+                .unwrap();
+                assert_eq!(decode(NAME, &obj, k).unwrap(), p, "{frames:?}");
+            }
+            // Unencrypted, the body holds each placed frame verbatim.
+            let obj = encode_from(
+                NAME,
+                p.len() as u64,
+                &mut Cursor::new(&p[..]),
+                Compression::Zstd,
+                1,
+                None,
+                &frames,
+            )
+            .unwrap();
+            let placed = frames
+                .iter()
+                .filter(|f| f.end <= p.len() as u64 && !f.bytes.is_empty() && f.start != 1_000_000);
+            for f in placed {
+                assert!(
+                    obj.windows(f.bytes.len()).any(|w| w == &f.bytes[..]),
+                    "frame {}..{} was compressed again",
+                    f.start,
+                    f.end
+                );
+            }
+        }
+        // The chunk's own object from its frame is the object `encode` makes.
+        let f = compress(&p[..5000], 1);
+        let a = decode(
+            NAME,
+            &encode_compressed(NAME, 5000, &f, Some(&key)),
+            Some(&key),
+        )
+        .unwrap();
+        assert_eq!(a, &p[..5000]);
+    }
+
+    #[test]
+    fn frames_must_add_up_to_the_recorded_length() {
+        let a = b"frame a ".repeat(625);
+        let b = b"frame b. ".repeat(777);
+        let b = [b, vec![7u8; 7]].concat();
+        let fa = zstd::bulk::compress(&a, 1).unwrap();
+        let fb = zstd::bulk::compress(&b, 1).unwrap();
+        let both = [fa.clone(), fb.clone()].concat();
+        let whole = [a.clone(), b.clone()].concat();
+        assert_eq!(
+            decode(NAME, &forge_plain(&both, 12_000), None).unwrap(),
+            whole
+        );
+        // A frame dropped (with a checksum made to match): too short.
+        assert_eq!(
+            decode(NAME, &forge_plain(&fa, 12_000), None),
+            Err(EnvelopeError::LengthMismatch {
+                expected: 12_000,
+                found: 5000
+            })
+        );
+        // A frame added: more than recorded, refused before inflating.
+        let three = [fa.clone(), fb.clone(), fb].concat();
+        assert_eq!(
+            decode(NAME, &forge_plain(&three, 12_000), None),
+            Err(EnvelopeError::DecompressionBomb { plain_len: 12_000 })
+        );
+        // Version 1 bodies are one frame: a second one is refused.
+        assert_eq!(
+            decode(NAME, &forge_plain_version(1, &both, 12_000), None),
+            Err(EnvelopeError::LengthMismatch {
+                expected: 12_000,
+                found: 5000
+            })
+        );
+        assert_eq!(
+            decode(NAME, &forge_plain_version(1, &both, 5000), None),
+            Err(EnvelopeError::DecompressionBomb { plain_len: 5000 })
+        );
+        // Garbage after a good frame.
+        let junk = [fa, vec![0x55; 40]].concat();
+        assert!(matches!(
+            decode(NAME, &forge_plain(&junk, 5040), None),
+            Err(EnvelopeError::DecompressionFailed { .. })
+        ));
     }
 
     #[test]

@@ -407,6 +407,7 @@ impl Repository {
         &self,
         name: &ObjectName,
         path: PathBuf,
+        frames: Vec<envelope::Frame>,
     ) -> Result<Bytes, RepositoryError> {
         let (logical, key, c, level) = (
             name.logical(),
@@ -417,8 +418,7 @@ impl Repository {
         on_cpu_lane(name, "encoding", move || -> std::io::Result<Bytes> {
             let mut f = std::fs::File::open(&path)?;
             let len = f.metadata()?.len();
-            let mut reader = std::io::BufReader::with_capacity(1 << 20, &mut f);
-            envelope::encode_from(&logical, len, &mut reader, c, level, key.as_deref())
+            envelope::encode_from(&logical, len, &mut f, c, level, key.as_deref(), &frames)
                 .map(Bytes::from)
         })
         .await?
@@ -483,7 +483,19 @@ impl Repository {
         name: &ObjectName,
         path: PathBuf,
     ) -> Result<PutOutcome, RepositoryError> {
-        let encoded = self.encode_file(name, path.clone()).await?;
+        self.put_file_with(name, path, Vec::new()).await
+    }
+
+    /// [`Repository::put_file`], placing `frames` (zstd frames of the
+    /// file's bytes made earlier, see [`Repository::put_chunk_keeping`])
+    /// in the body instead of compressing those bytes again.
+    pub async fn put_file_with(
+        &self,
+        name: &ObjectName,
+        path: PathBuf,
+        frames: Vec<envelope::Frame>,
+    ) -> Result<PutOutcome, RepositoryError> {
+        let encoded = self.encode_file(name, path.clone(), frames).await?;
         self.put_encoded(name, encoded, Plain::File(path)).await
     }
 
@@ -630,6 +642,45 @@ impl Repository {
         let end = start + plaintext.len() as u64;
         self.put(&ObjectName::chunk(segment, start, end)?, plaintext)
             .await
+    }
+
+    /// [`Repository::put_chunk`], returning with the outcome the chunk's
+    /// zstd frame (when the repository compresses), for the segment's own
+    /// object to reuse ([`Repository::put_file_with`]): its bytes are
+    /// compressed once.
+    pub async fn put_chunk_keeping(
+        &self,
+        segment: &SegmentFile,
+        start: u64,
+        plaintext: Bytes,
+    ) -> Result<(PutOutcome, Option<envelope::Frame>), RepositoryError> {
+        let end = start + plaintext.len() as u64;
+        let name = ObjectName::chunk(segment, start, end)?;
+        if self.compression != Compression::Zstd {
+            return Ok((self.put(&name, plaintext).await?, None));
+        }
+        let (logical, key, level, plain) = (
+            name.logical(),
+            self.key.clone(),
+            self.level,
+            plaintext.clone(),
+        );
+        let (encoded, frame) = on_cpu_lane(&name, "encoding", move || {
+            let frame = envelope::compress(&plain, level);
+            let encoded =
+                envelope::encode_compressed(&logical, plain.len() as u64, &frame, key.as_deref());
+            (Bytes::from(encoded), Bytes::from(frame))
+        })
+        .await?;
+        let outcome = self
+            .put_encoded(&name, encoded, Plain::Memory(plaintext))
+            .await?;
+        let frame = envelope::Frame {
+            start,
+            end,
+            bytes: frame,
+        };
+        Ok((outcome, Some(frame)))
     }
 
     /// A verified chunk; `None` when absent.
