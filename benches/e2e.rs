@@ -57,6 +57,7 @@
 //!    and store (`file://`, S3 on moto): CPU seconds per GB, peak RSS
 //!    (VmHWM from /proc) and the catch-up after the load stops, each beside
 //!    pg_receivewal's, then a table of the ratios.
+//!    `WALSAFE_BENCH_INGEST_ONLY=remote,file` runs one of the four.
 //!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
@@ -609,6 +610,10 @@ impl Pair {
 }
 
 fn main() {
+    // The agents log at the default level, as an operator runs them.
+    if std::env::var_os("WALSAFE_TEST_LOG").is_none() {
+        std::env::set_var("WALSAFE_TEST_LOG", "info");
+    }
     // `cargo bench` passes --bench; a filter may name scenarios.
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -666,6 +671,12 @@ fn ingest() {
         ("local", "s3"),
         ("remote", "s3"),
     ] {
+        // WALSAFE_BENCH_INGEST_ONLY="remote,file" runs one configuration.
+        if let Ok(only) = std::env::var("WALSAFE_BENCH_INGEST_ONLY") {
+            if only != format!("{ack},{store}") {
+                continue;
+            }
+        }
         let (dir, pg, mut settings, _) = start_pair(&format!("bench-ingest-{ack}-{store}"));
         settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
         settings.ack = ack.into();

@@ -85,8 +85,8 @@ const MIN_KEPT_FRAME: u64 = 64 << 10;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// What a finished upload hands back: its outcome and, for a chunk, the
-/// zstd frame its segment's object reuses.
-type Stored = (PutOutcome, Option<Frame>);
+/// zstd frames its segment's object reuses.
+type Stored = (PutOutcome, Vec<Frame>);
 
 /// One upload. The order of the variants is the order jobs start in:
 /// history files first (a timeline's WAL waits for its history, see
@@ -581,14 +581,12 @@ impl Uploader {
             Err(_) => self.failures += 1,
         }
         match result {
-            Ok((outcome, frame)) => {
+            Ok((outcome, frames)) => {
                 debug!(?job, ?outcome, "stored");
                 self.jobs.remove(&job);
                 match job {
                     Job::Chunk { seg, end, .. } => {
-                        if let Some(frame) = frame {
-                            self.keep_frame(seg, frame);
-                        }
+                        self.keep_frames(seg, frames);
                         self.chunk_backoff.reset();
                         if let Some(f) = &mut self.filling {
                             if f.seg == seg {
@@ -662,17 +660,20 @@ impl Uploader {
         }
     }
 
-    /// Keeps a stored chunk's frame for its segment's object, if the chunk
-    /// is long enough to be worth it, the segment is not stored yet, and
-    /// its frames stay within a quarter of a segment.
-    fn keep_frame(&mut self, seg: SegmentName, frame: Frame) {
-        if frame.end - frame.start < MIN_KEPT_FRAME || self.whole.contains(&seg) {
+    /// Keeps a stored chunk's frames for its segment's object, if the
+    /// chunk is long enough to be worth it, the segment is not stored yet,
+    /// and its frames stay within a quarter of a segment.
+    fn keep_frames(&mut self, seg: SegmentName, frames: Vec<Frame>) {
+        let (Some(first), Some(last)) = (frames.first(), frames.last()) else {
+            return;
+        };
+        if last.end - first.start < MIN_KEPT_FRAME || self.whole.contains(&seg) {
             return;
         }
         let kept = self.frames.entry(seg).or_default();
-        let bytes: usize = kept.iter().map(|f| f.bytes.len()).sum();
-        if (bytes + frame.bytes.len()) as u64 <= self.segment_size / 4 {
-            kept.push(frame);
+        let bytes: usize = kept.iter().chain(&frames).map(|f| f.bytes.len()).sum();
+        if bytes as u64 <= self.segment_size / 4 {
+            kept.extend(frames);
         }
     }
 
@@ -796,14 +797,7 @@ async fn upload_one(
         arg.unwrap_or_default()
     )));
     let started = Instant::now();
-    let read = |f: fn(&Spool, SegmentName, u64, u64) -> std::io::Result<Vec<u8>>,
-                seg: SegmentName,
-                start: u64,
-                end: u64| {
-        let spool = spool.clone();
-        async move { tokio::task::spawn_blocking(move || f(&spool, seg, start, end)).await? }
-    };
-    let mut frame = None;
+    let mut made = Vec::new();
     let (kind, outcome) = match job {
         Job::Segment(seg) => {
             let name = ObjectName::Segment(SegmentFile::of(seg, segment_size));
@@ -833,20 +827,21 @@ async fn upload_one(
             (Kind::History, o)
         }
         Job::Chunk { seg, start, end } => {
-            let data = read(Spool::read_range, seg, start, end).await?;
+            let file = {
+                let spool = spool.clone();
+                tokio::task::spawn_blocking(move || spool.open_range(seg, start, end))
+                    .await??
+                    .0
+            };
             let (o, f) = repo
-                .put_chunk_keeping(
-                    &SegmentFile::of(seg, segment_size),
-                    start,
-                    Bytes::from(data),
-                )
+                .put_chunk_from(&SegmentFile::of(seg, segment_size), file, start, end)
                 .await?;
-            frame = f;
+            made = f;
             (Kind::Chunk, o)
         }
     };
     crate::metrics::upload_duration(kind, started.elapsed());
-    Ok((outcome, frame))
+    Ok((outcome, made))
 }
 
 /// Halves the lag samples by merging neighbours: each merged sample keeps

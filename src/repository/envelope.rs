@@ -556,13 +556,46 @@ pub fn compress(plaintext: &[u8], level: i32) -> Vec<u8> {
     out
 }
 
-/// Encodes an object whose body is `frame`, the zstd frame of its
-/// `plain_len` plaintext bytes made by [`compress`]: the same object as
-/// [`encode`] with zstd, without compressing again.
-pub fn encode_compressed(name: &str, plain_len: u64, frame: &[u8], key: Option<&Key>) -> Vec<u8> {
-    let (mut header, mut out) = start_with(name, plain_len, Compression::Zstd, key, frame.len());
+/// Bytes `[start, end)` of `file` as zstd frames of at most [`BLOCK_LEN`]
+/// plaintext bytes each, read block by block into one reused buffer: the
+/// range is never held whole in memory.
+pub fn compress_range(
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+    level: i32,
+) -> std::io::Result<Vec<Frame>> {
+    use std::os::unix::fs::FileExt;
+    BLOCK.with(|b| {
+        let mut block = b.borrow_mut();
+        block.resize(BLOCK_LEN, 0);
+        let mut frames = Vec::new();
+        let mut pos = start;
+        while pos < end || frames.is_empty() {
+            let n = (end - pos).min(BLOCK_LEN as u64) as usize;
+            file.read_exact_at(&mut block[..n], pos)?;
+            frames.push(Frame {
+                start: pos,
+                end: pos + n as u64,
+                bytes: bytes::Bytes::from(compress(&block[..n], level)),
+            });
+            pos += n as u64;
+        }
+        Ok(frames)
+    })
+}
+
+/// Encodes an object whose body is `frames` (made by [`compress`] or
+/// [`compress_range`], together the `plain_len` plaintext bytes in
+/// order): the object [`encode_from`] makes with zstd, without compressing
+/// again.
+pub fn encode_frames(name: &str, plain_len: u64, frames: &[Frame], key: Option<&Key>) -> Vec<u8> {
+    let body: usize = frames.iter().map(|f| f.bytes.len()).sum();
+    let (mut header, mut out) = start_with(name, plain_len, Compression::Zstd, key, body);
     let hlen = out.len();
-    out.extend_from_slice(frame);
+    for f in frames {
+        out.extend_from_slice(&f.bytes);
+    }
     seal(&mut header, hlen, &mut out, key);
     out
 }
@@ -1277,15 +1310,20 @@ mod tests {
                 );
             }
         }
-        // The chunk's own object from its frame is the object `encode` makes.
-        let f = compress(&p[..5000], 1);
-        let a = decode(
-            NAME,
-            &encode_compressed(NAME, 5000, &f, Some(&key)),
-            Some(&key),
-        )
-        .unwrap();
-        assert_eq!(a, &p[..5000]);
+        // A chunk's object from its frames, read from a file block by block.
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &p).unwrap();
+        for (a, b) in [(0, 5000), (7, 7), (100, 2 * BLOCK_LEN + 100)] {
+            let frames = compress_range(&file, a as u64, b as u64, 1).unwrap();
+            assert_eq!(frames.len(), (b - a).div_ceil(BLOCK_LEN).max(1));
+            assert_eq!(
+                (frames[0].start, frames.last().unwrap().end),
+                (a as u64, b as u64)
+            );
+            let obj = encode_frames(NAME, (b - a) as u64, &frames, Some(&key));
+            assert_eq!(decode(NAME, &obj, Some(&key)).unwrap(), &p[a..b]);
+        }
+        assert!(compress_range(&file, 0, p.len() as u64 + 1, 1).is_err());
     }
 
     #[test]

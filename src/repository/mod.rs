@@ -120,6 +120,38 @@ async fn on_cpu_lane<T: Send + 'static>(
 enum Plain {
     Memory(Bytes),
     File(std::path::PathBuf),
+    /// Bytes `[start, end)` of an open file.
+    Range(Arc<std::fs::File>, u64, u64),
+}
+
+/// Bytes `[start, end)` of a file as a reader of their own, from offset 0.
+struct Window<'a> {
+    file: &'a std::fs::File,
+    start: u64,
+    end: u64,
+    pos: u64,
+}
+
+impl std::io::Read for Window<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = (self.end - self.pos).min(buf.len() as u64) as usize;
+        let n = self.file.read_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for Window<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        match to {
+            std::io::SeekFrom::Start(n) => {
+                self.pos = (self.start + n).min(self.end);
+                Ok(self.pos - self.start)
+            }
+            _ => Err(std::io::Error::other("only SeekFrom::Start is supported")),
+        }
+    }
 }
 
 /// Outcome of storing WAL.
@@ -520,6 +552,24 @@ impl Repository {
             };
             let ours = match &plain {
                 Plain::Memory(b) => b.clone(),
+                Plain::Range(f, start, end) => {
+                    let (f, start, end) = (f.clone(), *start, *end);
+                    let reread = |e: String| RepositoryError::Internal {
+                        what: format!("re-reading {name}"),
+                        message: e,
+                    };
+                    Bytes::from(
+                        tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                            use std::os::unix::fs::FileExt;
+                            let mut buf = vec![0u8; (end - start) as usize];
+                            f.read_exact_at(&mut buf, start)?;
+                            Ok(buf)
+                        })
+                        .await
+                        .map_err(|e| reread(e.to_string()))?
+                        .map_err(|e| reread(e.to_string()))?,
+                    )
+                }
                 Plain::File(p) => {
                     let p = p.clone();
                     let reread = |e: String| RepositoryError::Internal {
@@ -644,43 +694,66 @@ impl Repository {
             .await
     }
 
-    /// [`Repository::put_chunk`], returning with the outcome the chunk's
-    /// zstd frame (when the repository compresses), for the segment's own
-    /// object to reuse ([`Repository::put_file_with`]): its bytes are
-    /// compressed once.
-    pub async fn put_chunk_keeping(
+    /// [`Repository::put_chunk`] of bytes `[start, end)` of `file` (the
+    /// spool's segment), read and compressed block by block, so a chunk of
+    /// a whole segment never sits in memory as plaintext. Returns with the
+    /// outcome the chunk's zstd frames (when the repository compresses),
+    /// for the segment's own object to reuse ([`Repository::put_file_with`]):
+    /// its bytes are compressed once.
+    pub async fn put_chunk_from(
         &self,
         segment: &SegmentFile,
+        file: std::fs::File,
         start: u64,
-        plaintext: Bytes,
-    ) -> Result<(PutOutcome, Option<envelope::Frame>), RepositoryError> {
-        let end = start + plaintext.len() as u64;
+        end: u64,
+    ) -> Result<(PutOutcome, Vec<envelope::Frame>), RepositoryError> {
         let name = ObjectName::chunk(segment, start, end)?;
-        if self.compression != Compression::Zstd {
-            return Ok((self.put(&name, plaintext).await?, None));
-        }
-        let (logical, key, level, plain) = (
+        let file = Arc::new(file);
+        let (logical, key, level, compression, f) = (
             name.logical(),
             self.key.clone(),
             self.level,
-            plaintext.clone(),
+            self.compression,
+            file.clone(),
         );
-        let (encoded, frame) = on_cpu_lane(&name, "encoding", move || {
-            let frame = envelope::compress(&plain, level);
-            let encoded =
-                envelope::encode_compressed(&logical, plain.len() as u64, &frame, key.as_deref());
-            (Bytes::from(encoded), Bytes::from(frame))
+        let encoded = on_cpu_lane(&name, "encoding", move || -> std::io::Result<_> {
+            Ok(match compression {
+                Compression::Zstd => {
+                    let frames = envelope::compress_range(&f, start, end, level)?;
+                    let object =
+                        envelope::encode_frames(&logical, end - start, &frames, key.as_deref());
+                    (Bytes::from(object), frames)
+                }
+                Compression::None => {
+                    let mut window = Window {
+                        file: &f,
+                        start,
+                        end,
+                        pos: start,
+                    };
+                    let object = envelope::encode_from(
+                        &logical,
+                        end - start,
+                        &mut window,
+                        compression,
+                        level,
+                        key.as_deref(),
+                        &[],
+                    )?;
+                    (Bytes::from(object), Vec::new())
+                }
+            })
         })
-        .await?;
+        .await?
+        .map_err(|e| RepositoryError::Internal {
+            what: format!("encoding {name}"),
+            message: e.to_string(),
+        })?;
+        let (object, frames) = encoded;
         let outcome = self
-            .put_encoded(&name, encoded, Plain::Memory(plaintext))
+            .put_encoded(&name, object, Plain::Range(file, start, end))
             .await?;
-        let frame = envelope::Frame {
-            start,
-            end,
-            bytes: frame,
-        };
-        Ok((outcome, Some(frame)))
+        Ok((outcome, frames))
     }
 
     /// A verified chunk; `None` when absent.

@@ -642,6 +642,21 @@ impl Spool {
     /// miss it, and an open file keeps reading the same bytes across a
     /// rename. Bytes past the flushed end are not meaningful.
     pub fn read_range(&self, seg: SegmentName, start: u64, end: u64) -> io::Result<Vec<u8>> {
+        let (file, path) = self.open_range(seg, start, end)?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.read_exact_at(&mut buf, start)
+            .map_err(|e| with_path(e, "read", &path))?;
+        Ok(buf)
+    }
+
+    /// Opens `seg` to read `[start, end)` of it, as [`Spool::read_range`]
+    /// finds it (`.partial` or complete): the file and the path it had.
+    pub fn open_range(
+        &self,
+        seg: SegmentName,
+        start: u64,
+        end: u64,
+    ) -> io::Result<(File, PathBuf)> {
         if start > end || end > self.segment_size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -653,31 +668,25 @@ impl Spool {
             ));
         }
         let partial = self.partial_path(seg);
-        let (file, path) = match File::open(&partial) {
-            Ok(f) => (f, partial),
+        match File::open(&partial) {
+            Ok(f) => Ok((f, partial)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let complete = self.complete_path(seg);
                 match File::open(&complete) {
-                    Ok(f) => (f, complete),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::NotFound,
-                            format!(
-                                "segment {} is not in the spool {} (neither complete nor .partial)",
-                                seg.file_name(self.segment_size),
-                                self.dir.display()
-                            ),
-                        ))
-                    }
-                    Err(e) => return Err(with_path(e, "open", &complete)),
+                    Ok(f) => Ok((f, complete)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "segment {} is not in the spool {} (neither complete nor .partial)",
+                            seg.file_name(self.segment_size),
+                            self.dir.display()
+                        ),
+                    )),
+                    Err(e) => Err(with_path(e, "open", &complete)),
                 }
             }
-            Err(e) => return Err(with_path(e, "open", &partial)),
-        };
-        let mut buf = vec![0u8; (end - start) as usize];
-        file.read_exact_at(&mut buf, start)
-            .map_err(|e| with_path(e, "read", &path))?;
-        Ok(buf)
+            Err(e) => Err(with_path(e, "open", &partial)),
+        }
     }
 
     /// Reads a complete segment.

@@ -157,12 +157,26 @@ impl Agent {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = Command::new(bin_copy(config.parent().unwrap()));
+        // WALSAFE_TEST_WRAP (e.g. "heaptrack -o /tmp/agent") runs the
+        // agent under a profiler; WALSAFE_TEST_LOG sets its log filter
+        // (the benches run it at the default level, as operators do).
+        let bin = bin_copy(config.parent().unwrap());
+        let mut cmd = match std::env::var("WALSAFE_TEST_WRAP") {
+            Ok(w) if !w.trim().is_empty() => {
+                let mut words = w.split_whitespace();
+                let mut c = Command::new(words.next().unwrap());
+                c.args(words).arg(bin);
+                c
+            }
+            _ => Command::new(bin),
+        };
         super::pg::as_postgres(&mut cmd);
+        let filter =
+            std::env::var("WALSAFE_TEST_LOG").unwrap_or_else(|_| "walsafe=debug,info".into());
         cmd.arg("--config")
             .arg(config)
             .arg("run")
-            .env("WALSAFE_LOG", "walsafe=debug,info")
+            .env("WALSAFE_LOG", filter)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
