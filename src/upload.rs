@@ -56,7 +56,7 @@ use crate::pg::page::PageValidator;
 use crate::pg::ClusterIdentity;
 use crate::pg::{Lsn, SegmentName, TimelineId};
 use crate::positions::{now_ms, Positions};
-use crate::repository::envelope::Frame;
+use crate::repository::envelope::{Frame, BLOCK_LEN};
 use crate::repository::{ObjectName, PutOutcome, Repository, RepositoryError, SegmentFile};
 use crate::retry::Backoff;
 use crate::spool::retention::{Retention, SpoolFile};
@@ -81,6 +81,14 @@ pub const CHUNK_RETRY_MIN: Duration = Duration::from_millis(500);
 /// object (compressed once); shorter ones compress poorly alone, so their
 /// bytes are compressed again with the segment, in 1 MiB blocks.
 const MIN_KEPT_FRAME: u64 = 64 << 10;
+/// Plaintext bytes compressed ahead ([`Job::Frames`]) in this process,
+/// for tests to see that it happens (its output is the same bytes either
+/// way: zstd is deterministic).
+pub(crate) static COMPRESSED_AHEAD: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+/// After a tick held a chunk back, how often the uploader looks whether
+/// the segment still grows (see [`Uploader::maybe_chunk`]).
+const RECHECK_EVERY: Duration = Duration::from_millis(25);
 /// How long shutdown waits for in-flight uploads.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -97,6 +105,14 @@ enum Job {
     Segment(SegmentName),
     ClosedPartial(SegmentName),
     Chunk {
+        seg: SegmentName,
+        start: u64,
+        end: u64,
+    },
+    /// Not an upload: compresses `[start, end)` of the filling segment
+    /// into zstd frames ahead of its chunks and its object (see
+    /// [`Uploader::maybe_frames`]). Never in [`Uploader::jobs`].
+    Frames {
         seg: SegmentName,
         start: u64,
         end: u64,
@@ -118,6 +134,10 @@ struct Filling {
     /// Offset up to which the spool is fsynced.
     flushed: u64,
     chunk_in_flight: bool,
+    /// A [`Job::Frames`] of this segment is running: a chunk waits for it
+    /// (`chunk_wanted`), so that frames are made once and in order.
+    frames_in_flight: bool,
+    chunk_wanted: bool,
     /// `flushed` at the previous chunk tick, and when that was (fill rate).
     at_last_tick: u64,
     last_tick: Instant,
@@ -166,6 +186,10 @@ pub struct Uploader {
     durable_times: VecDeque<(Lsn, u64)>,
     archived_tx: watch::Sender<Lsn>,
     last_chunk: Instant,
+    /// A tick held a chunk back (the segment was filling fast): look again
+    /// at this instant, and ship it if nothing became durable meanwhile,
+    /// so that when a load stops its last WAL does not wait a whole tick.
+    recheck: Option<(tokio::time::Instant, u64)>,
     /// After a failed chunk upload: no new chunk before this instant.
     chunk_not_before: Instant,
     /// Delays after chunk failures ([`CHUNK_RETRY_MIN`] doubling up to [`REQUEUE_DELAY`], jittered).
@@ -225,6 +249,8 @@ impl Uploader {
                     seg,
                     flushed: off,
                     chunk_in_flight: false,
+                    frames_in_flight: false,
+                    chunk_wanted: false,
                     at_last_tick: off,
                     last_tick: Instant::now(),
                 });
@@ -254,6 +280,7 @@ impl Uploader {
             durable_times: VecDeque::new(),
             archived_tx,
             last_chunk: Instant::now(),
+            recheck: None,
             chunk_not_before: Instant::now(),
             chunk_backoff: Backoff::new(CHUNK_RETRY_MIN, REQUEUE_DELAY),
             failures: 0,
@@ -283,6 +310,7 @@ impl Uploader {
                 self.chunk_now();
             }
             self.start_jobs(&mut tasks);
+            self.maybe_frames(&mut tasks);
             self.publish();
             self.watch_progress();
             self.positions.upload_heartbeat();
@@ -310,6 +338,17 @@ impl Uploader {
                     Err(e) => error!("upload task failed: {e}"),
                 },
                 _ = tick.tick() => self.maybe_chunk(),
+                _ = sleep_until_some(self.recheck.map(|(at, _)| at)) => {
+                    let (_, flushed) = self.recheck.take().expect("set when this branch runs");
+                    match self.filling {
+                        Some(f) if f.flushed == flushed => self.chunk_now(),
+                        // Still growing: look again, until the next tick.
+                        Some(f) if f.last_tick.elapsed() + RECHECK_EVERY < self.interval => {
+                            self.recheck = Some((tokio::time::Instant::now() + RECHECK_EVERY, f.flushed));
+                        }
+                        _ => {}
+                    }
+                }
                 _ = retry_tick.tick() => {
                     for st in self.jobs.values_mut() {
                         if *st == State::Waiting { *st = State::Queued; }
@@ -405,6 +444,8 @@ impl Uploader {
                     seg,
                     flushed: off,
                     chunk_in_flight: false,
+                    frames_in_flight: false,
+                    chunk_wanted: false,
                     // A new segment: its growth so far counts from 0.
                     at_last_tick: 0,
                     last_tick: Instant::now(),
@@ -450,9 +491,12 @@ impl Uploader {
     ///   outage is not hammered every interval);
     /// * the segment is filling so fast that it will be complete before
     ///   the next tick: its full upload follows within one interval, and a
-    ///   chunk now would compress the same bytes twice. If the load stops,
-    ///   the next tick sees no growth and ships the chunk, so the RPO stays
-    ///   within two intervals.
+    ///   chunk now would only add an object (its bytes are compressed
+    ///   ahead, see [`Uploader::maybe_frames`], and reused by the segment).
+    ///   Every [`RECHECK_EVERY`] until the next tick, the uploader looks
+    ///   again ([`Uploader::recheck`]): once nothing new became durable
+    ///   (the load stopped), the chunk ships at once. The RPO stays within
+    ///   two intervals.
     fn maybe_chunk(&mut self) {
         let Some(f) = &mut self.filling else { return };
         let now = Instant::now();
@@ -466,6 +510,7 @@ impl Uploader {
         let remaining = self.segment_size - f.flushed;
         let rate = grown as f64 / since.max(1e-3);
         if grown > 0 && (remaining as f64) < rate * self.interval.as_secs_f64() {
+            self.recheck = Some((tokio::time::Instant::now() + RECHECK_EVERY, f.flushed));
             return;
         }
         self.chunk_now();
@@ -481,6 +526,10 @@ impl Uploader {
     fn chunk_now(&mut self) {
         let Some(f) = &mut self.filling else { return };
         let stored = self.chunked.get(&f.seg).copied().unwrap_or(0);
+        if f.frames_in_flight && f.flushed > stored {
+            f.chunk_wanted = true;
+            return;
+        }
         if self.refused.contains(&f.seg)
             || f.chunk_in_flight
             || f.flushed <= stored
@@ -529,9 +578,22 @@ impl Uploader {
             let retention = self.retention.clone();
             let identity = self.identity;
             let frames = match job {
-                Job::Segment(s) | Job::ClosedPartial(s) => {
-                    self.frames.get(&s).cloned().unwrap_or_default()
-                }
+                Job::Segment(s) | Job::ClosedPartial(s) => self
+                    .frames
+                    .get(&s)
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| f.end - f.start >= MIN_KEPT_FRAME)
+                    .cloned()
+                    .collect(),
+                Job::Chunk { seg, start, end } => self
+                    .frames
+                    .get(&seg)
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| f.start >= start && f.end <= end)
+                    .cloned()
+                    .collect(),
                 _ => Vec::new(),
             };
             tasks.spawn(async move {
@@ -548,7 +610,7 @@ impl Uploader {
     /// over, and recovery would end (and promote) at the switch point.
     fn waits_for_history(&self, job: Job) -> bool {
         let timeline = match job {
-            Job::History(_) => return false,
+            Job::History(_) | Job::Frames { .. } => return false,
             Job::Segment(s) | Job::ClosedPartial(s) | Job::Chunk { seg: s, .. } => s.timeline,
         };
         self.jobs
@@ -557,11 +619,32 @@ impl Uploader {
     }
 
     fn on_done(&mut self, job: Job, result: Result<Stored, anyhow::Error>) {
+        if let Job::Frames { seg, .. } = job {
+            if let Some(f) = self.filling.as_mut().filter(|f| f.seg == seg) {
+                f.frames_in_flight = false;
+            }
+            match result {
+                Ok((_, frames)) => {
+                    let n: u64 = frames.iter().map(|f| f.end - f.start).sum();
+                    COMPRESSED_AHEAD.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    self.keep_frames(seg, frames)
+                }
+                // The chunk or the segment compresses these bytes itself.
+                Err(e) => debug!("compressing ahead in {seg:?} failed: {e:#}"),
+            }
+            if self.filling.is_some_and(|f| f.chunk_wanted) {
+                if let Some(f) = &mut self.filling {
+                    f.chunk_wanted = false;
+                }
+                self.chunk_now();
+            }
+            return;
+        }
         let kind = match job {
             Job::Segment(_) => Kind::Segment,
             Job::ClosedPartial(_) => Kind::ClosedPartial,
             Job::History(_) => Kind::History,
-            Job::Chunk { .. } => Kind::Chunk,
+            Job::Chunk { .. } | Job::Frames { .. } => Kind::Chunk,
         };
         crate::metrics::upload_result(kind, result.is_ok());
         match &result {
@@ -611,7 +694,7 @@ impl Uploader {
                         }
                         self.after_segment_stored(seg);
                     }
-                    Job::History(_) => {}
+                    Job::History(_) | Job::Frames { .. } => {}
                 }
                 self.positions.touch_archived();
             }
@@ -627,7 +710,7 @@ impl Uploader {
                         Job::Segment(s) | Job::ClosedPartial(s) | Job::Chunk { seg: s, .. } => {
                             Some(s)
                         }
-                        Job::History(_) => None,
+                        Job::History(_) | Job::Frames { .. } => None,
                     };
                     self.refused.extend(seg);
                     self.jobs.insert(job, State::Conflict);
@@ -660,21 +743,76 @@ impl Uploader {
         }
     }
 
-    /// Keeps a stored chunk's frames for its segment's object, if the
-    /// chunk is long enough to be worth it, the segment is not stored yet,
-    /// and its frames stay within a quarter of a segment.
+    /// Keeps frames made for `seg` (by a chunk, or ahead by
+    /// [`Job::Frames`]) for its later chunks and its object, unless they
+    /// are short (a chunk of a slowly filling segment: compressed again
+    /// with its neighbours, for the segment's ratio), the segment is no
+    /// longer waiting for them, they overlap frames kept already, or the
+    /// segment's frames would pass a quarter of a segment.
     fn keep_frames(&mut self, seg: SegmentName, frames: Vec<Frame>) {
         let (Some(first), Some(last)) = (frames.first(), frames.last()) else {
             return;
         };
-        if last.end - first.start < MIN_KEPT_FRAME || self.whole.contains(&seg) {
+        let waiting = self.filling.is_some_and(|f| f.seg == seg)
+            || self.jobs.contains_key(&Job::Segment(seg))
+            || self.jobs.contains_key(&Job::ClosedPartial(seg));
+        if last.end - first.start < MIN_KEPT_FRAME || self.whole.contains(&seg) || !waiting {
             return;
         }
         let kept = self.frames.entry(seg).or_default();
-        let bytes: usize = kept.iter().chain(&frames).map(|f| f.bytes.len()).sum();
-        if bytes as u64 <= self.segment_size / 4 {
-            kept.extend(frames);
+        let mut bytes: usize = kept.iter().map(|f| f.bytes.len()).sum();
+        for f in frames {
+            let overlaps = kept.iter().any(|k| k.start < f.end && f.start < k.end);
+            if overlaps || (bytes + f.bytes.len()) as u64 > self.segment_size / 4 {
+                continue;
+            }
+            bytes += f.bytes.len();
+            kept.push(f);
         }
+        kept.sort_by_key(|f| f.start);
+    }
+
+    /// Compresses the filling segment ahead, one block at a time, while
+    /// its chunks are held back (ack `local` under load): the frames are
+    /// placed in the next chunk and in the segment's object, so when the
+    /// load stops the chunk that follows has little left to compress, and
+    /// no byte is compressed twice. Not while a chunk is in flight (it
+    /// makes its own frames) or the segment's frames reach their cap.
+    fn maybe_frames(&mut self, tasks: &mut JoinSet<(Job, Result<Stored, anyhow::Error>)>) {
+        let Some(f) = self.filling else { return };
+        if f.chunk_in_flight || f.frames_in_flight || self.refused.contains(&f.seg) {
+            return;
+        }
+        let kept = self.frames.get(&f.seg);
+        let framed = kept
+            .and_then(|k| k.last())
+            .map_or(0, |k| k.end)
+            .max(self.chunked.get(&f.seg).copied().unwrap_or(0));
+        let bytes: usize = kept.into_iter().flatten().map(|k| k.bytes.len()).sum();
+        // A quarter of a small segment: with 1 MiB segments, blocks of a
+        // whole segment would never be ahead of its end.
+        let block = (BLOCK_LEN as u64).min(self.segment_size / 4);
+        if f.flushed < framed + block || bytes as u64 >= self.segment_size / 4 {
+            return;
+        }
+        let job = Job::Frames {
+            seg: f.seg,
+            start: framed,
+            end: framed + block,
+        };
+        if let Some(f) = &mut self.filling {
+            f.frames_in_flight = true;
+        }
+        let (repo, spool, retention, identity) = (
+            self.repo.clone(),
+            self.spool.clone(),
+            self.retention.clone(),
+            self.identity,
+        );
+        tasks.spawn(async move {
+            let r = upload_one(&repo, &spool, &retention, identity, job, Vec::new()).await;
+            (job, r)
+        });
     }
 
     /// A complete or closed segment is stored: its chunks go, in the background.
@@ -732,7 +870,7 @@ impl Uploader {
         for job in self.jobs.keys() {
             let end = match job {
                 Job::Segment(s) | Job::ClosedPartial(s) => stored_end(s),
-                Job::Chunk { seg, .. } => stored_end(seg),
+                Job::Chunk { seg, .. } | Job::Frames { seg, .. } => stored_end(seg),
                 // The end of the timeline before `t` is not archived until
                 // `t`'s history is: only up to the start of its last
                 // (closed) segment.
@@ -784,9 +922,23 @@ async fn upload_one(
     frames: Vec<Frame>,
 ) -> anyhow::Result<Stored> {
     let segment_size = identity.segment_size;
-    if let Job::Segment(seg) | Job::ClosedPartial(seg) | Job::Chunk { seg, .. } = job {
+    if let Job::Segment(seg)
+    | Job::ClosedPartial(seg)
+    | Job::Chunk { seg, .. }
+    | Job::Frames { seg, .. } = job
+    {
         let spool = spool.clone();
         tokio::task::spawn_blocking(move || check_spooled(&spool, identity, seg)).await??;
+    }
+    if let Job::Frames { seg, start, end } = job {
+        let file = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.open_range(seg, start, end))
+                .await??
+                .0
+        };
+        let frames = repo.compress_range(file, start, end).await?;
+        return Ok((PutOutcome::AlreadyStored, frames));
     }
     // Failpoints (feature `failpoints`): `upload::put` fails the upload
     // before it reaches the store; `upload::stored` fails it after the
@@ -834,14 +986,29 @@ async fn upload_one(
                     .0
             };
             let (o, f) = repo
-                .put_chunk_from(&SegmentFile::of(seg, segment_size), file, start, end)
+                .put_chunk_from(
+                    &SegmentFile::of(seg, segment_size),
+                    file,
+                    start,
+                    end,
+                    frames,
+                )
                 .await?;
             made = f;
             (Kind::Chunk, o)
         }
+        Job::Frames { .. } => unreachable!("compressing ahead returned above"),
     };
     crate::metrics::upload_duration(kind, started.elapsed());
     Ok((outcome, made))
+}
+
+/// Completes at `at`; never when `at` is `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Halves the lag samples by merging neighbours: each merged sample keeps
@@ -1426,6 +1593,60 @@ mod tests {
             expected.extend_from_slice(&wal(t, at, len));
             at = at.plus(len);
         }
+        assert!(
+            stored == expected,
+            "the segment's object decodes to its WAL"
+        );
+        shut_down(cancel, writer, task).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_filling_segment_is_compressed_ahead_while_its_chunks_are_held_back() {
+        // Ack local and no tick within the test: chunks wait, and the
+        // durable part is compressed ahead a quarter segment at a time.
+        let Rig {
+            _dir,
+            repo,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig_with(
+            None,
+            crate::config::AckMode::Local,
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+        );
+        let ahead = || COMPRESSED_AHEAD.load(std::sync::atomic::Ordering::Relaxed);
+        let before = ahead();
+        let t = TimelineId(1);
+        let start = Lsn(3 * SEG);
+        let seg = SegmentName {
+            timeline: t,
+            segno: 3,
+        };
+        let first = SEG / 2 + SEG / 8;
+        writer.write(t, start, wal(t, start, first)).await.unwrap();
+        assert!(
+            until(10, || ahead() - before == SEG / 2).await,
+            "compressed ahead: {} bytes",
+            ahead() - before
+        );
+        assert!(chunk_ranges(&repo, seg).await.is_empty());
+        // The segment completes: its object is made of those frames and
+        // the rest, and reads back as the WAL written.
+        let at = start.plus(first);
+        writer.write(t, at, wal(t, at, SEG - first)).await.unwrap();
+        let end = start.plus(SEG);
+        assert!(until(10, || *archived.borrow() == end).await);
+        let stored = repo
+            .get(&ObjectName::Segment(SegmentFile::of(seg, SEG)))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut expected = wal(t, start, first).to_vec();
+        expected.extend_from_slice(&wal(t, at, SEG - first));
         assert!(
             stored == expected,
             "the segment's object decodes to its WAL"

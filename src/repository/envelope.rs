@@ -384,10 +384,47 @@ pub fn read_header(object: &[u8]) -> Result<Header, EnvelopeError> {
 }
 
 thread_local! {
-    static CCTX: RefCell<zstd_safe::CCtx<'static>> = RefCell::new(zstd_safe::CCtx::create());
-    /// The plaintext block a file is read into, reused by each encoding thread.
-    static BLOCK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static DCTX: RefCell<zstd_safe::DCtx<'static>> = RefCell::new(zstd_safe::DCtx::create());
+}
+
+/// What compressing needs besides its input: a zstd context and the block
+/// a file is read into. Shared by all threads through [`COMPRESSORS`]
+/// rather than kept per thread: encodes run one per CPU lane, while the
+/// blocking pool may run them on many threads over time, each of which
+/// would keep a context and a block of its own (about 2 MiB each).
+struct Compressor {
+    cctx: zstd_safe::CCtx<'static>,
+    block: Vec<u8>,
+}
+
+/// Idle compressors; at most [`COMPRESSORS_KEPT`] are kept.
+static COMPRESSORS: std::sync::Mutex<Vec<Compressor>> = std::sync::Mutex::new(Vec::new());
+const COMPRESSORS_KEPT: usize = 2;
+
+/// Runs `f` with an idle compressor (a new one when none is idle).
+fn with_compressor<T>(f: impl FnOnce(&mut Compressor) -> T) -> T {
+    let idle = COMPRESSORS.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let mut c = idle.unwrap_or_else(|| Compressor {
+        cctx: zstd_safe::CCtx::create(),
+        block: Vec::new(),
+    });
+    let r = f(&mut c);
+    let mut pool = COMPRESSORS.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < COMPRESSORS_KEPT {
+        pool.push(c);
+    }
+    r
+}
+
+impl Compressor {
+    /// The block, at least `n` bytes long (grown only as far as needed:
+    /// the chunks of a slowly filling segment are small).
+    fn block(&mut self, n: usize) -> &mut [u8] {
+        if self.block.len() < n {
+            self.block.resize(n, 0);
+        }
+        &mut self.block[..n]
+    }
 }
 
 /// An AEAD buffer over a fixed slice: the frame's bytes at the front, room
@@ -462,7 +499,9 @@ pub fn encode(
     // Body: the (compressed) bytes, written straight behind the header.
     match compression {
         Compression::None => out.extend_from_slice(plaintext),
-        Compression::Zstd => compress_frame(plaintext, level, &mut out),
+        Compression::Zstd => {
+            with_compressor(|c| compress_frame(&mut c.cctx, plaintext, level, &mut out))
+        }
     }
     seal(&mut header, hlen, &mut out, key);
     out
@@ -492,9 +531,7 @@ pub fn encode_from(
     let hlen = out.len();
     let copied = match compression {
         Compression::None => reader.take(plain_len).read_to_end(&mut out)? as u64,
-        Compression::Zstd => BLOCK.with(|b| -> std::io::Result<u64> {
-            let mut block = b.borrow_mut();
-            block.resize(BLOCK_LEN, 0);
+        Compression::Zstd => with_compressor(|c| -> std::io::Result<u64> {
             let mut frames = frames
                 .iter()
                 .filter(|f| f.start < f.end && f.end <= plain_len)
@@ -511,11 +548,12 @@ pub fn encode_from(
                 }
                 let until = frames.peek().map_or(plain_len, |f| f.start);
                 let want = (until - pos).min(BLOCK_LEN as u64) as usize;
-                let n = read_full(reader, &mut block[..want])?;
+                let n = read_full(reader, c.block(want))?;
                 if n == 0 && pos > 0 {
                     break;
                 }
-                compress_frame(&block[..n], level, &mut out);
+                let Compressor { cctx, block } = c;
+                compress_frame(cctx, &block[..n], level, &mut out);
                 pos += n as u64;
                 if n < want || pos >= plain_len {
                     break;
@@ -550,9 +588,13 @@ pub struct Frame {
 }
 
 /// `plaintext` as one zstd frame that records its size.
+///
+/// The result holds no spare capacity: frames are kept while their
+/// segment fills, and the compressor's bound is several times the output.
 pub fn compress(plaintext: &[u8], level: i32) -> Vec<u8> {
     let mut out = Vec::new();
-    compress_frame(plaintext, level, &mut out);
+    with_compressor(|c| compress_frame(&mut c.cctx, plaintext, level, &mut out));
+    out.shrink_to_fit();
     out
 }
 
@@ -566,18 +608,19 @@ pub fn compress_range(
     level: i32,
 ) -> std::io::Result<Vec<Frame>> {
     use std::os::unix::fs::FileExt;
-    BLOCK.with(|b| {
-        let mut block = b.borrow_mut();
-        block.resize(BLOCK_LEN, 0);
+    with_compressor(|c| {
         let mut frames = Vec::new();
         let mut pos = start;
         while pos < end || frames.is_empty() {
             let n = (end - pos).min(BLOCK_LEN as u64) as usize;
-            file.read_exact_at(&mut block[..n], pos)?;
+            file.read_exact_at(c.block(n), pos)?;
+            let mut out = Vec::new();
+            compress_frame(&mut c.cctx, &c.block[..n], level, &mut out);
+            out.shrink_to_fit();
             frames.push(Frame {
                 start: pos,
                 end: pos + n as u64,
-                bytes: bytes::Bytes::from(compress(&block[..n], level)),
+                bytes: bytes::Bytes::from(out),
             });
             pos += n as u64;
         }
@@ -615,19 +658,21 @@ fn read_full(reader: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<
 }
 
 /// Appends `plaintext` to `out` as one zstd frame recording its size.
-fn compress_frame(plaintext: &[u8], level: i32, out: &mut Vec<u8>) {
+fn compress_frame(
+    cctx: &mut zstd_safe::CCtx<'static>,
+    plaintext: &[u8],
+    level: i32,
+    out: &mut Vec<u8>,
+) {
     out.reserve(zstd_safe::compress_bound(plaintext.len()));
-    CCTX.with(|c| {
-        let mut cctx = c.borrow_mut();
-        cctx.set_parameter(zstd_safe::CParameter::CompressionLevel(level))
-            .expect("valid zstd level");
-        let at = out.len();
-        let mut cursor = Cursor::new(&mut *out);
-        cursor.set_position(at as u64);
-        cctx.compress2(&mut cursor, plaintext)
-            .map_err(zstd_safe::get_error_name)
-            .expect("zstd compression into a compress_bound buffer cannot fail");
-    })
+    cctx.set_parameter(zstd_safe::CParameter::CompressionLevel(level))
+        .expect("valid zstd level");
+    let at = out.len();
+    let mut cursor = Cursor::new(&mut *out);
+    cursor.set_position(at as u64);
+    cctx.compress2(&mut cursor, plaintext)
+        .map_err(zstd_safe::get_error_name)
+        .expect("zstd compression into a compress_bound buffer cannot fail");
 }
 
 /// The largest zstd body a header of `version` may declare for

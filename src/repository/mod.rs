@@ -99,7 +99,16 @@ async fn on_cpu_lane<T: Send + 'static>(
     what: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, RepositoryError> {
-    let lane = match name.lane() {
+    on_lane(name.lane(), || format!("{what} {name}"), f).await
+}
+
+/// Runs CPU-heavy `f` on the blocking pool, within `lane`.
+async fn on_lane<T: Send + 'static>(
+    lane: Lane,
+    what: impl FnOnce() -> String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RepositoryError> {
+    let lane = match lane {
         Lane::Bulk => &BULK_LANE,
         Lane::Small => &SMALL_LANE,
     };
@@ -110,7 +119,7 @@ async fn on_cpu_lane<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| RepositoryError::Internal {
-            what: format!("{what} {name}"),
+            what: what(),
             message: e.to_string(),
         })
 }
@@ -122,6 +131,35 @@ enum Plain {
     File(std::path::PathBuf),
     /// Bytes `[start, end)` of an open file.
     Range(Arc<std::fs::File>, u64, u64),
+}
+
+/// The frames of `[start, end)` of `file`: `made` where they fit (in
+/// order, each starting where the one before ended), the rest compressed
+/// now.
+fn frames_of(
+    file: &std::fs::File,
+    start: u64,
+    end: u64,
+    level: i32,
+    mut made: Vec<envelope::Frame>,
+) -> std::io::Result<Vec<envelope::Frame>> {
+    made.sort_by_key(|f| f.start);
+    let mut frames = Vec::new();
+    let mut pos = start;
+    for f in made {
+        if f.start < pos || f.end > end || f.start >= f.end {
+            continue;
+        }
+        if f.start > pos {
+            frames.extend(envelope::compress_range(file, pos, f.start, level)?);
+        }
+        pos = f.end;
+        frames.push(f);
+    }
+    if pos < end || frames.is_empty() {
+        frames.extend(envelope::compress_range(file, pos, end, level)?);
+    }
+    Ok(frames)
 }
 
 /// Bytes `[start, end)` of a file as a reader of their own, from offset 0.
@@ -700,12 +738,16 @@ impl Repository {
     /// outcome the chunk's zstd frames (when the repository compresses),
     /// for the segment's own object to reuse ([`Repository::put_file_with`]):
     /// its bytes are compressed once.
+    ///
+    /// `made` are frames of the range compressed earlier
+    /// ([`Repository::compress_range`]): placed, not compressed again.
     pub async fn put_chunk_from(
         &self,
         segment: &SegmentFile,
         file: std::fs::File,
         start: u64,
         end: u64,
+        made: Vec<envelope::Frame>,
     ) -> Result<(PutOutcome, Vec<envelope::Frame>), RepositoryError> {
         let name = ObjectName::chunk(segment, start, end)?;
         let file = Arc::new(file);
@@ -719,7 +761,7 @@ impl Repository {
         let encoded = on_cpu_lane(&name, "encoding", move || -> std::io::Result<_> {
             Ok(match compression {
                 Compression::Zstd => {
-                    let frames = envelope::compress_range(&f, start, end, level)?;
+                    let frames = frames_of(&f, start, end, level, made)?;
                     let object =
                         envelope::encode_frames(&logical, end - start, &frames, key.as_deref());
                     (Bytes::from(object), frames)
@@ -754,6 +796,28 @@ impl Repository {
             .put_encoded(&name, object, Plain::Range(file, start, end))
             .await?;
         Ok((outcome, frames))
+    }
+
+    /// Bytes `[start, end)` of `file` as zstd frames of at most
+    /// [`envelope::BLOCK_LEN`] (see [`envelope::compress_range`]), on the
+    /// blocking pool within the CPU budget: made ahead of the chunks and
+    /// the object that will hold them.
+    pub async fn compress_range(
+        &self,
+        file: std::fs::File,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<envelope::Frame>, RepositoryError> {
+        let level = self.level;
+        let what = || format!("compressing [{start}, {end}) ahead");
+        on_lane(Lane::Small, what, move || {
+            envelope::compress_range(&file, start, end, level)
+        })
+        .await?
+        .map_err(|e| RepositoryError::Internal {
+            what: format!("compressing [{start}, {end}) ahead"),
+            message: e.to_string(),
+        })
     }
 
     /// A verified chunk; `None` when absent.
