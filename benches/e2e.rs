@@ -56,7 +56,10 @@
 //!    (default 10, about 1 GB here), once per ack mode (`local`, `remote`)
 //!    and store (`file://`, S3 on moto): CPU seconds per GB, peak RSS
 //!    (VmHWM from /proc) and the catch-up after the load stops, each beside
-//!    pg_receivewal's, then a table of the ratios.
+//!    pg_receivewal's, then a table of the ratios; beside them, the CPU
+//!    per GB of the envelope alone (zstd 1 and AES-GCM on pg_receivewal's
+//!    copy of the same WAL, in the bench process): the floor of walsafe's
+//!    cost above pg_receivewal's.
 //!    `WALSAFE_BENCH_INGEST_ONLY=remote,file` runs one of the four.
 //!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
@@ -656,6 +659,48 @@ struct Ingest {
     label: String,
     walsafe: (f64, f64, f64),
     receivewal: (f64, f64, f64),
+    /// CPU s/GB of the envelope alone (zstd 1 and AES-GCM, in this
+    /// process, one thread) on pg_receivewal's copy of the same WAL.
+    envelope: f64,
+}
+
+/// CPU seconds per GB that encoding `dir`'s complete segments (zstd level
+/// 1, a key) takes on this thread: the part of walsafe's cost that no
+/// pipeline change removes, measured on the run's own WAL.
+fn envelope_cost(dir: &Path) -> f64 {
+    use walsafe::repository::envelope;
+    let key = walsafe::repository::key::Key::generate();
+    let thread_cpu = || {
+        // SAFETY: rusage is plain data, filled for this thread.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        secs(ru.ru_utime) + secs(ru.ru_stime)
+    };
+    let (mut bytes, mut cpu) = (0u64, 0.0);
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().len() != 24 {
+            continue;
+        }
+        let data = std::fs::read(e.path()).unwrap();
+        let before = thread_cpu();
+        let mut reader = std::io::Cursor::new(&data[..]);
+        let name = e.file_name().to_string_lossy().into_owned();
+        let o = envelope::encode_from(
+            &name,
+            data.len() as u64,
+            &mut reader,
+            envelope::Compression::Zstd,
+            1,
+            Some(&key),
+            &[],
+        )
+        .unwrap();
+        cpu += thread_cpu() - before;
+        bytes += data.len() as u64;
+        std::hint::black_box(o);
+    }
+    cpu / (bytes as f64 / 1e9).max(1e-9)
 }
 
 fn ingest() {
@@ -703,6 +748,7 @@ fn ingest() {
             label: format!("ack {ack}, {store}"),
             walsafe: (w_cpu / gb, w_rss, w),
             receivewal: (r_cpu / gb, r_rss, r),
+            envelope: envelope_cost(&pair._dir.join("receivewal")),
         };
         println!(
             "{}: {:.2} GB; CPU s/GB walsafe {:.2}, pg_receivewal {:.2}; VmHWM {:.1} / {:.1} MiB; catch-up {:.2} / {:.2} s",
@@ -710,16 +756,18 @@ fn ingest() {
         );
         rows.push(row);
     }
-    println!("\n| ingest | CPU s/GB walsafe / pg_receivewal | VmHWM MiB walsafe / pg_receivewal | catch-up s walsafe / pg_receivewal (+ partial_interval) |");
-    println!("| --- | --- | --- | --- |");
+    println!("\n| ingest | CPU s/GB walsafe / pg_receivewal | envelope alone (zstd 1 + AES), s/GB | VmHWM MiB walsafe / pg_receivewal | catch-up s walsafe / pg_receivewal (+ partial_interval) |");
+    println!("| --- | --- | --- | --- | --- |");
     let interval = walsafe::config::DEFAULT_PARTIAL_INTERVAL.as_secs_f64();
     for r in &rows {
         println!(
-            "| {} | {:.2} / {:.2} = {:.2}x | {:.1} / {:.1} = {:.2}x | {:.2} / {:.2} (+{interval}) {} |",
+            "| {} | {:.2} / {:.2} = {:.2}x | {:.2} ({:.2}x pg_receivewal's) | {:.1} / {:.1} = {:.2}x | {:.2} / {:.2} (+{interval}) {} |",
             r.label,
             r.walsafe.0,
             r.receivewal.0,
             r.walsafe.0 / r.receivewal.0.max(1e-9),
+            r.envelope,
+            r.envelope / r.receivewal.0.max(1e-9),
             r.walsafe.1,
             r.receivewal.1,
             r.walsafe.1 / r.receivewal.1.max(1e-9),
