@@ -62,6 +62,14 @@
 //!    cost above pg_receivewal's.
 //!    `WALSAFE_BENCH_INGEST_ONLY=remote,file` runs one of the four.
 //!
+//! 9. **outage**: the ingest load of scenario 8 (ack `local`, a key, S3 on
+//!    moto behind a TCP front) for `WALSAFE_BENCH_OUTAGE_SECONDS` (default
+//!    40); from the 5th second S3 hangs (moto stopped with SIGSTOP) for a
+//!    third of that, then is down (the front refuses connections) for
+//!    another third, then comes back. Peak RSS (VmHWM) and CPU of walsafe
+//!    beside pg_receivewal's, the spool's peak, and how long the archive
+//!    took to catch up once S3 was back.
+//!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
@@ -651,6 +659,63 @@ fn main() {
     if want("ingest") {
         ingest();
     }
+    if want("outage") {
+        outage();
+    }
+}
+
+fn outage() {
+    let seconds = env_u64("WALSAFE_BENCH_OUTAGE_SECONDS", 40);
+    let third = Duration::from_secs(seconds / 3);
+    println!(
+        "\n== scenario 9: {seconds} s of 2 INSERT sessions; S3 hangs from the 5th second for {third:?}, then is down for {third:?}"
+    );
+    let s3 = S3Server::start();
+    let mut front = common::front::TcpFront::start(s3.port());
+    let (dir, pg, mut settings, _) = start_pair("bench-outage");
+    settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
+    settings.partial_interval = format!(
+        "{}ms",
+        walsafe::config::DEFAULT_PARTIAL_INTERVAL.as_millis()
+    );
+    settings.repo_url = s3.url("outage");
+    settings.repo_options = s3.repo_options_at(&front.endpoint()).into_iter().collect();
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let pair = Pair::start(dir, pg, &settings, &config, true);
+    let start = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+    let load = spawn_load(&pair.pg, 2, seconds);
+    let signal = |sig: i32| {
+        // SAFETY: a signal to our own child process.
+        unsafe { libc::kill(s3.pid() as i32, sig) };
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    signal(libc::SIGSTOP);
+    std::thread::sleep(third);
+    signal(libc::SIGCONT);
+    front.down();
+    std::thread::sleep(third);
+    front.up();
+    let back = Instant::now();
+    for h in load {
+        h.join().unwrap();
+    }
+    let end = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+    pair.agent.wait_archived(end, Duration::from_secs(600));
+    let caught_up = back.elapsed().as_secs_f64();
+    let gb = (end - start) as f64 / 1e9;
+    let (w_cpu, w_rss) = usage(pair.agent_pid());
+    let (r_cpu, r_rss) = usage(pair.recv.id());
+    println!(
+        "{gb:.2} GB; archive caught up {caught_up:.1} s after S3 came back ({:.0} s of it under load)",
+        seconds.saturating_sub(5 + 2 * third.as_secs())
+    );
+    println!(
+        "outage: CPU s/GB walsafe {:.2}, pg_receivewal {:.2} ({:.2}x); VmHWM walsafe {w_rss:.1} MiB, pg_receivewal {r_rss:.1} MiB ({:.2}x)",
+        w_cpu / gb,
+        r_cpu / gb,
+        (w_cpu / gb) / (r_cpu / gb).max(1e-9),
+        w_rss / r_rss.max(1e-9)
+    );
 }
 
 /// One ingest run's figures: (CPU s/GB, VmHWM MiB, catch-up s) for

@@ -166,9 +166,10 @@ pub struct Uploader {
     chunked: BTreeMap<SegmentName, u64>,
     /// Segments recently stored whole (their late chunks are orphans).
     whole: BTreeSet<SegmentName>,
-    /// Per segment not yet stored whole: the zstd frames of its stored
-    /// chunks, which its object reuses. At most a quarter of a segment's
-    /// size per segment (compressed bytes), so they cost little memory.
+    /// Per segment not yet stored whole: zstd frames of its bytes (made by
+    /// its chunks, or ahead), which its later chunks and its object reuse.
+    /// At most a quarter of a segment per segment and half a segment in
+    /// all (compressed bytes), dropped when its upload fails.
     frames: BTreeMap<SegmentName, Vec<Frame>>,
     /// The newest segment closed by the writer (end of a timeline, or before
     /// a gap): a durable position inside it or before it is old news.
@@ -530,8 +531,16 @@ impl Uploader {
             f.chunk_wanted = true;
             return;
         }
+        // One chunk upload at a time in all: a store that hangs would
+        // otherwise collect one hanging chunk (and its object in memory)
+        // per segment that fills meanwhile.
+        let chunk_elsewhere = self
+            .jobs
+            .keys()
+            .any(|j| matches!(j, Job::Chunk { seg, .. } if *seg != f.seg));
         if self.refused.contains(&f.seg)
             || f.chunk_in_flight
+            || chunk_elsewhere
             || f.flushed <= stored
             || Instant::now() < self.chunk_not_before
         {
@@ -728,6 +737,11 @@ impl Uploader {
                     );
                     self.jobs.insert(job, State::Waiting);
                 }
+                if let Job::Segment(s) | Job::ClosedPartial(s) = job {
+                    // Its retry compresses from the spool: storage that
+                    // fails may fail for long, and frames cost memory.
+                    self.frames.remove(&s);
+                }
                 if let Job::Chunk { seg, .. } = job {
                     // The next chunk (from the same offset, with whatever is
                     // new) waits, with capped exponential backoff.
@@ -770,6 +784,21 @@ impl Uploader {
             kept.push(f);
         }
         kept.sort_by_key(|f| f.start);
+        // Segments waiting for storage (an outage, a backlog) would keep
+        // theirs for as long as it lasts: the oldest give theirs up first,
+        // and are compressed again from the spool when their turn comes.
+        while self.frames_bytes() > self.segment_size / 2 && self.frames.len() > 1 {
+            self.frames.pop_first();
+        }
+    }
+
+    /// Compressed bytes kept in frames, all segments together.
+    fn frames_bytes(&self) -> u64 {
+        self.frames
+            .values()
+            .flatten()
+            .map(|f| f.bytes.len() as u64)
+            .sum()
     }
 
     /// Compresses the filling segment ahead, one block at a time, while
@@ -789,6 +818,9 @@ impl Uploader {
             .map_or(0, |k| k.end)
             .max(self.chunked.get(&f.seg).copied().unwrap_or(0));
         let bytes: usize = kept.into_iter().flatten().map(|k| k.bytes.len()).sum();
+        if self.frames_bytes() >= self.segment_size / 2 {
+            return;
+        }
         // A quarter of a small segment: with 1 MiB segments, blocks of a
         // whole segment would never be ahead of its end.
         let block = (BLOCK_LEN as u64).min(self.segment_size / 4);
@@ -1651,6 +1683,114 @@ mod tests {
             stored == expected,
             "the segment's object decodes to its WAL"
         );
+        shut_down(cancel, writer, task).await;
+    }
+
+    /// An uploader that is not running, to drive its state by hand.
+    fn idle_uploader() -> (tempfile::TempDir, Uploader) {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
+        let spool = Arc::new(spool);
+        let store = Store::open(
+            &format!("file://{}", d.path().join("repo").display()),
+            &Default::default(),
+            1,
+        )
+        .unwrap();
+        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
+        let retention = Arc::new(Retention::new(spool.clone(), 1));
+        let (u, _) = Uploader::new(
+            repo,
+            me(),
+            spool,
+            retention,
+            Positions::default(),
+            &recovered,
+            &ArchiveConfig {
+                partial_interval: Duration::from_secs(3600),
+                ack: crate::config::AckMode::Local,
+                upload_concurrency: 2,
+                stall_alarm: Duration::from_secs(60),
+            },
+        );
+        (d, u)
+    }
+
+    #[test]
+    fn frames_kept_for_segments_waiting_on_storage_stay_bounded() {
+        let (_d, mut u) = idle_uploader();
+        // Incompressible frames of a quarter segment's plaintext each, as
+        // if compressed ahead; the segments wait for a store that hangs.
+        let frame = |start: u64| Frame {
+            start,
+            end: start + SEG / 4,
+            bytes: Bytes::from(
+                (0..SEG / 8)
+                    .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                    .collect::<Vec<u8>>(),
+            ),
+        };
+        for segno in 10..60 {
+            let seg = SegmentName {
+                timeline: TimelineId(1),
+                segno,
+            };
+            u.jobs.insert(Job::Segment(seg), State::InFlight);
+            u.keep_frames(seg, vec![frame(0), frame(SEG / 4)]);
+            assert!(
+                u.frames_bytes() <= SEG / 2,
+                "{} bytes of frames kept for {} segments",
+                u.frames_bytes(),
+                u.frames.len()
+            );
+            assert!(
+                u.frames.contains_key(&seg),
+                "the newest segment keeps its frames"
+            );
+        }
+        // A failed upload gives its segment's frames up.
+        let seg = *u.frames.keys().last().unwrap();
+        u.on_done(Job::Segment(seg), Err(anyhow::anyhow!("store down")));
+        assert!(!u.frames.contains_key(&seg));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_store_collects_one_chunk_upload_not_one_per_segment() {
+        let faults = Faults::new();
+        faults.set(Some(Op::Put), Fault::Hang);
+        let Rig {
+            _dir,
+            archived,
+            cancel,
+            task,
+            writer,
+            ..
+        } = rig_with(
+            Some(faults.clone()),
+            crate::config::AckMode::Remote,
+            Duration::from_secs(3600),
+            Duration::from_secs(600),
+        );
+        // Three and a half segments while every put hangs: each segment
+        // that fills would start a chunk of its own.
+        let t = TimelineId(1);
+        let start = Lsn(4 * SEG);
+        let mut at = start;
+        while at < start.plus(3 * SEG + SEG / 2) {
+            writer.write(t, at, wal(t, at, 64 << 10)).await.unwrap();
+            at = at.plus(64 << 10);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let durable = writer.durable();
+        assert!(until(10, || durable.borrow().flushed == at).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            faults.attempts(Op::Put) <= 3,
+            "{} uploads hang at once: more than two segments and one chunk",
+            faults.attempts(Op::Put)
+        );
+        faults.clear();
+        assert!(until(20, || *archived.borrow() == at).await);
         shut_down(cancel, writer, task).await;
     }
 

@@ -126,6 +126,7 @@ async fn on_lane<T: Send + 'static>(
 
 /// Where the plaintext of an upload is, for comparing with an object
 /// already stored under its name.
+#[derive(Clone)]
 enum Plain {
     Memory(Bytes),
     File(std::path::PathBuf),
@@ -160,6 +161,48 @@ fn frames_of(
         frames.extend(envelope::compress_range(file, pos, end, level)?);
     }
     Ok(frames)
+}
+
+impl Plain {
+    /// The whole plaintext.
+    fn read(&self) -> std::io::Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        Ok(match self {
+            Plain::Memory(b) => b.clone(),
+            Plain::File(p) => Bytes::from(std::fs::read(p)?),
+            Plain::Range(f, start, end) => {
+                let mut buf = vec![0u8; (end - start) as usize];
+                f.read_exact_at(&mut buf, *start)?;
+                Bytes::from(buf)
+            }
+        })
+    }
+
+    /// Whether the plaintext is `stored`, read a block at a time.
+    fn matches(&self, stored: &[u8]) -> std::io::Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let (file, start, len) = match self {
+            Plain::Memory(b) => return Ok(b[..] == stored[..]),
+            Plain::File(p) => {
+                let f = std::fs::File::open(p)?;
+                let len = f.metadata()?.len();
+                (Arc::new(f), 0, len)
+            }
+            Plain::Range(f, start, end) => (f.clone(), *start, end - start),
+        };
+        if len != stored.len() as u64 {
+            return Ok(false);
+        }
+        let mut block = vec![0u8; envelope::BLOCK_LEN.min(stored.len())];
+        for (i, want) in stored.chunks(envelope::BLOCK_LEN).enumerate() {
+            let got = &mut block[..want.len()];
+            file.read_exact_at(got, start + (i * envelope::BLOCK_LEN) as u64)?;
+            if got != want {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Bytes `[start, end)` of a file as a reader of their own, from offset 0.
@@ -588,48 +631,36 @@ impl Repository {
             let Some(existing) = self.store.get(&key).await? else {
                 continue;
             };
-            let ours = match &plain {
-                Plain::Memory(b) => b.clone(),
-                Plain::Range(f, start, end) => {
-                    let (f, start, end) = (f.clone(), *start, *end);
-                    let reread = |e: String| RepositoryError::Internal {
-                        what: format!("re-reading {name}"),
-                        message: e,
-                    };
-                    Bytes::from(
-                        tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-                            use std::os::unix::fs::FileExt;
-                            let mut buf = vec![0u8; (end - start) as usize];
-                            f.read_exact_at(&mut buf, start)?;
-                            Ok(buf)
-                        })
-                        .await
-                        .map_err(|e| reread(e.to_string()))?
-                        .map_err(|e| reread(e.to_string()))?,
-                    )
-                }
-                Plain::File(p) => {
-                    let p = p.clone();
-                    let reread = |e: String| RepositoryError::Internal {
-                        what: format!("re-reading {name}"),
-                        message: e,
-                    };
-                    Bytes::from(
-                        tokio::task::spawn_blocking(move || std::fs::read(p))
-                            .await
-                            .map_err(|e| reread(e.to_string()))?
-                            .map_err(|e| reread(e.to_string()))?,
-                    )
-                }
+            let reread = |e: String| RepositoryError::Internal {
+                what: format!("re-reading {name}"),
+                message: e,
             };
             return match self.decode(name, existing).await? {
-                Ok(stored) if stored[..] == ours[..] => Ok(PutOutcome::AlreadyStored),
-                Ok(stored) => Err(RepositoryError::Conflict {
-                    url: self.url_s(),
-                    name: name.logical(),
-                    key,
-                    detail: describe_difference(&stored, &ours),
-                }),
+                Ok(stored) => {
+                    // Compared block by block: the file is not read whole
+                    // beside the decoded object (a store that comes back
+                    // after an outage answers many puts this way at once).
+                    let stored = Arc::new(stored);
+                    let (p, st) = (plain.clone(), stored.clone());
+                    let same = tokio::task::spawn_blocking(move || p.matches(&st))
+                        .await
+                        .map_err(|e| reread(e.to_string()))?
+                        .map_err(|e| reread(e.to_string()))?;
+                    if same {
+                        return Ok(PutOutcome::AlreadyStored);
+                    }
+                    let p = plain.clone();
+                    let ours = tokio::task::spawn_blocking(move || p.read())
+                        .await
+                        .map_err(|e| reread(e.to_string()))?
+                        .map_err(|e| reread(e.to_string()))?;
+                    Err(RepositoryError::Conflict {
+                        url: self.url_s(),
+                        name: name.logical(),
+                        key,
+                        detail: describe_difference(&stored, &ours),
+                    })
+                }
                 Err(source) => Err(RepositoryError::ExistingUnreadable {
                     url: self.url_s(),
                     key,

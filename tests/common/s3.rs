@@ -147,6 +147,11 @@ impl S3Server {
         server
     }
 
+    /// The server's process id (to stop it with SIGSTOP: a hang).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// The server's port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
