@@ -1565,12 +1565,7 @@ mod tests {
             task,
             writer,
             ..
-        } = rig_with(
-            None,
-            crate::config::AckMode::Remote,
-            Duration::from_secs(3600),
-            Duration::from_secs(10),
-        );
+        } = untimed_rig(None, crate::config::AckMode::Remote);
         let t = TimelineId(1);
         let start = Lsn(3 * SEG);
         let seg = SegmentName {
@@ -1644,12 +1639,7 @@ mod tests {
             task,
             writer,
             ..
-        } = rig_with(
-            None,
-            crate::config::AckMode::Local,
-            Duration::from_secs(3600),
-            Duration::from_secs(10),
-        );
+        } = untimed_rig(None, crate::config::AckMode::Local);
         let ahead = || COMPRESSED_AHEAD.load(std::sync::atomic::Ordering::Relaxed);
         let before = ahead();
         let t = TimelineId(1);
@@ -1684,6 +1674,17 @@ mod tests {
             "the segment's object decodes to its WAL"
         );
         shut_down(cancel, writer, task).await;
+    }
+
+    /// [`rig_with`] whose tick fires once, at start (before any WAL), and
+    /// whose requests never time out within a test.
+    fn untimed_rig(faults: Option<Arc<Faults>>, ack: crate::config::AckMode) -> Rig {
+        rig_with(
+            faults,
+            ack,
+            Duration::from_secs(3600),
+            Duration::from_secs(600),
+        )
     }
 
     /// An uploader that is not running, to drive its state by hand.
@@ -1765,12 +1766,7 @@ mod tests {
             task,
             writer,
             ..
-        } = rig_with(
-            Some(faults.clone()),
-            crate::config::AckMode::Remote,
-            Duration::from_secs(3600),
-            Duration::from_secs(600),
-        );
+        } = untimed_rig(Some(faults.clone()), crate::config::AckMode::Remote);
         // Three and a half segments while every put hangs: each segment
         // that fills would start a chunk of its own.
         let t = TimelineId(1);

@@ -951,6 +951,20 @@ mod tests {
             .collect()
     }
 
+    /// `p` encoded from a reader with zstd level 1, `frames` placed.
+    fn zstd_of(p: &[u8], key: Option<&Key>, frames: &[Frame]) -> std::io::Result<Vec<u8>> {
+        let mut reader = Cursor::new(p);
+        encode_from(
+            NAME,
+            p.len() as u64,
+            &mut reader,
+            Compression::Zstd,
+            1,
+            key,
+            frames,
+        )
+    }
+
     fn all_modes() -> Vec<(Compression, Option<Key>)> {
         vec![
             (Compression::None, None),
@@ -1239,30 +1253,12 @@ mod tests {
         let p = sample(3 * BLOCK_LEN + 12_345);
         let key = Key::generate();
         for k in [None, Some(&key)] {
-            let obj = encode_from(
-                NAME,
-                p.len() as u64,
-                &mut Cursor::new(&p[..]),
-                Compression::Zstd,
-                1,
-                k,
-                &[],
-            )
-            .unwrap();
+            let obj = zstd_of(&p, k, &[]).unwrap();
             assert_eq!(read_header(&obj).unwrap().version, VERSION);
             assert_eq!(decode(NAME, &obj, k).unwrap(), p);
         }
         // Four frames, each recording its block's size.
-        let obj = encode_from(
-            NAME,
-            p.len() as u64,
-            &mut Cursor::new(&p[..]),
-            Compression::Zstd,
-            1,
-            None,
-            &[],
-        )
-        .unwrap();
+        let obj = zstd_of(&p, None, &[]).unwrap();
         let (h, hlen) = Header::parse(&obj).unwrap();
         let mut body = &obj[hlen..hlen + h.body_len as usize];
         let mut sizes = vec![];
@@ -1320,29 +1316,11 @@ mod tests {
         ];
         for frames in layouts {
             for k in [None, Some(&key)] {
-                let obj = encode_from(
-                    NAME,
-                    p.len() as u64,
-                    &mut Cursor::new(&p[..]),
-                    Compression::Zstd,
-                    1,
-                    k,
-                    &frames,
-                )
-                .unwrap();
+                let obj = zstd_of(&p, k, &frames).unwrap();
                 assert_eq!(decode(NAME, &obj, k).unwrap(), p, "{frames:?}");
             }
             // Unencrypted, the body holds each placed frame verbatim.
-            let obj = encode_from(
-                NAME,
-                p.len() as u64,
-                &mut Cursor::new(&p[..]),
-                Compression::Zstd,
-                1,
-                None,
-                &frames,
-            )
-            .unwrap();
+            let obj = zstd_of(&p, None, &frames).unwrap();
             let placed = frames
                 .iter()
                 .filter(|f| f.end <= p.len() as u64 && !f.bytes.is_empty() && f.start != 1_000_000);
