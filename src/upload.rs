@@ -963,12 +963,7 @@ async fn upload_one(
         tokio::task::spawn_blocking(move || check_spooled(&spool, identity, seg)).await??;
     }
     if let Job::Frames { seg, start, end } = job {
-        let file = {
-            let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.open_range(seg, start, end))
-                .await??
-                .0
-        };
+        let file = open_range(spool, seg, start, end).await?;
         let frames = repo.compress_range(file, start, end).await?;
         return Ok((PutOutcome::AlreadyStored, frames));
     }
@@ -1011,12 +1006,7 @@ async fn upload_one(
             (Kind::History, o)
         }
         Job::Chunk { seg, start, end } => {
-            let file = {
-                let spool = spool.clone();
-                tokio::task::spawn_blocking(move || spool.open_range(seg, start, end))
-                    .await??
-                    .0
-            };
+            let file = open_range(spool, seg, start, end).await?;
             let (o, f) = repo
                 .put_chunk_from(
                     &SegmentFile::of(seg, segment_size),
@@ -1033,6 +1023,21 @@ async fn upload_one(
     };
     crate::metrics::upload_duration(kind, started.elapsed());
     Ok((outcome, made))
+}
+
+/// [`Spool::open_range`] on the blocking pool.
+async fn open_range(
+    spool: &Arc<Spool>,
+    seg: SegmentName,
+    start: u64,
+    end: u64,
+) -> anyhow::Result<std::fs::File> {
+    let spool = spool.clone();
+    Ok(
+        tokio::task::spawn_blocking(move || spool.open_range(seg, start, end))
+            .await??
+            .0,
+    )
 }
 
 /// Completes at `at`; never when `at` is `None`.

@@ -439,6 +439,35 @@ async fn damaged_objects_give_corrupt_errors_on_both_backends() {
     }
 }
 
+/// A chunk read from the spool's file (both compressions): it reads back
+/// as the range, and a second put of the same range is already stored.
+#[tokio::test]
+async fn chunks_from_a_file_in_either_compression() {
+    use std::io::Write;
+    let all = wal(3 << 20, 21);
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&all).unwrap();
+    for compression in [Compression::Zstd, Compression::None] {
+        let b = Backend::file();
+        let mut config = b.config(None, 3);
+        config.compression = compression;
+        let r = Repository::open(&config).unwrap();
+        let (start, end) = (0x2000u64, (2 << 20) + 0x3000);
+        let seg = sf(SEG);
+        let chunk = |made| r.put_chunk_from(&seg, file.try_clone().unwrap(), start, end, made);
+        let (out, frames) = chunk(Vec::new()).await.unwrap();
+        assert_eq!(out, PutOutcome::Stored);
+        assert_eq!(frames.is_empty(), compression == Compression::None);
+        let got = r.get_chunk(&sf(SEG), start, end).await.unwrap().unwrap();
+        assert!(
+            got[..] == all[start as usize..end as usize],
+            "{compression:?}"
+        );
+        let (again, _) = chunk(frames).await.unwrap();
+        assert_eq!(again, PutOutcome::AlreadyStored, "{compression:?}");
+    }
+}
+
 #[tokio::test]
 async fn unencrypted_repository_detects_damage() {
     for b in Backend::both() {

@@ -205,36 +205,6 @@ impl Plain {
     }
 }
 
-/// Bytes `[start, end)` of a file as a reader of their own, from offset 0.
-struct Window<'a> {
-    file: &'a std::fs::File,
-    start: u64,
-    end: u64,
-    pos: u64,
-}
-
-impl std::io::Read for Window<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let n = (self.end - self.pos).min(buf.len() as u64) as usize;
-        let n = self.file.read_at(&mut buf[..n], self.pos)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl std::io::Seek for Window<'_> {
-    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
-        match to {
-            std::io::SeekFrom::Start(n) => {
-                self.pos = (self.start + n).min(self.end);
-                Ok(self.pos - self.start)
-            }
-            _ => Err(std::io::Error::other("only SeekFrom::Start is supported")),
-        }
-    }
-}
-
 /// Outcome of storing WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -798,21 +768,10 @@ impl Repository {
                     (Bytes::from(object), frames)
                 }
                 Compression::None => {
-                    let mut window = Window {
-                        file: &f,
-                        start,
-                        end,
-                        pos: start,
-                    };
-                    let object = envelope::encode_from(
-                        &logical,
-                        end - start,
-                        &mut window,
-                        compression,
-                        level,
-                        key.as_deref(),
-                        &[],
-                    )?;
+                    // The object holds the plaintext whole anyway.
+                    let plain = Plain::Range(f, start, end).read()?;
+                    let object =
+                        envelope::encode(&logical, &plain, compression, level, key.as_deref());
                     (Bytes::from(object), Vec::new())
                 }
             })
