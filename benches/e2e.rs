@@ -965,6 +965,7 @@ fn replay() {
     let config = settings.write(&dir.join("walsafe.toml"));
     let recv_dir = dir.join("receivewal");
     let base = dir.join("base");
+    let scratch = dir.path().to_path_buf();
     let prefetch = settings.prefetch_dir.clone();
     let bin = common::walsafe::bin_copy(dir.path());
     // The same WAL into S3 (moto) by a second agent with its own slot.
@@ -1007,8 +1008,47 @@ fn replay() {
             assert_eq!(status, 200, "PUT {n}");
         }
     }
+    // The peer, when built (`WALSAFE_BENCH_WALRUS=<path to walrus>`):
+    // wal-rus's `wal-push` of pg_receivewal's segments into a `file://`
+    // store (zstd level 1, as walsafe's), fetched by its `wal-fetch`,
+    // which prefetches like walsafe's.
+    let walrus = std::env::var_os("WALSAFE_BENCH_WALRUS").map(|path| {
+        let exe = scratch.join("walrus");
+        std::fs::copy(&path, &exe).expect("copy the walrus binary");
+        common::pg::chown_postgres(&exe);
+        let store = scratch.join("walrus-store");
+        std::fs::create_dir_all(&store).unwrap();
+        let env = format!(
+            "WALG_FILE_PREFIX={} WALG_COMPRESSION_METHOD=zstd WALG_COMPRESSION_LEVEL=1",
+            store.display()
+        );
+        let mut names: Vec<_> = std::fs::read_dir(&recv_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.len() == 24))
+            .collect();
+        names.sort();
+        for path in names {
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "{env} {} wal-push {}",
+                    exe.display(),
+                    path.display()
+                ))
+                .status()
+                .unwrap();
+            assert!(status.success(), "walrus wal-push {}", path.display());
+        }
+        common::pg::chown_postgres(&store);
+        format!("{env} {} wal-fetch %f %p", exe.display())
+    });
+    if walrus.is_none() {
+        println!("(wal-rus not measured: set WALSAFE_BENCH_WALRUS to its binary)");
+    }
     let mut times: Vec<(&str, f64)> = Vec::new();
-    let variants: Vec<(&str, String)> = vec![
+    let mut variants: Vec<(&str, String)> = vec![
         (
             "walsafe wal-fetch",
             format!(
@@ -1036,6 +1076,9 @@ fn replay() {
             ),
         ),
     ];
+    if let Some(command) = walrus {
+        variants.push(("wal-rus wal-fetch", command));
+    }
     for round in 0..2 * variants.len() {
         let (label, command) = variants[round % variants.len()].clone();
         let _ = std::fs::remove_dir_all(&prefetch);
@@ -1074,6 +1117,13 @@ fn replay() {
         best("cp") / best("walsafe wal-fetch"),
         best("curl GET S3") / best("walsafe wal-fetch S3"),
     );
+    if times.iter().any(|(l, _)| *l == "wal-rus wal-fetch") {
+        println!(
+            "replay speed (best of two each): walsafe / wal-rus wal-fetch from file:// {:.2}x; wal-rus / cp {:.2}x",
+            best("wal-rus wal-fetch") / best("walsafe wal-fetch"),
+            best("cp") / best("wal-rus wal-fetch"),
+        );
+    }
     drop(s3_agent);
 }
 

@@ -101,9 +101,9 @@ use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::gap::Gap;
-use crate::pg::page::{validate_segment, PageError};
+use crate::pg::page::{validate_segment, PageError, SegmentCheck};
 use crate::pg::walfile::{classify, NameKind};
-use crate::pg::SegmentName;
+use crate::pg::{ClusterIdentity, SegmentName};
 use crate::report::{EXIT_FATAL, EXIT_NOT_FOUND};
 use crate::repository::chunks::{self, Uncovered};
 use crate::repository::descriptor::Descriptor;
@@ -117,6 +117,8 @@ const PREFETCH_LOCK: &str = ".prefetch.lock";
 /// What the prefetch cache holds (part of its directory's id: a cache of
 /// another format is never read).
 const PREFETCH_FORMAT: &str = "plaintext-blake3-1";
+/// Bytes of a cached segment read at a time while it is checked.
+const CHECK_BLOCK: usize = 1 << 20;
 /// Segments the prefetcher downloads and decodes at once.
 const PREFETCH_CONCURRENCY: usize = 2;
 /// Looks at a segment's places before a picture that keeps changing is an
@@ -560,7 +562,6 @@ async fn take_prefetched(
     };
     let cache = prefetch_cache(cfg, repo, d);
     let ident = d.identity();
-    let segment_size = d.segment_size;
     let (name, dest, fsync) = (name.to_string(), dest.to_path_buf(), cfg.fsync);
     tokio::task::spawn_blocking(move || {
         let prefix = format!("{name}.");
@@ -572,31 +573,70 @@ async fn take_prefetched(
         }) else {
             return false;
         };
-        let Ok(data) = std::fs::read(&path) else {
+        let Ok(file) = std::fs::File::open(&path) else {
             return false;
         };
-        let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned());
-        let intact = data.len() as u64 == segment_size
-            && file_name.as_deref() == Some(prefetch_file_name(&name, &data).as_str());
-        if let Err(why) = if intact {
-            validate_segment(&ident, seg, &data).map_err(|e| e.to_string())
-        } else {
-            Err("its bytes do not match its hash".to_string())
-        } {
+        if let Err(why) = check_cached(file, &path, &ident, seg, &name) {
             warn!("discarding prefetched {name}: {why}; fetching it from the repository");
             let _ = std::fs::remove_file(&path);
             return false;
         }
-        // Verified: moved into place, or copied across file systems.
+        // Verified: moved into place, or, when the cache is on another
+        // file system, copied (and hashed again as it is read).
         if std::fs::rename(&path, &dest).is_ok() {
             return true;
         }
-        let ok = fsync.write_atomically(&dest, &data, 0o600).is_ok();
+        let ok = std::fs::read(&path).is_ok_and(|data| {
+            path.file_name().map(|f| f.to_string_lossy().into_owned())
+                == Some(prefetch_file_name(&name, &data))
+                && fsync.write_atomically(&dest, &data, 0o600).is_ok()
+        });
         let _ = std::fs::remove_file(&path);
         ok
     })
     .await
     .unwrap_or(false)
+}
+
+/// Reads a cached segment once, in blocks, and checks it as a whole: its
+/// size, the hash in its file name, and its page headers.
+fn check_cached(
+    mut file: std::fs::File,
+    path: &Path,
+    ident: &ClusterIdentity,
+    seg: SegmentName,
+    name: &str,
+) -> Result<(), String> {
+    use std::io::Read;
+    let size = ident.segment_size;
+    if file.metadata().map_err(|e| e.to_string())?.len() != size {
+        return Err("its size is not the segment size".into());
+    }
+    let mut hash = blake3::Hasher::new();
+    hash.update(name.as_bytes());
+    hash.update(&[0]);
+    let mut pages = SegmentCheck::new(ident, seg).map_err(|e| e.to_string())?;
+    let mut first_page_error = None;
+    let mut block = vec![0; CHECK_BLOCK.min(size as usize)];
+    let mut left = size as usize;
+    while left > 0 {
+        let n = block.len().min(left);
+        file.read_exact(&mut block[..n])
+            .map_err(|e| e.to_string())?;
+        hash.update(&block[..n]);
+        if first_page_error.is_none() {
+            first_page_error = pages.feed(&block[..n]).err();
+        }
+        left -= n;
+    }
+    let expected = format!("{name}.{}", hash.finalize().to_hex());
+    if path.file_name().map(|f| f.to_string_lossy()) != Some(expected.as_str().into()) {
+        return Err("its bytes do not match its hash".into());
+    }
+    match first_page_error {
+        Some(e) => Err(e.to_string()),
+        None => pages.finish().map_err(|e| e.to_string()),
+    }
 }
 
 /// What a segment's chunks gave.
@@ -695,6 +735,9 @@ pub async fn assemble_chunks(
 
 fn spawn_prefetcher(cfg: &Config, name: &str) {
     use std::os::unix::process::CommandExt;
+    if prefetcher_running(&cfg.fetch.dir) {
+        return;
+    }
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
@@ -711,6 +754,17 @@ fn spawn_prefetcher(cfg: &Config, name: &str) {
     if let Err(e) = r {
         debug!("could not start the prefetcher: {e}");
     }
+}
+
+/// Whether a prefetcher holds the prefetch directory's lock: then this
+/// call starts none (it would find the lock taken and exit, having paid a
+/// process start on the core recovery shares); the next call after it
+/// finishes starts the next.
+fn prefetcher_running(dir: &Path) -> bool {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(PREFETCH_LOCK))
+        .is_ok_and(|f| matches!(fs4::fs_std::FileExt::try_lock_exclusive(&f), Ok(false)))
 }
 
 /// `walsafe wal-prefetch NAME`: downloads the raw objects of the segments

@@ -201,6 +201,21 @@ fn unencrypted_objects_are_checksummed_and_prefetch_is_verified() {
         "the segment served is not the server's {victim}: the bad prefetched copy was served"
     );
     assert!(!cached.exists(), "the bad prefetched copy is gone");
+    // A copy whose hash matches but whose pages are not where they say
+    // they are (two pages swapped before it was hashed) is discarded too.
+    let mut swapped = server_copy.clone();
+    let (first, second) = swapped.split_at_mut(3 * 8192);
+    first[2 * 8192..].swap_with_slice(&mut second[..8192]);
+    let misplaced = cache.join(walsafe::fetch::prefetch_file_name(victim, &swapped));
+    std::fs::write(&misplaced, &swapped).unwrap();
+    common::pg::chown_postgres(&a.settings.prefetch_dir);
+    let (code, err) = fetch_code(&a.config, victim, &work);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        std::fs::read(work.join("out")).unwrap() == server_copy,
+        "a prefetched copy with misplaced pages was served"
+    );
+    assert!(!misplaced.exists(), "the misplaced copy is gone");
     // An intact prefetched copy is served as it is (moved into place).
     std::fs::write(&cached, &server_copy).unwrap();
     common::pg::chown_postgres(&a.settings.prefetch_dir);

@@ -284,7 +284,19 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return crate::fetch::failed(mode, Failure::CouldNotLook, &e.to_string()),
             };
-            runtime(|| crate::fetch::wal_fetch_command(cfg, mode, name.clone(), dest.clone()))
+            // One thread: recovery waits on this process, and a
+            // prefetched segment is one blocking check and a rename.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .max_blocking_threads(8)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(crate::fetch::wal_fetch_command(
+                cfg,
+                mode,
+                name.clone(),
+                dest.clone(),
+            ))
         }
         Command::Keygen { ref file } => {
             let key = crate::repository::key::Key::generate();

@@ -729,33 +729,85 @@ pub fn validate_segment(
     bytes: &[u8],
 ) -> Result<(), PageError> {
     check_geometry(identity)?;
-    let seg_size = identity.segment_size;
-    if bytes.len() as u64 != seg_size {
+    if bytes.len() as u64 != identity.segment_size {
         return Err(PageError::WrongFileSize {
-            segment: segment.file_name(seg_size),
+            segment: segment.file_name(identity.segment_size),
             size: bytes.len() as u64,
-            expected: seg_size,
+            expected: identity.segment_size,
         });
     }
-    let base = segment.start_lsn(seg_size);
-    let mut checker = Checker::new(*identity);
-    let mut end_of_wal: Option<Lsn> = None;
-    for (i, page) in bytes.chunks(identity.block_size as usize).enumerate() {
-        let lsn = base.plus(i as u64 * identity.block_size);
-        let all_zero = page.iter().all(|&b| b == 0);
-        match (end_of_wal, all_zero) {
-            (None, true) if i > 0 => end_of_wal = Some(lsn),
-            (None, _) => checker.check(lsn, segment.timeline, page)?,
-            (Some(_), true) => {}
-            (Some(end), false) => {
-                return Err(PageError::DataAfterEnd {
-                    at: PageAt::new(lsn, segment.timeline, seg_size),
-                    end,
-                })
+    let mut check = SegmentCheck::new(identity, segment)?;
+    check.feed(bytes)?;
+    check.finish()
+}
+
+/// [`validate_segment`] over a segment read in pieces of whole pages, so
+/// that a file is checked without holding all of it.
+pub struct SegmentCheck {
+    checker: Checker,
+    segment: SegmentName,
+    /// Bytes fed so far.
+    seen: u64,
+    /// Where the trailing zero pages began, once they did.
+    end_of_wal: Option<Lsn>,
+}
+
+impl SegmentCheck {
+    pub fn new(identity: &ClusterIdentity, segment: SegmentName) -> Result<Self, PageError> {
+        check_geometry(identity)?;
+        Ok(SegmentCheck {
+            checker: Checker::new(*identity),
+            segment,
+            seen: 0,
+            end_of_wal: None,
+        })
+    }
+
+    /// Checks the next piece, a whole number of pages.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), PageError> {
+        let identity = self.checker.identity;
+        let (block, seg_size) = (identity.block_size, identity.segment_size);
+        let len = bytes.len() as u64;
+        if len % block != 0 || self.seen + len > seg_size {
+            return Err(PageError::WrongFileSize {
+                segment: self.segment.file_name(seg_size),
+                size: self.seen + len,
+                expected: seg_size,
+            });
+        }
+        let base = self.segment.start_lsn(seg_size).plus(self.seen);
+        let first = self.seen / block;
+        for (i, page) in bytes.chunks(block as usize).enumerate() {
+            let lsn = base.plus(i as u64 * block);
+            let all_zero = page.iter().all(|&b| b == 0);
+            match (self.end_of_wal, all_zero) {
+                (None, true) if first + i as u64 > 0 => self.end_of_wal = Some(lsn),
+                (None, _) => self.checker.check(lsn, self.segment.timeline, page)?,
+                (Some(_), true) => {}
+                (Some(end), false) => {
+                    return Err(PageError::DataAfterEnd {
+                        at: PageAt::new(lsn, self.segment.timeline, seg_size),
+                        end,
+                    })
+                }
             }
         }
+        self.seen += len;
+        Ok(())
     }
-    Ok(())
+
+    /// The segment is whole.
+    pub fn finish(self) -> Result<(), PageError> {
+        let seg_size = self.checker.identity.segment_size;
+        if self.seen != seg_size {
+            return Err(PageError::WrongFileSize {
+                segment: self.segment.file_name(seg_size),
+                size: self.seen,
+                expected: seg_size,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Synthetic WAL for tests and benchmarks: `len` bytes from `start` (a
@@ -1070,6 +1122,58 @@ mod tests {
         assert!(matches!(
             validate_segment(&identity(), other, &d),
             Err(PageError::WrongPageAddress { .. })
+        ));
+    }
+
+    /// Fed in pieces of whole pages, a segment gets the verdict it gets
+    /// whole, whatever the cut: a zero tail that starts in a later piece,
+    /// data after it, a misplaced page, a short or an overlong file.
+    #[test]
+    fn a_segment_checked_in_pieces_as_whole() {
+        let seg = SegmentName {
+            timeline: TimelineId(1),
+            segno: 5,
+        };
+        let mut good = wal(seg.start_lsn(SEG), 10, 1);
+        good.resize(SEG as usize, 0);
+        let mut hole = good.clone();
+        hole[(20 * BS) as usize + 100] = 1;
+        let mut misplaced = good.clone();
+        misplaced[(3 * BS) as usize..(4 * BS) as usize].copy_from_slice(&wal(
+            seg.start_lsn(SEG).plus(9 * BS),
+            1,
+            1,
+        ));
+        let cases: [(&str, &[u8]); 4] = [
+            ("good", &good),
+            ("hole", &hole),
+            ("misplaced", &misplaced),
+            ("short", &good[..good.len() - BS as usize]),
+        ];
+        for (what, bytes) in cases {
+            let whole = validate_segment(&identity(), seg, bytes).map_err(|e| e.to_string());
+            for piece in [BS as usize, 3 * BS as usize, 8 * BS as usize] {
+                let mut check = SegmentCheck::new(&identity(), seg).unwrap();
+                let pieces = bytes
+                    .chunks(piece)
+                    .try_for_each(|p| check.feed(p))
+                    .and_then(|()| check.finish())
+                    .map_err(|e| e.to_string());
+                assert_eq!(pieces, whole, "{what}, pieces of {piece}");
+            }
+        }
+        assert!(validate_segment(&identity(), seg, &misplaced).is_err());
+        // More than a segment, or a piece that is not whole pages.
+        let mut check = SegmentCheck::new(&identity(), seg).unwrap();
+        check.feed(&good).unwrap();
+        assert!(matches!(
+            check.feed(&good[..BS as usize]),
+            Err(PageError::WrongFileSize { .. })
+        ));
+        let mut check = SegmentCheck::new(&identity(), seg).unwrap();
+        assert!(matches!(
+            check.feed(&good[..100]),
+            Err(PageError::WrongFileSize { .. })
         ));
     }
 
