@@ -44,10 +44,14 @@
 //!    `file://`) and by `pg_receivewal` beside it; then a base backup taken
 //!    before the load is recovered to the end of the archive, alternately
 //!    with `restore_command = walsafe wal-fetch` and with `cp` from
-//!    `pg_receivewal`'s directory (twice each, cold prefetch cache); and
-//!    from S3 (moto, a second agent), walsafe against one plain GET per
-//!    segment into place (`curl`, of `pg_receivewal`'s segments stored
-//!    as plain objects): replay MB/s and the ratios.
+//!    `pg_receivewal`'s directory (`WALSAFE_BENCH_REPLAY_ROUNDS`, default
+//!    3, rounds each, cold prefetch cache, best of each kept); from S3
+//!    (moto, a second agent), walsafe against one plain GET per segment
+//!    into place (`curl`, of `pg_receivewal`'s segments stored as plain
+//!    objects); and, when `WALSAFE_BENCH_WALRUS` names a built `walrus`
+//!    binary (ClickHouse/wal-rus), its `wal-fetch` of the same segments
+//!    `wal-push`ed into a `file://` store with zstd 1: replay MB/s and the
+//!    ratios.
 //!
 //! 8. **ingest**: what walsafe costs the database host, as the operator
 //!    runs it: a key (AES-256-GCM), zstd level 1, the default
@@ -1079,7 +1083,8 @@ fn replay() {
     if let Some(command) = walrus {
         variants.push(("wal-rus wal-fetch", command));
     }
-    for round in 0..2 * variants.len() {
+    let rounds = env_u64("WALSAFE_BENCH_REPLAY_ROUNDS", 3) as usize;
+    for round in 0..rounds * variants.len() {
         let (label, command) = variants[round % variants.len()].clone();
         let _ = std::fs::remove_dir_all(&prefetch);
         let _ = std::fs::remove_dir_all(&s3_settings.prefetch_dir);
@@ -1113,13 +1118,13 @@ fn replay() {
             .fold(f64::MAX, f64::min)
     };
     println!(
-        "replay speed (best of two each): walsafe / cp from file:// {:.2}x; walsafe / curl GET from S3 {:.2}x",
+        "replay speed (best of {rounds} each): walsafe / cp from file:// {:.2}x; walsafe / curl GET from S3 {:.2}x",
         best("cp") / best("walsafe wal-fetch"),
         best("curl GET S3") / best("walsafe wal-fetch S3"),
     );
     if times.iter().any(|(l, _)| *l == "wal-rus wal-fetch") {
         println!(
-            "replay speed (best of two each): walsafe / wal-rus wal-fetch from file:// {:.2}x; wal-rus / cp {:.2}x",
+            "replay speed (best of {rounds} each): walsafe / wal-rus wal-fetch from file:// {:.2}x; wal-rus / cp {:.2}x",
             best("wal-rus wal-fetch") / best("walsafe wal-fetch"),
             best("cp") / best("wal-rus wal-fetch"),
         );

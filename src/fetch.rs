@@ -273,12 +273,7 @@ pub async fn wal_fetch_command(
     dest: PathBuf,
 ) -> ExitCode {
     match wal_fetch(&cfg, &name, &dest).await {
-        Ok(Fetched::Restored) => {
-            if cfg.fetch.prefetch > 0 && classify(&name) == Some(NameKind::Segment) {
-                spawn_prefetcher(&cfg, &name);
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(Fetched::Restored) => ExitCode::SUCCESS,
         Ok(Fetched::NotFound) => {
             eprintln!("walsafe wal-fetch: {name} is not in the archive");
             ExitCode::from(EXIT_NOT_FOUND)
@@ -311,13 +306,27 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
             cfg.path.display()
         )
     })?;
+    // The prefetcher starts once per served segment: after a segment
+    // comes from the cache, or as soon as a complete segment's object is
+    // in hand, so that it works on the next ones while this one is
+    // decoded (recovery's first segments, which nothing prefetched).
+    let mut started = false;
+    let mut start_prefetcher = || {
+        if !started && cfg.fetch.prefetch > 0 && kind == Some(NameKind::Segment) {
+            started = true;
+            spawn_prefetcher(cfg, name);
+        }
+    };
     if kind == Some(NameKind::Segment) && take_prefetched(cfg, &repo, &descriptor, name, dest).await
     {
+        start_prefetcher();
         return Ok(Fetched::Restored);
     }
     let data = match kind {
         Some(NameKind::History(_)) => repo.get_wal(name).await?,
-        Some(NameKind::Segment) => fetch_segment(cfg, &repo, &descriptor, name).await?,
+        Some(NameKind::Segment) => {
+            fetch_segment(cfg, &repo, &descriptor, name, &mut start_prefetcher).await?
+        }
         // A closed partial, stored as the agent (or wal-push) closed it.
         Some(NameKind::Partial) => {
             let file = SegmentFile::parse(name.trim_end_matches(".partial"))?;
@@ -336,6 +345,7 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
     tokio::task::spawn_blocking(move || fsync.write_atomically(&dest, &data, 0o600))
         .await?
         .with_context(|| format!("cannot write the restored file to {name}"))?;
+    start_prefetcher();
     Ok(Fetched::Restored)
 }
 
@@ -344,6 +354,7 @@ async fn fetch_segment(
     repo: &Repository,
     d: &Descriptor,
     name: &str,
+    found_whole: &mut dyn FnMut(),
 ) -> anyhow::Result<Option<Vec<u8>>> {
     let seg = SegmentName::parse(name, d.segment_size).ok_or_else(|| {
         anyhow!(
@@ -352,7 +363,7 @@ async fn fetch_segment(
         )
     })?;
     let file = SegmentFile::of(seg, d.segment_size);
-    let found = look_up(repo, &file, d.segment_size).await?;
+    let found = look_up(repo, &file, d.segment_size, found_whole).await?;
     let Some((data, source)) = found else {
         refuse_if_in_gap(cfg, &repo.gaps().await?, seg, d.segment_size)?;
         return Ok(None);
@@ -376,17 +387,20 @@ async fn fetch_segment(
 }
 
 /// Looks for a segment in the repository (see the module doc: a
-/// consistent look). `None` only when it is proven absent.
+/// consistent look). `None` only when it is proven absent. `found_whole`
+/// is called when the complete segment's object has been downloaded,
+/// before it is decoded.
 pub async fn look_up(
     repo: &Repository,
     file: &SegmentFile,
     segment_size: u64,
+    found_whole: &mut dyn FnMut(),
 ) -> anyhow::Result<Option<(Vec<u8>, Source)>> {
     for look in 0..CONSISTENT_LOOKS {
         if look > 0 {
             debug!("{file}: the repository changed while it was looked at; looking again");
         }
-        if let Some(found) = stored_whole(repo, file).await? {
+        if let Some(found) = stored_whole(repo, file, found_whole).await? {
             return Ok(Some(found));
         }
         match assemble_chunks(repo, file, segment_size).await? {
@@ -396,7 +410,7 @@ pub async fn look_up(
                 // The segment may have been stored, and its chunks deleted,
                 // between the look at wal/ and the listing: look again at
                 // every place before calling it absent.
-                if let Some(found) = stored_whole(repo, file).await? {
+                if let Some(found) = stored_whole(repo, file, found_whole).await? {
                     return Ok(Some(found));
                 }
                 if repo.list_chunks(file).await?.is_empty() {
@@ -414,9 +428,12 @@ pub async fn look_up(
 async fn stored_whole(
     repo: &Repository,
     file: &SegmentFile,
+    found_whole: &mut dyn FnMut(),
 ) -> anyhow::Result<Option<(Vec<u8>, Source)>> {
-    if let Some(data) = repo.get(&ObjectName::Segment(file.clone())).await? {
-        return Ok(Some((data, Source::Segment)));
+    let whole = ObjectName::Segment(file.clone());
+    if let Some(raw) = repo.get_raw(&whole).await? {
+        found_whole();
+        return Ok(Some((repo.decode_raw(&whole, raw).await?, Source::Segment)));
     }
     Ok(repo
         .get(&ObjectName::ClosedPartial(file.clone()))
@@ -955,10 +972,17 @@ mod tests {
                 faults.clear();
             })
         };
-        let got = fetch_segment(&cfg, &fetcher, &d, SEG).await.unwrap();
+        let mut found_whole = 0;
+        let got = fetch_segment(&cfg, &fetcher, &d, SEG, &mut || found_whole += 1)
+            .await
+            .unwrap();
         writer.await.unwrap();
         assert!(got.is_some(), "the segment was stored: not absent");
         assert!(got.unwrap() == full, "the complete segment is served");
+        assert_eq!(
+            found_whole, 1,
+            "the prefetcher starts once, when it is found"
+        );
     }
 
     /// A standby stops only for objects that must never be replayed: a
@@ -1023,13 +1047,19 @@ mod tests {
         r.put_chunk(&file, 0, Bytes::copy_from_slice(&full[..c]))
             .await
             .unwrap();
-        // Consistent chunks are served.
-        let got = fetch_segment(&cfg, &r, &d, SEG).await.unwrap().unwrap();
+        // Consistent chunks are served (and no complete segment was found
+        // to start the prefetcher early for).
+        let mut found_whole = false;
+        let got = fetch_segment(&cfg, &r, &d, SEG, &mut || found_whole = true)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(got[..b] == full[..b] && got[b..].iter().all(|&x| x == 0));
+        assert!(!found_whole);
         let mut other = full[..a].to_vec();
         other[30_000] ^= 0xFF;
         r.put_chunk(&file, 0, Bytes::from(other)).await.unwrap();
-        let e = fetch_segment(&cfg, &r, &d, SEG)
+        let e = fetch_segment(&cfg, &r, &d, SEG, &mut || {})
             .await
             .expect_err("disagreeing chunks must be refused");
         let msg = crate::report::error_line(&e);
