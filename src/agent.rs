@@ -112,7 +112,7 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
     }
     let refresher =
         crate::service::spawn_monitor(positions.clone(), cfg.spool.dir.clone(), cancel.clone());
-    spawn_repository_watch(repo.clone(), cancel.clone());
+    spawn_repository_watch(repo.clone(), cfg.spool.dir.clone(), cancel.clone());
 
     // A pinned repository tells the segment size: ship what the spool holds
     // right away, even while PostgreSQL is unreachable (after a disaster, the
@@ -392,25 +392,40 @@ async fn skip_lost_wal(
     Ok((now.max(timeline), resume))
 }
 
-/// How often the agent looks up the newest backup and drill in the
-/// repository for their gauges.
-const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often the agent looks at the spool for a note that the
+/// repository's backups or drills changed (a local read, no request).
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often it lists them anyway: records written from another host
+/// (a drill run elsewhere) leave no note here.
+const WATCH_FALLBACK: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Keeps the gauges that describe the repository's backups and drills
 /// (`walsafe_last_backup_timestamp_seconds`, `walsafe_last_drill_*`) up
-/// to date, every [`WATCH_EVERY`], until cancelled.
+/// to date: looked up at start, whenever `walsafe backup`, `drill` or
+/// `retain` notes a change in the spool, and every [`WATCH_FALLBACK`],
+/// until cancelled.
 fn spawn_repository_watch(
     repo: Arc<Repository>,
+    spool_dir: std::path::PathBuf,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         crate::metrics::set_last_backup(0.0);
         loop {
+            let seen = crate::state::repository_changed_mark(&spool_dir);
             crate::backup::refresh_metric(&repo).await;
             crate::drill::refresh_metrics(&repo).await;
-            tokio::select! {
-                _ = tokio::time::sleep(WATCH_EVERY) => {}
-                _ = cancel.cancelled() => return,
+            let since = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                if since.elapsed() >= WATCH_FALLBACK
+                    || crate::state::repository_changed_mark(&spool_dir) != seen
+                {
+                    break;
+                }
             }
         }
     })

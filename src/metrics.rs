@@ -8,6 +8,7 @@
 //! `http://<[metrics] listen>/metrics`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{
@@ -66,6 +67,14 @@ pub const SPOOL_BYTES: &str = "walsafe_spool_bytes";
 pub const SPOOL_PENDING_SEGMENTS: &str = "walsafe_spool_pending_segments";
 pub const SPOOL_FULL: &str = "walsafe_spool_full";
 pub const UPLOAD_STALLED: &str = "walsafe_upload_stalled";
+pub const STORAGE_REQUESTS_TOTAL: &str = "walsafe_storage_requests_total";
+pub const STORAGE_BYTES_TOTAL: &str = "walsafe_storage_bytes_total";
+
+/// The storage operations counted in [`STORAGE_REQUESTS_TOTAL`], as its
+/// `op` label. walsafe issues no HEAD today (existence is learnt from a
+/// create-only put); the series is there so that a dashboard's sum over
+/// `op` stays right if one ever does.
+pub const STORAGE_OPS: [&str; 5] = ["put", "get", "list", "delete", "head"];
 
 /// How long the metrics endpoint may take to answer a scrape.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -217,6 +226,101 @@ pub fn describe() {
         LAST_DRILL_RECOVERED_LAG_SECONDS,
         "How long before the newest successful drill began its newest recovered commit was (0 when none passed)"
     );
+    describe_counter!(
+        STORAGE_REQUESTS_TOTAL,
+        "Requests sent to object storage, by op (put, get, list, delete, head) and repository (its URL): what the store bills; every attempt counts, retries included, and a listing counts one request per page"
+    );
+    describe_counter!(
+        STORAGE_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes of object bodies sent to storage (direction up: every put attempt) and received from it (down: every object read), by repository (its URL)"
+    );
+}
+
+/// What one process sent to and received from storage, all repositories
+/// together: the agent publishes its last hour in its state file
+/// (`walsafe status`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StorageTotals {
+    /// Requests per op, in the order of [`STORAGE_OPS`].
+    pub requests: [u64; STORAGE_OPS.len()],
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+impl StorageTotals {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &StorageTotals) -> StorageTotals {
+        StorageTotals {
+            requests: std::array::from_fn(|i| self.requests[i].saturating_sub(earlier.requests[i])),
+            bytes_up: self.bytes_up.saturating_sub(earlier.bytes_up),
+            bytes_down: self.bytes_down.saturating_sub(earlier.bytes_down),
+        }
+    }
+}
+
+static TOTAL_REQUESTS: [AtomicU64; STORAGE_OPS.len()] = [const { AtomicU64::new(0) }; 5];
+static TOTAL_BYTES_UP: AtomicU64 = AtomicU64::new(0);
+static TOTAL_BYTES_DOWN: AtomicU64 = AtomicU64::new(0);
+
+/// This process's storage traffic so far.
+pub fn storage_totals() -> StorageTotals {
+    StorageTotals {
+        requests: std::array::from_fn(|i| TOTAL_REQUESTS[i].load(Ordering::Relaxed)),
+        bytes_up: TOTAL_BYTES_UP.load(Ordering::Relaxed),
+        bytes_down: TOTAL_BYTES_DOWN.load(Ordering::Relaxed),
+    }
+}
+
+/// The traffic counters of one repository, registered at 0 when it is
+/// opened so that `increase()` sees the first request.
+#[derive(Clone)]
+pub struct StorageTraffic {
+    requests: std::sync::Arc<[metrics::Counter; STORAGE_OPS.len()]>,
+    up: metrics::Counter,
+    down: metrics::Counter,
+}
+
+impl StorageTraffic {
+    /// The counters labelled `repository` (the URL as configured).
+    pub fn new(repository: &str) -> StorageTraffic {
+        let requests = STORAGE_OPS.map(|op| {
+            let c = counter!(STORAGE_REQUESTS_TOTAL, "op" => op, "repository" => repository.to_string());
+            c.increment(0);
+            c
+        });
+        let bytes = |direction: &'static str| {
+            let c = counter!(STORAGE_BYTES_TOTAL, "direction" => direction, "repository" => repository.to_string());
+            c.increment(0);
+            c
+        };
+        StorageTraffic {
+            requests: std::sync::Arc::new(requests),
+            up: bytes("up"),
+            down: bytes("down"),
+        }
+    }
+
+    /// Counts `n` requests of `op` (one of [`STORAGE_OPS`]; others are
+    /// not storage requests and are ignored).
+    pub fn requests(&self, op: &str, n: u64) {
+        if let Some(i) = STORAGE_OPS.iter().position(|o| *o == op) {
+            self.requests[i].increment(n);
+            TOTAL_REQUESTS[i].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts the body of a request sent.
+    pub fn sent(&self, bytes: u64) {
+        self.up.increment(bytes);
+        TOTAL_BYTES_UP.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts the body of an answer received.
+    pub fn received(&self, bytes: u64) {
+        self.down.increment(bytes);
+        TOTAL_BYTES_DOWN.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 /// Copies the shared positions into their gauges.

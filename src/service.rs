@@ -46,6 +46,7 @@ pub fn spawn_monitor(
         let mut last_flushed = positions.flushed();
         let mut flushed_since = Instant::now();
         let watchdog = sd_notify::watchdog_enabled();
+        let mut storage = crate::state::StorageHistory::starting(crate::positions::now_ms());
         while !cancel.is_cancelled() {
             crate::metrics::refresh_positions(&positions);
             n += 1;
@@ -54,13 +55,14 @@ pub fn spawn_monitor(
                 crate::metrics::set_spool(spool_bytes, positions.pending_segments());
                 let gaps = crate::spool::gaps::load(&spool_dir).len();
                 crate::metrics::set_gaps(gaps);
-                let state = AgentState::snapshot(
+                let mut state = AgentState::snapshot(
                     &positions,
                     positions.connected(),
                     spool_bytes,
                     positions.pending_segments(),
                     gaps as u64,
                 );
+                state.storage = storage.window(state.updated_ms, crate::metrics::storage_totals());
                 if spool_dir.is_dir() {
                     if let Err(e) = crate::state::write(&spool_dir, &state) {
                         warn!(

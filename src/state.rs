@@ -47,6 +47,86 @@ pub struct AgentState {
     pub spool_bytes: u64,
     pub spool_pending_segments: u64,
     pub gaps: u64,
+    /// Storage traffic over the last hour (or since start, if sooner).
+    #[serde(default)]
+    pub storage: StorageWindow,
+}
+
+/// What the agent sent to and received from storage over a window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StorageWindow {
+    /// How long the window is (at most an hour).
+    pub seconds: f64,
+    pub put: u64,
+    pub get: u64,
+    pub list: u64,
+    pub delete: u64,
+    pub head: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+impl StorageWindow {
+    pub fn of(t: &crate::metrics::StorageTotals, seconds: f64) -> StorageWindow {
+        let [put, get, list, delete, head] = t.requests;
+        StorageWindow {
+            seconds,
+            put,
+            get,
+            list,
+            delete,
+            head,
+            bytes_up: t.bytes_up,
+            bytes_down: t.bytes_down,
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.put + self.get + self.list + self.delete + self.head
+    }
+
+    /// `n` scaled to an hour of this window (`None` before a minute).
+    pub fn per_hour(&self, n: u64) -> Option<f64> {
+        (self.seconds >= 60.0).then(|| n as f64 * 3600.0 / self.seconds)
+    }
+}
+
+/// The agent's storage totals, sampled once a minute for an hour: the
+/// window published in the state file.
+#[derive(Debug, Default)]
+pub struct StorageHistory {
+    samples: std::collections::VecDeque<(u64, crate::metrics::StorageTotals)>,
+}
+
+impl StorageHistory {
+    /// A history that starts at `now_ms` with nothing sent: everything
+    /// this process sends from here is in the first hour's window.
+    pub fn starting(now_ms: u64) -> StorageHistory {
+        StorageHistory {
+            samples: [(now_ms, crate::metrics::StorageTotals::default())].into(),
+        }
+    }
+
+    /// Records `now`'s totals (kept once a minute) and returns the window
+    /// from the oldest sample within the last hour to now.
+    pub fn window(&mut self, now_ms: u64, now: crate::metrics::StorageTotals) -> StorageWindow {
+        if self
+            .samples
+            .back()
+            .is_none_or(|(at, _)| now_ms.saturating_sub(*at) >= 60_000)
+        {
+            self.samples.push_back((now_ms, now));
+        }
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now_ms.saturating_sub(*at) > 3_600_000)
+        {
+            self.samples.pop_front();
+        }
+        let (at, then) = self.samples.front().copied().unwrap_or((now_ms, now));
+        StorageWindow::of(&now.since(&then), now_ms.saturating_sub(at) as f64 / 1000.0)
+    }
 }
 
 impl AgentState {
@@ -78,6 +158,7 @@ impl AgentState {
             spool_bytes,
             spool_pending_segments: pending,
             gaps,
+            storage: StorageWindow::default(),
         }
     }
 
@@ -95,6 +176,25 @@ impl AgentState {
     pub fn archived(&self) -> Option<Lsn> {
         self.archived_lsn.parse().ok()
     }
+}
+
+/// Rewritten by `walsafe backup`, `drill` and `retain --apply` when they
+/// change the repository's backups or drills, so that the agent looks them
+/// up again (it does not list the repository on a timer: an idle cluster
+/// costs no requests). Informational, like the state file.
+pub const CHANGED_FILE: &str = "repository.changed";
+
+/// Notes in the spool that the repository's backups or drills changed (a
+/// no-op without a spool here: the agent's hourly look finds it).
+pub fn note_repository_changed(spool_dir: &Path) {
+    if spool_dir.is_dir() {
+        let _ = std::fs::write(spool_dir.join(CHANGED_FILE), now_ms().to_string());
+    }
+}
+
+/// The last [`note_repository_changed`] mark, if any.
+pub fn repository_changed_mark(spool_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(spool_dir.join(CHANGED_FILE)).ok()
 }
 
 /// Writes the state atomically (temp file + rename, no fsync: informational).
@@ -131,6 +231,36 @@ pub fn process_alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The window covers the last hour, sampled a minute apart: older
+    /// traffic leaves it, and a young agent's window is its age.
+    #[test]
+    fn storage_window_is_the_last_hour() {
+        use crate::metrics::StorageTotals;
+        let totals = |put: u64| StorageTotals {
+            requests: [put, 1, 0, 0, 0],
+            bytes_up: put * 10,
+            bytes_down: 5,
+        };
+        let mut h = StorageHistory::starting(1_000_000);
+        let w = h.window(1_000_000, totals(100));
+        assert_eq!((w.put, w.seconds), (100, 0.0), "what was sent before");
+        assert_eq!(w.per_hour(w.put), None, "no rate before a minute");
+        // Every 10 s for two hours, 3 puts each.
+        let mut w = w;
+        for i in 1..=720u64 {
+            w = h.window(1_000_000 + i * 10_000, totals(100 + 3 * i));
+        }
+        assert!((3540.0..=3600.0).contains(&w.seconds), "{}", w.seconds);
+        let rate = w.per_hour(w.put).unwrap();
+        assert!(
+            (rate - 1080.0).abs() < 1.0,
+            "3 puts per 10 s is 1080 an hour: {rate}"
+        );
+        assert_eq!(w.bytes_up, w.put * 10);
+        assert_eq!((w.get, w.bytes_down), (0, 0));
+        assert!(h.samples.len() <= 61, "{} samples", h.samples.len());
+    }
 
     #[test]
     fn process_liveness() {

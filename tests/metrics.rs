@@ -716,3 +716,101 @@ fn every_metric_is_described_and_typed() {
         problems.join("\n")
     );
 }
+
+/// The sum of a counter's series whose labels contain `label`.
+fn counter_sum(m: &std::collections::HashMap<String, f64>, name: &str, label: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| {
+            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && k.contains(label)
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Storage requests and bytes are counted as the store sees them, and an
+/// idle cluster costs no request at all: once PostgreSQL writes nothing
+/// (its LSN stands still), the agent sends nothing, not even a chunk of
+/// the bytes it already stored. The state file carries the hour's
+/// figures for `walsafe status`.
+#[test]
+fn storage_requests_are_counted_and_an_idle_cluster_costs_none() {
+    // Autovacuum's analyze of the tables written here would write WAL
+    // within the idle window; walsafe ships that like any other.
+    let s = setup(
+        "metrics-idle",
+        PgOptions {
+            extra_conf: vec!["autovacuum = off".into()],
+            ..Default::default()
+        },
+    );
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE marks (i int)");
+    for i in 0..5 {
+        s.pg.psql(&format!("INSERT INTO marks VALUES ({i})"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    write_wal(&s.pg, 2);
+    s.pg.psql("CHECKPOINT");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(30));
+    let m = agent.metrics();
+    let puts = counter_sum(&m, "walsafe_storage_requests_total", "op=\"put\"");
+    let uploads = counter_sum(&m, "walsafe_uploads_total", "result=\"ok\"");
+    let up = counter_sum(&m, "walsafe_storage_bytes_total", "direction=\"up\"");
+    let uploaded = counter_sum(&m, "walsafe_upload_bytes_total", "");
+    assert!(
+        uploads > 0.0 && puts >= uploads,
+        "every upload is a put: {puts} puts, {uploads} uploads"
+    );
+    assert!(
+        up >= uploaded && uploaded > 0.0,
+        "{up} bytes up, {uploaded} uploaded"
+    );
+
+    // Wait until PostgreSQL itself is quiet: its LSN unchanged for 20 s
+    // (the background writer logs running transactions every 15 s while
+    // anything happened since the last). Then 35 s without WAL must cost
+    // nothing; a window in which PostgreSQL wrote a record of its own
+    // anyway (walsafe ships it) is discarded and measured again.
+    let mut idle_windows = 0;
+    let mut after = agent.metrics();
+    for _ in 0..3 {
+        let mut quiet_from = (current_lsn(&s.pg), Instant::now());
+        let settled = wait_until(Duration::from_secs(90), || {
+            let now = current_lsn(&s.pg);
+            if now != quiet_from.0 {
+                quiet_from = (now, Instant::now());
+            }
+            quiet_from.1.elapsed() >= Duration::from_secs(20)
+        });
+        assert!(settled, "PostgreSQL kept writing WAL");
+        agent.wait_archived(quiet_from.0, Duration::from_secs(30));
+        let before = agent.metrics();
+        std::thread::sleep(Duration::from_secs(35));
+        after = agent.metrics();
+        if current_lsn(&s.pg) != quiet_from.0 {
+            continue;
+        }
+        idle_windows += 1;
+        for op in ["put", "get", "list", "delete", "head"] {
+            let label = format!("op=\"{op}\"");
+            let (a, b) = (
+                counter_sum(&before, "walsafe_storage_requests_total", &label),
+                counter_sum(&after, "walsafe_storage_requests_total", &label),
+            );
+            assert_eq!(b - a, 0.0, "{} {op} requests in 35 idle seconds", b - a);
+        }
+        break;
+    }
+    assert_eq!(idle_windows, 1, "PostgreSQL wrote WAL in every window");
+
+    let state = std::fs::read_to_string(s.settings.spool.join("walsafe.state")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let window = &state["storage"];
+    assert!(window["seconds"].as_f64().unwrap() >= 60.0, "{window}");
+    assert_eq!(window["put"].as_f64().unwrap(), puts_in(&after), "{window}");
+}
+
+/// Every put the agent made (its window is still its whole life).
+fn puts_in(m: &std::collections::HashMap<String, f64>) -> f64 {
+    counter_sum(m, "walsafe_storage_requests_total", "op=\"put\"")
+}

@@ -34,6 +34,7 @@ pub async fn command(cfg: Config, args: BackupArgs) -> ExitCode {
     drop(progress);
     match result {
         Ok(r) => {
+            crate::state::note_repository_changed(&cfg.spool.dir);
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "backup {} complete: {} ({} stored, {:.2}x), {} from {} to {} on timeline {}, {:.1} MiB/s; WAL {} .. {} in the repository",

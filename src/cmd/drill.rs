@@ -58,7 +58,10 @@ pub async fn command(cfg: Config, o: DrillOpts) -> ExitCode {
     let result = drill::drill(&cfg, &args, progress.as_mut()).await;
     drop(progress);
     let r = match result {
-        Ok(r) => r,
+        Ok(r) => {
+            crate::state::note_repository_changed(&cfg.spool.dir);
+            r
+        }
         Err(e) => {
             eprintln!("walsafe drill: {}", error_line(&e));
             return ExitCode::FAILURE;

@@ -21,7 +21,9 @@ pub async fn command(cfg: Config, args: RetainArgs, apply: bool, json: bool) -> 
             print(&plan, &args);
         }
         if apply {
-            let n = retain::apply(&repo, &plan).await?;
+            let n = retain::apply(&repo, &plan).await;
+            crate::state::note_repository_changed(&cfg.spool.dir);
+            let n = n?;
             if !json {
                 println!("deleted {n} objects, {} freed", human_bytes(plan.freed()));
             }

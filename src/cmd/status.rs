@@ -147,6 +147,9 @@ pub struct AgentStatus {
     /// "agent not running (state file 37 s old, pid 4242 gone)".
     pub summary: String,
     pub positions: Option<LivePositions>,
+    /// The agent's storage requests and bytes over the last hour (from
+    /// its state file).
+    pub storage: Option<crate::state::StorageWindow>,
 }
 
 /// Positions as the agent sees them.
@@ -299,6 +302,32 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
     })
 }
 
+/// The agent's storage traffic, as an hourly rate once it has a minute of
+/// history: what the store bills.
+fn storage_line(w: &crate::state::StorageWindow) -> String {
+    let ops = format!(
+        "put {}, get {}, list {}, delete {}",
+        w.put, w.get, w.list, w.delete
+    ) + &if w.head > 0 {
+        format!(", head {}", w.head)
+    } else {
+        String::new()
+    };
+    match w.per_hour(w.requests()) {
+        Some(rate) => format!(
+            "{rate:.0} requests/hour ({ops}), {}/hour up, {}/hour down, over the last {:.0} min",
+            human_bytes(w.per_hour(w.bytes_up).unwrap_or(0.0) as u64),
+            human_bytes(w.per_hour(w.bytes_down).unwrap_or(0.0) as u64),
+            w.seconds / 60.0
+        ),
+        None => format!(
+            "{} requests ({ops}) since the agent started {:.0} s ago",
+            w.requests(),
+            w.seconds
+        ),
+    }
+}
+
 /// Decides whether the agent runs, and says why in one line.
 fn agent_status(
     spool_dir: &Path,
@@ -317,6 +346,7 @@ fn agent_status(
                 s.age_seconds()
             ),
             positions: Some(LivePositions::from(s)),
+            storage: Some(s.storage.clone()),
         };
     }
     let state_note = match state {
@@ -345,6 +375,7 @@ fn agent_status(
                     .unwrap_or_default()
             ),
             positions: Some(LivePositions::from(m)),
+            storage: None,
         };
     }
     let metrics_note = match cfg.metrics.listen {
@@ -357,6 +388,7 @@ fn agent_status(
         pid: state.map(|s| s.pid),
         summary: format!("agent not running ({state_note}{metrics_note})"),
         positions: None,
+        storage: None,
     }
 }
 
@@ -573,6 +605,9 @@ pub fn render(s: &Status) -> String {
                 p.archive_lag_seconds
             ),
         );
+    }
+    if let Some(w) = &a.storage {
+        line("storage", storage_line(w));
     }
     out
 }

@@ -69,6 +69,7 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use super::faults::{Faults, Op, Verdict};
 use crate::durable::Fsync;
+use crate::metrics::StorageTraffic;
 use crate::retry::{retry, RetryPolicy};
 
 /// Outcome of a create-only write.
@@ -274,6 +275,8 @@ pub struct Store {
     faults: Option<Arc<Faults>>,
     /// Longest one attempt may take; then it is a transient failure.
     request_timeout: Duration,
+    /// `walsafe_storage_requests_total` and `_bytes_total` of this repository.
+    traffic: StorageTraffic,
 }
 
 impl fmt::Debug for Store {
@@ -442,6 +445,7 @@ impl Store {
         Ok(Store {
             inner,
             prefix,
+            traffic: StorageTraffic::new(&shown),
             url: shown,
             local_root,
             fsync: Fsync::On,
@@ -532,6 +536,8 @@ impl Store {
                         });
                     }
                 }
+                // Sent, whatever comes back: the store bills it.
+                self.traffic.requests(op, 1);
                 match tokio::time::timeout(self.request_timeout, fut).await {
                     Ok(r) => r,
                     Err(_) => Err(StoreError::Transient {
@@ -585,6 +591,7 @@ impl Store {
                     let (root, rel, data) = (root.clone(), rel.clone(), data.clone());
                     let fsync = self.fsync;
                     async move {
+                        self.traffic.sent(data.len() as u64);
                         let r = tokio::task::spawn_blocking(move || {
                             local_create(&root, &rel, &data, fsync)
                         })
@@ -603,7 +610,9 @@ impl Store {
         self.retried("put", key, || {
             let payload = PutPayload::from(data.clone());
             let path = &path;
+            let len = data.len() as u64;
             async move {
+                self.traffic.sent(len);
                 let opts = PutOptions {
                     mode: PutMode::Create,
                     ..Default::default()
@@ -635,7 +644,10 @@ impl Store {
                     Err(e) => return Err(self.classify("get", key, e)),
                 };
                 match r.bytes().await {
-                    Ok(b) => Ok(Some(b)),
+                    Ok(b) => {
+                        self.traffic.received(b.len() as u64);
+                        Ok(Some(b))
+                    }
                     // Vanished between the response and the body (local
                     // file deleted): as if it had not been there.
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -661,13 +673,15 @@ impl Store {
                 async move {
                     let stream = self.inner.list(path.as_ref());
                     match stream.try_collect::<Vec<_>>().await {
-                        Ok(v) => Ok(v
-                            .into_iter()
-                            .map(|m| ObjectInfo {
-                                key: self.relative(&m.location),
-                                size: m.size,
-                            })
-                            .collect::<Vec<_>>()),
+                        Ok(v) => {
+                            self.count_list_pages(v.len());
+                            Ok(v.into_iter()
+                                .map(|m| ObjectInfo {
+                                    key: self.relative(&m.location),
+                                    size: m.size,
+                                })
+                                .collect::<Vec<_>>())
+                        }
                         Err(object_store::Error::NotFound { source, .. })
                             if !mentions_missing_bucket(&source.to_string()) =>
                         {
@@ -680,6 +694,16 @@ impl Store {
             .await?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    /// A listing of `objects` took one request per page of the backend's
+    /// page size; [`Self::retried`] counted the first.
+    fn count_list_pages(&self, objects: usize) {
+        if self.local_root.is_none() {
+            let page = Cloud::of(&self.url).list_page_size();
+            let pages = objects.div_ceil(page).max(1);
+            self.traffic.requests("list", pages as u64 - 1);
+        }
     }
 
     /// Deletes `key`; a missing object is not an error.
@@ -844,6 +868,15 @@ impl Cloud {
             Cloud::Azure
         } else {
             Cloud::S3
+        }
+    }
+
+    /// Objects per page of a listing, as `object_store` asks for them (it
+    /// sets no page size, so the service's default and maximum applies).
+    fn list_page_size(self) -> usize {
+        match self {
+            Cloud::S3 | Cloud::Gcs => 1000,
+            Cloud::Azure => 5000,
         }
     }
 
