@@ -74,6 +74,12 @@
 //!    beside pg_receivewal's, the spool's peak, and how long the archive
 //!    took to catch up once S3 was back.
 //!
+//! 10. **cost**: storage requests and bytes per hour into S3 (moto), from
+//!    `walsafe_storage_requests_total` and `_bytes_total`, for an idle
+//!    cluster, one small commit a second and bulk INSERTs, each for
+//!    `WALSAFE_BENCH_COST_SECONDS` (default 45), at `partial_interval`
+//!    200 ms and 1 s, with the WAL PostgreSQL wrote meanwhile.
+//!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
@@ -665,6 +671,92 @@ fn main() {
     }
     if want("outage") {
         outage();
+    }
+    if want("cost") {
+        cost();
+    }
+}
+
+/// The sum of a counter's series whose labels contain `label`.
+fn counter_sum(m: &std::collections::HashMap<String, f64>, name: &str, label: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| {
+            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && k.contains(label)
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Scenario 10: what the archive costs in storage requests and bytes, per
+/// hour, for an idle cluster, one small commit a second and a busy
+/// cluster, at the default `partial_interval` and at 1 s, into S3 (moto).
+fn cost() {
+    let seconds = env_u64("WALSAFE_BENCH_COST_SECONDS", 45);
+    println!(
+        "\n== scenario 10: storage requests and bytes per hour into S3, {seconds} s per load"
+    );
+    let s3 = S3Server::start();
+    println!("| partial_interval | load | WAL written in the window | WAL MB/hour | PUT/hour | GET/hour | LIST/hour | DELETE/hour | MB up/hour |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for interval in ["200ms", "1s"] {
+        let pg = PgCluster::start(&PgOptions {
+            name: "bench-cost".into(),
+            ..Default::default()
+        });
+        let dir = TestDir::new("bench-cost");
+        let mut settings = Settings::new(dir.path(), &pg.conninfo());
+        settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
+        settings.partial_interval = interval.into();
+        settings.repo_url = s3.url(&format!("cost-{interval}"));
+        settings.repo_options = s3.repo_options().into_iter().collect();
+        let config = settings.write(&dir.join("walsafe.toml"));
+        let agent = Agent::start(&config, settings.metrics_port);
+        pg.psql("CREATE TABLE small (i int)");
+        agent.wait_archived(
+            parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()")),
+            Duration::from_secs(60),
+        );
+        for load in ["idle", "one small commit a second", "busy (bulk INSERTs)"] {
+            std::thread::sleep(Duration::from_secs(2));
+            let before = agent.metrics();
+            let lsn0 = parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()"));
+            let t0 = Instant::now();
+            match load {
+                "idle" => std::thread::sleep(Duration::from_secs(seconds)),
+                "busy (bulk INSERTs)" => {
+                    for h in spawn_load(&pg, 1, seconds) {
+                        h.join().unwrap();
+                    }
+                }
+                _ => {
+                    for i in 0..seconds {
+                        pg.psql(&format!("INSERT INTO small VALUES ({i})"));
+                        let next = Duration::from_secs(i + 1);
+                        std::thread::sleep(next.saturating_sub(t0.elapsed()));
+                    }
+                }
+            }
+            let lsn1 = parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()"));
+            agent.wait_archived(lsn1, Duration::from_secs(120));
+            let after = agent.metrics();
+            let hour = 3600.0 / t0.elapsed().as_secs_f64();
+            let delta = |name: &str, label: &str| {
+                (counter_sum(&after, name, label) - counter_sum(&before, name, label)) * hour
+            };
+            let req = |op: &str| delta("walsafe_storage_requests_total", &format!("op=\"{op}\""));
+            println!(
+                "| {interval} | {load} | {} bytes | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
+                lsn1 - lsn0,
+                (lsn1 - lsn0) as f64 * hour / 1e6,
+                req("put"),
+                req("get"),
+                req("list"),
+                req("delete"),
+                delta("walsafe_storage_bytes_total", "direction=\"up\"") / 1e6,
+            );
+        }
+        drop(agent);
+        drop(pg);
     }
 }
 

@@ -212,11 +212,11 @@ pub fn describe() {
     );
     describe_gauge!(
         LAST_BACKUP_TIMESTAMP_SECONDS,
-        "Stop time of the newest complete base backup in the repository (Unix seconds; 0 when there is none), looked up every minute"
+        "Stop time of the newest complete base backup in the repository (Unix seconds; 0 when there is none), looked up at start, after each walsafe backup, drill or retain on this host, and hourly"
     );
     describe_gauge!(
         LAST_DRILL_OK_SECONDS,
-        "When the newest successful restore drill (walsafe drill) began (Unix seconds; 0 when none passed), looked up every minute"
+        "When the newest successful restore drill (walsafe drill) began (Unix seconds; 0 when none passed), looked up like the newest backup"
     );
     describe_gauge!(
         LAST_DRILL_RTO_SECONDS,
