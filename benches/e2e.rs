@@ -75,10 +75,10 @@
 //!    took to catch up once S3 was back.
 //!
 //! 10. **cost**: storage requests and bytes per hour into S3 (moto), from
-//!    `walsafe_storage_requests_total` and `_bytes_total`, for an idle
-//!    cluster, one small commit a second and bulk INSERTs, each for
-//!    `WALSAFE_BENCH_COST_SECONDS` (default 45), at `partial_interval`
-//!    200 ms and 1 s, with the WAL PostgreSQL wrote meanwhile.
+//!     `walsafe_storage_requests_total` and `_bytes_total`, for an idle
+//!     cluster, one small commit a second and bulk INSERTs, each for
+//!     `WALSAFE_BENCH_COST_SECONDS` (default 45), at `partial_interval`
+//!     200 ms and 1 s, with the WAL PostgreSQL wrote meanwhile.
 //!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
@@ -692,9 +692,7 @@ fn counter_sum(m: &std::collections::HashMap<String, f64>, name: &str, label: &s
 /// cluster, at the default `partial_interval` and at 1 s, into S3 (moto).
 fn cost() {
     let seconds = env_u64("WALSAFE_BENCH_COST_SECONDS", 45);
-    println!(
-        "\n== scenario 10: storage requests and bytes per hour into S3, {seconds} s per load"
-    );
+    println!("\n== scenario 10: storage requests and bytes per hour into S3, {seconds} s per load");
     let s3 = S3Server::start();
     println!("| partial_interval | load | WAL written in the window | WAL MB/hour | PUT/hour | GET/hour | LIST/hour | DELETE/hour | MB up/hour |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");

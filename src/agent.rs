@@ -112,7 +112,12 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
     }
     let refresher =
         crate::service::spawn_monitor(positions.clone(), cfg.spool.dir.clone(), cancel.clone());
-    spawn_repository_watch(repo.clone(), cfg.spool.dir.clone(), cancel.clone());
+    spawn_repository_watch(
+        repo.clone(),
+        cfg.spool.dir.clone(),
+        positions.clone(),
+        cancel.clone(),
+    );
 
     // A pinned repository tells the segment size: ship what the spool holds
     // right away, even while PostgreSQL is unreachable (after a disaster, the
@@ -395,24 +400,27 @@ async fn skip_lost_wal(
 /// How often the agent looks at the spool for a note that the
 /// repository's backups or drills changed (a local read, no request).
 const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(5);
-/// How often it lists them anyway: records written from another host
-/// (a drill run elsewhere) leave no note here.
+/// How often it lists them anyway while WAL is archived: records written
+/// from another host (a drill run elsewhere) leave no note here.
 const WATCH_FALLBACK: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Keeps the gauges that describe the repository's backups and drills
 /// (`walsafe_last_backup_timestamp_seconds`, `walsafe_last_drill_*`) up
 /// to date: looked up at start, whenever `walsafe backup`, `drill` or
-/// `retain` notes a change in the spool, and every [`WATCH_FALLBACK`],
-/// until cancelled.
+/// `retain` notes a change in the spool, and every [`WATCH_FALLBACK`] in
+/// which WAL was archived (an idle cluster costs no request), until
+/// cancelled.
 fn spawn_repository_watch(
     repo: Arc<Repository>,
     spool_dir: std::path::PathBuf,
+    positions: Positions,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         crate::metrics::set_last_backup(0.0);
         loop {
             let seen = crate::state::repository_changed_mark(&spool_dir);
+            let archived = positions.archived();
             crate::backup::refresh_metric(&repo).await;
             crate::drill::refresh_metrics(&repo).await;
             let since = std::time::Instant::now();
@@ -421,7 +429,7 @@ fn spawn_repository_watch(
                     _ = tokio::time::sleep(WATCH_POLL) => {}
                     _ = cancel.cancelled() => return,
                 }
-                if since.elapsed() >= WATCH_FALLBACK
+                if (since.elapsed() >= WATCH_FALLBACK && positions.archived() != archived)
                     || crate::state::repository_changed_mark(&spool_dir) != seen
                 {
                     break;

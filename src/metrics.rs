@@ -212,7 +212,7 @@ pub fn describe() {
     );
     describe_gauge!(
         LAST_BACKUP_TIMESTAMP_SECONDS,
-        "Stop time of the newest complete base backup in the repository (Unix seconds; 0 when there is none), looked up at start, after each walsafe backup, drill or retain on this host, and hourly"
+        "Stop time of the newest complete base backup in the repository (Unix seconds; 0 when there is none), looked up at start, after each walsafe backup, drill or retain on this host, and hourly while WAL is archived"
     );
     describe_gauge!(
         LAST_DRILL_OK_SECONDS,
