@@ -96,7 +96,7 @@ use std::time::{Duration, Instant};
 use common::pg::{PgCluster, PgOptions, TestDir};
 use common::s3::S3Server;
 use common::setup::parse_lsn;
-use common::walsafe::{Agent, Settings};
+use common::walsafe::{counter_sum, Agent, Settings};
 
 const LOAD_SECONDS: u64 = 20;
 const BACKLOG_MB: u64 = 512;
@@ -675,16 +675,6 @@ fn main() {
     if want("cost") {
         cost();
     }
-}
-
-/// The sum of a counter's series whose labels contain `label`.
-fn counter_sum(m: &std::collections::HashMap<String, f64>, name: &str, label: &str) -> f64 {
-    m.iter()
-        .filter(|(k, _)| {
-            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && k.contains(label)
-        })
-        .map(|(_, v)| v)
-        .sum()
 }
 
 /// Scenario 10: what the archive costs in storage requests and bytes, per

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::pg::{PgCluster, PgOptions};
 use common::setup::setup;
-use common::walsafe::{wait_until, Agent};
+use common::walsafe::{counter_sum, wait_until, Agent};
 
 fn lsn(text: &str) -> u64 {
     let (hi, lo) = text.trim().split_once('/').expect("an LSN");
@@ -715,16 +715,6 @@ fn every_metric_is_described_and_typed() {
         "{}\nexposition:\n{text}",
         problems.join("\n")
     );
-}
-
-/// The sum of a counter's series whose labels contain `label`.
-fn counter_sum(m: &std::collections::HashMap<String, f64>, name: &str, label: &str) -> f64 {
-    m.iter()
-        .filter(|(k, _)| {
-            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && k.contains(label)
-        })
-        .map(|(_, v)| v)
-        .sum()
 }
 
 /// Storage requests and bytes are counted as the store sees them, and an

@@ -346,6 +346,17 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The sum of a counter's series (from [`scrape`]) whose labels contain
+/// `label` ("" for all of them).
+pub fn counter_sum(m: &HashMap<String, f64>, name: &str, label: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| {
+            (k.as_str() == name || k.starts_with(&format!("{name}{{"))) && k.contains(label)
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// Prometheus text from 127.0.0.1:port, as name{labels} → value.
 pub fn scrape(port: u16) -> Option<HashMap<String, f64>> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
