@@ -136,6 +136,16 @@ fn status_shows_the_live_agent_then_says_it_is_gone() {
     );
     assert!(so.contains("not encrypted"), "{all}");
     assert!(so.contains(" ago (from the agent state file)"), "{all}");
+    // The agent's storage traffic: it stored segments and chunks, and
+    // the agent is younger than a minute, so counts, not a rate yet.
+    let storage = so
+        .lines()
+        .find(|l| l.starts_with("storage"))
+        .unwrap_or_else(|| panic!("no storage line:\n{all}"));
+    assert!(
+        storage.contains(" requests (put ") && storage.contains("since the agent started"),
+        "{all}"
+    );
 
     // JSON: parses, and agrees with the repository (wal-verify) and the agent.
     let out = walsafe(&s.config, &["status", "--json"]);
@@ -163,6 +173,12 @@ fn status_shows_the_live_agent_then_says_it_is_gone() {
     assert_eq!(j["agent"]["running"], true, "{j}");
     assert_eq!(j["agent"]["pid"], pid, "{j}");
     assert_eq!(j["agent"]["positions"]["connected"], true, "{j}");
+    let puts = j["agent"]["storage"]["put"].as_u64().unwrap();
+    let segments = j["timelines"][0]["segments"].as_u64().unwrap();
+    assert!(
+        puts > segments,
+        "every stored segment was a put, chunks too: {j}"
+    );
     let archived = parse_lsn(j["agent"]["positions"]["archived_lsn"].as_str().unwrap());
     let flushed = parse_lsn(j["agent"]["positions"]["flushed_lsn"].as_str().unwrap());
     assert!(archived >= end && flushed >= archived, "{j}");
