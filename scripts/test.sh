@@ -20,6 +20,8 @@ command -v promtool >/dev/null 2>&1 || APT+=(prometheus)
 # tests/package.rs renders the man pages and verifies the systemd units.
 command -v man >/dev/null 2>&1 || APT+=(man-db)
 command -v systemd-analyze >/dev/null 2>&1 || APT+=(systemd)
+# cargo-deb computes the package's Depends with dpkg-shlibdeps.
+command -v dpkg-shlibdeps >/dev/null 2>&1 || APT+=(dpkg-dev)
 if [ ${#APT[@]} -gt 0 ]; then
     echo "==> installing ${APT[*]} from the distribution"
     $SUDO apt-get update -qq
