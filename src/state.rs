@@ -188,7 +188,14 @@ pub const CHANGED_FILE: &str = "repository.changed";
 /// no-op without a spool here: the agent's hourly look finds it).
 pub fn note_repository_changed(spool_dir: &Path) {
     if spool_dir.is_dir() {
-        let _ = std::fs::write(spool_dir.join(CHANGED_FILE), now_ms().to_string());
+        // Written aside and renamed over the last note: a note left by
+        // another user (a run by hand as root) is replaced, not refused.
+        let tmp = spool_dir.join(format!(".{CHANGED_FILE}.{}", std::process::id()));
+        if std::fs::write(&tmp, now_ms().to_string()).is_ok()
+            && std::fs::rename(&tmp, spool_dir.join(CHANGED_FILE)).is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
 }
 
@@ -260,6 +267,27 @@ mod tests {
         assert_eq!(w.bytes_up, w.put * 10);
         assert_eq!((w.get, w.bytes_down), (0, 0));
         assert!(h.samples.len() <= 61, "{} samples", h.samples.len());
+    }
+
+    /// Each note differs from the last and replaces it (renamed over it),
+    /// leaving nothing aside.
+    #[test]
+    fn a_change_note_replaces_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(repository_changed_mark(dir.path()), None);
+        note_repository_changed(dir.path());
+        let first = repository_changed_mark(dir.path()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        note_repository_changed(dir.path());
+        assert_ne!(repository_changed_mark(dir.path()).unwrap(), first);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no file left aside"
+        );
+        // No spool here: nothing is written.
+        note_repository_changed(&dir.path().join("absent"));
+        assert!(!dir.path().join("absent").exists());
     }
 
     #[test]
