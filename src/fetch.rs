@@ -557,10 +557,21 @@ pub fn prefetch_cache(cfg: &Config, repo: &Repository, d: &Descriptor) -> PathBu
 /// The cache file name of segment `name` holding `data`: the name, then
 /// the BLAKE3 hash of the name and the bytes.
 pub fn prefetch_file_name(name: &str, data: &[u8]) -> String {
+    let mut h = cache_hasher(name);
+    h.update(data);
+    cache_file_name(name, &h)
+}
+
+/// The hash of a cache file's name and bytes, before the bytes.
+fn cache_hasher(name: &str) -> blake3::Hasher {
     let mut h = blake3::Hasher::new();
     h.update(name.as_bytes());
     h.update(&[0]);
-    h.update(data);
+    h
+}
+
+/// The cache file name of segment `name` whose bytes `h` has hashed.
+fn cache_file_name(name: &str, h: &blake3::Hasher) -> String {
     format!("{name}.{}", h.finalize().to_hex())
 }
 
@@ -629,9 +640,7 @@ fn check_cached(
     if file.metadata().map_err(|e| e.to_string())?.len() != size {
         return Err("its size is not the segment size".into());
     }
-    let mut hash = blake3::Hasher::new();
-    hash.update(name.as_bytes());
-    hash.update(&[0]);
+    let mut hash = cache_hasher(name);
     let mut pages = SegmentCheck::new(ident, seg).map_err(|e| e.to_string())?;
     let mut first_page_error = None;
     let mut block = vec![0; CHECK_BLOCK.min(size as usize)];
@@ -646,7 +655,7 @@ fn check_cached(
         }
         left -= n;
     }
-    let expected = format!("{name}.{}", hash.finalize().to_hex());
+    let expected = cache_file_name(name, &hash);
     if path.file_name().map(|f| f.to_string_lossy()) != Some(expected.as_str().into()) {
         return Err("its bytes do not match its hash".into());
     }

@@ -259,7 +259,8 @@ impl StorageTotals {
     }
 }
 
-static TOTAL_REQUESTS: [AtomicU64; STORAGE_OPS.len()] = [const { AtomicU64::new(0) }; 5];
+static TOTAL_REQUESTS: [AtomicU64; STORAGE_OPS.len()] =
+    [const { AtomicU64::new(0) }; STORAGE_OPS.len()];
 static TOTAL_BYTES_UP: AtomicU64 = AtomicU64::new(0);
 static TOTAL_BYTES_DOWN: AtomicU64 = AtomicU64::new(0);
 

@@ -728,7 +728,7 @@ pub fn validate_segment(
     segment: SegmentName,
     bytes: &[u8],
 ) -> Result<(), PageError> {
-    check_geometry(identity)?;
+    let mut check = SegmentCheck::new(identity, segment)?;
     if bytes.len() as u64 != identity.segment_size {
         return Err(PageError::WrongFileSize {
             segment: segment.file_name(identity.segment_size),
@@ -736,7 +736,6 @@ pub fn validate_segment(
             expected: identity.segment_size,
         });
     }
-    let mut check = SegmentCheck::new(identity, segment)?;
     check.feed(bytes)?;
     check.finish()
 }
