@@ -412,11 +412,11 @@ async fn put_p50(url: &str, options: &std::collections::BTreeMap<String, String>
 
 /// Chunk uploads walsafe has stored so far.
 fn chunks_stored(agent: &Agent) -> f64 {
-    agent
-        .metrics()
-        .get("walsafe_uploads_total{kind=\"chunk\",result=\"ok\"}")
-        .copied()
-        .unwrap_or(0.0)
+    counter_sum(
+        &agent.metrics(),
+        "walsafe_uploads_total",
+        "kind=\"chunk\",result=\"ok\"",
+    )
 }
 
 fn commit_latency_run(who: Standby, n: u64, s3: &S3Server) -> Latency {

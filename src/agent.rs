@@ -30,6 +30,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -37,29 +38,35 @@ use crate::config::Config;
 use crate::gap::Gap;
 use crate::logging::ReopenableFile;
 use crate::pg::{ClusterIdentity, Lsn, Server, TimelineId};
-use crate::positions::Positions;
+use crate::positions::{Archive, Positions};
 use crate::receive::{Receiver, StreamEnd};
-use crate::repository::{ObjectName, Repository};
-use crate::spool::retention::Retention;
+use crate::repository::{ObjectName, Repository, RepositoryError};
+use crate::spool::retention::{Release, Retention};
 use crate::spool::{Publisher, Recovered, Spool, WriterHandle};
 use crate::upload::Uploader;
 use crate::upstream::{self, Continue, Session, Upstream};
 
-/// The spool and its uploader, running.
+/// The spool and its uploaders (one per repository), running.
 struct Pipeline {
     spool: Arc<Spool>,
     recovered: Recovered,
-    archived: tokio::sync::watch::Receiver<Lsn>,
+    /// The highest of the repositories' `archived`: WAL stored in at least
+    /// one of them (and kept in the spool until every one has it), which
+    /// ack mode `remote` may report as flushed.
+    archived: watch::Receiver<Lsn>,
     /// The spool's news, for the writer thread once streaming starts.
     publisher: Option<Publisher>,
     upload_cancel: CancellationToken,
-    upload_task: tokio::task::JoinHandle<()>,
+    upload_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Opens the spool and starts shipping what it holds.
+/// Opens the spool and starts shipping what it holds to every repository,
+/// each with its own uploader: one repository down never holds up another,
+/// its backlog waits in the spool ([`Retention`] keeps a file until every
+/// repository has it).
 async fn start_pipeline(
     cfg: &Config,
-    repo: &Arc<Repository>,
+    repos: &[Arc<Repository>],
     positions: &Positions,
     identity: ClusterIdentity,
 ) -> anyhow::Result<Pipeline> {
@@ -71,39 +78,138 @@ async fn start_pipeline(
             .await?
             .with_context(|| format!("cannot open the spool {}", cfg.spool.dir.display()))?;
     let spool = Arc::new(spool.with_limits(cfg.spool.limits));
-    let (publisher, feed) = crate::spool::feed(recovered.durable(segment_size));
-    positions.follow_durable(feed.durable.clone());
-    let retention = Arc::new(Retention::new(spool.clone(), 1));
-    let (uploader, archived) = Uploader::new(
-        repo.clone(),
-        identity,
-        spool.clone(),
-        retention,
-        positions.clone(),
-        &recovered,
-        &cfg.archive,
-    );
+    let (publisher, feeds) = crate::spool::feeds(recovered.durable(segment_size), repos.len());
+    positions.follow_durable(feeds[0].durable.clone());
+    let retention = Arc::new(Retention::new(spool.clone(), repos.len()));
     let upload_cancel = CancellationToken::new();
-    let upload_task = tokio::spawn(uploader.run(feed, upload_cancel.clone()));
+    let mut archived = Vec::new();
+    let mut upload_tasks = Vec::new();
+    for (i, (repo, feed)) in repos.iter().zip(feeds).enumerate() {
+        let progress = positions.add_archive(&cfg.repositories[i].name);
+        let (uploader, a) = Uploader::new(
+            repo.clone(),
+            identity,
+            spool.clone(),
+            Release::new(retention.clone(), i),
+            progress.clone(),
+            &recovered,
+            &cfg.archive,
+        );
+        archived.push(a);
+        let (repo, cancel, stall_alarm) =
+            (repo.clone(), upload_cancel.clone(), cfg.archive.stall_alarm);
+        upload_tasks.push(tokio::spawn(async move {
+            if pin(&repo, identity, &progress, stall_alarm, &cancel).await {
+                uploader.run(feed, cancel).await;
+            }
+        }));
+    }
     Ok(Pipeline {
         spool,
         recovered,
-        archived,
+        archived: highest(archived),
         publisher: Some(publisher),
         upload_cancel,
-        upload_task,
+        upload_tasks,
     })
+}
+
+/// Pins `repo` to the cluster before anything is shipped to it, waiting
+/// as long as it takes: a repository that does not answer (or, until the
+/// operator fixes it, one that refuses this cluster) keeps its WAL in the
+/// spool, and holds up nothing else. False when cancelled first.
+async fn pin(
+    repo: &Repository,
+    identity: ClusterIdentity,
+    progress: &Archive,
+    stall_alarm: std::time::Duration,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut backoff =
+        crate::retry::Backoff::new(crate::upload::CHUNK_RETRY_MIN, crate::upload::REQUEUE_DELAY);
+    let since = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        progress.upload_heartbeat();
+        progress.set_upload_stalled(told && since.elapsed() >= stall_alarm);
+        match repo.pin(&identity).await {
+            Ok(_) => {
+                if told {
+                    info!(
+                        "repository {:?} answers: shipping the WAL waiting for it",
+                        progress.name()
+                    );
+                }
+                progress.set_upload_stalled(false);
+                return true;
+            }
+            Err(e) if !told => {
+                told = true;
+                match e {
+                    RepositoryError::Store(_) => warn!(
+                        "repository {:?} cannot be reached ({e}); its WAL waits in the spool and is shipped when it answers",
+                        progress.name()
+                    ),
+                    _ => error!(
+                        "repository {:?} cannot take this cluster's WAL: {e}; its WAL waits in the spool (which fills, then holds PostgreSQL back) until this is fixed",
+                        progress.name()
+                    ),
+                }
+            }
+            Err(e) => tracing::debug!("repository {:?}: {e}", progress.name()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = cancel.cancelled() => return false,
+        }
+    }
+}
+
+/// A watch of the highest of `each` (itself when there is one); it ends
+/// when one of them does (its uploader stopped).
+fn highest(mut each: Vec<watch::Receiver<Lsn>>) -> watch::Receiver<Lsn> {
+    if each.len() == 1 {
+        return each.pop().expect("one");
+    }
+    let current = |each: &[watch::Receiver<Lsn>]| {
+        each.iter()
+            .map(|r| *r.borrow())
+            .max()
+            .unwrap_or(Lsn::INVALID)
+    };
+    let (tx, rx) = watch::channel(current(&each));
+    tokio::spawn(async move {
+        loop {
+            let changed = {
+                let waits = each.iter_mut().map(|r| Box::pin(r.changed()));
+                futures::future::select_all(waits).await.0
+            };
+            if changed.is_err() {
+                return;
+            }
+            let now = current(&each);
+            tx.send_if_modified(|a| std::mem::replace(a, now) != now);
+        }
+    });
+    rx
 }
 
 /// `walsafe run`. `log_file` is reopened on SIGHUP.
 pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Result<()> {
     if let Some(listen) = cfg.metrics.listen {
-        crate::metrics::install(listen)?;
+        let names: Vec<String> = cfg.repositories.iter().map(|r| r.name.clone()).collect();
+        crate::metrics::install(listen, &names)?;
     }
-    let repo = Arc::new(
-        Repository::open(&cfg.repository)
-            .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?,
-    );
+    let repos = cfg
+        .repositories
+        .iter()
+        .map(|rc| {
+            Repository::open(rc)
+                .map(Arc::new)
+                .with_context(|| format!("cannot open the repository {}", rc.url))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let repo = repos[0].clone();
     let cancel = CancellationToken::new();
     spawn_signal_handler(cancel.clone(), log_file);
     let positions = Positions::default();
@@ -123,18 +229,20 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
     // right away, even while PostgreSQL is unreachable (after a disaster, the
     // spool may hold the last second of WAL that exists anywhere).
     let mut pipeline = match repo.descriptor().await? {
-        Some(d) => Some(start_pipeline(&cfg, &repo, &positions, d.identity()).await?),
+        Some(d) => Some(start_pipeline(&cfg, &repos, &positions, d.identity()).await?),
         None => None,
     };
 
-    let result = stream_until_stopped(&cfg, &repo, &positions, &mut pipeline, &cancel).await;
+    let result = stream_until_stopped(&cfg, &repos, &positions, &mut pipeline, &cancel).await;
     if let Err(e) = &result {
         error!("{}", crate::report::error_line(e));
     }
     cancel.cancel();
     if let Some(p) = pipeline {
         p.upload_cancel.cancel();
-        let _ = p.upload_task.await;
+        for t in p.upload_tasks {
+            let _ = t.await;
+        }
     }
     let _ = refresher.await;
     crate::metrics::refresh_positions(&positions);
@@ -148,7 +256,7 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
 
 async fn stream_until_stopped(
     cfg: &Config,
-    repo: &Arc<Repository>,
+    repos: &[Arc<Repository>],
     positions: &Positions,
     pipeline: &mut Option<Pipeline>,
     cancel: &CancellationToken,
@@ -169,9 +277,25 @@ async fn stream_until_stopped(
         version = identity.pg_version_num,
         "connected"
     );
+    let repo = &repos[0];
     repo.pin(&identity).await?;
+    // The others are pinned now when they answer (a stranger's repository
+    // is a configuration error, refused before streaming); one that does
+    // not answer is pinned by its uploader once it does.
+    for (r, rc) in repos.iter().zip(&cfg.repositories).skip(1) {
+        match r.pin(&identity).await {
+            Ok(_) => {}
+            Err(RepositoryError::Store(e)) => warn!(
+                "repository {:?} cannot be reached ({e}); its WAL waits in the spool and is shipped when it answers",
+                rc.name
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| format!("repository {:?}", rc.name));
+            }
+        }
+    }
     if pipeline.is_none() {
-        *pipeline = Some(start_pipeline(cfg, repo, positions, identity).await?);
+        *pipeline = Some(start_pipeline(cfg, repos, positions, identity).await?);
     }
     let p = pipeline.as_mut().expect("started above");
     let (timeline, start) = session.start_position(&p.recovered).await?;
@@ -293,7 +417,7 @@ async fn stream_until_stopped(
                 let repaired = async {
                     let mut s = reconnect(&upstream, &server).await?;
                     let at = if second {
-                        skip_lost_wal(cfg, repo, &spool, &receiver, &mut s).await?
+                        skip_lost_wal(cfg, repos, &spool, &receiver, &mut s).await?
                     } else {
                         s.recreate_slot(receiver.resume.1).await?;
                         receiver.resume
@@ -343,7 +467,7 @@ async fn reconnect<'a>(upstream: &Upstream<'a>, server: &Server) -> anyhow::Resu
 /// slot.
 async fn skip_lost_wal(
     cfg: &Config,
-    repo: &Repository,
+    repos: &[Arc<Repository>],
     spool: &Arc<Spool>,
     receiver: &Receiver<'_>,
     session: &mut Session<'_>,
@@ -379,8 +503,10 @@ async fn skip_lost_wal(
     tokio::task::spawn_blocking(move || s.record_gap(&g))
         .await?
         .with_context(|| format!("cannot record a gap in {}", cfg.spool.dir.display()))?;
-    if let Err(e) = repo.record_gap(&gap).await {
-        warn!("could not record the gap in the repository: {e}");
+    for (repo, rc) in repos.iter().zip(&cfg.repositories) {
+        if let Err(e) = repo.record_gap(&gap).await {
+            warn!("could not record the gap in repository {:?}: {e}", rc.name);
+        }
     }
     crate::metrics::set_gaps(crate::spool::gaps::load(&cfg.spool.dir).len());
     error!(

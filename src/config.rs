@@ -89,7 +89,9 @@ pub struct Config {
     pub fsync: Fsync,
     pub postgres: PostgresConfig,
     pub spool: SpoolConfig,
-    pub repository: RepositoryConfig,
+    /// At least one; the first is where `backup` writes and where
+    /// `wal-fetch` and `restore` look first.
+    pub repositories: Vec<RepositoryConfig>,
     pub archive: ArchiveConfig,
     pub fetch: FetchConfig,
     pub metrics: MetricsConfig,
@@ -168,7 +170,7 @@ pub struct MetricsConfig {
 struct RawConfig {
     postgres: Option<RawPostgres>,
     spool: Option<RawSpool>,
-    repository: Option<RawRepository>,
+    repository: Option<RawRepositories>,
     #[serde(default)]
     archive: RawArchive,
     #[serde(default)]
@@ -197,6 +199,7 @@ struct RawSpool {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRepository {
+    name: Option<String>,
     url: Option<String>,
     key_file: Option<PathBuf>,
     compression: Option<Compression>,
@@ -205,6 +208,41 @@ struct RawRepository {
     options: BTreeMap<String, String>,
     retries: Option<u32>,
     request_timeout: Option<String>,
+    retain_window: Option<String>,
+}
+
+/// `[repository]` (one table) or `[[repository]]` (several), read by
+/// hand so that a wrong key inside either keeps toml's message and line.
+enum RawRepositories {
+    One(RawRepository),
+    Several(Vec<RawRepository>),
+}
+
+impl<'de> Deserialize<'de> for RawRepositories {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawRepositories;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a [repository] table or [[repository]] tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RawRepository::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawRepositories::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(RawRepositories::Several)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -367,59 +405,8 @@ impl Config {
             }
         };
 
-        let repo = raw.repository;
-        let url = match repo.as_ref().and_then(|r| r.url.clone()) {
-            Some(u) => {
-                if let Err(e) = crate::repository::store::check_url(&u) {
-                    problems.push(format!("[repository] url: {e}"));
-                }
-                u
-            }
-            None => {
-                problems.push("[repository] url is missing; add e.g. url = \"file:///var/backups/walsafe\" or \"s3://bucket/prefix\"".into());
-                String::new()
-            }
-        };
-        let key_file = repo.as_ref().and_then(|r| r.key_file.clone()).map(resolve);
-        let compression = repo
-            .as_ref()
-            .and_then(|r| r.compression)
-            .unwrap_or(Compression::Zstd);
-        let compression_level = repo
-            .as_ref()
-            .and_then(|r| r.compression_level)
-            .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
-        if !(1..=19).contains(&compression_level) {
-            problems.push(format!(
-                "[repository] compression_level = {compression_level} is out of range; use 1 (fast) to 19 (small)"
-            ));
-        }
-        let options = repo.as_ref().map(|r| r.options.clone()).unwrap_or_default();
-        let retries = repo
-            .as_ref()
-            .and_then(|r| r.retries)
-            .unwrap_or(DEFAULT_RETRIES);
-        if retries == 0 {
-            problems.push("[repository] retries must be at least 1".into());
-        }
-        let request_timeout = match repo.as_ref().and_then(|r| r.request_timeout.as_deref()) {
-            None => DEFAULT_REQUEST_TIMEOUT,
-            Some(t) => match humantime::parse_duration(t) {
-                Ok(d) if d >= Duration::from_millis(100) => d,
-                Ok(_) => {
-                    problems.push(format!(
-                        "[repository] request_timeout = \"{t}\" is too short; use at least \"100ms\""
-                    ));
-                    DEFAULT_REQUEST_TIMEOUT
-                }
-                Err(e) => {
-                    problems.push(format!(
-                        "[repository] request_timeout = \"{t}\" is not a duration ({e}); write e.g. \"60s\""
-                    ));
-                    DEFAULT_REQUEST_TIMEOUT
-                }
-            },
-        };
+        let fsync = Fsync::from_env();
+        let repositories = repositories(raw.repository, &resolve, fsync, &mut problems);
 
         let partial_interval = match raw.archive.partial_interval {
             Some(s) => match humantime::parse_duration(&s) {
@@ -496,7 +483,6 @@ impl Config {
                 problems,
             });
         }
-        let fsync = Fsync::from_env();
         Ok(Config {
             path: path.to_path_buf(),
             fsync,
@@ -510,16 +496,7 @@ impl Config {
                 dir: spool_dir,
                 limits: Limits { max_size, min_free },
             },
-            repository: RepositoryConfig {
-                url,
-                key_file,
-                compression,
-                compression_level,
-                options,
-                retries,
-                request_timeout,
-                fsync,
-            },
+            repositories,
             archive: ArchiveConfig {
                 partial_interval,
                 ack: raw.archive.ack.unwrap_or(AckMode::Local),
@@ -533,6 +510,169 @@ impl Config {
             },
             metrics: MetricsConfig { listen },
         })
+    }
+}
+
+impl Config {
+    /// The first repository: where `backup` writes, what `wal-fetch`,
+    /// `restore` and the other commands read first.
+    pub fn repository(&self) -> &RepositoryConfig {
+        &self.repositories[0]
+    }
+}
+
+/// The repositories as configured, validated; `problems` gets what is
+/// wrong with each, named by its table (`[repository]`, or
+/// `[[repository]] "name"` when there are several).
+fn repositories(
+    raw: Option<RawRepositories>,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    fsync: Fsync,
+    problems: &mut Vec<String>,
+) -> Vec<RepositoryConfig> {
+    let (several, raws) = match raw {
+        None => (false, Vec::new()),
+        Some(RawRepositories::One(r)) => (false, vec![r]),
+        Some(RawRepositories::Several(rs)) => (true, rs),
+    };
+    if raws.is_empty() {
+        problems.push("[repository] url is missing; add e.g. [repository] with url = \"file:///var/backups/walsafe\" or \"s3://bucket/prefix\"".into());
+        return vec![repository(
+            None,
+            "[repository]".into(),
+            resolve,
+            fsync,
+            problems,
+        )];
+    }
+    let mut out: Vec<RepositoryConfig> = Vec::new();
+    for (i, r) in raws.into_iter().enumerate() {
+        let label = if several {
+            match r.name.as_deref().or(r.url.as_deref()) {
+                Some(n) => format!("[[repository]] #{} ({n})", i + 1),
+                None => format!("[[repository]] #{}", i + 1),
+            }
+        } else {
+            "[repository]".to_string()
+        };
+        let c = repository(Some(r), label.clone(), resolve, fsync, problems);
+        if let Some(o) = out.iter().find(|o| o.name == c.name) {
+            problems.push(format!(
+                "{label}: name \"{}\" is also the name of the repository at {}; give each repository its own name = \"...\"",
+                c.name, o.url
+            ));
+        } else if let Some(o) = out
+            .iter()
+            .find(|o| !c.url.is_empty() && place(o) == place(&c))
+        {
+            problems.push(format!(
+                "{label}: url {} is also repository \"{}\"; each [[repository]] must be a different place",
+                c.url, o.name
+            ));
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Where a repository is: its URL, and the endpoint options that point
+/// the same URL at another server (a test or on-premises S3).
+fn place(r: &RepositoryConfig) -> (&str, Vec<(&String, &String)>) {
+    let endpoints = r.options.iter().filter(|(k, _)| k.contains("endpoint"));
+    (&r.url, endpoints.collect())
+}
+
+/// One repository table, validated.
+fn repository(
+    repo: Option<RawRepository>,
+    label: String,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    fsync: Fsync,
+    problems: &mut Vec<String>,
+) -> RepositoryConfig {
+    let repo = repo.as_ref();
+    let url = match repo.and_then(|r| r.url.clone()) {
+        Some(u) => {
+            if let Err(e) = crate::repository::store::check_url(&u) {
+                problems.push(format!("{label} url: {e}"));
+            }
+            u
+        }
+        None => {
+            if repo.is_some() {
+                problems.push(format!("{label} url is missing; add e.g. url = \"file:///var/backups/walsafe\" or \"s3://bucket/prefix\""));
+            }
+            String::new()
+        }
+    };
+    let name = match repo.and_then(|r| r.name.clone()) {
+        Some(n) if n.trim().is_empty() || n.chars().any(char::is_control) => {
+            problems.push(format!(
+                "{label} name = {n:?} is not a name; write e.g. name = \"offsite\""
+            ));
+            n
+        }
+        Some(n) => n,
+        // URLs never hold credentials (check_url refuses them).
+        None => url.clone(),
+    };
+    let key_file = repo.and_then(|r| r.key_file.clone()).map(resolve);
+    let compression = repo
+        .and_then(|r| r.compression)
+        .unwrap_or(Compression::Zstd);
+    let compression_level = repo
+        .and_then(|r| r.compression_level)
+        .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
+    if !(1..=19).contains(&compression_level) {
+        problems.push(format!(
+            "{label} compression_level = {compression_level} is out of range; use 1 (fast) to 19 (small)"
+        ));
+    }
+    let options = repo.map(|r| r.options.clone()).unwrap_or_default();
+    let retries = repo.and_then(|r| r.retries).unwrap_or(DEFAULT_RETRIES);
+    if retries == 0 {
+        problems.push(format!("{label} retries must be at least 1"));
+    }
+    let request_timeout = match repo.and_then(|r| r.request_timeout.as_deref()) {
+        None => DEFAULT_REQUEST_TIMEOUT,
+        Some(t) => match humantime::parse_duration(t) {
+            Ok(d) if d >= Duration::from_millis(100) => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "{label} request_timeout = \"{t}\" is too short; use at least \"100ms\""
+                ));
+                DEFAULT_REQUEST_TIMEOUT
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "{label} request_timeout = \"{t}\" is not a duration ({e}); write e.g. \"60s\""
+                ));
+                DEFAULT_REQUEST_TIMEOUT
+            }
+        },
+    };
+    let retain_window = repo.and_then(|r| r.retain_window.as_deref()).and_then(|t| {
+        match humantime::parse_duration(t) {
+            Ok(d) if d > Duration::ZERO => Some(d),
+            _ => {
+                problems.push(format!(
+                    "{label} retain_window = \"{t}\" is not a duration; write e.g. \"30d\" (walsafe retain keeps this repository's recovery window instead of --window)"
+                ));
+                None
+            }
+        }
+    });
+    RepositoryConfig {
+        name,
+        url,
+        key_file,
+        retain_window,
+        compression,
+        compression_level,
+        options,
+        retries,
+        request_timeout,
+        fsync,
     }
 }
 
@@ -576,7 +716,9 @@ url = "file:///tmp/repo"
         assert_eq!(c.postgres.slot, DEFAULT_SLOT);
         assert_eq!(c.archive.partial_interval, DEFAULT_PARTIAL_INTERVAL);
         assert_eq!(c.archive.ack, AckMode::Local);
-        assert_eq!(c.repository.compression, Compression::Zstd);
+        assert_eq!(c.repository().compression, Compression::Zstd);
+        assert_eq!(c.repositories.len(), 1);
+        assert_eq!(c.repository().name, "file:///tmp/repo");
         assert_eq!(c.fetch.dir, PathBuf::from("/etc/walsafe/spool/prefetch"));
         assert_eq!(c.metrics.listen, Some("127.0.0.1:9851".parse().unwrap()));
     }
@@ -619,6 +761,72 @@ partial_interval = "soon"
             .unwrap_err()
             .to_string();
         assert!(e.contains("conninfo"), "{e}");
+    }
+
+    const TWO: &str = r#"
+[postgres]
+conninfo = "host=/tmp user=walsafe"
+[spool]
+dir = "spool"
+[[repository]]
+url = "file:///tmp/repo"
+[[repository]]
+name = "offsite"
+url = "s3://bucket/walsafe"
+key_file = "offsite.key"
+compression_level = 3
+[repository.options]
+aws_region = "eu-west-1"
+"#;
+
+    #[test]
+    fn several_repositories_each_with_its_own_settings() {
+        let c = Config::parse(TWO, Path::new("/etc/walsafe/w.toml")).unwrap();
+        assert_eq!(c.repositories.len(), 2);
+        let (first, offsite) = (&c.repositories[0], &c.repositories[1]);
+        assert_eq!(c.repository().url, first.url);
+        assert_eq!(first.name, "file:///tmp/repo");
+        assert_eq!(first.key_file, None);
+        assert!(first.options.is_empty());
+        assert_eq!(offsite.name, "offsite");
+        assert_eq!(
+            offsite.key_file.as_deref(),
+            Some(Path::new("/etc/walsafe/offsite.key"))
+        );
+        assert_eq!(offsite.compression_level, 3);
+        assert_eq!(offsite.options["aws_region"], "eu-west-1");
+    }
+
+    #[test]
+    fn several_repositories_must_differ_and_say_which_is_wrong() {
+        let p = Path::new("w.toml");
+        let same_name = TWO.replace("name = \"offsite\"", "name = \"file:///tmp/repo\"");
+        let e = Config::parse(&same_name, p).unwrap_err().to_string();
+        assert!(
+            e.contains("[[repository]] #2") && e.contains("its own name"),
+            "{e}"
+        );
+        let same_url = TWO.replace("s3://bucket/walsafe", "file:///tmp/repo");
+        let e = Config::parse(&same_url, p).unwrap_err().to_string();
+        assert!(e.contains("different place"), "{e}");
+        let bad = TWO.replace("compression_level = 3", "compression_level = 30");
+        let e = Config::parse(&bad, p).unwrap_err().to_string();
+        assert!(
+            e.contains("[[repository]] #2 (offsite) compression_level = 30"),
+            "{e}"
+        );
+        let no_url = TWO.replace("url = \"s3://bucket/walsafe\"", "");
+        let e = Config::parse(&no_url, p).unwrap_err().to_string();
+        assert!(e.contains("#2 (offsite) url is missing"), "{e}");
+        let typo = TWO.replace("compression_level = 3", "compresion_level = 3");
+        let e = Config::parse(&typo, p).unwrap_err().to_string();
+        assert!(
+            e.contains("compresion_level") && e.contains("line 12"),
+            "{e}"
+        );
+        let none = GOOD.replace("[repository]\nurl = \"file:///tmp/repo\"\n", "");
+        let e = Config::parse(&none, p).unwrap_err().to_string();
+        assert!(e.contains("[repository] url is missing"), "{e}");
     }
 
     #[test]

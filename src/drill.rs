@@ -123,7 +123,7 @@ pub async fn drill(
         Ok(()) => result.success = true,
         Err(e) => result.error = Some(crate::report::error_line(&e)),
     }
-    let repo = Repository::open(&cfg.repository)?;
+    let repo = Repository::open(cfg.repository())?;
     let json = serde_json::to_vec_pretty(&result).expect("a drill result serializes");
     repo.put(&ObjectName::drill(&stamp)?, Bytes::from(json))
         .await

@@ -297,15 +297,118 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
             "{name:?} is not the name of a WAL segment, timeline history or backup history file; restore_command must be 'walsafe --config FILE wal-fetch %f %p' (%f the file name, then %p the path to write)"
         );
     }
-    let repo = Repository::open(&cfg.repository)
-        .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
+    let mut first: Option<(String, Descriptor)> = None;
+    let mut failures: Vec<anyhow::Error> = Vec::new();
+    for i in repository_order(cfg) {
+        let r = &cfg.repositories[i];
+        match wal_fetch_from(cfg, i, kind, name, dest, &mut first).await {
+            Ok(Fetched::Restored) => {
+                unreachable_marker(cfg, r).map(std::fs::remove_file);
+                return Ok(Fetched::Restored);
+            }
+            Ok(Fetched::NotFound) => continue,
+            Err(e) if cfg.repositories.len() == 1 => return Err(e),
+            Err(e) => {
+                let e = e.context(format!("repository {:?}", r.name));
+                eprintln!(
+                    "walsafe wal-fetch: WARNING: {name}: {}; trying the other repositories",
+                    crate::report::error_line(&e)
+                );
+                if Failure::of(&e) == Failure::CouldNotLook {
+                    note_unreachable(cfg, r);
+                }
+                failures.push(e);
+            }
+        }
+    }
+    // Absent only when every repository proved it absent; otherwise the
+    // gravest failure (an object that must never be replayed) speaks.
+    match failures
+        .iter()
+        .position(|e| Failure::of(e) == Failure::Untrustworthy)
+    {
+        _ if failures.is_empty() => Ok(Fetched::NotFound),
+        Some(i) => Err(failures.swap_remove(i)),
+        None => Err(failures.swap_remove(0)),
+    }
+}
+
+/// How long a repository that could not be asked is tried after the
+/// others: a replay from the second repository while the first is down
+/// pays the first's retries once per minute, not once per segment.
+const UNREACHABLE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The repositories in the order `wal-fetch` asks them: as configured,
+/// except that one found unreachable in the last [`UNREACHABLE_FOR`]
+/// comes after the others (it is still asked before "not found").
+fn repository_order(cfg: &Config) -> Vec<usize> {
+    let recently_down = |r| {
+        unreachable_marker(cfg, r)
+            .and_then(|m| std::fs::metadata(m).ok())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < UNREACHABLE_FOR)
+    };
+    let (down, up): (Vec<usize>, Vec<usize>) =
+        (0..cfg.repositories.len()).partition(|&i| recently_down(&cfg.repositories[i]));
+    up.into_iter().chain(down).collect()
+}
+
+/// Where `wal-fetch` notes that repository `r` could not be asked; `None`
+/// with a single repository (there is no other to ask first).
+fn unreachable_marker(cfg: &Config, r: &crate::repository::RepositoryConfig) -> Option<PathBuf> {
+    if cfg.repositories.len() < 2 {
+        return None;
+    }
+    let id = hex::encode(&Sha256::digest(format!("{}\0{}", r.name, r.url))[..8]);
+    Some(cfg.fetch.dir.join(format!(".unreachable-{id}")))
+}
+
+fn note_unreachable(cfg: &Config, r: &crate::repository::RepositoryConfig) {
+    if let Some(m) = unreachable_marker(cfg, r) {
+        let _ = std::fs::create_dir_all(&cfg.fetch.dir);
+        let _ = std::fs::write(m, r.url.as_bytes());
+    }
+}
+
+/// [`wal_fetch`] from repository `index` alone. `first` is the first
+/// descriptor read (and its repository's name): every repository must
+/// archive the same cluster, or none of them is trusted.
+async fn wal_fetch_from(
+    cfg: &Config,
+    index: usize,
+    kind: Option<NameKind>,
+    name: &str,
+    dest: &Path,
+    first: &mut Option<(String, Descriptor)>,
+) -> anyhow::Result<Fetched> {
+    let rc = &cfg.repositories[index];
+    let repo =
+        Repository::open(rc).with_context(|| format!("cannot open the repository {}", rc.url))?;
     let descriptor = repo.descriptor().await?.ok_or_else(|| {
         anyhow!(
             "there is no walsafe repository at {} (no descriptor); check [repository] url in {}",
-            cfg.repository.url,
+            rc.url,
             cfg.path.display()
         )
     })?;
+    match first {
+        None => *first = Some((rc.name.clone(), descriptor.clone())),
+        Some((other, d))
+            if d.system_identifier != descriptor.system_identifier
+                || d.segment_size != descriptor.segment_size =>
+        {
+            bail!(Untrustworthy(format!(
+                "repository {:?} archives cluster {} ({} MiB segments) but repository {other:?} archives cluster {} ({} MiB segments); every [[repository]] must hold the same cluster's archive",
+                rc.name,
+                descriptor.system_identifier,
+                descriptor.segment_size >> 20,
+                d.system_identifier,
+                d.segment_size >> 20
+            )));
+        }
+        Some(_) => {}
+    }
     // The prefetcher starts once per served segment: after a segment
     // comes from the cache, or as soon as a complete segment's object is
     // in hand, so that it works on the next ones while this one is
@@ -314,7 +417,7 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
     let mut start_prefetcher = || {
         if !started && cfg.fetch.prefetch > 0 && kind == Some(NameKind::Segment) {
             started = true;
-            spawn_prefetcher(cfg, name);
+            spawn_prefetcher(cfg, index, name);
         }
     };
     if kind == Some(NameKind::Segment) && take_prefetched(cfg, &repo, &descriptor, name, dest).await
@@ -759,7 +862,7 @@ pub async fn assemble_chunks(
     Ok(Assembled::Segment(buf))
 }
 
-fn spawn_prefetcher(cfg: &Config, name: &str) {
+fn spawn_prefetcher(cfg: &Config, repository: usize, name: &str) {
     use std::os::unix::process::CommandExt;
     if prefetcher_running(&cfg.fetch.dir) {
         return;
@@ -772,6 +875,8 @@ fn spawn_prefetcher(cfg: &Config, name: &str) {
         .arg(&cfg.path)
         .arg("wal-prefetch")
         .arg(name)
+        .arg("--repository")
+        .arg(&cfg.repositories[repository].name)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -797,7 +902,17 @@ fn prefetcher_running(dir: &Path) -> bool {
 /// after NAME into this repository's prefetch cache, and drops those at or
 /// before it. One prefetcher per directory at a time (lock file); a second
 /// just exits.
-pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
+pub async fn prefetch(cfg: &Config, repository: &str, name: &str) -> anyhow::Result<()> {
+    let rc = cfg
+        .repositories
+        .iter()
+        .find(|r| r.name == repository)
+        .ok_or_else(|| {
+            anyhow!(
+                "no repository named {repository:?} in {}",
+                cfg.path.display()
+            )
+        })?;
     let dir = &cfg.fetch.dir;
     cfg.fsync
         .create_dir_all(dir)
@@ -810,11 +925,11 @@ pub async fn prefetch(cfg: &Config, name: &str) -> anyhow::Result<()> {
     if !fs4::fs_std::FileExt::try_lock_exclusive(&lock)? {
         return Ok(());
     }
-    let repo = Repository::open(&cfg.repository)?;
+    let repo = Repository::open(rc)?;
     let d = repo
         .descriptor()
         .await?
-        .ok_or_else(|| anyhow!("no repository at {}", cfg.repository.url))?;
+        .ok_or_else(|| anyhow!("no repository at {}", rc.url))?;
     let seg = SegmentName::parse(name, d.segment_size)
         .ok_or_else(|| anyhow!("{name} is not a segment name"))?;
     let cache = prefetch_cache(cfg, &repo, &d);

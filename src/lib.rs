@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod pg;
 pub mod positions;
 pub mod receive;
+pub mod repo_sync;
 pub mod report;
 pub mod repository;
 pub mod restore;

@@ -67,6 +67,12 @@ pub const SPOOL_BYTES: &str = "walsafe_spool_bytes";
 pub const SPOOL_PENDING_SEGMENTS: &str = "walsafe_spool_pending_segments";
 pub const SPOOL_FULL: &str = "walsafe_spool_full";
 pub const UPLOAD_STALLED: &str = "walsafe_upload_stalled";
+pub const REPOSITORY_ARCHIVED_LSN_BYTES: &str = "walsafe_repository_archived_lsn_bytes";
+pub const REPOSITORY_ARCHIVE_LAG_BYTES: &str = "walsafe_repository_archive_lag_bytes";
+pub const REPOSITORY_ARCHIVE_LAG_SECONDS: &str = "walsafe_repository_archive_lag_seconds";
+pub const REPOSITORY_LAST_ARCHIVED: &str = "walsafe_repository_last_archived_timestamp_seconds";
+pub const REPOSITORY_PENDING_SEGMENTS: &str = "walsafe_repository_pending_segments";
+pub const REPOSITORY_UPLOAD_STALLED: &str = "walsafe_repository_upload_stalled";
 pub const STORAGE_REQUESTS_TOTAL: &str = "walsafe_storage_requests_total";
 pub const STORAGE_BYTES_TOTAL: &str = "walsafe_storage_bytes_total";
 
@@ -88,8 +94,10 @@ const UPLOAD_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Installs the Prometheus exporter on `listen` and describes every metric.
-pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
+/// Installs the Prometheus exporter on `listen` and describes every
+/// metric; the per-repository series of `repositories` (their names)
+/// start at 0.
+pub fn install(listen: SocketAddr, repositories: &[String]) -> anyhow::Result<()> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     PrometheusBuilder::new()
         .with_http_listener(listen)
@@ -111,15 +119,19 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
         Kind::ClosedPartial,
     ] {
         for result in ["ok", "error"] {
-            counter!(UPLOADS_TOTAL, "kind" => kind.label(), "result" => result).absolute(0);
+            for r in repositories {
+                counter!(UPLOADS_TOTAL, "kind" => kind.label(), "result" => result, "repository" => r.clone())
+                    .absolute(0);
+            }
         }
     }
-    for c in [
-        RECONNECTS_TOTAL,
-        UPLOAD_CONFLICTS_TOTAL,
-        UPLOAD_REFUSED_TOTAL,
-        UPLOAD_BYTES_TOTAL,
-    ] {
+    for r in repositories {
+        for c in [UPLOAD_CONFLICTS_TOTAL, UPLOAD_REFUSED_TOTAL] {
+            counter!(c, "repository" => r.clone()).absolute(0);
+        }
+        gauge!(REPOSITORY_UPLOAD_STALLED, "repository" => r.clone()).set(0.0);
+    }
+    for c in [RECONNECTS_TOTAL, UPLOAD_BYTES_TOTAL] {
         counter!(c).absolute(0);
     }
     gauge!(ARCHIVE_GAPS).set(0.0);
@@ -145,17 +157,45 @@ pub fn describe() {
     describe_gauge!(
         ARCHIVED_LSN_BYTES,
         Unit::Bytes,
-        "End of WAL contiguously stored in the repository"
+        "End of WAL contiguously stored in the repository (with several, in the one furthest behind)"
     );
     describe_gauge!(
         ARCHIVE_LAG_BYTES,
         Unit::Bytes,
-        "Server WAL end minus archived position"
+        "Server WAL end minus archived position (with several repositories, the largest)"
     );
     describe_gauge!(
         ARCHIVE_LAG_SECONDS,
         Unit::Seconds,
-        "Age of the oldest WAL not yet stored (0 when caught up): the live RPO"
+        "Age of the oldest WAL not yet stored (0 when caught up): the live RPO (with several repositories, the largest)"
+    );
+    describe_gauge!(
+        REPOSITORY_ARCHIVED_LSN_BYTES,
+        Unit::Bytes,
+        "End of WAL contiguously stored, by repository (its name)"
+    );
+    describe_gauge!(
+        REPOSITORY_ARCHIVE_LAG_BYTES,
+        Unit::Bytes,
+        "Server WAL end minus the repository's archived position, by repository"
+    );
+    describe_gauge!(
+        REPOSITORY_ARCHIVE_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest WAL not yet stored in the repository (0 when caught up), by repository"
+    );
+    describe_gauge!(
+        REPOSITORY_LAST_ARCHIVED,
+        Unit::Seconds,
+        "Unix time when the repository last advanced, by repository"
+    );
+    describe_gauge!(
+        REPOSITORY_PENDING_SEGMENTS,
+        "Complete segments in the spool not yet stored in the repository, by repository"
+    );
+    describe_gauge!(
+        REPOSITORY_UPLOAD_STALLED,
+        "1 while no upload to the repository has succeeded for [archive] stall_alarm although WAL waits for it, by repository"
     );
     describe_gauge!(ARCHIVE_GAPS, "Ranges of WAL known to be missing from the repository (recorded in the spool's walsafe.gaps)");
     describe_gauge!(TIMELINE, "Timeline being streamed");
@@ -163,24 +203,24 @@ pub fn describe() {
     describe_gauge!(
         LAST_ARCHIVED_TIMESTAMP_SECONDS,
         Unit::Seconds,
-        "Unix time when the repository last advanced"
+        "Unix time when the repository last advanced (with several, the one furthest behind)"
     );
     describe_counter!(
         UPLOADS_TOTAL,
-        "Uploads by kind (segment, chunk, history, partial) and result (ok, error)"
+        "Uploads by kind (segment, chunk, history, partial), result (ok, error) and repository"
     );
     describe_counter!(
         UPLOAD_CONFLICTS_TOTAL,
-        "Uploads refused because different content exists under the same name"
+        "Uploads refused because different content exists under the same name, by repository"
     );
     describe_counter!(
         UPLOAD_REFUSED_TOTAL,
-        "Spooled segments refused because they are not WAL of the repository's cluster (kept in the spool, never uploaded)"
+        "Spooled segments refused because they are not WAL of the repository's cluster (kept in the spool, never uploaded), by repository"
     );
     describe_histogram!(
         UPLOAD_DURATION_SECONDS,
         Unit::Seconds,
-        "Duration of one upload, by kind"
+        "Duration of one upload, by kind and repository"
     );
     describe_histogram!(
         FSYNC_DURATION_SECONDS,
@@ -338,18 +378,33 @@ pub fn refresh_positions(p: &Positions) {
     gauge!(FLUSHED_LSN_BYTES).set(flushed.0 as f64);
     gauge!(ARCHIVED_LSN_BYTES).set(archived.0 as f64);
     gauge!(ARCHIVE_LAG_BYTES).set(server.bytes_after(archived) as f64);
-    let oldest = p.oldest_unarchived_ms();
-    let lag = if oldest == 0 {
-        0.0
-    } else {
-        now_ms().saturating_sub(oldest) as f64 / 1000.0
-    };
-    gauge!(ARCHIVE_LAG_SECONDS).set(lag);
+    gauge!(ARCHIVE_LAG_SECONDS).set(lag_seconds(p.oldest_unarchived_ms()));
     gauge!(TIMELINE).set(f64::from(p.timeline().0));
     gauge!(UPLOAD_STALLED).set(if p.upload_stalled() { 1.0 } else { 0.0 });
     let last = p.last_archived_ms();
     if last > 0 {
         gauge!(LAST_ARCHIVED_TIMESTAMP_SECONDS).set(last as f64 / 1000.0);
+    }
+    for a in p.archives() {
+        let r = || ("repository", a.name().to_string());
+        let archived = a.archived();
+        gauge!(REPOSITORY_ARCHIVED_LSN_BYTES, &[r()]).set(archived.0 as f64);
+        gauge!(REPOSITORY_ARCHIVE_LAG_BYTES, &[r()]).set(server.bytes_after(archived) as f64);
+        gauge!(REPOSITORY_ARCHIVE_LAG_SECONDS, &[r()]).set(lag_seconds(a.oldest_unarchived_ms()));
+        gauge!(REPOSITORY_PENDING_SEGMENTS, &[r()]).set(a.pending_segments() as f64);
+        gauge!(REPOSITORY_UPLOAD_STALLED, &[r()]).set(f64::from(u8::from(a.upload_stalled())));
+        if a.last_archived_ms() > 0 {
+            gauge!(REPOSITORY_LAST_ARCHIVED, &[r()]).set(a.last_archived_ms() as f64 / 1000.0);
+        }
+    }
+}
+
+/// Seconds since `oldest_unarchived_ms` (0 when nothing waits).
+fn lag_seconds(oldest_unarchived_ms: u64) -> f64 {
+    if oldest_unarchived_ms == 0 {
+        0.0
+    } else {
+        now_ms().saturating_sub(oldest_unarchived_ms) as f64 / 1000.0
     }
 }
 
@@ -369,14 +424,16 @@ pub fn reconnect() {
 }
 
 /// Counts one upload's result.
-pub fn upload_result(kind: Kind, ok: bool) {
-    counter!(UPLOADS_TOTAL, "kind" => kind.label(), "result" => if ok { "ok" } else { "error" })
+pub fn upload_result(kind: Kind, ok: bool, repository: &str) {
+    let result = if ok { "ok" } else { "error" };
+    counter!(UPLOADS_TOTAL, "kind" => kind.label(), "result" => result, "repository" => repository.to_string())
         .increment(1);
 }
 
 /// Records one upload's duration.
-pub fn upload_duration(kind: Kind, d: Duration) {
-    histogram!(UPLOAD_DURATION_SECONDS, "kind" => kind.label()).record(d.as_secs_f64());
+pub fn upload_duration(kind: Kind, d: Duration, repository: &str) {
+    histogram!(UPLOAD_DURATION_SECONDS, "kind" => kind.label(), "repository" => repository.to_string())
+        .record(d.as_secs_f64());
 }
 
 /// Number of recorded gaps.
@@ -414,13 +471,13 @@ pub fn set_spool_full(full: bool) {
 }
 
 /// Counts a spooled segment refused as another cluster's WAL.
-pub fn refused() {
-    counter!(UPLOAD_REFUSED_TOTAL).increment(1);
+pub fn refused(repository: &str) {
+    counter!(UPLOAD_REFUSED_TOTAL, "repository" => repository.to_string()).increment(1);
 }
 
 /// Counts a create-only conflict (different content under the same name).
-pub fn conflict() {
-    counter!(UPLOAD_CONFLICTS_TOTAL).increment(1);
+pub fn conflict(repository: &str) {
+    counter!(UPLOAD_CONFLICTS_TOTAL, "repository" => repository.to_string()).increment(1);
 }
 
 /// What a running agent's metrics endpoint says about its positions (for

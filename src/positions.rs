@@ -14,9 +14,13 @@
 //!   mode `local`. Its one publisher is the spool writer thread (a
 //!   [`Durable`] watch); [`Positions`] only follows that watch
 //!   ([`Positions::follow_durable`]), it never holds a copy of its own.
-//! * `archived`: the end of WAL contiguously stored in the repository, from
-//!   the point where this agent began. The only position that may be
-//!   reported as `flush` in ack mode `remote`.
+//! * `archived`: the end of WAL contiguously stored in a repository, from
+//!   the point where this agent began. Each repository has its own
+//!   ([`Archive`], written by its uploader only); [`Positions::archived`]
+//!   is the lowest of them, so that lag and age always describe the
+//!   repository furthest behind. In ack mode `remote` the flush reported
+//!   is at most the highest of them (see `agent`): WAL stored in any
+//!   repository, and kept in the spool until every one has it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -46,21 +50,37 @@ struct Inner {
     written: AtomicU64,
     /// The spool's durable position, followed (see [`Positions::follow_durable`]).
     durable: RwLock<Option<watch::Receiver<Durable>>>,
-    archived: AtomicU64,
     timeline: AtomicU32,
+    /// Each repository's progress, in configuration order.
+    archives: RwLock<Vec<Archive>>,
+    /// The previous run's last-archived time (state file), a floor for
+    /// every repository's.
+    last_archived_seed_ms: AtomicU64,
+    /// Unix time (ms) the receive side last showed life (a message from the
+    /// server, or a reconnect attempt).
+    receive_heartbeat_ms: AtomicU64,
+    /// 1 while streaming.
+    connected: AtomicU32,
+}
+
+/// One repository's archive progress; its uploader is the only writer.
+/// Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Archive(Arc<ArchiveInner>);
+
+#[derive(Default)]
+struct ArchiveInner {
+    /// The repository's name (`[[repository]] name`).
+    name: String,
+    archived: AtomicU64,
     /// Unix time (ms) of the oldest flushed WAL not yet archived; 0 when caught up.
     oldest_unarchived_ms: AtomicU64,
     /// Unix time (ms) when `archived` last advanced.
     last_archived_ms: AtomicU64,
-    /// Unix time (ms) the receive side last showed life (a message from the
-    /// server, or a reconnect attempt).
-    receive_heartbeat_ms: AtomicU64,
     /// Unix time (ms) the uploader's loop last ran.
     upload_heartbeat_ms: AtomicU64,
     /// Complete segments in the spool not yet stored.
     pending_segments: AtomicU64,
-    /// 1 while streaming.
-    connected: AtomicU32,
     /// 1 while uploads make no progress although WAL waits.
     upload_stalled: AtomicU32,
 }
@@ -94,15 +114,6 @@ impl Positions {
     pub fn written(&self) -> Lsn {
         self.written_this_run().max(self.flushed())
     }
-    position!(archived, advance_archived, archived);
-
-    /// Sets `archived` as the uploader computed it. The uploader is its only
-    /// writer; it can be lower than before only at start-up, when segments
-    /// recovered from the spool are still to be stored.
-    pub fn set_archived(&self, lsn: Lsn) {
-        self.0.archived.store(lsn.0, Ordering::Release);
-    }
-
     /// Follows the spool's durable position from now on.
     pub fn follow_durable(&self, durable: watch::Receiver<Durable>) {
         *self.0.durable.write().unwrap_or_else(|e| e.into_inner()) = Some(durable);
@@ -141,6 +152,119 @@ impl Positions {
         self.0.timeline.store(t.0, Ordering::Release);
     }
 
+    /// Seeds the last-archived time (from the previous run's state file).
+    pub fn seed_last_archived_ms(&self, ms: u64) {
+        self.0.last_archived_seed_ms.fetch_max(ms, Ordering::AcqRel);
+        for a in self.archives().iter() {
+            a.0.last_archived_ms.fetch_max(ms, Ordering::AcqRel);
+        }
+    }
+
+    /// Registers repository `name`'s progress (its uploader's to write).
+    pub fn add_archive(&self, name: &str) -> Archive {
+        let a = Archive(Arc::new(ArchiveInner {
+            name: name.to_string(),
+            last_archived_ms: AtomicU64::new(self.0.last_archived_seed_ms.load(Ordering::Acquire)),
+            ..Default::default()
+        }));
+        self.0
+            .archives
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(a.clone());
+        a
+    }
+
+    /// Every repository's progress, in configuration order.
+    pub fn archives(&self) -> Vec<Archive> {
+        self.0
+            .archives
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The lowest of `f` over the repositories (`None` before any).
+    fn lowest(&self, f: impl Fn(&Archive) -> u64) -> Option<u64> {
+        self.archives().iter().map(f).min()
+    }
+
+    /// `archived` of the repository furthest behind (`0/0` before any).
+    pub fn archived(&self) -> Lsn {
+        Lsn(self.lowest(Archive::archived_raw).unwrap_or(0))
+    }
+
+    /// Unix ms of the oldest WAL flushed but not archived in some
+    /// repository (0 = every repository is caught up).
+    pub fn oldest_unarchived_ms(&self) -> u64 {
+        self.lowest(|a| match a.oldest_unarchived_ms() {
+            0 => u64::MAX,
+            t => t,
+        })
+        .filter(|&t| t != u64::MAX)
+        .unwrap_or(0)
+    }
+
+    /// Unix ms when the repository furthest behind last advanced (0 = never).
+    pub fn last_archived_ms(&self) -> u64 {
+        self.lowest(Archive::last_archived_ms)
+            .unwrap_or_else(|| self.0.last_archived_seed_ms.load(Ordering::Acquire))
+    }
+
+    /// When the slowest uploader last ran (unix ms, 0 = never).
+    pub fn upload_heartbeat_ms(&self) -> u64 {
+        self.lowest(Archive::upload_heartbeat_ms).unwrap_or(0)
+    }
+
+    /// The most complete segments any repository still awaits.
+    pub fn pending_segments(&self) -> u64 {
+        self.archives()
+            .iter()
+            .map(Archive::pending_segments)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether some repository's uploads make no progress although WAL waits.
+    pub fn upload_stalled(&self) -> bool {
+        self.archives().iter().any(Archive::upload_stalled)
+    }
+
+    /// With several repositories, the one furthest behind (the one whose
+    /// backlog fills the spool), for alarms; `None` with one.
+    pub fn furthest_behind(&self) -> Option<String> {
+        let all = self.archives();
+        if all.len() < 2 {
+            return None;
+        }
+        all.iter()
+            .min_by_key(|a| a.archived_raw())
+            .map(|a| a.name().to_string())
+    }
+}
+
+impl Archive {
+    /// The repository's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    fn archived_raw(&self) -> u64 {
+        self.0.archived.load(Ordering::Acquire)
+    }
+
+    /// The end of WAL contiguously stored in this repository.
+    pub fn archived(&self) -> Lsn {
+        Lsn(self.archived_raw())
+    }
+
+    /// Sets `archived` as the uploader computed it. The uploader is its only
+    /// writer; it can be lower than before only at start-up, when segments
+    /// recovered from the spool are still to be stored.
+    pub fn set_archived(&self, lsn: Lsn) {
+        self.0.archived.store(lsn.0, Ordering::Release);
+    }
+
     /// Unix ms of the oldest WAL flushed but not archived (0 = none).
     pub fn oldest_unarchived_ms(&self) -> u64 {
         self.0.oldest_unarchived_ms.load(Ordering::Acquire)
@@ -156,28 +280,9 @@ impl Positions {
         self.0.last_archived_ms.load(Ordering::Acquire)
     }
 
-    /// Seeds the last-archived time (from the previous run's state file).
-    pub fn seed_last_archived_ms(&self, ms: u64) {
-        self.0.last_archived_ms.fetch_max(ms, Ordering::AcqRel);
-    }
-
     /// Records that `archived` advanced now.
     pub fn touch_archived(&self) {
         self.0.last_archived_ms.store(now_ms(), Ordering::Release);
-    }
-}
-
-impl Positions {
-    /// Marks the receive side alive now.
-    pub fn receive_heartbeat(&self) {
-        self.0
-            .receive_heartbeat_ms
-            .store(now_ms(), Ordering::Release);
-    }
-
-    /// When the receive side last showed life (unix ms, 0 = never).
-    pub fn receive_heartbeat_ms(&self) -> u64 {
-        self.0.receive_heartbeat_ms.load(Ordering::Acquire)
     }
 
     /// Marks the uploader alive now.
@@ -202,11 +307,6 @@ impl Positions {
         self.0.pending_segments.load(Ordering::Acquire)
     }
 
-    /// Records whether the replication connection is streaming.
-    pub fn set_connected(&self, c: bool) {
-        self.0.connected.store(u32::from(c), Ordering::Release);
-    }
-
     /// Records whether uploads make no progress although WAL waits.
     pub fn set_upload_stalled(&self, stalled: bool) {
         self.0
@@ -217,6 +317,25 @@ impl Positions {
     /// Whether uploads make no progress although WAL waits (see `upload`).
     pub fn upload_stalled(&self) -> bool {
         self.0.upload_stalled.load(Ordering::Acquire) == 1
+    }
+}
+
+impl Positions {
+    /// Marks the receive side alive now.
+    pub fn receive_heartbeat(&self) {
+        self.0
+            .receive_heartbeat_ms
+            .store(now_ms(), Ordering::Release);
+    }
+
+    /// When the receive side last showed life (unix ms, 0 = never).
+    pub fn receive_heartbeat_ms(&self) -> u64 {
+        self.0.receive_heartbeat_ms.load(Ordering::Acquire)
+    }
+
+    /// Records whether the replication connection is streaming.
+    pub fn set_connected(&self, c: bool) {
+        self.0.connected.store(u32::from(c), Ordering::Release);
     }
 
     /// Is the replication connection streaming?

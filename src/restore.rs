@@ -110,8 +110,8 @@ pub async fn restore(
     progress: &mut dyn Progress,
 ) -> anyhow::Result<Restored> {
     refuse_unless_empty(&args.dir, "the data directory")?;
-    let repo = Repository::open(&cfg.repository)
-        .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
+    let repo = Repository::open(cfg.repository())
+        .with_context(|| format!("cannot open the repository {}", cfg.repository().url))?;
     let backup = choose(cfg, &repo, args).await?;
     // Every tablespace's destination, checked before anything is written.
     let mut destinations = Vec::new();

@@ -121,8 +121,10 @@ mod tests {
     fn health_needs_every_part_alive() {
         let p = Positions::default();
         assert!(!healthy(&p, Duration::ZERO), "never heard from anyone");
-        p.upload_heartbeat();
+        let archive = p.add_archive("repo");
         p.receive_heartbeat();
+        assert!(!healthy(&p, Duration::ZERO), "the uploader never ran");
+        archive.upload_heartbeat();
         assert!(healthy(&p, Duration::ZERO));
         assert!(!healthy(&p, STALL_LIMIT), "an fsync stuck for a minute");
     }

@@ -50,6 +50,22 @@ pub struct AgentState {
     /// Storage traffic over the last hour (or since start, if sooner).
     #[serde(default)]
     pub storage: StorageWindow,
+    /// Each repository's progress (the fields above show the one furthest
+    /// behind).
+    #[serde(default)]
+    pub repositories: Vec<RepositoryProgress>,
+}
+
+/// One repository's archive progress, as its uploader left it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RepositoryProgress {
+    pub name: String,
+    pub archived_lsn: String,
+    pub archive_lag_bytes: u64,
+    pub archive_lag_seconds: f64,
+    pub last_archived_ms: u64,
+    pub pending_segments: u64,
+    pub stalled: bool,
 }
 
 /// What the agent sent to and received from storage over a window.
@@ -138,7 +154,26 @@ impl AgentState {
         pending: u64,
         gaps: u64,
     ) -> Self {
-        let oldest = p.oldest_unarchived_ms();
+        let lag_seconds = |oldest: u64| {
+            if oldest == 0 {
+                0.0
+            } else {
+                now_ms().saturating_sub(oldest) as f64 / 1000.0
+            }
+        };
+        let repositories = p
+            .archives()
+            .iter()
+            .map(|a| RepositoryProgress {
+                name: a.name().to_string(),
+                archived_lsn: a.archived().to_string(),
+                archive_lag_bytes: p.server().bytes_after(a.archived()),
+                archive_lag_seconds: lag_seconds(a.oldest_unarchived_ms()),
+                last_archived_ms: a.last_archived_ms(),
+                pending_segments: a.pending_segments(),
+                stalled: a.upload_stalled(),
+            })
+            .collect();
         AgentState {
             pid: std::process::id(),
             updated_ms: now_ms(),
@@ -149,16 +184,13 @@ impl AgentState {
             flushed_lsn: p.flushed().to_string(),
             archived_lsn: p.archived().to_string(),
             archive_lag_bytes: p.server().bytes_after(p.archived()),
-            archive_lag_seconds: if oldest == 0 {
-                0.0
-            } else {
-                now_ms().saturating_sub(oldest) as f64 / 1000.0
-            },
+            archive_lag_seconds: lag_seconds(p.oldest_unarchived_ms()),
             last_archived_ms: p.last_archived_ms(),
             spool_bytes,
             spool_pending_segments: pending,
             gaps,
             storage: StorageWindow::default(),
+            repositories,
         }
     }
 

@@ -55,11 +55,11 @@ use crate::metrics::Kind;
 use crate::pg::page::PageValidator;
 use crate::pg::ClusterIdentity;
 use crate::pg::{Lsn, SegmentName, TimelineId};
-use crate::positions::{now_ms, Positions};
+use crate::positions::{now_ms, Archive};
 use crate::repository::envelope::{Frame, BLOCK_LEN};
 use crate::repository::{ObjectName, PutOutcome, Repository, RepositoryError, SegmentFile};
 use crate::retry::Backoff;
-use crate::spool::retention::{Retention, SpoolFile};
+use crate::spool::retention::{Release, SpoolFile};
 use crate::spool::{Durable, Feed, Recovered, Spool, SpoolEvent};
 
 /// Wait before re-queueing an upload whose retries were exhausted.
@@ -152,8 +152,10 @@ pub struct Uploader {
     /// Segments found not to be this cluster's WAL: never shipped.
     refused: BTreeSet<SegmentName>,
     spool: Arc<Spool>,
-    retention: Arc<Retention>,
-    positions: Positions,
+    /// Where this repository reports what it stored.
+    release: Release,
+    /// This repository's progress, for metrics, status and alarms.
+    progress: Archive,
     segment_size: u64,
     interval: Duration,
     /// Ack mode `remote`: chunks go out as soon as WAL is durable (see
@@ -214,8 +216,8 @@ impl Uploader {
         repo: Arc<Repository>,
         identity: ClusterIdentity,
         spool: Arc<Spool>,
-        retention: Arc<Retention>,
-        positions: Positions,
+        release: Release,
+        progress: Archive,
         recovered: &Recovered,
         archive: &ArchiveConfig,
     ) -> (Self, watch::Receiver<Lsn>) {
@@ -263,8 +265,8 @@ impl Uploader {
             identity,
             refused: BTreeSet::new(),
             spool,
-            retention,
-            positions,
+            release,
+            progress,
             segment_size,
             interval: archive.partial_interval,
             eager: archive.ack == crate::config::AckMode::Remote,
@@ -314,7 +316,7 @@ impl Uploader {
             self.maybe_frames(&mut tasks);
             self.publish();
             self.watch_progress();
-            self.positions.upload_heartbeat();
+            self.progress.upload_heartbeat();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 ev = events.recv() => match ev {
@@ -475,11 +477,12 @@ impl Uploader {
         let quiet = self.last_progress.elapsed();
         if !self.stalled && quiet >= self.stall_alarm {
             self.stalled = true;
-            self.positions.set_upload_stalled(true);
+            self.progress.set_upload_stalled(true);
             error!(
-                "no upload has succeeded for {quiet:.0?} while WAL waits ({} failed attempts, {} segment(s) pending): WAL is accumulating in the spool and the archive is falling behind; check the repository ({})",
+                "no upload has succeeded for {quiet:.0?} to repository {:?} while WAL waits ({} failed attempts, {} segment(s) pending): WAL is accumulating in the spool and that repository is falling behind; check it ({})",
+                self.progress.name(),
                 self.failures,
-                self.positions.pending_segments(),
+                self.progress.pending_segments(),
                 self.repo.url()
             );
         }
@@ -584,7 +587,7 @@ impl Uploader {
             self.jobs.insert(job, State::InFlight);
             let repo = self.repo.clone();
             let spool = self.spool.clone();
-            let retention = self.retention.clone();
+            let release = self.release.clone();
             let identity = self.identity;
             let frames = match job {
                 Job::Segment(s) | Job::ClosedPartial(s) => self
@@ -606,7 +609,7 @@ impl Uploader {
                 _ => Vec::new(),
             };
             tasks.spawn(async move {
-                let r = upload_one(&repo, &spool, &retention, identity, job, frames).await;
+                let r = upload_one(&repo, &spool, &release, identity, job, frames).await;
                 (job, r)
             });
         }
@@ -655,7 +658,7 @@ impl Uploader {
             Job::History(_) => Kind::History,
             Job::Chunk { .. } | Job::Frames { .. } => Kind::Chunk,
         };
-        crate::metrics::upload_result(kind, result.is_ok());
+        crate::metrics::upload_result(kind, result.is_ok(), self.repo.name());
         match &result {
             Ok(_) => {
                 if self.stalled {
@@ -665,7 +668,7 @@ impl Uploader {
                         self.failures
                     );
                     self.stalled = false;
-                    self.positions.set_upload_stalled(false);
+                    self.progress.set_upload_stalled(false);
                 }
                 self.failures = 0;
                 self.last_progress = Instant::now();
@@ -705,7 +708,7 @@ impl Uploader {
                     }
                     Job::History(_) | Job::Frames { .. } => {}
                 }
-                self.positions.touch_archived();
+                self.progress.touch_archived();
             }
             Err(e) => {
                 let conflict = e
@@ -714,7 +717,7 @@ impl Uploader {
                 let stranger = e.downcast_ref::<Stranger>().is_some();
                 if stranger {
                     error!("{}", crate::report::error_line(&e));
-                    crate::metrics::refused();
+                    crate::metrics::refused(self.repo.name());
                     let seg = match job {
                         Job::Segment(s) | Job::ClosedPartial(s) | Job::Chunk { seg: s, .. } => {
                             Some(s)
@@ -728,7 +731,7 @@ impl Uploader {
                     }
                 } else if conflict {
                     error!("{}; the local copy is kept in the spool and this object will not be retried until restart", crate::report::error_line(&e));
-                    crate::metrics::conflict();
+                    crate::metrics::conflict(self.repo.name());
                     self.jobs.insert(job, State::Conflict);
                 } else {
                     warn!(
@@ -835,14 +838,14 @@ impl Uploader {
         if let Some(f) = &mut self.filling {
             f.frames_in_flight = true;
         }
-        let (repo, spool, retention, identity) = (
+        let (repo, spool, release, identity) = (
             self.repo.clone(),
             self.spool.clone(),
-            self.retention.clone(),
+            self.release.clone(),
             self.identity,
         );
         tasks.spawn(async move {
-            let r = upload_one(&repo, &spool, &retention, identity, job, Vec::new()).await;
+            let r = upload_one(&repo, &spool, &release, identity, job, Vec::new()).await;
             (job, r)
         });
     }
@@ -925,9 +928,9 @@ impl Uploader {
             .keys()
             .filter(|j| matches!(j, Job::Segment(_) | Job::ClosedPartial(_)))
             .count();
-        self.positions.set_pending_segments(pending as u64);
+        self.progress.set_pending_segments(pending as u64);
         let archived = self.archived();
-        self.positions.set_archived(archived);
+        self.progress.set_archived(archived);
         self.archived_tx.send_if_modified(|a| {
             let changed = *a != archived;
             *a = archived;
@@ -940,7 +943,7 @@ impl Uploader {
         {
             self.durable_times.pop_front();
         }
-        self.positions
+        self.progress
             .set_oldest_unarchived_ms(self.durable_times.front().map_or(0, |(_, t)| *t));
     }
 }
@@ -948,7 +951,7 @@ impl Uploader {
 async fn upload_one(
     repo: &Repository,
     spool: &Arc<Spool>,
-    retention: &Arc<Retention>,
+    release: &Release,
     identity: ClusterIdentity,
     job: Job,
     frames: Vec<Frame>,
@@ -986,7 +989,7 @@ async fn upload_one(
             fail::fail_point!("upload::stored", |_| Err(anyhow::anyhow!(
                 "failpoint upload::stored"
             )));
-            release(retention, SpoolFile::Complete(seg)).await?;
+            release_file(release, SpoolFile::Complete(seg)).await?;
             (Kind::Segment, o)
         }
         Job::ClosedPartial(seg) => {
@@ -994,7 +997,7 @@ async fn upload_one(
             let o = repo
                 .put_file_with(&name, spool.partial_path(seg), frames)
                 .await?;
-            release(retention, SpoolFile::ClosedPartial(seg)).await?;
+            release_file(release, SpoolFile::ClosedPartial(seg)).await?;
             (Kind::ClosedPartial, o)
         }
         Job::History(t) => {
@@ -1021,7 +1024,7 @@ async fn upload_one(
         }
         Job::Frames { .. } => unreachable!("compressing ahead returned above"),
     };
-    crate::metrics::upload_duration(kind, started.elapsed());
+    crate::metrics::upload_duration(kind, started.elapsed(), repo.name());
     Ok((outcome, made))
 }
 
@@ -1084,10 +1087,10 @@ fn check_spooled(spool: &Spool, identity: ClusterIdentity, seg: SegmentName) -> 
     Ok(())
 }
 
-/// Tells retention that this (the only, for now) repository stored `file`.
-async fn release(retention: &Arc<Retention>, file: SpoolFile) -> anyhow::Result<()> {
-    let retention = retention.clone();
-    tokio::task::spawn_blocking(move || retention.stored(file, 0)).await??;
+/// Tells retention that this repository stored `file`.
+async fn release_file(release: &Release, file: SpoolFile) -> anyhow::Result<()> {
+    let release = release.clone();
+    tokio::task::spawn_blocking(move || release.stored(file)).await??;
     Ok(())
 }
 
@@ -1095,9 +1098,11 @@ async fn release(retention: &Arc<Retention>, file: SpoolFile) -> anyhow::Result<
 mod tests {
     use super::*;
     use crate::durable::Fsync;
+    use crate::positions::Positions;
     use crate::repository::envelope;
     use crate::repository::faults::{Fault, Faults, Op};
     use crate::repository::{Compression, Store};
+    use crate::spool::retention::Retention;
     use crate::spool::WriterHandle;
 
     const SEG: u64 = 1 << 20;
@@ -1159,13 +1164,13 @@ mod tests {
         let positions = Positions::default();
         let (publisher, feed) = crate::spool::feed(Durable::default());
         positions.follow_durable(feed.durable.clone());
-        let retention = Arc::new(Retention::new(spool.clone(), 1));
+        let release = Release::new(Arc::new(Retention::new(spool.clone(), 1)), 0);
         let (uploader, archived) = Uploader::new(
             repo.clone(),
             me(),
             spool.clone(),
-            retention,
-            positions.clone(),
+            release,
+            positions.add_archive("test"),
             &recovered,
             &ArchiveConfig {
                 partial_interval: interval,
@@ -1704,13 +1709,13 @@ mod tests {
         )
         .unwrap();
         let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
-        let retention = Arc::new(Retention::new(spool.clone(), 1));
+        let release = Release::new(Arc::new(Retention::new(spool.clone(), 1)), 0);
         let (u, _) = Uploader::new(
             repo,
             me(),
             spool,
-            retention,
-            Positions::default(),
+            release,
+            Positions::default().add_archive("test"),
             &recovered,
             &ArchiveConfig {
                 partial_interval: Duration::from_secs(3600),

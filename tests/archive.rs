@@ -457,10 +457,11 @@ fn ack_remote_concurrent_commits_each_return_only_once_their_commit_record_is_st
     let segment_size = s.pg.segment_size();
     let from = current_lsn(&s.pg);
     let chunks = |a: &Agent| {
-        a.metrics()
-            .get("walsafe_uploads_total{kind=\"chunk\",result=\"ok\"}")
-            .copied()
-            .unwrap_or(0.0)
+        common::walsafe::counter_sum(
+            &a.metrics(),
+            "walsafe_uploads_total",
+            "kind=\"chunk\",result=\"ok\"",
+        )
     };
     let chunks_before = chunks(&agent);
     let conninfo = format!(

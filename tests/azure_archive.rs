@@ -47,6 +47,8 @@ fn wal(len: usize, seed: u8) -> Bytes {
 
 fn config(az: &AzureServer, key_file: Option<PathBuf>, retries: u32) -> RepositoryConfig {
     RepositoryConfig {
+        name: "test".into(),
+        retain_window: None,
         url: az.url(PREFIX),
         key_file,
         compression: Compression::Zstd,
@@ -565,6 +567,8 @@ fn az_conflict_keeps_the_local_copy_and_the_stored_blob() {
     // Someone else's WAL under the name of the segment now filling.
     let filling = s.pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())");
     let repo = Repository::open(&RepositoryConfig {
+        name: "test".into(),
+        retain_window: None,
         url: s.settings.repo_url.clone(),
         key_file: None,
         compression: Compression::Zstd,
@@ -586,7 +590,9 @@ fn az_conflict_keeps_the_local_copy_and_the_stored_blob() {
     s.pg.psql("INSERT INTO t SELECT repeat(md5(g::text), 30) FROM generate_series(1, 3000) g");
     s.pg.psql("SELECT pg_switch_wal()");
     s.pg.psql("INSERT INTO t VALUES ('after the conflict')");
-    let conflicts = |a: &Agent| a.gauge("walsafe_upload_conflicts_total");
+    let conflicts = |a: &Agent| {
+        common::walsafe::counter_sum(&a.metrics(), "walsafe_upload_conflicts_total", "")
+    };
     assert!(
         wait_until(Duration::from_secs(30), || conflicts(&agent) >= 1.0),
         "no conflict counted; log:\n{}",

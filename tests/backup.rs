@@ -21,7 +21,7 @@ use walsafe::repository::{ObjectName, Repository};
 
 fn repository(config: &Path) -> Repository {
     let cfg = walsafe::config::Config::load(config).unwrap();
-    Repository::open(&cfg.repository).unwrap()
+    Repository::open(cfg.repository()).unwrap()
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {

@@ -235,7 +235,7 @@ fn assert_partial_is_the_old_primary_s_wal(config: &std::path::Path, old: &PgClu
     use walsafe::repository::{ObjectName, Repository, SegmentFile};
     let cfg = walsafe::config::Config::load(config).unwrap();
     let wal_dir =
-        std::path::PathBuf::from(cfg.repository.url.strip_prefix("file://").unwrap()).join("wal");
+        std::path::PathBuf::from(cfg.repository().url.strip_prefix("file://").unwrap()).join("wal");
     let partials: Vec<String> = std::fs::read_dir(&wal_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -248,7 +248,7 @@ fn assert_partial_is_the_old_primary_s_wal(config: &std::path::Path, old: &PgClu
     );
     let name = partials[0].trim_end_matches(".partial").to_string();
     let data = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let repo = Repository::open(&cfg.repository).unwrap();
+        let repo = Repository::open(cfg.repository()).unwrap();
         repo.get(&ObjectName::ClosedPartial(
             SegmentFile::parse(&name).unwrap(),
         ))

@@ -131,6 +131,8 @@ async fn fake_gcs_repository_verifies_what_it_reads() {
     let other_key = dir.path().join("other.key");
     write_key_file(&other_key, &Key::generate()).unwrap();
     let cfg = |url: String, key: &Path| RepositoryConfig {
+        name: "test".into(),
+        retain_window: None,
         options: if url.starts_with("gs://") {
             g.repo_options()
         } else {

@@ -60,6 +60,8 @@ const REPOSITORIES: [(&str, bool, Compression); 3] = [
 
 fn config(dir: &Path, key_file: Option<PathBuf>, compression: Compression) -> RepositoryConfig {
     RepositoryConfig {
+        name: "test".into(),
+        retain_window: None,
         url: format!("file://{}", dir.display()),
         key_file,
         compression,

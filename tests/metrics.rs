@@ -118,7 +118,7 @@ impl Scrape {
             let have: BTreeSet<String> = rest.split(',').map(str::to_string).collect();
             let want: BTreeSet<String> =
                 labels.iter().map(|(l, v)| format!("{l}=\"{v}\"")).collect();
-            (have == want).then_some(*v)
+            want.is_subset(&have).then_some(*v)
         })
     }
 }

@@ -82,6 +82,8 @@ impl Backend {
 
     fn config(&self, key_file: Option<PathBuf>, retries: u32) -> RepositoryConfig {
         RepositoryConfig {
+            name: "test".into(),
+            retain_window: None,
             url: self.url(),
             key_file,
             compression: Compression::Zstd,

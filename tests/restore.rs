@@ -305,7 +305,7 @@ fn a_restore_across_a_recorded_gap_is_refused() {
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async {
-            walsafe::repository::Repository::open(&cfg.repository)
+            walsafe::repository::Repository::open(cfg.repository())
                 .unwrap()
                 .record_gap(&gap)
                 .await

@@ -94,10 +94,11 @@ fn storage_outage_is_escalated_and_nothing_leaves_the_spool() {
     // Failed chunks back off (capped exponential): a 200 ms interval must
     // not turn into five failed uploads a second against a dead store.
     let chunk_errors = |a: &Agent| {
-        a.metrics()
-            .get("walsafe_uploads_total{kind=\"chunk\",result=\"error\"}")
-            .copied()
-            .unwrap_or(0.0)
+        common::walsafe::counter_sum(
+            &a.metrics(),
+            "walsafe_uploads_total",
+            "kind=\"chunk\",result=\"error\"",
+        )
     };
     pg.psql("INSERT INTO t VALUES ('a chunk that cannot be stored')");
     let before = chunk_errors(&agent);

@@ -182,7 +182,7 @@ fn unencrypted_objects_are_checksummed_and_prefetch_is_verified() {
     // (The cache of this repository: `<[fetch] dir>/<repository id>/`.)
     let cfg = walsafe::config::Config::load(&a.config).unwrap();
     let cache = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let repo = walsafe::repository::Repository::open(&cfg.repository).unwrap();
+        let repo = walsafe::repository::Repository::open(cfg.repository()).unwrap();
         let d = repo.descriptor().await.unwrap().unwrap();
         walsafe::fetch::prefetch_cache(&cfg, &repo, &d)
     });

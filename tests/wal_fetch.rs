@@ -492,3 +492,142 @@ fn a_standby_gets_exit_1_when_wal_fetch_cannot_look_and_126_for_an_untrustworthy
         }
     }
 }
+
+/// Several repositories: `wal-fetch` asks them in order and falls back on
+/// absence or error. A file missing from the first (file://) comes from
+/// the second (S3); a damaged copy in the first is passed over for the
+/// second's good one; exit 1 only when every repository proved the file
+/// absent; with the first unreachable and the second lacking the file,
+/// 126, never 1; a second repository of another cluster is refused.
+#[test]
+fn wal_fetch_falls_back_through_the_repositories_in_order() {
+    const SIZE: u64 = 16 << 20;
+    let dir = TestDir::new("fetch-several");
+    let s3 = common::s3::S3Server::start();
+    let ident = walsafe::pg::cluster::ClusterIdentity::new(7_000_000_000_000_000_011, 150004, SIZE);
+    let stranger =
+        walsafe::pg::cluster::ClusterIdentity::new(7_000_000_000_000_000_012, 150004, SIZE);
+    let seg = |n: u64| segment_name(1, n);
+    let wal = |id: &walsafe::pg::cluster::ClusterIdentity, n: u64| {
+        walsafe::pg::page::synthetic_wal(id, TimelineId(1), Lsn(n * SIZE), SIZE)
+    };
+    let first_dir = dir.subdir("first");
+    let first_url = format!("file://{}", first_dir.display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fill = |url: &str, options: &BTreeMap<String, String>, id, segs: &[u64]| {
+        rt.block_on(async {
+            let store = Store::open(url, options, 1).unwrap();
+            let r = Repository::from_parts(store, None, Compression::Zstd, 1);
+            r.pin(id).await.unwrap();
+            for &n in segs {
+                r.put_wal(&seg(n), wal(id, n).into()).await.unwrap();
+            }
+        })
+    };
+    fill(&first_url, &BTreeMap::new(), &ident, &[1, 2]);
+    fill(&s3.url("second"), &s3.repo_options(), &ident, &[1, 2, 3]);
+    fill(&s3.url("stranger"), &s3.repo_options(), &stranger, &[3]);
+    // The first repository's copy of segment 2 is damaged.
+    let damaged = first_dir.join("wal").join(seg(2));
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&damaged, bytes).unwrap();
+
+    let config = |name: &str, first: &str, second: &str| {
+        let mut s = Settings::new(dir.path(), "host=/nonexistent");
+        s.repo_url = first.to_string();
+        s.retries = 1;
+        s.prefetch = 0;
+        s.more_repositories = vec![common::walsafe::MoreRepository {
+            name: "offsite".into(),
+            url: s3.url(second),
+            options: s3.repo_options().into_iter().collect(),
+            retries: 1,
+            key_file: None,
+        }];
+        s.write(&dir.join(name))
+    };
+    let both = config("both.toml", &first_url, "second");
+    let stranger_second = config("stranger.toml", &first_url, "stranger");
+    // The first repository "could not be asked": S3 on a port where
+    // nothing listens.
+    let down_port = common::pg::free_port();
+    let mut s = Settings::new(dir.path(), "host=/nonexistent");
+    s.retries = 1;
+    s.prefetch = 0;
+    s.repo_url = s3.url("nowhere");
+    s.repo_options = s3
+        .repo_options_at(&format!("http://127.0.0.1:{down_port}"))
+        .into_iter()
+        .collect();
+    s.more_repositories = vec![common::walsafe::MoreRepository {
+        name: "offsite".into(),
+        url: s3.url("second"),
+        options: s3.repo_options().into_iter().collect(),
+        retries: 1,
+        key_file: None,
+    }];
+    s.prefetch_dir = dir.join("prefetch-down");
+    let first_down = s.write(&dir.join("first-down.toml"));
+
+    let archive = dir.subdir("archive");
+    std::fs::write(archive.join("recovery.signal"), "").unwrap();
+    let standby = dir.subdir("standby");
+    std::fs::write(standby.join("standby.signal"), "").unwrap();
+    let dest = dir.join("out");
+    let fetch = |config: &Path, data_dir: &Path, n: u64| {
+        let _ = std::fs::remove_file(&dest);
+        let out = fetch_in(
+            data_dir,
+            dir.path(),
+            config,
+            &["wal-fetch", &seg(n), dest.to_str().unwrap()],
+        );
+        (out.status.code(), text(&out))
+    };
+    let restored = |n: u64| std::fs::read(&dest).unwrap() == wal(&ident, n);
+
+    let (code, all) = fetch(&both, &archive, 1);
+    assert!(code == Some(0) && restored(1), "{all}");
+    assert!(!all.contains("WARNING"), "the first had it: {all}");
+    let (code, all) = fetch(&both, &archive, 3);
+    assert!(
+        code == Some(0) && restored(3),
+        "missing from the first: {all}"
+    );
+    let (code, all) = fetch(&both, &archive, 2);
+    assert!(
+        code == Some(0) && restored(2),
+        "damaged in the first: {all}"
+    );
+    assert!(all.contains("WARNING") && all.contains(&seg(2)), "{all}");
+    let (code, all) = fetch(&both, &archive, 9);
+    assert_eq!(code, Some(1), "absent from both: {all}");
+
+    let (code, all) = fetch(&first_down, &archive, 3);
+    assert!(code == Some(0) && restored(3), "first down: {all}");
+    assert!(
+        all.contains("WARNING"),
+        "say the first could not be asked: {all}"
+    );
+    // Found down a moment ago, the first is asked after the others.
+    let (code, all) = fetch(&first_down, &archive, 3);
+    assert!(code == Some(0) && restored(3), "{all}");
+    assert!(!all.contains("WARNING"), "the second first now: {all}");
+    let (code, all) = fetch(&first_down, &archive, 9);
+    assert_eq!(
+        code,
+        Some(126),
+        "the first could not say it lacks it: {all}"
+    );
+    assert!(all.contains("FATAL"), "{all}");
+    let (code, all) = fetch(&first_down, &standby, 9);
+    assert_eq!(code, Some(1), "a standby goes on streaming: {all}");
+    assert!(all.contains("ERROR"), "{all}");
+
+    let (code, all) = fetch(&stranger_second, &archive, 3);
+    assert_eq!(code, Some(126), "another cluster's archive: {all}");
+    assert!(all.contains("same cluster"), "{all}");
+    assert!(!dest.exists());
+}

@@ -195,8 +195,8 @@ pub async fn take(
     progress: &mut dyn Progress,
 ) -> anyhow::Result<BackupRecord> {
     let _lock = lock(cfg)?;
-    let repo = Repository::open(&cfg.repository)
-        .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
+    let repo = Repository::open(cfg.repository())
+        .with_context(|| format!("cannot open the repository {}", cfg.repository().url))?;
     let app = format!("{}-backup", cfg.postgres.application_name);
     let mut conn = ReplicationConnection::connect(&cfg.postgres.conninfo, &app)
         .await

@@ -165,7 +165,7 @@ pub(crate) async fn feed(
 
 /// One part, fetched and checked: its plaintext, or the problem found
 /// (the outer error: the repository could not be read).
-async fn check_part(
+pub(crate) async fn check_part(
     repo: &Repository,
     backup: &str,
     archive: &str,

@@ -65,7 +65,7 @@ pub async fn command(cfg: Config, args: BackupArgs) -> ExitCode {
 /// `walsafe backup-list [--json]`.
 pub async fn list_command(cfg: Config, json: bool) -> ExitCode {
     let result = async {
-        let repo = Repository::open(&cfg.repository)?;
+        let repo = Repository::open(cfg.repository())?;
         backup::list(&repo).await
     }
     .await;
@@ -97,7 +97,7 @@ pub async fn list_command(cfg: Config, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if backups.is_empty() {
-        println!("no backups in {}", cfg.repository.url);
+        println!("no backups in {}", cfg.repository().url);
     }
     for (name, r, parts, stored) in &backups {
         match r {
@@ -126,7 +126,7 @@ pub async fn list_command(cfg: Config, json: bool) -> ExitCode {
 /// `walsafe backup-verify [NAME|latest] [--json]`.
 pub async fn verify_command(cfg: Config, name: String, json: bool) -> ExitCode {
     let result = async {
-        let repo = Repository::open(&cfg.repository)?;
+        let repo = Repository::open(cfg.repository())?;
         match verify::resolve(&repo, &name).await? {
             None => Ok(None),
             Some(record) => verify::verify(&repo, &record).await.map(Some),

@@ -68,8 +68,8 @@ use crate::pg::sql::{connect_sql, current_wal_lsn, slot_state, switch_wal};
 use crate::pg::{ClusterIdentity, Lsn, SegmentName, Server, TimelineId};
 use crate::report::human_bytes;
 use crate::repository::{
-    key, Descriptor, Key, ObjectName, PutResult, Repository, RepositoryError, SegmentFile, Store,
-    StoreError,
+    key, Descriptor, Key, ObjectName, PutResult, Repository, RepositoryConfig, RepositoryError,
+    SegmentFile, Store, StoreError,
 };
 
 /// How long `--switch-wal` waits for the switched segment to be stored.
@@ -494,100 +494,26 @@ pub async fn run(
         c.close().await;
     }
 
-    // ---- repository ----
-    let store = Store::open(
-        &cfg.repository.url,
-        &cfg.repository.options,
-        cfg.repository.retries.min(CHECK_STORE_ATTEMPTS),
-    );
-    let key_result = cfg
-        .repository
-        .key_file
-        .as_ref()
-        .map(|p| key::load_key_file(p));
+    // ---- repositories ----
+    // Every repository is checked; with several, each item is named by
+    // the repository it is about. The first one (where backups go) also
+    // tells the spool's segment size and serves --switch-wal.
+    let several = cfg.repositories.len() > 1;
     let mut descriptor: Option<Option<Descriptor>> = None;
     let mut repo_for_switch = None;
-    match store {
-        Err(e) => {
-            run.push(Item::failed(
-                "repository reachable",
-                e.to_string(),
-                store_fix(&e),
-            ));
-            for n in [
-                "repository write",
-                "create-only writes",
-                "repository read-back",
-                "repository delete",
-            ] {
-                run.push(Item::skipped(n, "repository cannot be opened"));
+    for (i, rc) in cfg.repositories.iter().enumerate() {
+        let (items, d, repo) =
+            check_repository(rc, identity.as_ref(), identity_err.as_deref()).await;
+        for mut item in items {
+            if several {
+                item.name = format!("{} [{}]", item.name, rc.name);
             }
+            run.push(item);
         }
-        Ok(store) => {
-            let key = key_result.as_ref().and_then(|r| r.as_ref().ok()).cloned();
-            let repo = Repository::from_parts(
-                store.clone(),
-                key,
-                cfg.repository.compression,
-                cfg.repository.compression_level,
-            );
-            let reach = async {
-                repo.list_probes().await?;
-                repo.descriptor().await
-            }
-            .await;
-            match reach {
-                Ok(d) => {
-                    run.push(Item::ok(
-                        "repository reachable",
-                        format!(
-                            "{} listed and read; {}",
-                            repo.url(),
-                            match &d {
-                                Some(d) =>
-                                    format!("pinned to system identifier {}", d.system_identifier),
-                                None => "empty (no walsafe.repo yet)".into(),
-                            }
-                        ),
-                    ));
-                    descriptor = Some(d);
-                    for item in probe_repository(&repo).await {
-                        run.push(item);
-                    }
-                }
-                Err(e) => {
-                    run.push(Item::failed(
-                        "repository reachable",
-                        e.to_string(),
-                        repository_error_fix(&e),
-                    ));
-                    for n in [
-                        "repository write",
-                        "create-only writes",
-                        "repository read-back",
-                        "repository delete",
-                    ] {
-                        run.push(Item::skipped(n, "repository unreachable"));
-                    }
-                }
-            }
-            repo_for_switch = Some(repo);
+        if i == 0 {
+            descriptor = d;
+            repo_for_switch = repo;
         }
-    }
-
-    run.push(check_key(cfg, key_result.as_ref(), descriptor.as_ref()));
-
-    const PIN: &str = "pinned cluster";
-    match (&descriptor, &identity) {
-        (None, _) => run.push(Item::skipped(PIN, "repository unreachable")),
-        (Some(_), None) => run.push(Item::skipped(
-            PIN,
-            &format!(
-                "cluster identity unknown ({})",
-                identity_err.as_deref().unwrap_or("no connection")
-            ),
-        )),
-        (Some(d), Some(id)) => run.push(check_pin(d.as_ref(), &id.identity)),
     }
 
     // ---- spool ----
@@ -945,9 +871,104 @@ async fn probe_repository(repo: &Repository) -> Vec<Item> {
     items
 }
 
+/// The items of one repository: reachable, writes (create-only,
+/// read-back, delete), key, pinned cluster; with its descriptor (`None`
+/// when unreachable) and the opened repository.
+async fn check_repository(
+    rc: &RepositoryConfig,
+    identity: Option<&Server>,
+    identity_err: Option<&str>,
+) -> (Vec<Item>, Option<Option<Descriptor>>, Option<Repository>) {
+    let mut items = Vec::new();
+    let store = Store::open(&rc.url, &rc.options, rc.retries.min(CHECK_STORE_ATTEMPTS));
+    let key_result = rc.key_file.as_ref().map(|p| key::load_key_file(p));
+    let mut descriptor: Option<Option<Descriptor>> = None;
+    let mut repo_for_switch = None;
+    match store {
+        Err(e) => {
+            items.push(Item::failed(
+                "repository reachable",
+                e.to_string(),
+                store_fix(&e),
+            ));
+            for n in [
+                "repository write",
+                "create-only writes",
+                "repository read-back",
+                "repository delete",
+            ] {
+                items.push(Item::skipped(n, "repository cannot be opened"));
+            }
+        }
+        Ok(store) => {
+            let key = key_result.as_ref().and_then(|r| r.as_ref().ok()).cloned();
+            let repo =
+                Repository::from_parts(store.clone(), key, rc.compression, rc.compression_level);
+            let reach = async {
+                repo.list_probes().await?;
+                repo.descriptor().await
+            }
+            .await;
+            match reach {
+                Ok(d) => {
+                    items.push(Item::ok(
+                        "repository reachable",
+                        format!(
+                            "{} listed and read; {}",
+                            repo.url(),
+                            match &d {
+                                Some(d) =>
+                                    format!("pinned to system identifier {}", d.system_identifier),
+                                None => "empty (no walsafe.repo yet)".into(),
+                            }
+                        ),
+                    ));
+                    descriptor = Some(d);
+                    for item in probe_repository(&repo).await {
+                        items.push(item);
+                    }
+                }
+                Err(e) => {
+                    items.push(Item::failed(
+                        "repository reachable",
+                        e.to_string(),
+                        repository_error_fix(&e),
+                    ));
+                    for n in [
+                        "repository write",
+                        "create-only writes",
+                        "repository read-back",
+                        "repository delete",
+                    ] {
+                        items.push(Item::skipped(n, "repository unreachable"));
+                    }
+                }
+            }
+            repo_for_switch = Some(repo);
+        }
+    }
+
+    items.push(check_key(rc, key_result.as_ref(), descriptor.as_ref()));
+
+    const PIN: &str = "pinned cluster";
+    match (&descriptor, identity) {
+        (None, _) => items.push(Item::skipped(PIN, "repository unreachable")),
+        (Some(_), None) => items.push(Item::skipped(
+            PIN,
+            &format!(
+                "cluster identity unknown ({})",
+                identity_err.unwrap_or("no connection")
+            ),
+        )),
+        (Some(d), Some(id)) => items.push(check_pin(d.as_ref(), &id.identity)),
+    }
+
+    (items, descriptor, repo_for_switch)
+}
+
 /// The key item.
 fn check_key(
-    cfg: &Config,
+    rc: &RepositoryConfig,
     loaded: Option<&Result<Key, key::KeyError>>,
     descriptor: Option<&Option<Descriptor>>,
 ) -> Item {
@@ -990,7 +1011,7 @@ fn check_key(
         (Some(d), Some(k)) => match &d.key_id {
             None => Item::failed(
                 K,
-                format!("key_file {} (key id {}) is configured, but the repository was created unencrypted", cfg.repository.key_file.as_deref().unwrap_or(Path::new("")).display(), k.key_id_hex()),
+                format!("key_file {} (key id {}) is configured, but the repository was created unencrypted", rc.key_file.as_deref().unwrap_or(Path::new("")).display(), k.key_id_hex()),
                 "remove key_file from [repository], or use a new repository URL for encrypted WAL",
             ),
             Some(id) if *id != k.key_id_hex() => Item::failed(
@@ -1394,7 +1415,7 @@ mod tests {
         let plain = Descriptor::new(&ident(1), None, "zstd");
         let item = |loaded: Option<Result<Key, key::KeyError>>,
                     desc: Option<Option<Descriptor>>| {
-            check_key(&c, loaded.as_ref(), desc.as_ref())
+            check_key(c.repository(), loaded.as_ref(), desc.as_ref())
         };
         assert_eq!(
             item(Some(Ok(k.clone())), Some(Some(enc.clone()))).outcome,

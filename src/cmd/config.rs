@@ -82,46 +82,64 @@ pub fn render(cfg: &Config, env: &dyn Fn(&str) -> Option<String>) -> String {
     };
     let _ = writeln!(o, "min_free = \"{min_free}");
 
-    let r = &cfg.repository;
-    let _ = writeln!(o, "\n[repository]");
-    let _ = writeln!(o, "url = {:?}", r.url);
-    match &r.key_file {
-        Some(k) => {
-            let _ = writeln!(o, "key_file = {:?}", k.display().to_string());
+    let several = cfg.repositories.len() > 1;
+    for r in &cfg.repositories {
+        let (table, options) = if several {
+            (
+                "[[repository]]",
+                "[repository.options]  # of the table above",
+            )
+        } else {
+            ("[repository]", "[repository.options]")
+        };
+        let _ = writeln!(o, "\n{table}");
+        let _ = writeln!(o, "name = {:?}", r.name);
+        let _ = writeln!(o, "url = {:?}", r.url);
+        match &r.key_file {
+            Some(k) => {
+                let _ = writeln!(o, "key_file = {:?}", k.display().to_string());
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "# key_file: none (objects are checksummed, not encrypted)"
+                );
+            }
         }
-        None => {
+        let compression = match r.compression {
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        };
+        let _ = writeln!(o, "compression = {compression:?}");
+        let _ = writeln!(o, "compression_level = {}", r.compression_level);
+        let _ = writeln!(o, "retries = {}", r.retries);
+        let _ = writeln!(
+            o,
+            "request_timeout = {:?}",
+            humantime::format_duration(r.request_timeout).to_string()
+        );
+        if let Some(w) = r.retain_window {
             let _ = writeln!(
                 o,
-                "# key_file: none (objects are checksummed, not encrypted)"
+                "retain_window = {:?}",
+                humantime::format_duration(w).to_string()
             );
         }
-    }
-    let compression = match r.compression {
-        Compression::Zstd => "zstd",
-        Compression::None => "none",
-    };
-    let _ = writeln!(o, "compression = {compression:?}");
-    let _ = writeln!(o, "compression_level = {}", r.compression_level);
-    let _ = writeln!(o, "retries = {}", r.retries);
-    let _ = writeln!(
-        o,
-        "request_timeout = {:?}",
-        humantime::format_duration(r.request_timeout).to_string()
-    );
-    if !r.options.is_empty() {
-        let _ = writeln!(o, "\n[repository.options]");
-        for (k, v) in &r.options {
-            let v = if is_secret_name(k) {
-                REDACTED
-            } else {
-                v.as_str()
-            };
-            let _ = writeln!(o, "{k} = {v:?}");
+        if !r.options.is_empty() {
+            let _ = writeln!(o, "\n{options}");
+            for (k, v) in &r.options {
+                let v = if is_secret_name(k) {
+                    REDACTED
+                } else {
+                    v.as_str()
+                };
+                let _ = writeln!(o, "{k} = {v:?}");
+            }
         }
-    }
-    let cloud = cloud_environment(r.url.as_str(), env);
-    if !cloud.is_empty() {
-        let _ = writeln!(o, "# from the environment: {}", cloud.join(", "));
+        let cloud = cloud_environment(r.url.as_str(), env);
+        if !cloud.is_empty() {
+            let _ = writeln!(o, "# from the environment: {}", cloud.join(", "));
+        }
     }
 
     let a = &cfg.archive;
@@ -274,7 +292,34 @@ mod tests {
         }
         // What it prints is itself a valid configuration.
         let again = Config::parse(&text, &path).unwrap();
-        assert_eq!(again.repository.url, cfg.repository.url);
+        assert_eq!(again.repository().url, cfg.repository().url);
         assert_eq!(again.archive.partial_interval, cfg.archive.partial_interval);
+    }
+
+    #[test]
+    fn several_repositories_are_each_shown_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walsafe.toml");
+        let cfg = Config::parse(
+            "[postgres]\nconninfo = \"host=db user=walsafe\"\n[spool]\ndir = \"spool\"\n\
+             [[repository]]\nurl = \"file:///var/backups/walsafe\"\n\
+             [[repository]]\nname = \"offsite\"\nurl = \"s3://bucket/prefix\"\nkey_file = \"k\"\nretain_window = \"30d\"\n\
+             [repository.options]\naws_secret_access_key = \"abcdefghijk\"\n",
+            &path,
+        )
+        .unwrap();
+        let text = render(&cfg, &|_: &str| None);
+        assert!(!text.contains("abcdefghijk"), "{text}");
+        assert_eq!(text.matches("[[repository]]").count(), 2, "{text}");
+        let again = Config::parse(&text, &path).unwrap();
+        let names: Vec<_> = again.repositories.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["file:///var/backups/walsafe", "offsite"]);
+        assert_eq!(again.repositories[1].key_file, cfg.repositories[1].key_file);
+        assert_eq!(
+            again.repositories[1].retain_window,
+            Some(std::time::Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(again.repositories[0].retain_window, None);
+        assert!(again.repositories[0].options.is_empty());
     }
 }

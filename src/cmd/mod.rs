@@ -13,6 +13,7 @@ pub mod demo;
 pub mod drill;
 pub mod progress;
 pub mod push;
+pub mod repo_sync;
 pub mod restore;
 pub mod retain;
 pub mod status;
@@ -103,6 +104,15 @@ pub enum Command {
         #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
     },
+    /// Complete one repository from another: copy what --to lacks (WAL, chunks, gaps, base backups, drill results), each object verified, create-only; exit 0 complete, 1 some objects failed, 2 error.
+    RepoSync {
+        /// The repository to copy from (its name in the configuration).
+        #[arg(long)]
+        from: String,
+        /// The repository to complete.
+        #[arg(long)]
+        to: String,
+    },
     /// Take a base backup over the replication protocol into the repository (its record is written last, once the WAL it needs is archived).
     Backup {
         /// A label for the backup (default: "walsafe backup <name>").
@@ -163,6 +173,9 @@ pub enum Command {
     WalPrefetch {
         /// The segment recovery just received.
         name: String,
+        /// The repository (its name) to download from.
+        #[arg(long)]
+        repository: String,
     },
 }
 
@@ -370,6 +383,7 @@ pub fn main() -> ExitCode {
                     )
                 }),
                 Command::BackupList { json } => runtime(|| backup::list_command(cfg, json)),
+                Command::RepoSync { from, to } => runtime(|| repo_sync::command(cfg, from, to)),
                 Command::Restore(opts) => runtime(|| restore::command(cfg, *opts)),
                 Command::Drill(opts) => runtime(|| drill::command(cfg, *opts)),
                 Command::Retain {
@@ -383,9 +397,9 @@ pub fn main() -> ExitCode {
                 Command::BackupVerify { name, json } => {
                     runtime(|| backup::verify_command(cfg, name, json))
                 }
-                Command::WalPrefetch { name } => {
-                    runtime(|| async move { report(crate::fetch::prefetch(&cfg, &name).await) })
-                }
+                Command::WalPrefetch { name, repository } => runtime(|| async move {
+                    report(crate::fetch::prefetch(&cfg, &repository, &name).await)
+                }),
                 Command::WalFetch { .. }
                 | Command::Keygen { .. }
                 | Command::Demo { .. }

@@ -45,9 +45,9 @@ use crate::pg::page::{pg_major_of_magic, read_long_header, validate_segment};
 use crate::pg::walfile::{classify, history_file_name, NameKind};
 use crate::pg::{ClusterIdentity, Lsn, SegmentName, TimelineId};
 use crate::repository::object::is_backup_history;
-use crate::repository::{ObjectName, PutOutcome, Repository};
+use crate::repository::{ObjectName, PutOutcome, Repository, RepositoryConfig};
 
-/// Stores the WAL file at `path` in the repository.
+/// Stores the WAL file at `path` in every repository.
 pub async fn wal_push(cfg: &Config, path: &Path) -> anyhow::Result<()> {
     let name = path
         .file_name()
@@ -58,11 +58,42 @@ pub async fn wal_push(cfg: &Config, path: &Path) -> anyhow::Result<()> {
     if kind.is_none() && !is_backup_history(&name) {
         bail!("{name} is not a WAL file name; archive_command must pass %p");
     }
-    let mut data = tokio::fs::read(path)
+    let data = tokio::fs::read(path)
         .await
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let repo = Repository::open(&cfg.repository)
-        .with_context(|| format!("cannot open the repository {}", cfg.repository.url))?;
+    // Every repository gets the file; one that fails does not keep it
+    // from the others, and fails archive_command (PostgreSQL keeps the
+    // file and retries; those that stored it find it stored next time).
+    let mut failures = Vec::new();
+    for rc in &cfg.repositories {
+        let r = push_into(rc, path, &name, kind, data.clone()).await;
+        match r {
+            Ok(()) => {}
+            Err(e) if cfg.repositories.len() == 1 => return Err(e),
+            Err(e) => {
+                let e = e.context(format!("repository {:?}", rc.name));
+                warn!("{}", crate::report::error_line(&e));
+                failures.push(e);
+            }
+        }
+    }
+    match failures.into_iter().next() {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// Stores the file `name` (at `path`, holding `data`) in repository `rc`.
+async fn push_into(
+    rc: &RepositoryConfig,
+    path: &Path,
+    name: &str,
+    kind: Option<NameKind>,
+    mut data: Vec<u8>,
+) -> anyhow::Result<()> {
+    let name = name.to_string();
+    let repo =
+        Repository::open(rc).with_context(|| format!("cannot open the repository {}", rc.url))?;
     if matches!(kind, Some(NameKind::Segment | NameKind::Partial)) {
         let ident = identity_of_segment(&name, &data)?;
         let descriptor = repo.pin(&ident).await?;
@@ -84,7 +115,7 @@ pub async fn wal_push(cfg: &Config, path: &Path) -> anyhow::Result<()> {
             }
             None if repo.descriptor().await?.is_none() => bail!(
                 "the repository {} has no descriptor yet and no WAL segment beside {} names the cluster; push a WAL segment (or start `walsafe run`) first",
-                cfg.repository.url,
+                rc.url,
                 path.display()
             ),
             None => {}

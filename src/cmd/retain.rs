@@ -10,38 +10,82 @@ use crate::report::{error_line, human_bytes};
 use crate::repository::Repository;
 use crate::retain::{self, RetainArgs};
 
-/// `walsafe retain`.
+/// `walsafe retain`: every repository, each with its own `retain_window`
+/// when it sets one (else `--window`). A repository refused or failed does
+/// not stop the others; the exit code says whether any did.
 pub async fn command(cfg: Config, args: RetainArgs, apply: bool, json: bool) -> ExitCode {
-    let result = async {
-        let repo = Repository::open(&cfg.repository)?;
-        let plan = retain::plan(&repo, &args, chrono::Utc::now()).await?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
-        } else {
-            print(&plan, &args);
+    let several = cfg.repositories.len() > 1;
+    let mut failed = false;
+    let mut plans = Vec::new();
+    for rc in &cfg.repositories {
+        let args = RetainArgs {
+            window: rc.retain_window.unwrap_or(args.window),
+            keep: args.keep,
+        };
+        if several && !json {
+            println!("repository {:?} ({}):", rc.name, rc.url);
         }
-        if apply {
-            let n = retain::apply(&repo, &plan).await;
-            crate::state::note_repository_changed(&cfg.spool.dir);
-            let n = n?;
+        let result = async {
+            let repo = Repository::open(rc)?;
+            let plan = retain::plan(&repo, &args, chrono::Utc::now()).await?;
             if !json {
-                println!("deleted {n} objects, {} freed", human_bytes(plan.freed()));
+                print(&plan, &args);
             }
-        } else if !json {
-            println!(
-                "dry run: nothing was deleted; run again with --apply to delete the above ({})",
-                human_bytes(plan.freed())
-            );
+            if apply {
+                let n = retain::apply(&repo, &plan).await;
+                crate::state::note_repository_changed(&cfg.spool.dir);
+                let n = n?;
+                if !json {
+                    println!("deleted {n} objects, {} freed", human_bytes(plan.freed()));
+                }
+            } else if !json {
+                println!(
+                    "dry run: nothing was deleted; run again with --apply to delete the above ({})",
+                    human_bytes(plan.freed())
+                );
+            }
+            anyhow::Ok(plan)
         }
-        anyhow::Ok(())
+        .await;
+        match result {
+            Ok(plan) => plans.push((rc.name.clone(), plan)),
+            Err(e) => {
+                failed = true;
+                let at = if several {
+                    format!("repository {:?}: ", rc.name)
+                } else {
+                    String::new()
+                };
+                eprintln!("walsafe retain: {at}{}", error_line(&e));
+            }
+        }
     }
-    .await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("walsafe retain: {}", error_line(&e));
-            ExitCode::FAILURE
+    if json {
+        let text = if several {
+            let all: Vec<serde_json::Value> = plans
+                .iter()
+                .map(|(name, plan)| serde_json::json!({ "name": name, "plan": plan }))
+                .collect();
+            serde_json::to_string_pretty(&serde_json::json!({ "repositories": all }))
+        } else {
+            match plans.first() {
+                Some((_, plan)) => serde_json::to_string_pretty(plan),
+                None => Ok(String::new()),
+            }
+        };
+        match text {
+            Ok(t) if !t.is_empty() => println!("{t}"),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("walsafe retain: {e}");
+                failed = true;
+            }
         }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

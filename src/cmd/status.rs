@@ -150,6 +150,9 @@ pub struct AgentStatus {
     /// The agent's storage requests and bytes over the last hour (from
     /// its state file).
     pub storage: Option<crate::state::StorageWindow>,
+    /// Each repository's progress (from its state file; with several
+    /// repositories, `positions` shows the one furthest behind).
+    pub repositories: Vec<crate::state::RepositoryProgress>,
 }
 
 /// Positions as the agent sees them.
@@ -198,7 +201,7 @@ impl From<&Scraped> for LivePositions {
 /// Opens the repository for reading: the store with few attempts, and the
 /// key when it loads (a key problem is returned, not raised).
 fn open_repository(cfg: &Config) -> anyhow::Result<(Repository, Option<String>)> {
-    let r = &cfg.repository;
+    let r = cfg.repository();
     let store = Store::open(&r.url, &r.options, r.retries.min(STATUS_STORE_ATTEMPTS))
         .with_context(|| format!("cannot open the repository {}", r.url))?;
     let (key, problem) = match &r.key_file {
@@ -347,6 +350,7 @@ fn agent_status(
             ),
             positions: Some(LivePositions::from(s)),
             storage: Some(s.storage.clone()),
+            repositories: s.repositories.clone(),
         };
     }
     let state_note = match state {
@@ -376,6 +380,7 @@ fn agent_status(
             ),
             positions: Some(LivePositions::from(m)),
             storage: None,
+            repositories: Vec::new(),
         };
     }
     let metrics_note = match cfg.metrics.listen {
@@ -389,6 +394,7 @@ fn agent_status(
         summary: format!("agent not running ({state_note}{metrics_note})"),
         positions: None,
         storage: None,
+        repositories: Vec::new(),
     }
 }
 
@@ -605,6 +611,22 @@ pub fn render(s: &Status) -> String {
                 p.archive_lag_seconds
             ),
         );
+    }
+    if a.repositories.len() > 1 {
+        for r in &a.repositories {
+            line(
+                "",
+                format!(
+                    "repository {:?}: archived {}, lag {}, {:.1} s, {} segment(s) waiting in the spool{}",
+                    r.name,
+                    r.archived_lsn,
+                    human_bytes(r.archive_lag_bytes),
+                    r.archive_lag_seconds,
+                    r.pending_segments,
+                    if r.stalled { ", STALLED (uploads fail)" } else { "" }
+                ),
+            );
+        }
     }
     if let Some(w) = &a.storage {
         line("storage", storage_line(w));

@@ -68,6 +68,9 @@ use crate::pg::ClusterIdentity;
 /// A repository as configured (`[repository]`).
 #[derive(Debug, Clone)]
 pub struct RepositoryConfig {
+    /// What logs, metrics (`repository` label) and reports call it:
+    /// `name = "..."`, by default its URL.
+    pub name: String,
     /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
     pub url: String,
     /// Repository key; `None` = no encryption (a checksum still guards integrity).
@@ -84,6 +87,9 @@ pub struct RepositoryConfig {
     /// Whether a `file://` repository fsyncs its writes ([`Fsync::Off`]
     /// only in tests).
     pub fsync: Fsync,
+    /// `retain_window`: this repository's recovery window for `walsafe
+    /// retain`, instead of `--window` (an off-site copy kept longer).
+    pub retain_window: Option<std::time::Duration>,
 }
 
 /// Envelope encode/decode jobs running at once, process-wide, per lane.
@@ -383,6 +389,8 @@ pub struct Repository {
     key: Option<Arc<Key>>,
     compression: Compression,
     level: i32,
+    /// `[[repository]] name`, for metrics and messages (default its URL).
+    name: Option<String>,
 }
 
 fn compression_name(c: Compression) -> &'static str {
@@ -403,12 +411,21 @@ impl Repository {
             Some(p) => Some(key::load_key_file(p)?),
             None => None,
         };
-        Ok(Repository::from_parts(
-            store,
-            key,
-            cfg.compression,
-            cfg.compression_level,
-        ))
+        Ok(
+            Repository::from_parts(store, key, cfg.compression, cfg.compression_level)
+                .with_name(&cfg.name),
+        )
+    }
+
+    /// Names the repository (`[[repository]] name`).
+    pub fn with_name(mut self, name: &str) -> Repository {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// Its name: the configured one, else its URL.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_else(|| self.url())
     }
 
     /// A repository from its parts (tests, tools).
@@ -423,6 +440,7 @@ impl Repository {
             key: key.map(Arc::new),
             compression,
             level,
+            name: None,
         }
     }
 

@@ -124,7 +124,7 @@ pub mod retention;
 mod thread;
 mod writer;
 
-pub use thread::{feed, Durable, Feed, Publisher, SpoolEvent, WritePermit, WriterHandle};
+pub use thread::{feed, feeds, Durable, Feed, Publisher, SpoolEvent, WritePermit, WriterHandle};
 pub use writer::{Flushed, SpoolWriter};
 
 use std::collections::BTreeSet;

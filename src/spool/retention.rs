@@ -95,6 +95,29 @@ impl Retention {
     }
 }
 
+/// One repository's side of [`Retention`]: what its uploader reports
+/// stored files through.
+#[derive(Clone)]
+pub struct Release {
+    retention: Arc<Retention>,
+    repository: usize,
+}
+
+impl Release {
+    /// Repository `repository` (its index in the configuration) of `retention`.
+    pub fn new(retention: Arc<Retention>, repository: usize) -> Release {
+        Release {
+            retention,
+            repository,
+        }
+    }
+
+    /// [`Retention::stored`] for this repository.
+    pub fn stored(&self, file: SpoolFile) -> io::Result<Released> {
+        self.retention.stored(file, self.repository)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,11 +64,12 @@ pub enum SpoolEvent {
 /// The writer thread's side of the spool's news.
 pub struct Publisher {
     durable: watch::Sender<Durable>,
-    events: mpsc::UnboundedSender<SpoolEvent>,
+    /// One queue per uploader (per repository).
+    events: Vec<mpsc::UnboundedSender<SpoolEvent>>,
 }
 
-/// The subscribers' side: clone the watch as often as needed; the event
-/// queue has one reader (the uploader).
+/// The subscribers' side: clone the watch as often as needed; each event
+/// queue has one reader (a repository's uploader).
 pub struct Feed {
     pub durable: watch::Receiver<Durable>,
     pub events: mpsc::UnboundedReceiver<SpoolEvent>,
@@ -77,14 +78,30 @@ pub struct Feed {
 /// A publisher and its feed, starting at `initial` (what the spool
 /// recovered as durable).
 pub fn feed(initial: Durable) -> (Publisher, Feed) {
+    let (publisher, mut feeds) = feeds(initial, 1);
+    (publisher, feeds.pop().expect("one feed"))
+}
+
+/// A publisher and `n` feeds (one per repository's uploader), each
+/// receiving every event.
+pub fn feeds(initial: Durable, n: usize) -> (Publisher, Vec<Feed>) {
     let (durable_tx, durable) = watch::channel(initial);
-    let (events_tx, events) = mpsc::unbounded_channel();
+    let (senders, feeds) = (0..n.max(1))
+        .map(|_| {
+            let (tx, events) = mpsc::unbounded_channel();
+            let feed = Feed {
+                durable: durable.clone(),
+                events,
+            };
+            (tx, feed)
+        })
+        .unzip();
     (
         Publisher {
             durable: durable_tx,
-            events: events_tx,
+            events: senders,
         },
-        Feed { durable, events },
+        feeds,
     )
 }
 
@@ -95,8 +112,10 @@ impl Publisher {
     }
 
     fn event(&self, e: SpoolEvent) {
-        // The uploader may have stopped first at shutdown; nothing to tell then.
-        let _ = self.events.send(e);
+        // An uploader may have stopped first at shutdown; nothing to tell then.
+        for tx in &self.events {
+            let _ = tx.send(e.clone());
+        }
     }
 
     fn durable(&self, d: Durable) {
@@ -246,7 +265,9 @@ fn writer_thread(
                         data,
                     } => {
                         timeline = t;
-                        if !write_when_there_is_room(&mut w, t, start, &data, &publisher, &rx)? {
+                        if !write_when_there_is_room(
+                            &mut w, t, start, &data, &publisher, &positions, &rx,
+                        )? {
                             return Ok(()); // shutdown while the spool was full
                         }
                         positions.set_written(w.written());
@@ -313,6 +334,7 @@ fn write_when_there_is_room(
     start: Lsn,
     data: &[u8],
     publisher: &Publisher,
+    positions: &Positions,
     rx: &mpsc::Receiver<WriteCmd>,
 ) -> anyhow::Result<bool> {
     let end = start.plus(data.len() as u64);
@@ -338,8 +360,12 @@ fn write_when_there_is_room(
             }
             Err(e) if e.is_disk_full() => {
                 if full_since.is_none() {
+                    let behind = positions
+                        .furthest_behind()
+                        .map(|r| format!(" to repository {r:?}, the one furthest behind,"))
+                        .unwrap_or_default();
                     tracing::error!(
-                        "SPOOL FULL: {e}; walsafe stops reading WAL from PostgreSQL until uploads free room (the server keeps it in the replication slot, up to max_slot_wal_keep_size) and goes on by itself; free space or raise [spool] max_size"
+                        "SPOOL FULL: {e}; walsafe stops reading WAL from PostgreSQL until uploads{behind} free room (the server keeps it in the replication slot, up to max_slot_wal_keep_size) and goes on by itself; free space or raise [spool] max_size"
                     );
                     crate::metrics::set_spool_full(true);
                     full_since = Some(Instant::now());

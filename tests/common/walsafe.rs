@@ -55,6 +55,19 @@ pub struct Settings {
     pub spool_min_free: Option<String>,
     /// `[archive] stall_alarm` (short, so that outage tests see it soon).
     pub stall_alarm: String,
+    /// Further `[[repository]]` tables after the first (`repo_url`).
+    pub more_repositories: Vec<MoreRepository>,
+}
+
+/// A `[[repository]]` after the first.
+#[derive(Clone, Debug)]
+pub struct MoreRepository {
+    pub name: String,
+    pub url: String,
+    pub options: Vec<(String, String)>,
+    pub retries: u32,
+    /// Its own key; `None` shares the first's.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -79,6 +92,7 @@ impl Settings {
             spool_max_size: None,
             spool_min_free: None,
             stall_alarm: "5s".into(),
+            more_repositories: Vec::new(),
         }
     }
 
@@ -110,6 +124,24 @@ impl Settings {
             for (k, v) in &self.repo_options {
                 s += &format!("{k} = {v:?}\n");
             }
+        }
+        for r in &self.more_repositories {
+            s += &format!(
+                "\n[[repository]]\nname = {:?}\nurl = {:?}\nretries = {}\n",
+                r.name, r.url, r.retries
+            );
+            if let Some(k) = r.key_file.as_ref().or(self.key_file.as_ref()) {
+                s += &format!("key_file = {:?}\n", k);
+            }
+            if !r.options.is_empty() {
+                s += "[repository.options]\n";
+                for (k, v) in &r.options {
+                    s += &format!("{k} = {v:?}\n");
+                }
+            }
+        }
+        if !self.more_repositories.is_empty() {
+            s = s.replacen("\n[repository]\n", "\n[[repository]]\n", 1);
         }
         s += &format!(
             "\n[archive]\npartial_interval = {:?}\nack = {:?}\nstall_alarm = {:?}\n\n[fetch]\ndir = {:?}\nprefetch = {}\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
