@@ -80,6 +80,14 @@
 //!     `WALSAFE_BENCH_COST_SECONDS` (default 45), at `partial_interval`
 //!     200 ms and 1 s, with the WAL PostgreSQL wrote meanwhile.
 //!
+//! 11. **repositories**: two repositories, `file://` and S3 (moto behind
+//!     a TCP front), under a steady load (one session, about 5 MB/s of
+//!     WAL) for `WALSAFE_BENCH_REPOS_SECONDS` (default 180); S3 is down
+//!     from the 10th second for `WALSAFE_BENCH_REPOS_DOWN_SECONDS`
+//!     (default 120). Sampled every 100 ms: each repository's lag (p50,
+//!     max), the spool's peak; then how long S3 took, once back, to reach
+//!     what the server had written when it came back, the load going on.
+//!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
@@ -669,6 +677,9 @@ fn main() {
     if want("ingest") {
         ingest();
     }
+    if want("repositories") {
+        repositories();
+    }
     if want("outage") {
         outage();
     }
@@ -799,6 +810,117 @@ fn outage() {
         r_cpu / gb,
         (w_cpu / gb) / (r_cpu / gb).max(1e-9),
         w_rss / r_rss.max(1e-9)
+    );
+}
+
+fn repositories() {
+    let seconds = env_u64("WALSAFE_BENCH_REPOS_SECONDS", 180);
+    let down_for = env_u64("WALSAFE_BENCH_REPOS_DOWN_SECONDS", 120);
+    println!(
+        "\n== scenario 11: two repositories (file://, S3) under a steady load for {seconds} s; S3 down from the 10th second for {down_for} s"
+    );
+    let s3 = S3Server::start();
+    let mut front = common::front::TcpFront::start(s3.port());
+    let (dir, pg, mut settings, _) = start_pair("bench-repos");
+    settings.key_file = Some(common::setup::keygen(dir.path(), "repo.key"));
+    settings.partial_interval = format!(
+        "{}ms",
+        walsafe::config::DEFAULT_PARTIAL_INTERVAL.as_millis()
+    );
+    settings.more_repositories = vec![common::walsafe::MoreRepository {
+        name: "offsite".into(),
+        url: s3.url("repos"),
+        options: s3.repo_options_at(&front.endpoint()).into_iter().collect(),
+        retries: 8,
+        key_file: None,
+    }];
+    let local = settings.repo_url.clone();
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let pair = Pair::start(dir, pg, &settings, &config, true);
+    pair.pg.psql("CREATE TABLE steady (id bigserial, pad text)");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (sock, port, stop) = (
+            pair.pg.socket_dir().to_path_buf(),
+            pair.pg.port(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let o = common::pg::as_postgres(&mut common::pg::pg_command("psql"))
+                    .args(["-XAtq", "-h"])
+                    .arg(&sock)
+                    .args(["-p", &port.to_string(), "-U", "postgres", "-c"])
+                    .arg("INSERT INTO steady (pad) SELECT repeat(md5(g::text), 10) FROM generate_series(1, 2000) g")
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let gauge = |m: &std::collections::HashMap<String, f64>, name: &str, repo: &str| {
+        m.get(&format!("{name}{{repository=\"{repo}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let started = Instant::now();
+    let (mut local_lag, mut offsite_lag) = (Vec::new(), Vec::new());
+    let mut spool_peak: f64 = 0.0;
+    let mut down = false;
+    let mut back: Option<(Instant, u64)> = None;
+    let mut caught_up = None;
+    let start_lsn = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+    while started.elapsed() < Duration::from_secs(seconds)
+        || (back.is_some() && caught_up.is_none())
+    {
+        let t = started.elapsed().as_secs();
+        if !down && back.is_none() && t >= 10 {
+            front.down();
+            down = true;
+        }
+        if down && t >= 10 + down_for {
+            front.up();
+            down = false;
+            back = Some((
+                Instant::now(),
+                parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()")),
+            ));
+        }
+        let m = pair.agent.metrics();
+        local_lag.push(gauge(&m, "walsafe_repository_archive_lag_seconds", &local));
+        offsite_lag.push(gauge(
+            &m,
+            "walsafe_repository_archive_lag_seconds",
+            "offsite",
+        ));
+        spool_peak = spool_peak.max(m.get("walsafe_spool_bytes").copied().unwrap_or(0.0));
+        if let (Some((at, target)), None) = (back, caught_up) {
+            if gauge(&m, "walsafe_repository_archived_lsn_bytes", "offsite") >= target as f64 {
+                caught_up = Some(at.elapsed().as_secs_f64());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
+    let end = parse_lsn(&pair.pg.psql("SELECT pg_current_wal_lsn()"));
+    pair.agent.wait_archived(end, Duration::from_secs(600));
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(((v.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (_, rss) = usage(pair.agent_pid());
+    println!(
+        "{:.2} GB of WAL; file:// lag p50 {:.2} s, max {:.2} s; S3 lag max {:.1} s; spool peak {:.0} MiB; S3 caught up {:.1} s after it came back; VmHWM {rss:.1} MiB",
+        (end - start_lsn) as f64 / 1e9,
+        pct(&mut local_lag, 0.5),
+        pct(&mut local_lag, 1.0),
+        pct(&mut offsite_lag, 1.0),
+        spool_peak / (1 << 20) as f64,
+        caught_up.unwrap_or(f64::NAN),
     );
 }
 

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use futures::{StreamExt, TryStreamExt};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::backup::record::{ArchiveRecord, BackupRecord, MANIFEST_ARCHIVE};
 use crate::backup::verify::{feed, PartsReader};
@@ -104,14 +104,49 @@ pub struct Restored {
 
 /// Restores as described in the module doc, reporting the bytes
 /// extracted to `progress`.
+/// With several repositories, they are tried in order: one that holds no
+/// backup reaching the target, or that fails (unreachable, a damaged
+/// part: nothing is left behind), gives way to the next.
 pub async fn restore(
     cfg: &Config,
     args: &RestoreArgs,
     progress: &mut dyn Progress,
 ) -> anyhow::Result<Restored> {
     refuse_unless_empty(&args.dir, "the data directory")?;
-    let repo = Repository::open(cfg.repository())
-        .with_context(|| format!("cannot open the repository {}", cfg.repository().url))?;
+    let mut failures = Vec::new();
+    for rc in &cfg.repositories {
+        match restore_from(cfg, rc, args, progress).await {
+            Ok(r) => return Ok(r),
+            Err(e) if cfg.repositories.len() == 1 => return Err(e),
+            Err(e) => {
+                warn!(
+                    "repository {:?} could not restore: {}; trying the next",
+                    rc.name,
+                    crate::report::error_line(&e)
+                );
+                failures.push(format!(
+                    "repository {:?}: {}",
+                    rc.name,
+                    crate::report::error_line(&e)
+                ));
+            }
+        }
+    }
+    Err(anyhow!(
+        "no repository could restore:\n  {}",
+        failures.join("\n  ")
+    ))
+}
+
+/// [`restore`] from repository `rc`.
+async fn restore_from(
+    cfg: &Config,
+    rc: &crate::repository::RepositoryConfig,
+    args: &RestoreArgs,
+    progress: &mut dyn Progress,
+) -> anyhow::Result<Restored> {
+    let repo =
+        Repository::open(rc).with_context(|| format!("cannot open the repository {}", rc.url))?;
     let backup = choose(cfg, &repo, args).await?;
     // Every tablespace's destination, checked before anything is written.
     let mut destinations = Vec::new();
@@ -142,7 +177,7 @@ pub async fn restore(
     }
     let created = Created::new(&args.dir, destinations.iter().map(|d| d.3.clone()));
     create_private(&args.dir)?;
-    info!(backup = %backup.name, "restoring into {}", args.dir.display());
+    info!(backup = %backup.name, repository = %rc.name, "restoring into {}", args.dir.display());
     let done = Arc::new(AtomicU64::new(0));
     let total: u64 = backup.archives.iter().map(|a| a.size).sum();
     let mut jobs = Vec::new();
@@ -593,6 +628,22 @@ async fn choose(
 
 /// Whether recovery from `r` can reach `target`: a time or LSN target
 /// must lie after the backup's stop.
+/// The latest instant a backup stopped at, from its record's stop time:
+/// records written before times carried milliseconds hold whole seconds,
+/// and such a backup may have ended up to a second later (a target inside
+/// that second is not reached by it: recovery cannot stop before the
+/// backup is consistent).
+fn latest_stop(
+    text: &str,
+) -> Result<chrono::DateTime<chrono::FixedOffset>, chrono::format::ParseError> {
+    let t = chrono::DateTime::parse_from_rfc3339(text)?;
+    Ok(if text.contains('.') {
+        t
+    } else {
+        t + chrono::Duration::milliseconds(999)
+    })
+}
+
 fn reaches(r: &BackupRecord, target: &Target) -> Result<(), String> {
     match target {
         Target::Lsn(l) if *l < r.stop_lsn => Err(format!(
@@ -600,7 +651,7 @@ fn reaches(r: &BackupRecord, target: &Target) -> Result<(), String> {
             r.stop_lsn
         )),
         Target::Time(text, t) => {
-            let stop = chrono::DateTime::parse_from_rfc3339(&r.stop_time)
+            let stop = latest_stop(&r.stop_time)
                 .map_err(|e| format!("its stop time {:?} is unreadable: {e}", r.stop_time))?;
             if stop > *t {
                 Err(format!(
@@ -931,6 +982,25 @@ mod tests {
         r.start_timeline = TimelineId(timeline);
         r.stop_lsn = Lsn(stop);
         r
+    }
+
+    /// A backup that ended within the target's second, after it, does
+    /// not reach it (whole-second stop times are read as the second's end).
+    #[test]
+    fn a_backup_ending_in_the_target_s_second_after_it_does_not_reach_it() {
+        let at = |s: &str| {
+            Target::Time(
+                s.to_string(),
+                chrono::DateTime::parse_from_rfc3339(s).unwrap(),
+            )
+        };
+        let mut r = record(1, 0x1000100);
+        r.stop_time = "2026-12-06T17:05:09Z".into();
+        assert!(reaches(&r, &at("2026-12-06T17:05:09.045Z")).is_err());
+        assert!(reaches(&r, &at("2026-12-06T17:05:10Z")).is_ok());
+        r.stop_time = "2026-12-06T17:05:09.700Z".into();
+        assert!(reaches(&r, &at("2026-12-06T17:05:09.045Z")).is_err());
+        assert!(reaches(&r, &at("2026-12-06T17:05:09.800Z")).is_ok());
     }
 
     /// Timeline 2 branched off 1 at 0/5000000, timeline 3 off 2 at 0/9000000.

@@ -239,6 +239,7 @@ fn a_repository_added_later_is_completed_by_repo_sync_and_restores() {
     let o = walsafe(&config, &["backup"]);
     assert!(o.status.success(), "{}", text(&o));
     pg.psql("INSERT INTO t SELECT generate_series(1001, 2000)");
+    let between = pg.psql("SELECT clock_timestamp()");
     pg.psql("SELECT pg_switch_wal()");
     agent.wait_archived(current_lsn(&pg), Duration::from_secs(60));
     assert!(agent.terminate().success());
@@ -347,6 +348,24 @@ fn a_repository_added_later_is_completed_by_repo_sync_and_restores() {
         text(&o)
     );
     let names = complete_segments(&local_dir.join("wal"));
+    // A restore to a time before the first repository's only backup comes
+    // from the off-site copy: its backup, and the WAL the first deleted.
+    let (o, port, _stop) = common::timeline::restore_started(
+        &pg,
+        &both,
+        &dir.join("restored-between"),
+        &["--target-time", &between, "--target-action", "promote"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("could not restore") && text(&o).contains("trying the next"),
+        "say that the first repository gave way: {}",
+        text(&o)
+    );
+    assert_eq!(
+        common::timeline::psql_on(&pg, port, "SELECT count(*) FROM t"),
+        "2000"
+    );
     // Again: nothing left to copy.
     let o = sync(&both, &local, "offsite");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

@@ -687,8 +687,10 @@ async fn unused_name(repo: &Repository) -> anyhow::Result<String> {
     }
 }
 
+/// Now, to the millisecond: a restore to a time decides by these whether
+/// a backup ended before its target.
 fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Removes the parts of incomplete backups (no record) older than the
