@@ -15,8 +15,7 @@ use common::pg::{PgCluster, PgOptions, TestDir};
 use common::setup::{current_lsn, write_wal};
 use common::tmpfs::TmpFs;
 use common::walsafe::{
-    assert_no_gap, assert_served_as, complete_segments, restore_promoted, wait_until, Agent,
-    Settings,
+    assert_no_gap, assert_served_as, restore_promoted, wait_until, Agent, Settings,
 };
 
 const MB: u64 = 1 << 20;
@@ -110,19 +109,7 @@ fn spool_fills_waits_and_drains(name: &str, spool_fs_size: &str, limits: impl Fn
     pg.psql("SELECT pg_switch_wal()");
     let last = current_lsn(&pg);
     agent.wait_archived(last, Duration::from_secs(60));
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            complete_segments(&recv_dir).last().is_some_and(|n| {
-                let segno = u64::from_str_radix(&n[8..16], 16).unwrap() * 4096
-                    + u64::from_str_radix(&n[16..24], 16).unwrap();
-                (segno + 1) * MB >= end
-            })
-        }),
-        "pg_receivewal did not get that far"
-    );
-    let _ = recv.kill();
-    let _ = recv.wait();
-    let names = complete_segments(&recv_dir);
+    let names = common::walsafe::stop_receivewal_past(&mut recv, &recv_dir, end, MB);
     assert_served_as(&config, &recv_dir, &names, &dir.subdir("work"));
     let restored = restore_promoted(
         &backup,

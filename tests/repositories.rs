@@ -187,19 +187,7 @@ fn every_repository_gets_every_object_and_one_down_holds_up_none() {
     pg.psql("INSERT INTO t VALUES ('the last commit')");
     pg.psql("SELECT pg_switch_wal()");
     agent.wait_archived(current_lsn(&pg), Duration::from_secs(60));
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            complete_segments(&recv_dir).last().is_some_and(|n| {
-                let segno = u64::from_str_radix(&n[8..16], 16).unwrap() * 4096
-                    + u64::from_str_radix(&n[16..24], 16).unwrap();
-                (segno + 1) * MB >= end
-            })
-        }),
-        "pg_receivewal did not get that far"
-    );
-    let _ = recv.kill();
-    let _ = recv.wait();
-    let names = complete_segments(&recv_dir);
+    let names = common::walsafe::stop_receivewal_past(&mut recv, &recv_dir, end, MB);
     let v = walsafe(&config, &["wal-verify"]);
     assert_eq!(v.status.code(), Some(0), "{}", text(&v));
     assert!(text(&v).contains("repository \"offsite\""), "{}", text(&v));

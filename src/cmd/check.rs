@@ -871,6 +871,14 @@ async fn probe_repository(repo: &Repository) -> Vec<Item> {
     items
 }
 
+/// The items [`probe_repository`] reports, skipped when it cannot run.
+const WRITE_ITEMS: [&str; 4] = [
+    "repository write",
+    "create-only writes",
+    "repository read-back",
+    "repository delete",
+];
+
 /// The items of one repository: reachable, writes (create-only,
 /// read-back, delete), key, pinned cluster; with its descriptor (`None`
 /// when unreachable) and the opened repository.
@@ -891,12 +899,7 @@ async fn check_repository(
                 e.to_string(),
                 store_fix(&e),
             ));
-            for n in [
-                "repository write",
-                "create-only writes",
-                "repository read-back",
-                "repository delete",
-            ] {
+            for n in WRITE_ITEMS {
                 items.push(Item::skipped(n, "repository cannot be opened"));
             }
         }
@@ -934,12 +937,7 @@ async fn check_repository(
                         e.to_string(),
                         repository_error_fix(&e),
                     ));
-                    for n in [
-                        "repository write",
-                        "create-only writes",
-                        "repository read-back",
-                        "repository delete",
-                    ] {
+                    for n in WRITE_ITEMS {
                         items.push(Item::skipped(n, "repository unreachable"));
                     }
                 }

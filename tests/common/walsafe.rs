@@ -473,6 +473,31 @@ pub fn complete_segments(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Waits until `pg_receivewal` (`recv`, writing into `dir`, segments of
+/// `segment_size`) holds every complete segment up to `end`, stops it, and
+/// returns the names of the complete segments it wrote.
+pub fn stop_receivewal_past(
+    recv: &mut std::process::Child,
+    dir: &Path,
+    end: u64,
+    segment_size: u64,
+) -> Vec<String> {
+    let per_log = 0x1_0000_0000 / segment_size;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            complete_segments(dir).last().is_some_and(|n| {
+                let segno = u64::from_str_radix(&n[8..16], 16).unwrap() * per_log
+                    + u64::from_str_radix(&n[16..24], 16).unwrap();
+                (segno + 1) * segment_size >= end
+            })
+        }),
+        "pg_receivewal did not get that far"
+    );
+    let _ = recv.kill();
+    let _ = recv.wait();
+    complete_segments(dir)
+}
+
 /// `walsafe wal-fetch NAME` into `dir`; returns the bytes.
 pub fn fetch_bytes(config: &Path, name: &str, dir: &Path) -> Vec<u8> {
     let dest = dir.join(format!("fetched-{name}"));
