@@ -426,11 +426,11 @@ fn check_fails_for_a_wrong_key() {
     check_fails_with(
         &s.config,
         &format!(
-            "repository key: the configured key has id {}, the repository is encrypted with key id {}",
+            "repository key: the configured key file holds key id {}, the repository is encrypted with key id {}",
             wrong.key_id_hex(),
             right.key_id_hex()
         ),
-        &format!("point [repository] key_file at the key with id {}", right.key_id_hex()),
+        &format!("add the key with id {} to [repository] key_file", right.key_id_hex()),
     );
 }
 

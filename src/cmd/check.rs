@@ -68,7 +68,7 @@ use crate::pg::sql::{connect_sql, current_wal_lsn, slot_state, switch_wal};
 use crate::pg::{ClusterIdentity, Lsn, SegmentName, Server, TimelineId};
 use crate::report::human_bytes;
 use crate::repository::{
-    key, Descriptor, Key, ObjectName, PutResult, Repository, RepositoryConfig, RepositoryError,
+    key, Descriptor, KeyRing, ObjectName, PutResult, Repository, RepositoryConfig, RepositoryError,
     SegmentFile, Store, StoreError,
 };
 
@@ -889,7 +889,7 @@ async fn check_repository(
 ) -> (Vec<Item>, Option<Option<Descriptor>>, Option<Repository>) {
     let mut items = Vec::new();
     let store = Store::open(&rc.url, &rc.options, rc.retries.min(CHECK_STORE_ATTEMPTS));
-    let key_result = rc.key_file.as_ref().map(|p| key::load_key_file(p));
+    let key_result = rc.key_file.as_ref().map(|p| key::load_key_ring(p));
     let mut descriptor: Option<Option<Descriptor>> = None;
     let mut repo_for_switch = None;
     match store {
@@ -904,9 +904,13 @@ async fn check_repository(
             }
         }
         Ok(store) => {
-            let key = key_result.as_ref().and_then(|r| r.as_ref().ok()).cloned();
+            let ring = key_result.as_ref().and_then(|r| r.as_ref().ok()).cloned();
             let repo =
-                Repository::from_parts(store.clone(), key, rc.compression, rc.compression_level);
+                Repository::from_parts(store.clone(), None, rc.compression, rc.compression_level);
+            let repo = match ring {
+                Some(r) => repo.with_ring(r),
+                None => repo,
+            };
             let reach = async {
                 repo.list_probes().await?;
                 repo.descriptor().await
@@ -967,7 +971,7 @@ async fn check_repository(
 /// The key item.
 fn check_key(
     rc: &RepositoryConfig,
-    loaded: Option<&Result<Key, key::KeyError>>,
+    loaded: Option<&Result<KeyRing, key::KeyError>>,
     descriptor: Option<&Option<Descriptor>>,
 ) -> Item {
     const K: &str = "repository key";
@@ -980,7 +984,7 @@ fn check_key(
             };
             return Item::failed(K, e.to_string(), fix);
         }
-        Some(Ok(k)) => Some(k),
+        Some(Ok(ring)) => Some(ring),
         None => None,
     };
     let Some(descriptor) = descriptor else {
@@ -989,14 +993,14 @@ fn check_key(
                 K,
                 format!(
                     "key id {} loads; repository unreachable, so not compared",
-                    k.key_id_hex()
+                    k.current().key_id_hex()
                 ),
             ),
             None => Item::skipped(K, "repository unreachable"),
         };
     };
     match (descriptor, key) {
-        (None, Some(k)) => Item::ok(K, format!("key id {} loads; the new repository will be encrypted with it", k.key_id_hex())),
+        (None, Some(k)) => Item::ok(K, format!("key id {} loads; the new repository will be encrypted with it", k.current().key_id_hex())),
         (None, None) => Item::ok(K, "no key_file: WAL will be stored unencrypted (checksummed)"),
         (Some(d), None) => match &d.key_id {
             Some(id) => Item::failed(
@@ -1009,20 +1013,26 @@ fn check_key(
         (Some(d), Some(k)) => match &d.key_id {
             None => Item::failed(
                 K,
-                format!("key_file {} (key id {}) is configured, but the repository was created unencrypted", rc.key_file.as_deref().unwrap_or(Path::new("")).display(), k.key_id_hex()),
+                format!("key_file {} (key id {}) is configured, but the repository was created unencrypted", rc.key_file.as_deref().unwrap_or(Path::new("")).display(), k.current().key_id_hex()),
                 "remove key_file from [repository], or use a new repository URL for encrypted WAL",
             ),
-            Some(id) if *id != k.key_id_hex() => Item::failed(
-                K,
-                format!("the configured key has id {}, the repository is encrypted with key id {id}", k.key_id_hex()),
-                format!("point [repository] key_file at the key with id {id}; a repository never changes keys"),
-            ),
-            Some(id) if !d.mac_is_valid(k) => Item::failed(
-                K,
-                format!("walsafe.repo names key id {id} but its HMAC does not verify: it was modified without the key"),
-                "investigate who can write to the repository; restore walsafe.repo from a copy",
-            ),
-            Some(id) => Item::ok(K, format!("key id {id} matches the repository")),
+            Some(id) => match k.find_hex(id) {
+                None => Item::failed(
+                    K,
+                    format!("the configured key file holds key id {}, the repository is encrypted with key id {id}", k.ids_hex().join(", ")),
+                    format!("add the key with id {id} to [repository] key_file (one walsafe-key-v1 line per key), or point key_file at it"),
+                ),
+                Some(rk) if !d.mac_is_valid(rk) => Item::failed(
+                    K,
+                    format!("walsafe.repo names key id {id} but its HMAC does not verify: it was modified without the key"),
+                    "investigate who can write to the repository; restore walsafe.repo from a copy",
+                ),
+                Some(_) if k.current().key_id_hex() != *id => Item::ok(
+                    K,
+                    format!("key id {id} (the repository's first) is in the key file; new objects are encrypted with key id {}", k.current().key_id_hex()),
+                ),
+                Some(_) => Item::ok(K, format!("key id {id} matches the repository")),
+            },
         },
     }
 }
@@ -1321,6 +1331,7 @@ pub async fn command(cfg: Config, switch: bool, pgdata: Option<PathBuf>) -> Exit
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repository::Key;
 
     fn ident(sysid: u64) -> ClusterIdentity {
         ClusterIdentity::new(sysid, 150004, 16 << 20)
@@ -1413,6 +1424,7 @@ mod tests {
         let plain = Descriptor::new(&ident(1), None, "zstd");
         let item = |loaded: Option<Result<Key, key::KeyError>>,
                     desc: Option<Option<Descriptor>>| {
+            let loaded = loaded.map(|r| r.map(KeyRing::single));
             check_key(c.repository(), loaded.as_ref(), desc.as_ref())
         };
         assert_eq!(

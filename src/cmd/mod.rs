@@ -64,10 +64,13 @@ pub enum Command {
         /// Path of the WAL file (%p).
         path: PathBuf,
     },
-    /// Write a new repository key to FILE (mode 0600; never overwrites).
+    /// Write a new repository key to FILE (mode 0600; never overwrites); with --add, append a new key to the key ring in FILE.
     Keygen {
         /// Where to write the key.
         file: PathBuf,
+        /// Append a new key to the existing key file (a ring): it decrypts at once; it encrypts once its line is moved first.
+        #[arg(long)]
+        add: bool,
     },
     /// Report every gap in the repository's WAL, per timeline.
     WalVerify {
@@ -319,19 +322,27 @@ pub fn main() -> ExitCode {
             ))
         }
         Command::GenerateAssets { ref dir } => report(assets::generate(dir)),
-        Command::Keygen { ref file } => {
-            let key = crate::repository::key::Key::generate();
-            report(
-                crate::repository::key::write_key_file(file, &key)
-                    .map(|()| {
-                        println!(
-                            "wrote a new repository key to {} (key id {}); keep a copy somewhere safe: without it the repository cannot be read",
-                            file.display(),
-                            key.key_id_hex()
-                        );
-                    })
-                    .map_err(anyhow::Error::from),
-            )
+        Command::Keygen { ref file, add } => {
+            use crate::repository::key;
+            let k = key::Key::generate();
+            let written = if add {
+                key::add_key(file, &k).map(|()| {
+                    println!(
+                        "added key id {} to the key ring {} (after the keys already there: it decrypts now, and encrypts once its walsafe-key-v1 line is moved first); keep a copy of the file somewhere safe",
+                        k.key_id_hex(),
+                        file.display()
+                    );
+                })
+            } else {
+                key::write_key_file(file, &k).map(|()| {
+                    println!(
+                        "wrote a new repository key to {} (key id {}); keep a copy somewhere safe: without it the repository cannot be read",
+                        file.display(),
+                        k.key_id_hex()
+                    );
+                })
+            };
+            report(written.map_err(anyhow::Error::from))
         }
         Command::Demo {
             ref dir,

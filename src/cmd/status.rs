@@ -204,15 +204,19 @@ fn open_repository(cfg: &Config) -> anyhow::Result<(Repository, Option<String>)>
     let r = cfg.repository();
     let store = Store::open(&r.url, &r.options, r.retries.min(STATUS_STORE_ATTEMPTS))
         .with_context(|| format!("cannot open the repository {}", r.url))?;
-    let (key, problem) = match &r.key_file {
-        Some(p) => match key::load_key_file(p) {
+    let (ring, problem) = match &r.key_file {
+        Some(p) => match key::load_key_ring(p) {
             Ok(k) => (Some(k), None),
             Err(e) => (None, Some(e.to_string())),
         },
         None => (None, None),
     };
+    let repo = Repository::from_parts(store, None, r.compression, r.compression_level);
     Ok((
-        Repository::from_parts(store, key, r.compression, r.compression_level),
+        match ring {
+            Some(ring) => repo.with_ring(ring),
+            None => repo,
+        },
         problem,
     ))
 }

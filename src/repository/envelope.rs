@@ -184,7 +184,7 @@ pub enum EnvelopeError {
     #[error("object name mismatch: expected {expected:?}, the object says {found:?}; an object was copied or renamed over another")]
     NameMismatch { expected: String, found: String },
     /// The object was encrypted with another key than the one configured.
-    #[error("object was encrypted with key id {object_key_id}, but the configured key has id {configured_key_id}; configure the repository's key file")]
+    #[error("object was encrypted with key id {object_key_id}, but the configured key file holds key id {configured_key_id}; add the key with that id to the key file (a ring: one walsafe-key-v1 line per key)")]
     WrongKey {
         object_key_id: String,
         configured_key_id: String,

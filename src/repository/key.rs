@@ -9,9 +9,16 @@
 //! walsafe-key-v1 <64 lower-case hex digits>
 //! ```
 //!
-//! Lines starting with `#` and blank lines are ignored; exactly one
+//! Lines starting with `#` and blank lines are ignored; at least one
 //! `walsafe-key-v1` line must remain. Text rather than raw bytes so that the
 //! key survives being pasted into a secret manager and back.
+//!
+//! # Key ring
+//!
+//! A key file may hold several key lines: a ring ([`KeyRing`]). The first
+//! key encrypts new objects; every key decrypts, each object naming its key
+//! by id in its header. `walsafe keygen FILE --add` appends a new key
+//! ([`add_key`]): it decrypts at once, and encrypts once it is moved first.
 //!
 //! # Invariants
 //!
@@ -121,36 +128,27 @@ impl Key {
         )
     }
 
-    /// Parses a key file's text; `path` names it in errors.
-    pub fn parse_file_text(text: &str, path: &Path) -> Result<Key, KeyError> {
+    /// Parses one key line (`walsafe-key-v1 <hex>`); `path` names the
+    /// file in errors.
+    fn parse_line(line: &str, path: &Path) -> Result<Key, KeyError> {
         let malformed = |reason: &str| KeyError::Malformed {
             path: path.to_path_buf(),
             reason: reason.to_string(),
         };
-        let mut lines = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'));
-        let line = lines
-            .next()
-            .ok_or_else(|| malformed("it has no key line"))?;
-        if lines.next().is_some() {
-            return Err(malformed("it has more than one non-comment line"));
-        }
         let mut parts = line.split_whitespace();
         let tag = parts.next().unwrap_or_default();
         if tag != KEY_FILE_TAG {
             return Err(malformed(&format!(
-                "the key line starts with {tag:?}, not {KEY_FILE_TAG:?}"
+                "a key line starts with {tag:?}, not {KEY_FILE_TAG:?}"
             )));
         }
         let hex_key = parts
             .next()
-            .ok_or_else(|| malformed("the key line has no key after the tag"))?;
+            .ok_or_else(|| malformed("a key line has no key after the tag"))?;
         if parts.next().is_some() {
-            return Err(malformed("the key line has extra words after the key"));
+            return Err(malformed("a key line has extra words after the key"));
         }
-        let mut bytes = hex::decode(hex_key).map_err(|_| malformed("the key is not hex"))?;
+        let mut bytes = hex::decode(hex_key).map_err(|_| malformed("a key is not hex"))?;
         if bytes.len() != KEY_LEN {
             let found = bytes.len();
             bytes.iter_mut().for_each(|b| *b = 0);
@@ -163,6 +161,65 @@ impl Key {
         k.copy_from_slice(&bytes);
         bytes.iter_mut().for_each(|b| *b = 0);
         Ok(Key(k))
+    }
+}
+
+/// The keys of a key file, the first one current (see the module doc).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct KeyRing(Vec<Key>);
+
+impl KeyRing {
+    /// A ring of one key.
+    pub fn single(key: Key) -> KeyRing {
+        KeyRing(vec![key])
+    }
+
+    /// A ring of `keys`, the first current; `None` when empty.
+    pub fn of(keys: Vec<Key>) -> Option<KeyRing> {
+        (!keys.is_empty()).then_some(KeyRing(keys))
+    }
+
+    /// The key that encrypts new objects.
+    pub fn current(&self) -> &Key {
+        &self.0[0]
+    }
+
+    /// The key with id `id`, if the ring holds it.
+    pub fn find(&self, id: &[u8; KEY_ID_LEN]) -> Option<&Key> {
+        self.0.iter().find(|k| k.key_id() == *id)
+    }
+
+    /// The key whose id is `id` (hex), if the ring holds it.
+    pub fn find_hex(&self, id: &str) -> Option<&Key> {
+        self.0.iter().find(|k| k.key_id_hex() == id)
+    }
+
+    /// Every key id, current first, as hex.
+    pub fn ids_hex(&self) -> Vec<String> {
+        self.0.iter().map(Key::key_id_hex).collect()
+    }
+
+    /// Parses a key file's text; `path` names it in errors.
+    pub fn parse_file_text(text: &str, path: &Path) -> Result<KeyRing, KeyError> {
+        let mut keys: Vec<Key> = Vec::new();
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let k = Key::parse_line(line, path)?;
+            if keys.contains(&k) {
+                return Err(KeyError::Malformed {
+                    path: path.to_path_buf(),
+                    reason: format!("key id {} is in it twice", k.key_id_hex()),
+                });
+            }
+            keys.push(k);
+        }
+        KeyRing::of(keys).ok_or_else(|| KeyError::Malformed {
+            path: path.to_path_buf(),
+            reason: "it has no key line".into(),
+        })
     }
 }
 
@@ -221,9 +278,40 @@ pub fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// Reads a key file written by [`write_key_file`]. Warns (does not refuse)
-/// when the file is readable by group or others.
+/// Appends `key` to the existing key file at `path` (a ring): it decrypts
+/// from now on; the keys already there are never touched (the file is
+/// opened for appending, then fsynced).
+pub fn add_key(path: &Path, key: &Key) -> Result<(), KeyError> {
+    let ring = load_key_ring(path)?;
+    if ring.find(&key.key_id()).is_some() {
+        return Err(KeyError::Malformed {
+            path: path.to_path_buf(),
+            reason: format!("key id {} is in it already", key.key_id_hex()),
+        });
+    }
+    let io_err = |source: io::Error| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new().append(true).open(path).map_err(io_err)?;
+    let text = format!(
+        "# key id {} added {}\n{KEY_FILE_TAG} {}\n",
+        key.key_id_hex(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        hex::encode(key.0)
+    );
+    f.write_all(text.as_bytes()).map_err(io_err)?;
+    crate::durable::Fsync::On.sync_all(&f).map_err(io_err)
+}
+
+/// The current key of the key file at `path` (see [`load_key_ring`]).
 pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
+    load_key_ring(path).map(|r| r.current().clone())
+}
+
+/// Reads a key file written by [`write_key_file`] (and [`add_key`]).
+/// Warns (does not refuse) when the file is readable by group or others.
+pub fn load_key_ring(path: &Path) -> Result<KeyRing, KeyError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
@@ -258,7 +346,7 @@ pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
         }
     }
     let mut text = text;
-    let key = Key::parse_file_text(&text, path);
+    let key = KeyRing::parse_file_text(&text, path);
     // Do not leave the hex key lying around in freed memory.
     // SAFETY: writing ASCII zeros keeps the String valid UTF-8.
     unsafe { text.as_bytes_mut().iter_mut().for_each(|b| *b = b'0') };
@@ -284,6 +372,33 @@ mod tests {
     }
 
     #[test]
+    fn a_ring_decrypts_with_every_key_and_encrypts_with_the_first() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ring.key");
+        let (a, b) = (Key::generate(), Key::generate());
+        write_key_file(&p, &a).unwrap();
+        add_key(&p, &b).unwrap();
+        let ring = load_key_ring(&p).unwrap();
+        assert_eq!(ring.current(), &a, "adding never changes the current key");
+        assert_eq!(ring.find(&b.key_id()), Some(&b));
+        assert_eq!(ring.ids_hex(), [a.key_id_hex(), b.key_id_hex()]);
+        assert_eq!(load_key_file(&p).unwrap(), a);
+        let err = add_key(&p, &b).unwrap_err().to_string();
+        assert!(err.contains("already"), "{err}");
+        // Moved first, the added key is current.
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(KEY_FILE_TAG))
+            .collect();
+        std::fs::write(&p, format!("{}\n{}\n", lines[1], lines[0])).unwrap();
+        assert_eq!(load_key_ring(&p).unwrap().current(), &b);
+        std::fs::write(&p, format!("{}\n{}\n", lines[0], lines[0])).unwrap();
+        let err = load_key_ring(&p).unwrap_err().to_string();
+        assert!(err.contains("twice"), "{err}");
+    }
+
+    #[test]
     fn never_overwrites_an_existing_key_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("repo.key");
@@ -305,26 +420,29 @@ mod tests {
     #[test]
     fn malformed_and_wrong_length_are_distinct() {
         let p = Path::new("/k");
-        let e = Key::parse_file_text("hello\n", p).unwrap_err();
+        let e = KeyRing::parse_file_text("hello\n", p).unwrap_err();
         assert!(matches!(e, KeyError::Malformed { .. }), "{e}");
-        let e = Key::parse_file_text("walsafe-key-v1 zz\n", p).unwrap_err();
+        let e = KeyRing::parse_file_text("walsafe-key-v1 zz\n", p).unwrap_err();
         assert!(matches!(e, KeyError::Malformed { .. }), "{e}");
-        let e = Key::parse_file_text("walsafe-key-v1 00ff\n", p).unwrap_err();
+        let e = KeyRing::parse_file_text("walsafe-key-v1 00ff\n", p).unwrap_err();
         assert!(matches!(e, KeyError::WrongLength { found: 2, .. }), "{e}");
-        let e = Key::parse_file_text("# only a comment\n", p).unwrap_err();
+        let e = KeyRing::parse_file_text("# only a comment\n", p).unwrap_err();
         assert!(matches!(e, KeyError::Malformed { .. }), "{e}");
         let two = format!(
             "{KEY_FILE_TAG} {}\n{KEY_FILE_TAG} {}\n",
             "00".repeat(32),
             "11".repeat(32)
         );
-        assert!(matches!(
-            Key::parse_file_text(&two, p),
-            Err(KeyError::Malformed { .. })
-        ));
+        // Two keys are a ring, the first current.
+        let ring = KeyRing::parse_file_text(&two, p).unwrap();
+        assert_eq!(ring.current().as_bytes(), &[0u8; 32]);
+        assert_eq!(ring.ids_hex().len(), 2);
         let ok = format!("# c\n\n  {KEY_FILE_TAG}   {}  \n", "ab".repeat(32));
         assert_eq!(
-            Key::parse_file_text(&ok, p).unwrap().as_bytes(),
+            KeyRing::parse_file_text(&ok, p)
+                .unwrap()
+                .current()
+                .as_bytes(),
             &[0xab; 32]
         );
     }

@@ -57,7 +57,7 @@ use tokio::sync::Semaphore;
 
 pub use descriptor::{Descriptor, DescriptorError};
 pub use envelope::{Compression, EnvelopeError};
-pub use key::{Key, KeyError};
+pub use key::{Key, KeyError, KeyRing};
 pub use object::{Lane, LayoutError, ObjectName, SegmentFile};
 pub use store::{PutResult, Store, StoreError};
 
@@ -391,6 +391,9 @@ pub struct Repository {
     level: i32,
     /// `[[repository]] name`, for metrics and messages (default its URL).
     name: Option<String>,
+    /// Every configured key (`key` is its current one): objects are
+    /// decrypted with the key their header names.
+    ring: Option<Arc<KeyRing>>,
 }
 
 fn compression_name(c: Compression) -> &'static str {
@@ -407,14 +410,23 @@ impl Repository {
         let store = Store::open(&cfg.url, &cfg.options, cfg.retries)?
             .with_fsync(cfg.fsync)
             .with_request_timeout(cfg.request_timeout);
-        let key = match &cfg.key_file {
-            Some(p) => Some(key::load_key_file(p)?),
+        let ring = match &cfg.key_file {
+            Some(p) => Some(key::load_key_ring(p)?),
             None => None,
         };
-        Ok(
-            Repository::from_parts(store, key, cfg.compression, cfg.compression_level)
-                .with_name(&cfg.name),
-        )
+        let repo = Repository::from_parts(store, None, cfg.compression, cfg.compression_level)
+            .with_name(&cfg.name);
+        Ok(match ring {
+            Some(r) => repo.with_ring(r),
+            None => repo,
+        })
+    }
+
+    /// Uses key ring `ring`: its first key encrypts, every key decrypts.
+    pub fn with_ring(mut self, ring: KeyRing) -> Repository {
+        self.key = Some(Arc::new(ring.current().clone()));
+        self.ring = Some(Arc::new(ring));
+        self
     }
 
     /// Names the repository (`[[repository]] name`).
@@ -435,12 +447,14 @@ impl Repository {
         compression: Compression,
         level: i32,
     ) -> Repository {
+        let ring = key.clone().map(|k| Arc::new(KeyRing::single(k)));
         Repository {
             store,
             key: key.map(Arc::new),
             compression,
             level,
             name: None,
+            ring,
         }
     }
 
@@ -495,9 +509,24 @@ impl Repository {
         name: &ObjectName,
         object: Bytes,
     ) -> Result<Result<Vec<u8>, EnvelopeError>, RepositoryError> {
-        let (logical, key) = (name.logical(), self.key.clone());
+        let (logical, ring) = (name.logical(), self.ring.clone());
         on_cpu_lane(name, "decoding", move || {
-            envelope::decode(&logical, &object, key.as_deref())
+            let Some(ring) = ring else {
+                return envelope::decode(&logical, &object, None);
+            };
+            // The key the object names; the current one for an
+            // unencrypted object (which decode then refuses).
+            let header = envelope::read_header(&object)?;
+            let key = match header.encryption {
+                envelope::Encryption::None => ring.current(),
+                _ => ring
+                    .find(&header.key_id)
+                    .ok_or_else(|| EnvelopeError::WrongKey {
+                        object_key_id: hex::encode(header.key_id),
+                        configured_key_id: ring.ids_hex().join(", "),
+                    })?,
+            };
+            envelope::decode(&logical, &object, Some(key))
         })
         .await
     }
@@ -1044,14 +1073,17 @@ impl Repository {
                     configured: k.key_id_hex(),
                 })
             }
-            (Some(id), Some(k)) => {
-                if *id != k.key_id_hex() {
+            (Some(id), Some(_)) => {
+                // The repository's key may have been rotated: any key of
+                // the ring that has its id verifies it.
+                let ring = self.ring.as_deref().expect("a ring wherever a key is set");
+                let Some(k) = ring.find_hex(id) else {
                     return Err(RepositoryError::KeyMismatch {
                         url,
                         repository: id.clone(),
-                        configured: k.key_id_hex(),
+                        configured: ring.ids_hex().join(", "),
                     });
-                }
+                };
                 if !d.mac_is_valid(k) {
                     return Err(RepositoryError::DescriptorTampered {
                         url,
