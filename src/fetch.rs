@@ -299,14 +299,24 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
     }
     let mut first: Option<(String, Descriptor)> = None;
     let mut failures: Vec<anyhow::Error> = Vec::new();
+    // Chunks of the segment being filled when the archive ends: the most
+    // WAL any repository holds of it (a repository that fell behind holds
+    // fewer chunks; recovery must not end at its end).
+    let mut chunks: Option<(usize, Vec<u8>, String)> = None;
     for i in repository_order(cfg) {
         let r = &cfg.repositories[i];
         match wal_fetch_from(cfg, i, kind, name, dest, &mut first).await {
-            Ok(Fetched::Restored) => {
+            Ok(Answer::Restored) => {
                 unreachable_marker(cfg, r).map(std::fs::remove_file);
                 return Ok(Fetched::Restored);
             }
-            Ok(Fetched::NotFound) => continue,
+            Ok(Answer::Absent) => continue,
+            Ok(Answer::Chunks(data)) => {
+                let held = data.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+                if chunks.as_ref().is_none_or(|(h, ..)| held > *h) {
+                    chunks = Some((held, data, r.name.clone()));
+                }
+            }
             Err(e) if cfg.repositories.len() == 1 => return Err(e),
             Err(e) => {
                 let e = e.context(format!("repository {:?}", r.name));
@@ -320,6 +330,19 @@ pub async fn wal_fetch(cfg: &Config, name: &str, dest: &Path) -> anyhow::Result<
                 failures.push(e);
             }
         }
+    }
+    if let Some((held, data, from)) = chunks {
+        if let Some(e) = failures.first() {
+            bail!(
+                "only chunks of {name} were found (its first {held} bytes, in repository {from:?}), and {}; it may hold more of this segment, and recovery would end at the chunks' end: fix it, or remove it from the configuration to end recovery here",
+                crate::report::error_line(e)
+            );
+        }
+        let (dest, fsync) = (dest.to_path_buf(), cfg.fsync);
+        tokio::task::spawn_blocking(move || fsync.write_atomically(&dest, &data, 0o600))
+            .await?
+            .with_context(|| format!("cannot write the restored file to {name}"))?;
+        return Ok(Fetched::Restored);
     }
     // Absent only when every repository proved it absent; otherwise the
     // gravest failure (an object that must never be replayed) speaks.
@@ -371,6 +394,15 @@ fn note_unreachable(cfg: &Config, r: &crate::repository::RepositoryConfig) {
     }
 }
 
+/// What one repository had.
+enum Answer {
+    Restored,
+    Absent,
+    /// Only chunks of the segment (the last one being filled there): with
+    /// several repositories another may hold more of it, or all of it.
+    Chunks(Vec<u8>),
+}
+
 /// [`wal_fetch`] from repository `index` alone. `first` is the first
 /// descriptor read (and its repository's name): every repository must
 /// archive the same cluster, or none of them is trusted.
@@ -381,7 +413,7 @@ async fn wal_fetch_from(
     name: &str,
     dest: &Path,
     first: &mut Option<(String, Descriptor)>,
-) -> anyhow::Result<Fetched> {
+) -> anyhow::Result<Answer> {
     let rc = &cfg.repositories[index];
     let repo =
         Repository::open(rc).with_context(|| format!("cannot open the repository {}", rc.url))?;
@@ -423,12 +455,17 @@ async fn wal_fetch_from(
     if kind == Some(NameKind::Segment) && take_prefetched(cfg, &repo, &descriptor, name, dest).await
     {
         start_prefetcher();
-        return Ok(Fetched::Restored);
+        return Ok(Answer::Restored);
     }
     let data = match kind {
         Some(NameKind::History(_)) => repo.get_wal(name).await?,
         Some(NameKind::Segment) => {
-            fetch_segment(cfg, &repo, &descriptor, name, &mut start_prefetcher).await?
+            match fetch_segment(cfg, &repo, &descriptor, name, &mut start_prefetcher).await? {
+                Some((data, Source::Chunks)) if cfg.repositories.len() > 1 => {
+                    return Ok(Answer::Chunks(data))
+                }
+                found => found.map(|(data, _)| data),
+            }
         }
         // A closed partial, stored as the agent (or wal-push) closed it.
         Some(NameKind::Partial) => {
@@ -441,7 +478,7 @@ async fn wal_fetch_from(
         }
     };
     let Some(data) = data else {
-        return Ok(Fetched::NotFound);
+        return Ok(Answer::Absent);
     };
     let dest = dest.to_path_buf();
     let fsync = cfg.fsync;
@@ -449,16 +486,18 @@ async fn wal_fetch_from(
         .await?
         .with_context(|| format!("cannot write the restored file to {name}"))?;
     start_prefetcher();
-    Ok(Fetched::Restored)
+    Ok(Answer::Restored)
 }
 
+/// Segment `name` from `repo`, checked, and where its bytes came from;
+/// `None` when it is proven absent.
 async fn fetch_segment(
     cfg: &Config,
     repo: &Repository,
     d: &Descriptor,
     name: &str,
     found_whole: &mut dyn FnMut(),
-) -> anyhow::Result<Option<Vec<u8>>> {
+) -> anyhow::Result<Option<(Vec<u8>, Source)>> {
     let seg = SegmentName::parse(name, d.segment_size).ok_or_else(|| {
         anyhow!(
             "{name} is not a valid segment name for {} MiB segments",
@@ -486,7 +525,7 @@ async fn fetch_segment(
         tokio::task::spawn_blocking(move || validate_segment(&ident, seg, &data).map(|()| data))
             .await?
             .with_context(|| format!("the archived {name} is not valid WAL of this cluster"))?;
-    Ok(Some(data))
+    Ok(Some((data, source)))
 }
 
 /// Looks for a segment in the repository (see the module doc: a
@@ -1099,7 +1138,8 @@ mod tests {
         let mut found_whole = 0;
         let got = fetch_segment(&cfg, &fetcher, &d, SEG, &mut || found_whole += 1)
             .await
-            .unwrap();
+            .unwrap()
+            .map(|(data, _)| data);
         writer.await.unwrap();
         assert!(got.is_some(), "the segment was stored: not absent");
         assert!(got.unwrap() == full, "the complete segment is served");
@@ -1174,7 +1214,7 @@ mod tests {
         // Consistent chunks are served (and no complete segment was found
         // to start the prefetcher early for).
         let mut found_whole = false;
-        let got = fetch_segment(&cfg, &r, &d, SEG, &mut || found_whole = true)
+        let (got, _) = fetch_segment(&cfg, &r, &d, SEG, &mut || found_whole = true)
             .await
             .unwrap()
             .unwrap();

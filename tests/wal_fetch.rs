@@ -527,6 +527,24 @@ fn wal_fetch_falls_back_through_the_repositories_in_order() {
     fill(&first_url, &BTreeMap::new(), &ident, &[1, 2]);
     fill(&s3.url("second"), &s3.repo_options(), &ident, &[1, 2, 3]);
     fill(&s3.url("stranger"), &s3.repo_options(), &stranger, &[3]);
+    // The segments being filled when the archive ends: the first
+    // repository fell behind and holds 1 MiB of chunks of each; the second
+    // holds segment 4 whole and 2 MiB of chunks of segment 5.
+    let chunk = |url: &str, options: &BTreeMap<String, String>, n: u64, len: usize| {
+        rt.block_on(async {
+            let store = Store::open(url, options, 1).unwrap();
+            let r = Repository::from_parts(store, None, Compression::Zstd, 1);
+            let file = walsafe::repository::SegmentFile::parse(&seg(n)).unwrap();
+            let data = wal(&ident, n);
+            r.put_chunk(&file, 0, data[..len].to_vec().into())
+                .await
+                .unwrap();
+        })
+    };
+    chunk(&first_url, &BTreeMap::new(), 4, 1 << 20);
+    chunk(&first_url, &BTreeMap::new(), 5, 1 << 20);
+    fill(&s3.url("second"), &s3.repo_options(), &ident, &[4]);
+    chunk(&s3.url("second"), &s3.repo_options(), 5, 2 << 20);
     // The first repository's copy of segment 2 is damaged.
     let damaged = first_dir.join("wal").join(seg(2));
     let mut bytes = std::fs::read(&damaged).unwrap();
@@ -604,6 +622,18 @@ fn wal_fetch_falls_back_through_the_repositories_in_order() {
     assert!(all.contains("WARNING") && all.contains(&seg(2)), "{all}");
     let (code, all) = fetch(&both, &archive, 9);
     assert_eq!(code, Some(1), "absent from both: {all}");
+    // Never the chunks of a repository that fell behind, when another
+    // holds more: recovery would end early.
+    let (code, all) = fetch(&both, &archive, 4);
+    assert!(code == Some(0) && restored(4), "the whole segment: {all}");
+    let (code, all) = fetch(&both, &archive, 5);
+    assert_eq!(code, Some(0), "{all}");
+    let got = std::fs::read(&dest).unwrap();
+    let whole = wal(&ident, 5);
+    assert!(
+        got[..2 << 20] == whole[..2 << 20] && got[2 << 20..].iter().all(|b| *b == 0),
+        "the longest chunks (2 MiB), zero-padded"
+    );
 
     let (code, all) = fetch(&first_down, &archive, 3);
     assert!(code == Some(0) && restored(3), "first down: {all}");
