@@ -211,7 +211,12 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
         .collect::<anyhow::Result<Vec<_>>>()?;
     let repo = repos[0].clone();
     let cancel = CancellationToken::new();
-    spawn_signal_handler(cancel.clone(), log_file);
+    let key_files = repos
+        .iter()
+        .zip(&cfg.repositories)
+        .filter_map(|(r, rc)| Some((r.clone(), rc.key_file.clone()?)))
+        .collect();
+    spawn_signal_handler(cancel.clone(), log_file, key_files);
     let positions = Positions::default();
     if let Some(previous) = crate::state::read(&cfg.spool.dir) {
         positions.seed_last_archived_ms(previous.last_archived_ms);
@@ -565,8 +570,36 @@ fn spawn_repository_watch(
     })
 }
 
-/// SIGTERM/SIGINT: orderly shutdown. SIGHUP: reopen the log file.
-fn spawn_signal_handler(cancel: CancellationToken, log_file: Option<ReopenableFile>) {
+/// Reads each repository's key file again; one that cannot be read keeps
+/// the keys it had.
+fn reload_keys(key_files: &[(Arc<Repository>, std::path::PathBuf)]) {
+    for (repo, path) in key_files {
+        match crate::repository::key::load_key_ring(path) {
+            Ok(ring) => {
+                let (current, all) = (ring.current().key_id_hex(), ring.ids_hex().join(", "));
+                repo.set_ring(ring);
+                info!(
+                    "SIGHUP: repository {:?}: key file {} read again; new objects are encrypted with key id {current} (keys held: {all})",
+                    repo.name(),
+                    path.display()
+                );
+            }
+            Err(e) => warn!(
+                "SIGHUP: repository {:?}: cannot read the key file again ({e}); keeping the keys it had",
+                repo.name()
+            ),
+        }
+    }
+}
+
+/// SIGTERM/SIGINT: orderly shutdown. SIGHUP: reopen the log file, and
+/// read every repository's key file again (a key rotated in: new objects
+/// are encrypted with the ring's first key from then on).
+fn spawn_signal_handler(
+    cancel: CancellationToken,
+    log_file: Option<ReopenableFile>,
+    key_files: Vec<(Arc<Repository>, std::path::PathBuf)>,
+) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -580,13 +613,16 @@ fn spawn_signal_handler(cancel: CancellationToken, log_file: Option<ReopenableFi
             tokio::select! {
                 _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
                 _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-                _ = hup.recv() => match &log_file {
-                    Some(f) => match f.reopen() {
-                        Ok(()) => info!("SIGHUP: log file reopened"),
-                        Err(e) => warn!("SIGHUP: cannot reopen the log file: {e}"),
-                    },
-                    None => info!("SIGHUP: logging to stderr, nothing to reopen"),
-                },
+                _ = hup.recv() => {
+                    match &log_file {
+                        Some(f) => match f.reopen() {
+                            Ok(()) => info!("SIGHUP: log file reopened"),
+                            Err(e) => warn!("SIGHUP: cannot reopen the log file: {e}"),
+                        },
+                        None => info!("SIGHUP: logging to stderr, nothing to reopen"),
+                    }
+                    reload_keys(&key_files);
+                }
             }
         }
         cancel.cancel();

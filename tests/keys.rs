@@ -1,8 +1,9 @@
 //! Key rings: a key file may hold several keys; the first encrypts, every
 //! one decrypts. A key added with `walsafe keygen FILE --add` and moved
-//! first encrypts the WAL archived from then on, while what the old key
-//! encrypted stays readable; a ring without a key that objects need is
-//! named as such by `check` and refused by `wal-fetch`.
+//! first encrypts the WAL archived from then on (the running agent reads
+//! the file again on SIGHUP), while what the old key encrypted stays
+//! readable; a ring without a key that objects need is named as such by
+//! `check` and refused by `wal-fetch`.
 
 mod common;
 
@@ -44,17 +45,17 @@ fn a_key_added_and_made_current_encrypts_new_wal_and_the_old_one_still_decrypts(
     let repo = std::path::PathBuf::from(settings.repo_url.strip_prefix("file://").unwrap());
     let a = load_key_ring(&ring).unwrap().current().key_id_hex();
 
-    let mut agent = Agent::start(&config, settings.metrics_port);
+    let agent = Agent::start(&config, settings.metrics_port);
     pg.psql("CREATE TABLE t (n int)");
     let base = dir.join("base");
     pg.base_backup(&base, "none");
     pg.psql("INSERT INTO t SELECT generate_series(1, 1000)");
     pg.psql("SELECT pg_switch_wal()");
     agent.wait_archived(current_lsn(&pg), Duration::from_secs(60));
-    assert!(agent.terminate().success());
     let old = complete_segments(&repo.join("wal"));
 
-    // A second key, added, then moved first.
+    // A second key, added, then moved first; the running agent reads the
+    // key file again on SIGHUP.
     let o = walsafe(&config, &["keygen", ring.to_str().unwrap(), "--add"]);
     assert!(o.status.success(), "{}", text(&o));
     let lines = key_lines(&ring);
@@ -67,8 +68,18 @@ fn a_key_added_and_made_current_encrypts_new_wal_and_the_old_one_still_decrypts(
     std::fs::write(&ring, format!("{}\n{}\n", lines[1], lines[0])).unwrap();
     let b = load_key_ring(&ring).unwrap().current().key_id_hex();
     assert_ne!(a, b);
-
-    let agent = Agent::start(&config, settings.metrics_port);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(
+        common::walsafe::wait_until(Duration::from_secs(10), || agent
+            .log()
+            .contains(&format!("new objects are encrypted with key id {b}"))),
+        "the agent must say which key encrypts now; log:\n{}",
+        agent.log()
+    );
     pg.psql("INSERT INTO t SELECT generate_series(1001, 2000)");
     pg.psql("SELECT pg_switch_wal()");
     agent.wait_archived(current_lsn(&pg), Duration::from_secs(60));

@@ -386,13 +386,21 @@ impl RepositoryError {
 #[derive(Debug, Clone)]
 pub struct Repository {
     store: Store,
-    key: Option<Arc<Key>>,
+    /// The keys, replaced whole when the key file is read again (SIGHUP):
+    /// clones of a repository share them.
+    keys: Arc<std::sync::RwLock<Keys>>,
     compression: Compression,
     level: i32,
     /// `[[repository]] name`, for metrics and messages (default its URL).
     name: Option<String>,
-    /// Every configured key (`key` is its current one): objects are
-    /// decrypted with the key their header names.
+}
+
+/// A repository's keys: `ring` holds every configured key, `key` its
+/// current one, which encrypts; objects are decrypted with the key their
+/// header names.
+#[derive(Debug, Clone, Default)]
+struct Keys {
+    key: Option<Arc<Key>>,
     ring: Option<Arc<KeyRing>>,
 }
 
@@ -423,10 +431,36 @@ impl Repository {
     }
 
     /// Uses key ring `ring`: its first key encrypts, every key decrypts.
-    pub fn with_ring(mut self, ring: KeyRing) -> Repository {
-        self.key = Some(Arc::new(ring.current().clone()));
-        self.ring = Some(Arc::new(ring));
+    pub fn with_ring(self, ring: KeyRing) -> Repository {
+        self.set_ring(ring);
         self
+    }
+
+    /// Replaces the key ring (the key file was read again): new objects
+    /// are encrypted with its first key from now on.
+    pub fn set_ring(&self, ring: KeyRing) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Keys {
+            key: Some(Arc::new(ring.current().clone())),
+            ring: Some(Arc::new(ring)),
+        };
+    }
+
+    /// The key that encrypts, if any.
+    fn key(&self) -> Option<Arc<Key>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .key
+            .clone()
+    }
+
+    /// Every configured key, if any.
+    fn ring(&self) -> Option<Arc<KeyRing>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .ring
+            .clone()
     }
 
     /// Names the repository (`[[repository]] name`).
@@ -447,14 +481,16 @@ impl Repository {
         compression: Compression,
         level: i32,
     ) -> Repository {
-        let ring = key.clone().map(|k| Arc::new(KeyRing::single(k)));
+        let keys = Keys {
+            ring: key.clone().map(|k| Arc::new(KeyRing::single(k))),
+            key: key.map(Arc::new),
+        };
         Repository {
             store,
-            key: key.map(Arc::new),
+            keys: Arc::new(std::sync::RwLock::new(keys)),
             compression,
             level,
             name: None,
-            ring,
         }
     }
 
@@ -465,7 +501,7 @@ impl Repository {
 
     /// The configured key's id (hex), if a key is configured.
     pub fn key_id(&self) -> Option<String> {
-        self.key.as_deref().map(Key::key_id_hex)
+        self.key().as_deref().map(Key::key_id_hex)
     }
 
     fn url_s(&self) -> String {
@@ -485,12 +521,7 @@ impl Repository {
                 limit: envelope::MAX_PLAIN_LEN,
             });
         }
-        let (logical, key, c, level) = (
-            name.logical(),
-            self.key.clone(),
-            self.compression,
-            self.level,
-        );
+        let (logical, key, c, level) = (name.logical(), self.key(), self.compression, self.level);
         on_cpu_lane(name, "encoding", move || {
             Bytes::from(envelope::encode(
                 &logical,
@@ -509,7 +540,7 @@ impl Repository {
         name: &ObjectName,
         object: Bytes,
     ) -> Result<Result<Vec<u8>, EnvelopeError>, RepositoryError> {
-        let (logical, ring) = (name.logical(), self.ring.clone());
+        let (logical, ring) = (name.logical(), self.ring());
         on_cpu_lane(name, "decoding", move || {
             let Some(ring) = ring else {
                 return envelope::decode(&logical, &object, None);
@@ -539,12 +570,7 @@ impl Repository {
         path: PathBuf,
         frames: Vec<envelope::Frame>,
     ) -> Result<Bytes, RepositoryError> {
-        let (logical, key, c, level) = (
-            name.logical(),
-            self.key.clone(),
-            self.compression,
-            self.level,
-        );
+        let (logical, key, c, level) = (name.logical(), self.key(), self.compression, self.level);
         on_cpu_lane(name, "encoding", move || -> std::io::Result<Bytes> {
             let mut f = std::fs::File::open(&path)?;
             let len = f.metadata()?.len();
@@ -801,7 +827,7 @@ impl Repository {
         let file = Arc::new(file);
         let (logical, key, level, compression, f) = (
             name.logical(),
-            self.key.clone(),
+            self.key(),
             self.level,
             self.compression,
             file.clone(),
@@ -1060,7 +1086,8 @@ impl Repository {
         cluster: Option<&ClusterIdentity>,
     ) -> Result<(), RepositoryError> {
         let url = self.url_s();
-        match (&d.key_id, self.key.as_deref()) {
+        let key = self.key();
+        match (&d.key_id, key.as_deref()) {
             (Some(id), None) => {
                 return Err(RepositoryError::KeyMissing {
                     url,
@@ -1076,7 +1103,8 @@ impl Repository {
             (Some(id), Some(_)) => {
                 // The repository's key may have been rotated: any key of
                 // the ring that has its id verifies it.
-                let ring = self.ring.as_deref().expect("a ring wherever a key is set");
+                let ring = self.ring();
+                let ring = ring.as_deref().expect("a ring wherever a key is set");
                 let Some(k) = ring.find_hex(id) else {
                     return Err(RepositoryError::KeyMismatch {
                         url,
@@ -1126,11 +1154,8 @@ impl Repository {
             self.verify_descriptor(&d, Some(cluster))?;
             return Ok(d);
         }
-        let d = Descriptor::new(
-            cluster,
-            self.key.as_deref(),
-            compression_name(self.compression),
-        );
+        let key = self.key();
+        let d = Descriptor::new(cluster, key.as_deref(), compression_name(self.compression));
         match self
             .store
             .put_if_absent(object::DESCRIPTOR_KEY, Bytes::from(d.to_json()))
