@@ -286,14 +286,11 @@ async fn stream_until_stopped(
     repo.pin(&identity).await?;
     // The others are pinned now when they answer (a stranger's repository
     // is a configuration error, refused before streaming); one that does
-    // not answer is pinned by its uploader once it does.
+    // not answer is pinned, and reported, by its pipeline once it does
+    // (see `pin`).
     for (r, rc) in repos.iter().zip(&cfg.repositories).skip(1) {
         match r.pin(&identity).await {
-            Ok(_) => {}
-            Err(RepositoryError::Store(e)) => warn!(
-                "repository {:?} cannot be reached ({e}); its WAL waits in the spool and is shipped when it answers",
-                rc.name
-            ),
+            Ok(_) | Err(RepositoryError::Store(_)) => {}
             Err(e) => {
                 return Err(e).with_context(|| format!("repository {:?}", rc.name));
             }

@@ -799,33 +799,37 @@ aws_region = "eu-west-1"
 
     #[test]
     fn several_repositories_must_differ_and_say_which_is_wrong() {
-        let p = Path::new("w.toml");
+        let err = |text: &str| {
+            Config::parse(text, Path::new("w.toml"))
+                .unwrap_err()
+                .to_string()
+        };
         let same_name = TWO.replace("name = \"offsite\"", "name = \"file:///tmp/repo\"");
-        let e = Config::parse(&same_name, p).unwrap_err().to_string();
+        let e = err(&same_name);
         assert!(
             e.contains("[[repository]] #2") && e.contains("its own name"),
             "{e}"
         );
         let same_url = TWO.replace("s3://bucket/walsafe", "file:///tmp/repo");
-        let e = Config::parse(&same_url, p).unwrap_err().to_string();
+        let e = err(&same_url);
         assert!(e.contains("different place"), "{e}");
         let bad = TWO.replace("compression_level = 3", "compression_level = 30");
-        let e = Config::parse(&bad, p).unwrap_err().to_string();
+        let e = err(&bad);
         assert!(
             e.contains("[[repository]] #2 (offsite) compression_level = 30"),
             "{e}"
         );
         let no_url = TWO.replace("url = \"s3://bucket/walsafe\"", "");
-        let e = Config::parse(&no_url, p).unwrap_err().to_string();
+        let e = err(&no_url);
         assert!(e.contains("#2 (offsite) url is missing"), "{e}");
         let typo = TWO.replace("compression_level = 3", "compresion_level = 3");
-        let e = Config::parse(&typo, p).unwrap_err().to_string();
+        let e = err(&typo);
         assert!(
             e.contains("compresion_level") && e.contains("line 12"),
             "{e}"
         );
         let none = GOOD.replace("[repository]\nurl = \"file:///tmp/repo\"\n", "");
-        let e = Config::parse(&none, p).unwrap_err().to_string();
+        let e = err(&none);
         assert!(e.contains("[repository] url is missing"), "{e}");
     }
 

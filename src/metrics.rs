@@ -18,7 +18,7 @@ use metrics::{
 use anyhow::Context;
 
 use crate::pg::Lsn;
-use crate::positions::{now_ms, Positions};
+use crate::positions::Positions;
 
 /// Kind of uploaded object, as labelled in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,7 +378,7 @@ pub fn refresh_positions(p: &Positions) {
     gauge!(FLUSHED_LSN_BYTES).set(flushed.0 as f64);
     gauge!(ARCHIVED_LSN_BYTES).set(archived.0 as f64);
     gauge!(ARCHIVE_LAG_BYTES).set(server.bytes_after(archived) as f64);
-    gauge!(ARCHIVE_LAG_SECONDS).set(lag_seconds(p.oldest_unarchived_ms()));
+    gauge!(ARCHIVE_LAG_SECONDS).set(p.archive_lag_seconds());
     gauge!(TIMELINE).set(f64::from(p.timeline().0));
     gauge!(UPLOAD_STALLED).set(if p.upload_stalled() { 1.0 } else { 0.0 });
     let last = p.last_archived_ms();
@@ -390,21 +390,12 @@ pub fn refresh_positions(p: &Positions) {
         let archived = a.archived();
         gauge!(REPOSITORY_ARCHIVED_LSN_BYTES, &[r()]).set(archived.0 as f64);
         gauge!(REPOSITORY_ARCHIVE_LAG_BYTES, &[r()]).set(server.bytes_after(archived) as f64);
-        gauge!(REPOSITORY_ARCHIVE_LAG_SECONDS, &[r()]).set(lag_seconds(a.oldest_unarchived_ms()));
+        gauge!(REPOSITORY_ARCHIVE_LAG_SECONDS, &[r()]).set(a.archive_lag_seconds());
         gauge!(REPOSITORY_PENDING_SEGMENTS, &[r()]).set(a.pending_segments() as f64);
         gauge!(REPOSITORY_UPLOAD_STALLED, &[r()]).set(f64::from(u8::from(a.upload_stalled())));
         if a.last_archived_ms() > 0 {
             gauge!(REPOSITORY_LAST_ARCHIVED, &[r()]).set(a.last_archived_ms() as f64 / 1000.0);
         }
-    }
-}
-
-/// Seconds since `oldest_unarchived_ms` (0 when nothing waits).
-fn lag_seconds(oldest_unarchived_ms: u64) -> f64 {
-    if oldest_unarchived_ms == 0 {
-        0.0
-    } else {
-        now_ms().saturating_sub(oldest_unarchived_ms) as f64 / 1000.0
     }
 }
 

@@ -205,6 +205,12 @@ impl Positions {
         .unwrap_or(0)
     }
 
+    /// The live RPO: seconds since the oldest WAL not yet archived in some
+    /// repository became durable (0 when every repository is caught up).
+    pub fn archive_lag_seconds(&self) -> f64 {
+        seconds_since(self.oldest_unarchived_ms())
+    }
+
     /// Unix ms when the repository furthest behind last advanced (0 = never).
     pub fn last_archived_ms(&self) -> u64 {
         self.lowest(Archive::last_archived_ms)
@@ -268,6 +274,12 @@ impl Archive {
     /// Unix ms of the oldest WAL flushed but not archived (0 = none).
     pub fn oldest_unarchived_ms(&self) -> u64 {
         self.0.oldest_unarchived_ms.load(Ordering::Acquire)
+    }
+
+    /// This repository's live RPO: seconds since its oldest WAL not yet
+    /// stored became durable (0 when caught up).
+    pub fn archive_lag_seconds(&self) -> f64 {
+        seconds_since(self.oldest_unarchived_ms())
     }
 
     /// Sets the age marker of the oldest unarchived WAL (0 = caught up).
@@ -341,6 +353,15 @@ impl Positions {
     /// Is the replication connection streaming?
     pub fn connected(&self) -> bool {
         self.0.connected.load(Ordering::Acquire) == 1
+    }
+}
+
+/// Seconds from unix ms `at` to now; 0 for 0 ("none").
+fn seconds_since(at: u64) -> f64 {
+    if at == 0 {
+        0.0
+    } else {
+        now_ms().saturating_sub(at) as f64 / 1000.0
     }
 }
 

@@ -154,13 +154,6 @@ impl AgentState {
         pending: u64,
         gaps: u64,
     ) -> Self {
-        let lag_seconds = |oldest: u64| {
-            if oldest == 0 {
-                0.0
-            } else {
-                now_ms().saturating_sub(oldest) as f64 / 1000.0
-            }
-        };
         let repositories = p
             .archives()
             .iter()
@@ -168,7 +161,7 @@ impl AgentState {
                 name: a.name().to_string(),
                 archived_lsn: a.archived().to_string(),
                 archive_lag_bytes: p.server().bytes_after(a.archived()),
-                archive_lag_seconds: lag_seconds(a.oldest_unarchived_ms()),
+                archive_lag_seconds: a.archive_lag_seconds(),
                 last_archived_ms: a.last_archived_ms(),
                 pending_segments: a.pending_segments(),
                 stalled: a.upload_stalled(),
@@ -184,7 +177,7 @@ impl AgentState {
             flushed_lsn: p.flushed().to_string(),
             archived_lsn: p.archived().to_string(),
             archive_lag_bytes: p.server().bytes_after(p.archived()),
-            archive_lag_seconds: lag_seconds(p.oldest_unarchived_ms()),
+            archive_lag_seconds: p.archive_lag_seconds(),
             last_archived_ms: p.last_archived_ms(),
             spool_bytes,
             spool_pending_segments: pending,

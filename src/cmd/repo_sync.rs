@@ -35,7 +35,7 @@ pub async fn command(cfg: Config, from: String, to: String) -> ExitCode {
                         cfg.path.display()
                     )
                 })?;
-            anyhow::Ok(Repository::open(rc)?.with_name(&rc.name))
+            anyhow::Ok(Repository::open(rc)?)
         };
         if from == to {
             return Err(anyhow!("--from and --to name the same repository {from:?}"));
