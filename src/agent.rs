@@ -211,13 +211,16 @@ pub async fn run(cfg: Config, log_file: Option<ReopenableFile>) -> anyhow::Resul
         .collect::<anyhow::Result<Vec<_>>>()?;
     let repo = repos[0].clone();
     let cancel = CancellationToken::new();
+    let positions = Positions::default();
+    for r in &repos {
+        positions.set_encrypting_key(r.name(), r.key_id());
+    }
     let key_files = repos
         .iter()
         .zip(&cfg.repositories)
         .filter_map(|(r, rc)| Some((r.clone(), rc.key_file.clone()?)))
         .collect();
-    spawn_signal_handler(cancel.clone(), log_file, key_files);
-    let positions = Positions::default();
+    spawn_signal_handler(cancel.clone(), log_file, key_files, positions.clone());
     if let Some(previous) = crate::state::read(&cfg.spool.dir) {
         positions.seed_last_archived_ms(previous.last_archived_ms);
     }
@@ -569,12 +572,13 @@ fn spawn_repository_watch(
 
 /// Reads each repository's key file again; one that cannot be read keeps
 /// the keys it had.
-fn reload_keys(key_files: &[(Arc<Repository>, std::path::PathBuf)]) {
+fn reload_keys(key_files: &[(Arc<Repository>, std::path::PathBuf)], positions: &Positions) {
     for (repo, path) in key_files {
         match crate::repository::key::load_key_ring(path) {
             Ok(ring) => {
                 let (current, all) = (ring.current().key_id_hex(), ring.ids_hex().join(", "));
                 repo.set_ring(ring);
+                positions.set_encrypting_key(repo.name(), Some(current.clone()));
                 info!(
                     "SIGHUP: repository {:?}: key file {} read again; new objects are encrypted with key id {current} (keys held: {all})",
                     repo.name(),
@@ -596,6 +600,7 @@ fn spawn_signal_handler(
     cancel: CancellationToken,
     log_file: Option<ReopenableFile>,
     key_files: Vec<(Arc<Repository>, std::path::PathBuf)>,
+    positions: Positions,
 ) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
@@ -618,7 +623,7 @@ fn spawn_signal_handler(
                         },
                         None => info!("SIGHUP: logging to stderr, nothing to reopen"),
                     }
-                    reload_keys(&key_files);
+                    reload_keys(&key_files, &positions);
                 }
             }
         }

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod pg;
 pub mod positions;
 pub mod receive;
+pub mod rekey;
 pub mod repo_sync;
 pub mod report;
 pub mod repository;

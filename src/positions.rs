@@ -61,6 +61,8 @@ struct Inner {
     receive_heartbeat_ms: AtomicU64,
     /// 1 while streaming.
     connected: AtomicU32,
+    /// The key id each repository encrypts new objects with, by name.
+    encrypting_keys: RwLock<std::collections::BTreeMap<String, String>>,
 }
 
 /// One repository's archive progress; its uploader is the only writer.
@@ -173,6 +175,30 @@ impl Positions {
             .unwrap_or_else(|e| e.into_inner())
             .push(a.clone());
         a
+    }
+
+    /// Records that repository `repo` encrypts new objects with key id
+    /// `id` (for `walsafe key-rotate`, through the state file).
+    pub fn set_encrypting_key(&self, repo: &str, id: Option<String>) {
+        let mut keys = self
+            .0
+            .encrypting_keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        match id {
+            Some(id) => keys.insert(repo.to_string(), id),
+            None => keys.remove(repo),
+        };
+    }
+
+    /// The key id repository `repo` encrypts with, if any.
+    pub fn encrypting_key(&self, repo: &str) -> Option<String> {
+        self.0
+            .encrypting_keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(repo)
+            .cloned()
     }
 
     /// Every repository's progress, in configuration order.

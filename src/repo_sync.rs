@@ -253,6 +253,7 @@ async fn copy_backup(
                 size: part.size,
                 stored_size,
                 stored_blake3,
+                also: Vec::new(),
             };
             stored_total += stored_size;
             summary.count(&name, Ok(data.len() as u64));

@@ -66,6 +66,10 @@ pub struct RepositoryProgress {
     pub last_archived_ms: u64,
     pub pending_segments: u64,
     pub stalled: bool,
+    /// The key id new objects are encrypted with (`None`: unencrypted, or
+    /// an agent from before key rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypting_key_id: Option<String>,
 }
 
 /// What the agent sent to and received from storage over a window.
@@ -165,6 +169,7 @@ impl AgentState {
                 last_archived_ms: a.last_archived_ms(),
                 pending_segments: a.pending_segments(),
                 stalled: a.upload_stalled(),
+                encrypting_key_id: p.encrypting_key(a.name()),
             })
             .collect();
         AgentState {

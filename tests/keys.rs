@@ -4,14 +4,21 @@
 //! the file again on SIGHUP), while what the old key encrypted stays
 //! readable; a ring without a key that objects need is named as such by
 //! `check` and refused by `wal-fetch`.
+//!
+//! `walsafe key-rotate` makes the added key current under a running agent,
+//! `--rewrite` re-encrypts every object (WAL and a base backup) under it,
+//! killed midway and run again without anything becoming unreadable, and
+//! `--retire` removes the old key once nothing needs it; a restore with the
+//! new key alone holds every row. On `file://` and on S3.
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::pg::{PgCluster, PgOptions, TestDir};
-use common::setup::{current_lsn, keygen, output_text as text};
+use common::pg::{PgCluster, PgOptions, RecoveryOutcome, TestDir};
+use common::setup::{current_lsn, keygen, output_text as text, setup, setup_s3, Setup};
 use common::walsafe::{complete_segments, restore_promoted, walsafe, Agent, Settings};
 use walsafe::repository::envelope::read_header;
 use walsafe::repository::key::{load_key_ring, KEY_FILE_TAG};
@@ -130,4 +137,189 @@ fn a_key_added_and_made_current_encrypts_new_wal_and_the_old_one_still_decrypts(
     assert_eq!(o.status.code(), Some(126), "{}", text(&o));
     assert!(text(&o).contains(&a), "name the missing key: {}", text(&o));
     drop(agent);
+}
+
+/// `walsafe key-rotate ARGS…` with the failpoints in `failpoints` set.
+fn key_rotate(config: &Path, args: &[&str], failpoints: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(common::walsafe::bin_copy(config.parent().unwrap()));
+    common::pg::as_postgres(&mut cmd);
+    cmd.arg("--config")
+        .arg(config)
+        .arg("key-rotate")
+        .args(args)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    if let Some(f) = failpoints {
+        cmd.env("FAILPOINTS", f);
+    }
+    common::walsafe::retry_text_busy(|| cmd.output()).unwrap()
+}
+
+/// Objects per key id, as the repository's own census counts them.
+fn census(config: &Path) -> std::collections::BTreeMap<String, u64> {
+    let cfg = walsafe::config::Config::load(config).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let repo = walsafe::repository::Repository::open(&cfg.repositories[0]).unwrap();
+        let c = walsafe::rekey::census(&repo).await.unwrap();
+        c.per_key.into_iter().map(|(k, t)| (k, t.objects)).collect()
+    })
+}
+
+/// Every object of a `file://` repository by the key its header names,
+/// read straight from the files.
+fn keys_on_disk(repo: &Path) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![repo.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().unwrap() != "walsafe.repo" {
+                *out.entry(key_of(&p)).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The scenario of the module doc on `s` (its key file a ring of one).
+fn rotate_rewrite_kill_and_retire(s: &Setup, file_repo: Option<&Path>) {
+    let ring = s.settings.key_file.clone().unwrap();
+    let a = load_key_ring(&ring).unwrap().current().key_id_hex();
+    let agent = Agent::start(&s.config, s.settings.metrics_port);
+    s.pg.psql("CREATE TABLE t (n int)");
+    s.pg.psql("INSERT INTO t SELECT generate_series(1, 1000)");
+    let o = walsafe(&s.config, &["backup"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    s.pg.psql("INSERT INTO t SELECT generate_series(1001, 2000)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+    let before = census(&s.config);
+    assert_eq!(before.keys().collect::<Vec<_>>(), [&a], "{before:?}");
+
+    let o = walsafe(&s.config, &["keygen", ring.to_str().unwrap(), "--add"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let b = load_key_ring(&ring).unwrap().ids_hex()[1].clone();
+
+    // The dry run says what each key protects and what would be done.
+    let o = key_rotate(&s.config, &["--rewrite"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = text(&o);
+    let line_a = out.lines().find(|l| l.contains(&a)).unwrap();
+    assert!(line_a.contains(&format!("{} objects", before[&a])), "{out}");
+    assert!(out.contains(&format!("makes key {b} current")), "{out}");
+    assert!(out.contains("dry run"), "{out}");
+    assert_eq!(load_key_ring(&ring).unwrap().current().key_id_hex(), a);
+    assert_eq!(census(&s.config), before, "a dry run changes nothing");
+
+    // The agent has published its state (key-rotate finds it there).
+    assert!(common::walsafe::wait_until(Duration::from_secs(20), || s
+        .settings
+        .spool
+        .join("walsafe.state")
+        .exists()));
+    // Retiring a key objects need is refused, and nothing changes.
+    let o = key_rotate(&s.config, &["--retire", &a, "--apply"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("still need it"), "{}", text(&o));
+    assert_eq!(load_key_ring(&ring).unwrap().current().key_id_hex(), a);
+
+    // The rewrite, killed (SIGKILL) right after its third replacement:
+    // the new key is current, the agent encrypts with it, both keys hold
+    // objects, and the backup still verifies.
+    let o = key_rotate(
+        &s.config,
+        &["--rewrite", "--apply"],
+        Some("rekey::replaced=2*off->return"),
+    );
+    assert_eq!(o.status.signal(), Some(9), "{}", text(&o));
+    assert_eq!(load_key_ring(&ring).unwrap().current().key_id_hex(), b);
+    assert!(
+        common::walsafe::wait_until(Duration::from_secs(10), || agent
+            .log()
+            .contains(&format!("new objects are encrypted with key id {b}"))),
+        "key-rotate: {}\nagent log:\n{}",
+        text(&o),
+        agent.log()
+    );
+    let midway = census(&s.config);
+    assert!(midway[&a] > 0 && midway[&b] >= 3, "{midway:?}");
+    let o = walsafe(&s.config, &["backup-verify", "latest"]);
+    assert_eq!(o.status.code(), Some(0), "midway: {}", text(&o));
+
+    // More WAL, under the new key; then the rewrite finishes and the old
+    // key is retired.
+    s.pg.psql("INSERT INTO t SELECT generate_series(2001, 3000)");
+    s.pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+    let o = key_rotate(&s.config, &["--rewrite", "--retire", &a, "--apply"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("retired key id {a}")),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(load_key_ring(&ring).unwrap().ids_hex(), std::slice::from_ref(&b));
+    let after = census(&s.config);
+    assert_eq!(after.keys().collect::<Vec<_>>(), [&b], "{after:?}");
+    assert!(after[&b] >= before[&a], "{after:?} {before:?}");
+    if let Some(repo) = file_repo {
+        assert_eq!(keys_on_disk(repo), after, "the files say the same");
+        let d: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(repo.join("walsafe.repo")).unwrap()).unwrap();
+        assert_eq!(d["key_ids"], serde_json::json!([b]), "{d}");
+        assert_eq!(d["key_id"], serde_json::json!(b), "{d}");
+    }
+    let c = text(&walsafe(&s.config, &["check"]));
+    assert!(c.contains(" 0 FAILED"), "{c}");
+    let o = walsafe(&s.config, &["backup-verify", "latest"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    drop(agent);
+
+    // A restore with the new key alone holds every row.
+    let work = TestDir::new("key-rotate-restore");
+    let data = work.join("data");
+    let o = walsafe(
+        &s.config,
+        &[
+            "restore",
+            data.to_str().unwrap(),
+            "--target-action",
+            "promote",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let restored = common::pg::start_restore(&data, &[]);
+    assert_eq!(
+        restored.wait_recovery_end(Duration::from_secs(120)),
+        RecoveryOutcome::Promoted,
+        "{}",
+        restored.log_tail()
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), "3000");
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature: run scripts/test.sh, or cargo test --features failpoints"
+)]
+fn key_rotate_rewrites_everything_under_a_running_agent_survives_a_kill_and_retires_the_old_key() {
+    let mut s = setup("key-rotate", PgOptions::default());
+    s.settings.key_file = Some(keygen(s.dir.path(), "repo.key"));
+    s.config = s.settings.write(&s.dir.join("walsafe.toml"));
+    let repo = std::path::PathBuf::from(s.settings.repo_url.strip_prefix("file://").unwrap());
+    rotate_rewrite_kill_and_retire(&s, Some(&repo));
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs the failpoints feature: run scripts/test.sh, or cargo test --features failpoints"
+)]
+fn key_rotate_on_s3() {
+    let s3 = common::s3::S3Server::start();
+    let s = setup_s3("key-rotate-s3", PgOptions::default(), &s3, "key-rotate");
+    rotate_rewrite_kill_and_retire(&s, None);
 }

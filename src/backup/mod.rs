@@ -490,6 +490,7 @@ impl Parts<'_> {
                     size,
                     stored_size,
                     stored_blake3,
+                    also: Vec::new(),
                 },
             ))
         });

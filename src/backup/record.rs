@@ -54,6 +54,29 @@ pub struct PartRecord {
     pub stored_size: u64,
     /// BLAKE3 of the stored object's bytes, hex.
     pub stored_blake3: String,
+    /// The same part stored otherwise (under another key), accepted too:
+    /// set only while `walsafe key-rotate --rewrite` replaces the part.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<StoredForm>,
+}
+
+/// A stored form of a part: the object's length and BLAKE3.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredForm {
+    pub stored_size: u64,
+    pub stored_blake3: String,
+}
+
+impl PartRecord {
+    /// Whether a stored object of `len` bytes and BLAKE3 `hash` is this
+    /// part as the record lists it.
+    pub fn accepts(&self, len: u64, hash: &str) -> bool {
+        (self.stored_size == len && self.stored_blake3 == hash)
+            || self
+                .also
+                .iter()
+                .any(|f| f.stored_size == len && f.stored_blake3 == hash)
+    }
 }
 
 /// One archive of the backup (a tablespace's tar, or the manifest).

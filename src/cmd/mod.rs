@@ -11,6 +11,7 @@ pub mod check;
 pub mod config;
 pub mod demo;
 pub mod drill;
+pub mod key_rotate;
 pub mod progress;
 pub mod push;
 pub mod repo_sync;
@@ -71,6 +72,18 @@ pub enum Command {
         /// Append a new key to the existing key file (a ring): it decrypts at once; it encrypts once its line is moved first.
         #[arg(long)]
         add: bool,
+    },
+    /// Key rotation: make the key added last (keygen --add) current; --rewrite re-encrypts the objects under older keys; --retire KEYID removes a key no object needs. A dry run, with the objects and bytes each key protects, without --apply.
+    KeyRotate {
+        /// Re-encrypt every object under an older key with the current one (atomic per object, safe to stop and run again, concurrent with the agent).
+        #[arg(long)]
+        rewrite: bool,
+        /// Remove this key id from the key file and the descriptor; refused while an object needs it.
+        #[arg(long, value_name = "KEYID")]
+        retire: Option<String>,
+        /// Do it; without it, only print what would be done.
+        #[arg(long)]
+        apply: bool,
     },
     /// Report every gap in the repository's WAL, per timeline.
     WalVerify {
@@ -394,6 +407,20 @@ pub fn main() -> ExitCode {
                     )
                 }),
                 Command::BackupList { json } => runtime(|| backup::list_command(cfg, json)),
+                Command::KeyRotate {
+                    rewrite,
+                    retire,
+                    apply,
+                } => runtime(|| {
+                    key_rotate::command(
+                        cfg,
+                        key_rotate::Asked {
+                            rewrite,
+                            retire,
+                            apply,
+                        },
+                    )
+                }),
                 Command::RepoSync { from, to } => runtime(|| repo_sync::command(cfg, from, to)),
                 Command::Restore(opts) => runtime(|| restore::command(cfg, *opts)),
                 Command::Drill(opts) => runtime(|| drill::command(cfg, *opts)),

@@ -8,6 +8,7 @@
 //!   "pg_version_num": 150007,
 //!   "segment_size": 16777216,
 //!   "key_id": "3f9c0a1b2c3d4e5f",                 // null for an unencrypted repository
+//!   "key_ids": ["3f9c0a1b2c3d4e5f", "77ab…"],     // format 2 only: every key objects may need
 //!   "compression": "zstd",
 //!   "created_at": "2025-01-01T00:00:00Z",
 //!   "created_by": "walsafe 0.1.0 on db1",
@@ -18,7 +19,12 @@
 //! # Invariants
 //!
 //! * Written once, create-only, by the first agent (or `wal-push`) that
-//!   meets an empty repository; never rewritten. Every later writer
+//!   meets an empty repository (format 1). Only `walsafe key-rotate
+//!   --apply` rewrites it (format 2, [`Descriptor::signed_by`]): signed by
+//!   the key that encrypts now (`key_id`), listing in `key_ids` every key
+//!   the repository's objects need, current first, so that a ring missing
+//!   one is found without reading every object. The identity never
+//!   changes. A format-1 descriptor's objects need `key_id`. Every later writer
 //!   compares its cluster's identity with it and refuses to archive a
 //!   stranger's WAL (rule 5 of README's Guarantees).
 //! * With a key, `hmac` = HMAC-SHA256 under a key derived from the master
@@ -38,8 +44,11 @@ use sha2::Sha256;
 use super::key::Key;
 use crate::pg::ClusterIdentity;
 
-/// The descriptor format this code writes and reads.
+/// The descriptor format written at creation.
 pub const DESCRIPTOR_FORMAT: u32 = 1;
+/// The format of a descriptor that lists its keys (`key_ids`); the newest
+/// this code reads.
+pub const DESCRIPTOR_FORMAT_KEYS: u32 = 2;
 
 /// The content of `walsafe.repo`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +60,8 @@ pub struct Descriptor {
     pub pg_version_num: u32,
     pub segment_size: u64,
     pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ids: Option<Vec<String>>,
     pub compression: String,
     pub created_at: String,
     pub created_by: String,
@@ -65,7 +76,7 @@ pub enum DescriptorError {
     #[error("walsafe.repo is not a valid repository descriptor: {reason}")]
     Invalid { reason: String },
     /// Written by a newer walsafe.
-    #[error("walsafe.repo has format {found}; this walsafe understands format {DESCRIPTOR_FORMAT}: upgrade walsafe")]
+    #[error("walsafe.repo has format {found}; this walsafe understands formats {DESCRIPTOR_FORMAT} and {DESCRIPTOR_FORMAT_KEYS}: upgrade walsafe")]
     UnsupportedFormat { found: u64 },
 }
 
@@ -106,6 +117,7 @@ impl Descriptor {
             pg_version_num: identity.pg_version_num,
             segment_size: identity.segment_size,
             key_id: key.map(Key::key_id_hex),
+            key_ids: None,
             compression: compression.to_string(),
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             created_by: format!("walsafe {} on {}", env!("CARGO_PKG_VERSION"), hostname()),
@@ -114,6 +126,32 @@ impl Descriptor {
         if let Some(k) = key {
             d.hmac = Some(d.compute_mac(k));
         }
+        d
+    }
+
+    /// Every key id the repository's objects may need, current first.
+    pub fn keys_in_use(&self) -> Vec<String> {
+        match (&self.key_ids, &self.key_id) {
+            (Some(ids), _) => ids.clone(),
+            (None, Some(id)) => vec![id.clone()],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// This descriptor signed by `key` (which encrypts now), listing
+    /// `key_ids` (`key` first, then the others in their order).
+    pub fn signed_by(&self, key: &Key, key_ids: &[String]) -> Descriptor {
+        let current = key.key_id_hex();
+        let mut ids = vec![current.clone()];
+        ids.extend(key_ids.iter().filter(|id| **id != current).cloned());
+        let mut d = Descriptor {
+            format: DESCRIPTOR_FORMAT_KEYS,
+            key_id: Some(current),
+            key_ids: Some(ids),
+            hmac: None,
+            ..self.clone()
+        };
+        d.hmac = Some(d.compute_mac(key));
         d
     }
 
@@ -171,7 +209,7 @@ impl Descriptor {
         };
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
         match value.get("format").and_then(|f| f.as_u64()) {
-            Some(f) if f == DESCRIPTOR_FORMAT as u64 => {}
+            Some(f) if f == DESCRIPTOR_FORMAT as u64 || f == DESCRIPTOR_FORMAT_KEYS as u64 => {}
             Some(f) => return Err(DescriptorError::UnsupportedFormat { found: f }),
             None => {
                 return Err(DescriptorError::Invalid {
@@ -220,6 +258,24 @@ mod tests {
         let mut none = parsed;
         none.hmac = None;
         assert!(!none.mac_is_valid(&k));
+    }
+
+    #[test]
+    fn signed_by_another_key_lists_the_keys_and_keeps_the_identity() {
+        let (a, b) = (Key::generate(), Key::generate());
+        let d = Descriptor::new(&ident(), Some(&a), "zstd");
+        assert_eq!(d.keys_in_use(), [a.key_id_hex()]);
+        let r = d.signed_by(&b, &[a.key_id_hex(), b.key_id_hex()]);
+        assert_eq!(r.format, DESCRIPTOR_FORMAT_KEYS);
+        assert_eq!(r.keys_in_use(), [b.key_id_hex(), a.key_id_hex()]);
+        assert_eq!(r.identity(), d.identity());
+        let parsed = Descriptor::parse(&r.to_json()).unwrap();
+        assert!(parsed.mac_is_valid(&b));
+        assert!(!parsed.mac_is_valid(&a));
+        // The list is authenticated: dropping a key from it breaks the MAC.
+        let mut t = parsed;
+        t.key_ids = Some(vec![b.key_id_hex()]);
+        assert!(!t.mac_is_valid(&b));
     }
 
     #[test]

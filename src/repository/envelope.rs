@@ -383,6 +383,34 @@ pub fn read_header(object: &[u8]) -> Result<Header, EnvelopeError> {
     Header::parse(object).map(|(h, _)| h)
 }
 
+/// Bytes of an object's start that [`peek_key_id`] needs.
+pub const KEY_ID_END: usize = 23;
+
+/// The key id an object's header names (`None`: not encrypted), from its
+/// first [`KEY_ID_END`] bytes; nothing is verified (for counting objects
+/// per key without reading them whole).
+pub fn peek_key_id(start: &[u8]) -> Result<Option<[u8; KEY_ID_LEN]>, EnvelopeError> {
+    let n = start.len().min(MAGIC.len());
+    if start[..n] != MAGIC[..n] {
+        return Err(EnvelopeError::BadMagic {
+            found: format!("0x{}", hex::encode(&start[..n])),
+        });
+    }
+    if start.len() < KEY_ID_END {
+        return Err(EnvelopeError::Truncated {
+            expected: FIXED_HEADER_LEN as u64,
+            found: start.len() as u64,
+        });
+    }
+    if !(OLDEST_READABLE..=VERSION).contains(&start[8]) {
+        return Err(EnvelopeError::UnsupportedVersion { found: start[8] });
+    }
+    Ok(match start[10] {
+        ENCRYPTION_NONE => None,
+        _ => Some(start[15..KEY_ID_END].try_into().expect("8 bytes")),
+    })
+}
+
 thread_local! {
     static DCTX: RefCell<zstd_safe::DCtx<'static>> = RefCell::new(zstd_safe::DCtx::create());
 }

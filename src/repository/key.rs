@@ -199,6 +199,50 @@ impl KeyRing {
         self.0.iter().map(Key::key_id_hex).collect()
     }
 
+    /// The keys, current first.
+    pub fn keys(&self) -> &[Key] {
+        &self.0
+    }
+
+    /// The same keys with the one of id `id` (hex) first: it encrypts.
+    /// `None` when the ring does not hold it.
+    pub fn with_current(&self, id: &str) -> Option<KeyRing> {
+        let k = self.find_hex(id)?.clone();
+        let mut keys = vec![k.clone()];
+        keys.extend(self.0.iter().filter(|x| **x != k).cloned());
+        Some(KeyRing(keys))
+    }
+
+    /// The same keys without the one of id `id` (hex); `None` when that
+    /// would leave none.
+    pub fn without(&self, id: &str) -> Option<KeyRing> {
+        KeyRing::of(
+            self.0
+                .iter()
+                .filter(|k| k.key_id_hex() != id)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The key file's text for this ring.
+    fn to_file_text(&self) -> String {
+        let mut text = String::from(
+            "# walsafe repository key ring: the first key encrypts, every key decrypts.\n\
+             # Keep it secret; keep a copy off this host: without its keys the archive\n\
+             # cannot be read.\n",
+        );
+        for (i, k) in self.0.iter().enumerate() {
+            let role = if i == 0 { " (current)" } else { "" };
+            text.push_str(&format!(
+                "# key id {}{role}\n{KEY_FILE_TAG} {}\n",
+                k.key_id_hex(),
+                hex::encode(k.0)
+            ));
+        }
+        text
+    }
+
     /// Parses a key file's text; `path` names it in errors.
     pub fn parse_file_text(text: &str, path: &Path) -> Result<KeyRing, KeyError> {
         let mut keys: Vec<Key> = Vec::new();
@@ -304,6 +348,49 @@ pub fn add_key(path: &Path, key: &Key) -> Result<(), KeyError> {
     crate::durable::Fsync::On.sync_all(&f).map_err(io_err)
 }
 
+/// Replaces the key file at `path` with `ring`, atomically: a new file
+/// (mode 0600, the old file's owner) written and fsynced beside it, renamed
+/// over it, the directory fsynced. A crash leaves the old ring or the new
+/// one, never a mix. Used by `walsafe key-rotate`, which only reorders keys
+/// or drops one no object needs.
+pub fn rewrite_key_file(path: &Path, ring: &KeyRing) -> Result<(), KeyError> {
+    use std::os::unix::fs::MetadataExt;
+    let io_err = |source: io::Error| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io_err)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".rotating");
+    let tmp = dir.join(tmp_name);
+    // What a crash in an earlier rotation left: never the key file itself.
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
+        let mut text = ring.to_file_text();
+        let written = f.write_all(text.as_bytes());
+        // SAFETY: writing ASCII zeros keeps the String valid UTF-8.
+        unsafe { text.as_bytes_mut().iter_mut().for_each(|b| *b = b'0') };
+        written?;
+        crate::durable::Fsync::On.sync_all(&f)?;
+        std::fs::rename(&tmp, path)?;
+        crate::durable::Fsync::On.sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io_err)
+}
+
 /// The current key of the key file at `path` (see [`load_key_ring`]).
 pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
     load_key_ring(path).map(|r| r.current().clone())
@@ -396,6 +483,29 @@ mod tests {
         std::fs::write(&p, format!("{}\n{}\n", lines[0], lines[0])).unwrap();
         let err = load_key_ring(&p).unwrap_err().to_string();
         assert!(err.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn rewriting_a_ring_reorders_or_drops_keys_and_keeps_mode_0600() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ring.key");
+        let (a, b) = (Key::generate(), Key::generate());
+        write_key_file(&p, &a).unwrap();
+        add_key(&p, &b).unwrap();
+        let ring = load_key_ring(&p).unwrap();
+        let rotated = ring.with_current(&b.key_id_hex()).unwrap();
+        rewrite_key_file(&p, &rotated).unwrap();
+        let back = load_key_ring(&p).unwrap();
+        assert_eq!(back.ids_hex(), [b.key_id_hex(), a.key_id_hex()]);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let retired = back.without(&a.key_id_hex()).unwrap();
+        rewrite_key_file(&p, &retired).unwrap();
+        assert_eq!(load_key_ring(&p).unwrap().ids_hex(), [b.key_id_hex()]);
+        assert!(retired.without(&b.key_id_hex()).is_none());
+        assert!(ring.with_current("0000").is_none());
+        let files: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(files.len(), 1, "no staging file left");
     }
 
     #[test]

@@ -778,6 +778,102 @@ impl Repository {
         Ok(self.store.delete(&name.key()).await?)
     }
 
+    /// Every object under the directory `prefix` (e.g. [`object::WAL_PREFIX`])
+    /// that walsafe names, with its stored size.
+    pub async fn list_named(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(ObjectName, u64)>, RepositoryError> {
+        Ok(self
+            .store
+            .list(prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| ObjectName::parse_key(&o.key).map(|n| (n, o.size)))
+            .collect())
+    }
+
+    /// The key id `name`'s header names (`Some(None)`: not encrypted), read
+    /// from its first bytes only (`size`: its listed size); `None` when it
+    /// is gone. Nothing is verified: for counting objects per key.
+    pub async fn peek_key_id(
+        &self,
+        name: &ObjectName,
+        size: u64,
+    ) -> Result<Option<Option<[u8; key::KEY_ID_LEN]>>, RepositoryError> {
+        let Some(start) = self
+            .store
+            .get_head(&name.key(), envelope::KEY_ID_END as u64, size)
+            .await?
+        else {
+            return Ok(None);
+        };
+        envelope::peek_key_id(&start)
+            .map(Some)
+            .map_err(|source| RepositoryError::Envelope {
+                url: self.url_s(),
+                key: name.key(),
+                source,
+            })
+    }
+
+    /// Whether the encoded object `raw` is encrypted with the key that
+    /// encrypts now (or, in an unencrypted repository, is unencrypted).
+    pub fn under_current_key(&self, raw: &[u8]) -> bool {
+        let current = self.key().map(|k| k.key_id());
+        matches!(envelope::peek_key_id(raw), Ok(id) if id == current)
+    }
+
+    /// `name` for rewriting it: its stored bytes, verified and decoded,
+    /// and the version read; `None` when absent.
+    pub async fn fetch_for_rewrite(
+        &self,
+        name: &ObjectName,
+    ) -> Result<Option<Fetched>, RepositoryError> {
+        let Some((raw, seen)) = self.store.get_versioned(&name.key()).await? else {
+            return Ok(None);
+        };
+        let plain = self.decode_raw(name, raw.clone()).await?;
+        Ok(Some(Fetched { raw, plain, seen }))
+    }
+
+    /// `plain` encoded as `name` under the current key, then decoded again
+    /// and compared: an object proven to read back as `plain`.
+    pub async fn encode_checked(
+        &self,
+        name: &ObjectName,
+        plain: Bytes,
+    ) -> Result<Bytes, RepositoryError> {
+        let encoded = self.encode(name, plain.clone()).await?;
+        let back = self.decode_raw(name, encoded.clone()).await?;
+        if back != plain {
+            return Err(RepositoryError::Internal {
+                what: format!("re-encoding {name}"),
+                message: "the new object does not read back as the old plaintext".into(),
+            });
+        }
+        Ok(encoded)
+    }
+
+    /// Replaces `name`, as [`Repository::fetch_for_rewrite`] saw it, with
+    /// `encoded` (from [`Repository::encode_checked`]) in one atomic step
+    /// (see [`Store::replace`]), then reads it back: what the name holds
+    /// afterwards.
+    pub async fn replace(
+        &self,
+        name: &ObjectName,
+        seen: &store::Seen,
+        encoded: Bytes,
+    ) -> Result<Replaced, RepositoryError> {
+        let key = name.key();
+        self.store.replace(&key, seen, encoded.clone()).await?;
+        Ok(match self.store.get(&key).await? {
+            None => Replaced::Gone,
+            Some(now) if now == encoded => Replaced::Ours,
+            Some(now) => Replaced::Other(now),
+        })
+    }
+
     /// Stores a WAL file by its PostgreSQL name (segment, `.partial` or
     /// `.history`), create-only.
     pub async fn put_wal(
@@ -1078,6 +1174,49 @@ impl Repository {
             })
     }
 
+    /// Re-signs `walsafe.repo` with the key that encrypts now, listing
+    /// `key_ids` as the keys the repository's objects need (see
+    /// [`Descriptor::signed_by`]); verified first, replaced atomically only
+    /// if unchanged since read (else read again). Returns the new one.
+    pub async fn record_keys(&self, key_ids: &[String]) -> Result<Descriptor, RepositoryError> {
+        let key = self.key().ok_or_else(|| RepositoryError::Internal {
+            what: "re-signing walsafe.repo".into(),
+            message: "the repository has no key".into(),
+        })?;
+        for _ in 0..5 {
+            let Some((bytes, seen)) = self.store.get_versioned(object::DESCRIPTOR_KEY).await?
+            else {
+                return Err(RepositoryError::Internal {
+                    what: "re-signing walsafe.repo".into(),
+                    message: "the repository has no descriptor: nothing was ever archived to it"
+                        .into(),
+                });
+            };
+            let d =
+                Descriptor::parse(&bytes).map_err(|source| RepositoryError::DescriptorInvalid {
+                    url: self.url_s(),
+                    source,
+                })?;
+            self.verify_descriptor(&d, None)?;
+            let new = d.signed_by(&key, key_ids);
+            if new == d {
+                return Ok(d);
+            }
+            let json = Bytes::from(new.to_json());
+            self.store
+                .replace(object::DESCRIPTOR_KEY, &seen, json.clone())
+                .await?;
+            if self.store.get(object::DESCRIPTOR_KEY).await?.as_ref() == Some(&json) {
+                return Ok(new);
+            }
+        }
+        Err(RepositoryError::Internal {
+            what: "re-signing walsafe.repo".into(),
+            message: "it kept changing while being rewritten; is another key-rotate running?"
+                .into(),
+        })
+    }
+
     /// Checks a descriptor against the configured key and, when given,
     /// against the cluster's identity.
     pub fn verify_descriptor(
@@ -1184,6 +1323,27 @@ impl Repository {
             },
         }
     }
+}
+
+/// An object read for rewriting ([`Repository::fetch_for_rewrite`]).
+pub struct Fetched {
+    /// The stored bytes.
+    pub raw: Bytes,
+    /// Their plaintext, verified.
+    pub plain: Vec<u8>,
+    /// The version read.
+    pub seen: store::Seen,
+}
+
+/// What a name holds after [`Repository::replace`].
+#[derive(Debug)]
+pub enum Replaced {
+    /// Our new object.
+    Ours,
+    /// Nothing: it was deleted meanwhile (and not brought back).
+    Gone,
+    /// Another object: rewritten by someone else meanwhile.
+    Other(Bytes),
 }
 
 /// A short description of how two WAL images differ, for conflict messages.

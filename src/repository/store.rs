@@ -81,6 +81,11 @@ pub enum PutResult {
     AlreadyExists,
 }
 
+/// The version of an object a read saw, which [`Store::replace`] replaces
+/// only if it is still there.
+#[derive(Debug, Clone)]
+pub struct Seen(object_store::UpdateVersion);
+
 /// One listed object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -658,6 +663,125 @@ impl Store {
         .await
     }
 
+    /// The object under `key` and the version read (for
+    /// [`Store::replace`]); `None` when there is none.
+    pub async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, Seen)>, StoreError> {
+        let path = self.path(key)?;
+        self.retried("get", key, || {
+            let path = &path;
+            async move {
+                let r = match self.inner.get(path).await {
+                    Ok(r) => r,
+                    Err(object_store::Error::NotFound { source, .. })
+                        if !mentions_missing_bucket(&source.to_string()) =>
+                    {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(self.classify("get", key, e)),
+                };
+                let seen = Seen(object_store::UpdateVersion {
+                    e_tag: r.meta.e_tag.clone(),
+                    version: r.meta.version.clone(),
+                });
+                match r.bytes().await {
+                    Ok(b) => {
+                        self.traffic.received(b.len() as u64);
+                        Ok(Some((b, seen)))
+                    }
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(self.classify("get", key, e)),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The first `len` bytes of the object under `key` (fewer when it is
+    /// shorter: `size` is its listed size); `None` when there is none.
+    pub async fn get_head(
+        &self,
+        key: &str,
+        len: u64,
+        size: u64,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path(key)?;
+        let end = len.min(size);
+        if end == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        self.retried("get", key, || {
+            let path = &path;
+            async move {
+                match self.inner.get_range(path, 0..end).await {
+                    Ok(b) => {
+                        self.traffic.received(b.len() as u64);
+                        Ok(Some(b))
+                    }
+                    Err(object_store::Error::NotFound { source, .. })
+                        if !mentions_missing_bucket(&source.to_string()) =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(self.classify("get", key, e)),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Replaces the object under `key`, exactly as [`Store::get_versioned`]
+    /// saw it, with `data`, in one atomic step: `Ok(false)`, nothing
+    /// written, when it is gone or changed since (a deleted object is never
+    /// brought back). Cloud stores make the write conditional on the
+    /// version read (S3 and Azure `If-Match`, GCS generation match);
+    /// `file://` exchanges a durable staging file with the object, so the
+    /// name holds the old bytes or the new ones at every instant. The one
+    /// write walsafe makes over an existing object, and only with the same
+    /// plaintext under another key (`walsafe key-rotate --rewrite`) or a
+    /// re-signed descriptor.
+    pub async fn replace(&self, key: &str, seen: &Seen, data: Bytes) -> Result<bool, StoreError> {
+        if let Some(root) = &self.local_root {
+            let root = root.clone();
+            let rel = key.trim_matches('/').to_string();
+            return self
+                .retried("put", key, || {
+                    let (root, rel, data) = (root.clone(), rel.clone(), data.clone());
+                    let fsync = self.fsync;
+                    async move {
+                        self.traffic.sent(data.len() as u64);
+                        tokio::task::spawn_blocking(move || {
+                            local_replace(&root, &rel, &data, fsync)
+                        })
+                        .await
+                        .map_err(|e| io::Error::other(e.to_string()))
+                        .and_then(|r| r)
+                        .map_err(|e| self.io_error("put", key, e))
+                    }
+                })
+                .await;
+        }
+        let path = self.path(key)?;
+        self.retried("put", key, || {
+            let payload = PutPayload::from(data.clone());
+            let path = &path;
+            let len = data.len() as u64;
+            async move {
+                self.traffic.sent(len);
+                let opts = PutOptions {
+                    mode: PutMode::Update(seen.0.clone()),
+                    ..Default::default()
+                };
+                match self.inner.put_opts(path, payload, opts).await {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::Precondition { .. })
+                    | Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(self.classify("put", key, e)),
+                }
+            }
+        })
+        .await
+    }
+
     /// Every object whose key starts with the directory `prefix` (e.g.
     /// `"wal/"`), with keys relative to the repository prefix, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
@@ -1028,17 +1152,58 @@ fn remove_stale_staging_in(root: &FsPath, age: Duration, fsync: Fsync) -> io::Re
 
 /// Durable create-only write of `root/rel`; `Ok(false)` when it exists.
 fn local_create(root: &FsPath, rel: &str, data: &[u8], fsync: Fsync) -> io::Result<bool> {
+    let target = root.join(rel);
+    if target.exists() {
+        return Ok(false);
+    }
+    let (tmp, dir) = local_staging(root, &target, data, fsync)?;
+    let result = match std::fs::hard_link(&tmp, &target) {
+        Ok(()) => fsync.sync_dir(&dir).map(|()| true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+/// Replaces the existing object `rel` with `data` in one step: a durable
+/// staging file is exchanged with it (`renameat2(RENAME_EXCHANGE)`, which
+/// fails when `rel` is gone), so the name holds the old object or the new
+/// one at every instant and a deleted object is never brought back. The
+/// old object, left under the staging name, is then removed. `Ok(false)`
+/// when there was nothing to replace.
+fn local_replace(root: &FsPath, rel: &str, data: &[u8], fsync: Fsync) -> io::Result<bool> {
+    use nix::fcntl::{renameat2, RenameFlags};
+    let target = root.join(rel);
+    if !target.exists() {
+        return Ok(false);
+    }
+    let (tmp, dir) = local_staging(root, &target, data, fsync)?;
+    let result = match renameat2(None, &tmp, None, &target, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => fsync.sync_dir(&dir).map(|()| true),
+        Err(nix::errno::Errno::ENOENT) => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    };
+    // The old object after an exchange, our copy otherwise.
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+/// Writes `data` durably to a new staging file beside `target`
+/// (`<name>#<digits>`); returns it and its directory.
+fn local_staging(
+    root: &FsPath,
+    target: &FsPath,
+    data: &[u8],
+    fsync: Fsync,
+) -> io::Result<(PathBuf, PathBuf)> {
     use std::os::unix::fs::OpenOptionsExt;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let target = root.join(rel);
     let dir = target.parent().unwrap_or(root).to_path_buf();
     let file_name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if target.exists() {
-        return Ok(false);
-    }
     // A concurrent delete may remove an empty directory between our mkdir
     // and our create; try again a few times.
     let mut tries = 0;
@@ -1058,21 +1223,12 @@ fn local_create(root: &FsPath, rel: &str, data: &[u8], fsync: Fsync) -> io::Resu
             Err(e) => return Err(e),
         }
     };
-    let result = (|| {
-        file.write_all(data)?;
-        fsync.sync_all(&file)?;
-        drop(file);
-        match std::fs::hard_link(&tmp, &target) {
-            Ok(()) => {
-                fsync.sync_dir(&dir)?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        }
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+    let written = file.write_all(data).and_then(|()| fsync.sync_all(&file));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok((tmp, dir))
 }
 
 #[cfg(test)]
