@@ -88,6 +88,14 @@
 //!     max), the spool's peak; then how long S3 took, once back, to reach
 //!     what the server had written when it came back, the load going on.
 //!
+//! 12. **rotation**: key rotation of a real `file://` repository: a
+//!     pgbench cluster of `WALSAFE_BENCH_ROTATE_SCALE` (default 30), its
+//!     WAL and a base backup under key A, the agent running. Beside `cp -a`
+//!     of the repository (the reference: reading and writing every byte
+//!     once), `walsafe key-rotate --rewrite --apply` to key B: wall, CPU and
+//!     peak RSS, objects and bytes; then `--retire A` and a restore with B
+//!     alone to the end of the archive, its rows counted.
+//!
 //! Scenarios are chosen by the arguments (`cargo bench --bench e2e --
 //! commit`) or `WALSAFE_BENCH=commit`; none runs all.
 //!
@@ -686,6 +694,128 @@ fn main() {
     if want("cost") {
         cost();
     }
+    if want("rotation") {
+        rotation();
+    }
+}
+
+/// Files under `dir`, recursively.
+fn file_count(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        file_count(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Scenario 12: key rotation of a real repository (see the module doc).
+fn rotation() {
+    let scale = env_u64("WALSAFE_BENCH_ROTATE_SCALE", 30);
+    println!("\n== scenario 12: key rotation of a file:// repository (pgbench scale {scale}, its WAL and a base backup), the agent running");
+    let (dir, pg, mut settings, _) = start_pair("bench-rotate");
+    let ring = common::setup::keygen(dir.path(), "repo.key");
+    settings.key_file = Some(ring.clone());
+    let config = settings.write(&dir.join("walsafe.toml"));
+    let agent = Agent::start(&config, settings.metrics_port);
+    let (_, _) = pgbench_cluster(&pg, scale, &agent);
+    let rows: u64 = pg
+        .psql("SELECT count(*) FROM pgbench_accounts")
+        .parse()
+        .unwrap();
+    let bin = common::walsafe::bin_copy(dir.path());
+    let walsafe_cmd = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(&bin);
+        common::pg::as_postgres(&mut cmd);
+        cmd.arg("--config").arg(&config).args(args);
+        cmd
+    };
+    measured(&mut walsafe_cmd(&["backup"]), "walsafe backup");
+    pg.psql("SELECT pg_switch_wal()");
+    agent.wait_archived(
+        parse_lsn(&pg.psql("SELECT pg_current_wal_lsn()")),
+        Duration::from_secs(600),
+    );
+    let repo = dir.join("repo");
+    let (objects, bytes) = (file_count(&repo), dir_size(&repo));
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    println!(
+        "repository: {objects} objects, {:.1} MiB",
+        bytes as f64 / (1 << 20) as f64
+    );
+
+    let copy = dir.join("repo-copy");
+    let mut cp = std::process::Command::new("cp");
+    cp.arg("-a").arg(&repo).arg(&copy);
+    let (cp_wall, cp_cpu, cp_rss) = measured(&mut cp, "cp -a");
+    let _ = std::fs::remove_dir_all(&copy);
+
+    let o = walsafe_cmd(&["keygen", ring.to_str().unwrap(), "--add"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "keygen --add");
+    let old = common::setup::key_ids(&ring)[0].clone();
+    let (wall, cpu, rss) = measured(
+        &mut walsafe_cmd(&["key-rotate", "--rewrite", "--apply"]),
+        "key-rotate --rewrite --apply",
+    );
+    measured(
+        &mut walsafe_cmd(&["key-rotate", "--retire", &old, "--apply"]),
+        "key-rotate --retire",
+    );
+    let left = common::setup::key_ids(&ring);
+    assert_eq!(left.len(), 1, "the old key retired");
+    println!(
+        "{:<36} {:>8} {:>9} {:>10} {:>9}",
+        "", "wall s", "MiB/s", "CPU s/GiB", "RSS MiB"
+    );
+    for (label, w, c, r) in [
+        ("cp -a (reference)", cp_wall, cp_cpu, cp_rss),
+        ("walsafe key-rotate --rewrite", wall, cpu, rss),
+    ] {
+        println!(
+            "{label:<36} {w:>8.2} {:>9.1} {:>10.2} {r:>9.1}",
+            bytes as f64 / (1 << 20) as f64 / w,
+            c / gib
+        );
+    }
+    println!(
+        "ratios key-rotate / cp -a: wall {:.2}x, CPU {:.2}x",
+        wall / cp_wall,
+        cpu / cp_cpu.max(0.01)
+    );
+    drop(agent);
+
+    // A restore with the new key alone, to the end of the archive.
+    let data = dir.subdir("restored");
+    let port = common::walsafe::free_port();
+    let mut cmd = walsafe_cmd(&["restore"]);
+    cmd.arg(&data)
+        .args(["--target-action", "promote", "--start"])
+        .args(["--port", &port.to_string(), "--pg-bindir"])
+        .arg(pg.bins().program("pg_ctl").parent().unwrap());
+    let (rwall, _, _) = measured(&mut cmd, "walsafe restore --start");
+    let mut q = pg.bins().command("psql");
+    q.args(["-XAtq", "-h"])
+        .arg(pg.socket_dir())
+        .args(["-p", &port.to_string(), "-U", "postgres", "-c"])
+        .arg("SELECT count(*) FROM pgbench_accounts");
+    let restored: u64 = String::from_utf8_lossy(&q.output().unwrap().stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    stop_server(&pg, &data);
+    println!(
+        "restore with the new key alone: {rwall:.1} s, pgbench_accounts {restored} rows of {rows}"
+    );
+    assert_eq!(restored, rows);
 }
 
 /// Scenario 10: what the archive costs in storage requests and bytes, per

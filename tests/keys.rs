@@ -183,8 +183,9 @@ fn keys_on_disk(repo: &Path) -> std::collections::BTreeMap<String, u64> {
     out
 }
 
-/// The scenario of the module doc on `s` (its key file a ring of one).
-fn rotate_rewrite_kill_and_retire(s: &Setup, file_repo: Option<&Path>) {
+/// The scenario of the module doc on `s` (its key file a ring of one);
+/// the old key retired by a run of its own, or with the rewrite's end.
+fn rotate_rewrite_kill_and_retire(s: &Setup, file_repo: Option<&Path>, retire_separately: bool) {
     let ring = s.settings.key_file.clone().unwrap();
     let a = load_key_ring(&ring).unwrap().current().key_id_hex();
     let agent = Agent::start(&s.config, s.settings.metrics_port);
@@ -247,20 +248,61 @@ fn rotate_rewrite_kill_and_retire(s: &Setup, file_repo: Option<&Path>) {
     assert!(midway[&a] > 0 && midway[&b] >= 3, "{midway:?}");
     let o = walsafe(&s.config, &["backup-verify", "latest"]);
     assert_eq!(o.status.code(), Some(0), "midway: {}", text(&o));
+    // status and check say what each key protects.
+    let st = text(&walsafe(&s.config, &["status"]));
+    assert!(
+        st.contains(&format!("key id {b} (current): {} objects", midway[&b]))
+            && st.contains(&format!("key id {a}: {} objects", midway[&a])),
+        "{st}"
+    );
+    let c = text(&walsafe(&s.config, &["check"]));
+    let item = c.lines().find(|l| l.contains("keys in use")).unwrap();
+    assert!(
+        item.starts_with("OK") && item.contains(&format!("key id {a}: {} objects", midway[&a])),
+        "{c}"
+    );
+    // A ring without the old key: check names it, object by object.
+    let b_only = s.dir.join("b-only.key");
+    let b_line = key_lines(&ring).into_iter().next().unwrap();
+    std::fs::write(&b_only, format!("{b_line}\n")).unwrap();
+    common::pg::chown_postgres(&b_only);
+    let mut without_a = s.settings.clone();
+    without_a.key_file = Some(b_only);
+    let without_a = without_a.write(&s.dir.join("without-a.toml"));
+    let c = text(&walsafe(&without_a, &["check"]));
+    let item = c.lines().find(|l| l.contains("keys in use")).unwrap();
+    assert!(item.starts_with("FAILED") && item.contains(&a), "{c}");
 
     // More WAL, under the new key; then the rewrite finishes and the old
     // key is retired.
     s.pg.psql("INSERT INTO t SELECT generate_series(2001, 3000)");
     s.pg.psql("SELECT pg_switch_wal()");
     agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
-    let o = key_rotate(&s.config, &["--rewrite", "--retire", &a, "--apply"], None);
+    let o = if retire_separately {
+        // The rewrite finished, the old key kept: the next run finds no
+        // new key (the old one is not taken for one), then retires it.
+        let o = key_rotate(&s.config, &["--rewrite", "--apply"], None);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let o = key_rotate(&s.config, &[], None);
+        assert!(
+            text(&o).contains(&format!("key {b} stays current")),
+            "{}",
+            text(&o)
+        );
+        key_rotate(&s.config, &["--retire", &a, "--apply"], None)
+    } else {
+        key_rotate(&s.config, &["--rewrite", "--retire", &a, "--apply"], None)
+    };
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(
         text(&o).contains(&format!("retired key id {a}")),
         "{}",
         text(&o)
     );
-    assert_eq!(load_key_ring(&ring).unwrap().ids_hex(), std::slice::from_ref(&b));
+    assert_eq!(
+        load_key_ring(&ring).unwrap().ids_hex(),
+        std::slice::from_ref(&b)
+    );
     let after = census(&s.config);
     assert_eq!(after.keys().collect::<Vec<_>>(), [&b], "{after:?}");
     assert!(after[&b] >= before[&a], "{after:?} {before:?}");
@@ -310,7 +352,7 @@ fn key_rotate_rewrites_everything_under_a_running_agent_survives_a_kill_and_reti
     s.settings.key_file = Some(keygen(s.dir.path(), "repo.key"));
     s.config = s.settings.write(&s.dir.join("walsafe.toml"));
     let repo = std::path::PathBuf::from(s.settings.repo_url.strip_prefix("file://").unwrap());
-    rotate_rewrite_kill_and_retire(&s, Some(&repo));
+    rotate_rewrite_kill_and_retire(&s, Some(&repo), true);
 }
 
 #[test]
@@ -321,5 +363,5 @@ fn key_rotate_rewrites_everything_under_a_running_agent_survives_a_kill_and_reti
 fn key_rotate_on_s3() {
     let s3 = common::s3::S3Server::start();
     let s = setup_s3("key-rotate-s3", PgOptions::default(), &s3, "key-rotate");
-    rotate_rewrite_kill_and_retire(&s, None);
+    rotate_rewrite_kill_and_retire(&s, None, false);
 }

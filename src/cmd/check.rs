@@ -951,6 +951,11 @@ async fn check_repository(
     }
 
     items.push(check_key(rc, key_result.as_ref(), descriptor.as_ref()));
+    if let (Some(repo), Some(Some(_)), Some(Ok(ring))) =
+        (&repo_for_switch, &descriptor, key_result.as_ref())
+    {
+        items.push(check_keys_in_use(repo, ring).await);
+    }
 
     const PIN: &str = "pinned cluster";
     match (&descriptor, identity) {
@@ -1027,6 +1032,18 @@ fn check_key(
                     format!("walsafe.repo names key id {id} but its HMAC does not verify: it was modified without the key"),
                     "investigate who can write to the repository; restore walsafe.repo from a copy",
                 ),
+                Some(_) if d.keys_in_use().iter().any(|u| k.find_hex(u).is_none()) => {
+                    let missing: Vec<String> = d
+                        .keys_in_use()
+                        .into_iter()
+                        .filter(|u| k.find_hex(u).is_none())
+                        .collect();
+                    Item::failed(
+                        K,
+                        format!("walsafe.repo lists key id(s) {} as needed by the repository's objects, and the key file lacks them", missing.join(", ")),
+                        "add those keys back to [repository] key_file (one walsafe-key-v1 line per key) from your copy off this host",
+                    )
+                }
                 Some(_) if k.current().key_id_hex() != *id => Item::ok(
                     K,
                     format!("key id {id} (the repository's first) is in the key file; new objects are encrypted with key id {}", k.current().key_id_hex()),
@@ -1035,6 +1052,67 @@ fn check_key(
             },
         },
     }
+}
+
+/// The "keys in use" item: what each key protects, counted object by
+/// object ([`crate::rekey::census`]); FAILED when an object needs a key
+/// the key file lacks.
+async fn check_keys_in_use(repo: &Repository, ring: &KeyRing) -> Item {
+    const K: &str = "keys in use";
+    let census = match crate::rekey::census(repo).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Item::failed(
+                K,
+                crate::report::error_line(&e),
+                "check that the repository is readable; an object named above may be damaged (walsafe wal-verify, backup-verify)",
+            )
+        }
+    };
+    let tally = |id: &str| {
+        let t = census.of(id);
+        format!("{} objects ({})", t.objects, human_bytes(t.bytes))
+    };
+    let missing: Vec<String> = census
+        .keys()
+        .into_iter()
+        .filter(|id| ring.find_hex(id).is_none())
+        .collect();
+    if !missing.is_empty() {
+        let what: Vec<String> = missing
+            .iter()
+            .map(|id| format!("key id {id}: {}", tally(id)))
+            .collect();
+        return Item::failed(
+            K,
+            format!("objects are encrypted with keys the key file lacks ({})", what.join("; ")),
+            "add those keys back to the key file (one walsafe-key-v1 line per key) from your copy off this host",
+        );
+    }
+    let unencrypted = census.of(crate::rekey::UNENCRYPTED);
+    if unencrypted.objects > 0 {
+        return Item::failed(
+            K,
+            format!("{} in this encrypted repository are unencrypted: they will be refused", tally(crate::rekey::UNENCRYPTED)),
+            "find out who wrote them (an agent without key_file?); walsafe never reads them while a key is configured",
+        );
+    }
+    let current = ring.current().key_id_hex();
+    let mut parts = vec![format!("key id {current} (current): {}", tally(&current))];
+    let mut hints = Vec::new();
+    for id in ring.ids_hex().into_iter().skip(1) {
+        parts.push(format!("key id {id}: {}", tally(&id)));
+        if census.of(&id).objects > 0 {
+            hints.push(format!("`walsafe key-rotate --rewrite --apply` moves key id {id}'s objects under the current key"));
+        } else {
+            hints.push(format!("key id {id} protects nothing: `walsafe key-rotate --retire {id} --apply` removes it"));
+        }
+    }
+    let mut message = parts.join("; ");
+    if !hints.is_empty() {
+        message = format!("{message}; {}", hints.join("; "));
+    }
+    Item::ok(K, message)
 }
 
 /// The pinned-cluster item.

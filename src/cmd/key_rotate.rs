@@ -3,9 +3,10 @@
 //!
 //! For each encrypted repository:
 //!
-//! 1. **Make the new key current.** The new key is the one in the key file
-//!    that the repository descriptor does not list yet (added with `walsafe
-//!    keygen FILE --add`, never current); its line is moved first
+//! 1. **Make the new key current.** The new key is the last one in the key
+//!    file that the repository descriptor does not list yet (added with
+//!    `walsafe keygen FILE --add`, never current: the descriptor lists every
+//!    key that has encrypted until it is retired); its line is moved first
 //!    ([`key::rewrite_key_file`]: atomic), the descriptor is re-signed
 //!    listing it, and a running agent is sent `SIGHUP` (as `systemctl
 //!    reload walsafe` would) and awaited until its state file says it
@@ -193,8 +194,14 @@ async fn rotate(
     }
 
     let started = Instant::now();
-    let mut keys_needed = census.keys();
-    keys_needed.insert(0, target.clone());
+    // Every key that has encrypted stays listed until it is retired.
+    let listed = |census: &Census| {
+        let mut ids = vec![target.clone()];
+        ids.extend(in_use.iter().cloned());
+        ids.extend(census.keys());
+        ids
+    };
+    let keys_needed = listed(&census);
     if target != current {
         let rotated = ring
             .with_current(&target)
@@ -243,8 +250,7 @@ async fn rotate(
         left.objects,
         human_bytes(left.bytes)
     );
-    let mut keys_needed = after.keys();
-    keys_needed.insert(0, target.clone());
+    let mut keys_needed = listed(&after);
     if let Some(id) = &asked.retire {
         check_retirable(&after, &ring, id, &target, false)?;
         check_agent_not_using(cfg, &rc.name, id)?;

@@ -88,6 +88,21 @@ pub struct RepositoryStatus {
     /// A problem with the configured key, if any (missing file, mismatch).
     pub key_problem: Option<String>,
     pub created_at: Option<String>,
+    /// What each key protects, counted object by object (encrypted
+    /// repositories; the configured current key first).
+    pub keys: Vec<KeyUse>,
+}
+
+/// The objects and bytes one key protects.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyUse {
+    pub key_id: String,
+    pub objects: u64,
+    pub bytes: u64,
+    /// It encrypts new objects (the key file's first).
+    pub current: bool,
+    /// The key file holds it.
+    pub in_key_file: bool,
 }
 
 /// What is stored for one timeline.
@@ -221,6 +236,36 @@ fn open_repository(cfg: &Config) -> anyhow::Result<(Repository, Option<String>)>
     ))
 }
 
+/// What each key protects: the key file's keys (current first), then any
+/// key objects need that the key file lacks.
+async fn key_uses(repo: &Repository, cfg: &Config) -> anyhow::Result<Vec<KeyUse>> {
+    let census = crate::rekey::census(repo)
+        .await
+        .with_context(|| format!("cannot count the objects per key in {}", repo.url()))?;
+    let ring_ids = cfg
+        .repository()
+        .key_file
+        .as_deref()
+        .and_then(|p| key::load_key_ring(p).ok())
+        .map(|r| r.ids_hex())
+        .unwrap_or_default();
+    let mut ids = ring_ids.clone();
+    ids.extend(census.keys().into_iter().filter(|k| !ring_ids.contains(k)));
+    Ok(ids
+        .into_iter()
+        .map(|id| {
+            let t = census.of(&id);
+            KeyUse {
+                current: ring_ids.first() == Some(&id),
+                in_key_file: ring_ids.contains(&id),
+                objects: t.objects,
+                bytes: t.bytes,
+                key_id: id,
+            }
+        })
+        .collect())
+}
+
 /// Gathers the status. Errors only when the repository cannot be read.
 pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
     let (repo, key_problem) = open_repository(cfg)?;
@@ -239,6 +284,7 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
         configured_key_id: repo.key_id(),
         key_problem,
         created_at: None,
+        keys: Vec::new(),
     };
     let mut timelines = Vec::new();
     if let Some(d) = &descriptor {
@@ -252,6 +298,9 @@ pub async fn gather(cfg: &Config) -> anyhow::Result<Status> {
             if let Err(e) = repo.verify_descriptor(d, None) {
                 repository.key_problem = Some(e.to_string());
             }
+        }
+        if d.key_id.is_some() {
+            repository.keys = key_uses(&repo, cfg).await?;
         }
         for t in crate::repository::inventory::inventory(&repo)
             .await
@@ -470,6 +519,22 @@ pub fn render(s: &Status) -> String {
             "",
             "not pinned yet (no walsafe.repo): the agent pins it to its cluster at first run"
                 .into(),
+        );
+    }
+    for k in &r.keys {
+        line(
+            "",
+            format!(
+                "key id {}{}: {} objects, {}",
+                k.key_id,
+                match (k.current, k.in_key_file) {
+                    (true, _) => " (current)",
+                    (false, true) => "",
+                    (false, false) => " (NOT IN THE KEY FILE)",
+                },
+                k.objects,
+                human_bytes(k.bytes)
+            ),
         );
     }
     if let Some(p) = &r.key_problem {

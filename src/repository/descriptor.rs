@@ -22,8 +22,10 @@
 //!   meets an empty repository (format 1). Only `walsafe key-rotate
 //!   --apply` rewrites it (format 2, [`Descriptor::signed_by`]): signed by
 //!   the key that encrypts now (`key_id`), listing in `key_ids` every key
-//!   the repository's objects need, current first, so that a ring missing
-//!   one is found without reading every object. The identity never
+//!   that has encrypted and was not retired since (current first): the
+//!   keys objects may need, so that a ring missing one is found without
+//!   reading every object, and so that a key of the ring not listed is
+//!   one never used (the next to make current). The identity never
 //!   changes. A format-1 descriptor's objects need `key_id`. Every later writer
 //!   compares its cluster's identity with it and refuses to archive a
 //!   stranger's WAL (rule 5 of README's Guarantees).
@@ -139,11 +141,15 @@ impl Descriptor {
     }
 
     /// This descriptor signed by `key` (which encrypts now), listing
-    /// `key_ids` (`key` first, then the others in their order).
+    /// `key_ids` (`key` first, then the others in their order, each once).
     pub fn signed_by(&self, key: &Key, key_ids: &[String]) -> Descriptor {
         let current = key.key_id_hex();
         let mut ids = vec![current.clone()];
-        ids.extend(key_ids.iter().filter(|id| **id != current).cloned());
+        for id in key_ids {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
         let mut d = Descriptor {
             format: DESCRIPTOR_FORMAT_KEYS,
             key_id: Some(current),

@@ -979,6 +979,23 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn peek_key_id_reads_the_key_from_the_first_bytes() {
+        let k = Key::from_bytes([7; 32]);
+        let enc = encode(NAME, b"wal", Compression::Zstd, 1, Some(&k));
+        assert_eq!(peek_key_id(&enc[..KEY_ID_END]).unwrap(), Some(k.key_id()));
+        let plain = encode(NAME, b"wal", Compression::Zstd, 1, None);
+        assert_eq!(peek_key_id(&plain[..KEY_ID_END]).unwrap(), None);
+        assert!(matches!(
+            peek_key_id(&enc[..10]),
+            Err(EnvelopeError::Truncated { .. })
+        ));
+        assert!(matches!(
+            peek_key_id(b"{\"json\": true}........"),
+            Err(EnvelopeError::BadMagic { .. })
+        ));
+    }
+
     /// `p` encoded from a reader with zstd level 1, `frames` placed.
     fn zstd_of(p: &[u8], key: Option<&Key>, frames: &[Frame]) -> std::io::Result<Vec<u8>> {
         let mut reader = Cursor::new(p);

@@ -1364,6 +1364,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn file_store_replace_swaps_an_existing_object_and_never_brings_one_back() {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", d.path().join("repo").display());
+        let s = Store::open(&url, &BTreeMap::new(), 2)
+            .unwrap()
+            .with_fsync(Fsync::Off);
+        s.put_if_absent("wal/a", Bytes::from_static(b"old"))
+            .await
+            .unwrap();
+        let (got, seen) = s.get_versioned("wal/a").await.unwrap().unwrap();
+        assert_eq!(got, &b"old"[..]);
+        assert_eq!(
+            s.get_head("wal/a", 2, 3).await.unwrap().unwrap(),
+            &b"ol"[..]
+        );
+        assert!(s
+            .replace("wal/a", &seen, Bytes::from_static(b"new"))
+            .await
+            .unwrap());
+        assert_eq!(s.get("wal/a").await.unwrap().unwrap(), &b"new"[..]);
+        // Deleted meanwhile: stays deleted.
+        s.delete("wal/a").await.unwrap();
+        assert!(!s
+            .replace("wal/a", &seen, Bytes::from_static(b"again"))
+            .await
+            .unwrap());
+        assert_eq!(s.get("wal/a").await.unwrap(), None);
+        // No staging file is left behind, and none is listed.
+        assert!(s.list("wal/").await.unwrap().is_empty());
+        let left: Vec<_> = std::fs::read_dir(d.path().join("repo/wal"))
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
     async fn file_store_create_only_get_list_delete() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("repo");

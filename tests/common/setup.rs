@@ -80,6 +80,14 @@ pub fn keygen(dir: &Path, name: &str) -> PathBuf {
     key
 }
 
+/// The key ids of a key file (a ring), in its order.
+#[allow(dead_code)]
+pub fn key_ids(path: &Path) -> Vec<String> {
+    walsafe::repository::key::load_key_ring(path)
+        .unwrap()
+        .ids_hex()
+}
+
 /// A finished command, for assertion messages: its exit code, stdout and
 /// stderr.
 pub fn output_text(o: &std::process::Output) -> String {
