@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! census   LIST wal/ chunks/ gaps/ backups/ drills/, then the first 23 bytes of each object: its key id
-//! rewrite  per object: GET (verify, decode) → encode under the current key → decode again, compare
-//!          → replace in one atomic step, conditional on the version read → GET, compare
+//! rewrite  per object: GET → verify and decompress, seal the compressed body under the current key
+//!          (never compressing again), open it again → replace in one atomic step, conditional
+//!          on the version read → GET, compare
 //! ```
 //!
 //! # Invariants
@@ -15,8 +16,9 @@
 //!   the old object or the new one, never neither; both decrypt with the
 //!   ring. A kill anywhere leaves every object readable; the next run
 //!   finishes (objects already under the current key are passed over).
-//! * **Same plaintext.** The new object is decoded and compared with the
-//!   old plaintext before it is written, and read back after.
+//! * **Same plaintext.** The old object is verified and decompressed; the
+//!   new one carries the same compressed body, opened under the new key
+//!   and compared before it is written, and read back after.
 //! * **Never brings back what was deleted.** The replace is conditional on
 //!   the object still being the one read: a chunk removed by the agent or
 //!   a segment expired by `walsafe retain` meanwhile stays removed.
@@ -223,19 +225,14 @@ async fn rewrite_object(repo: &Repository, name: &ObjectName) -> anyhow::Result<
     if repo.under_current_key(&f.raw) {
         return Ok(Outcome::AlreadyCurrent);
     }
-    let plain = Bytes::from(f.plain);
-    let encoded = repo.encode_checked(name, plain.clone()).await?;
-    let outcome = match repo.replace(name, &f.seen, encoded).await? {
+    let rekeyed = repo.reencrypt(name, f.raw).await?;
+    let outcome = match repo.replace(name, &f.seen, rekeyed).await? {
         Replaced::Ours => Outcome::Rewritten,
         Replaced::Gone => Outcome::Gone,
-        Replaced::Other(now) => {
-            // Rewritten by another key-rotate meanwhile: fine if it is the
-            // same plaintext under the current key.
-            if repo.under_current_key(&now) && repo.decode_raw(name, now).await? == plain {
-                Outcome::AlreadyCurrent
-            } else {
-                bail!("{name} changed while it was being re-encrypted; run key-rotate again")
-            }
+        // Re-encrypted by another key-rotate meanwhile.
+        Replaced::Other(now) if repo.under_current_key(&now) => Outcome::AlreadyCurrent,
+        Replaced::Other(_) => {
+            bail!("{name} changed while it was being re-encrypted; run key-rotate again")
         }
     };
     fail::fail_point!("rekey::replaced", |_| {
@@ -261,7 +258,8 @@ async fn rewrite_backup(
         return Ok(done);
     };
     let mut record_seen = f.seen;
-    let mut record = BackupRecord::parse(&f.plain).map_err(|e| anyhow!("{record_name}: {e}"))?;
+    let plain = repo.decode_raw(&record_name, f.raw.clone()).await?;
+    let mut record = BackupRecord::parse(&plain).map_err(|e| anyhow!("{record_name}: {e}"))?;
     let mut dirty = !repo.under_current_key(&f.raw)
         || record
             .archives
@@ -291,8 +289,8 @@ async fn rewrite_backup(
                 dirty = true;
                 continue;
             }
-            let Fetched { raw, plain, seen } = pf;
-            let encoded = repo.encode_checked(&name, Bytes::from(plain)).await?;
+            let Fetched { raw, seen } = pf;
+            let encoded = repo.reencrypt(&name, raw.clone()).await?;
             let (new_len, new_hash) = stored_form(&encoded).await?;
             part.also = vec![StoredForm {
                 stored_size: new_len,

@@ -824,17 +824,50 @@ impl Repository {
         matches!(envelope::peek_key_id(raw), Ok(id) if id == current)
     }
 
-    /// `name` for rewriting it: its stored bytes, verified and decoded,
-    /// and the version read; `None` when absent.
+    /// `name` for rewriting it: its stored bytes and the version read;
+    /// `None` when absent. Nothing is verified yet.
     pub async fn fetch_for_rewrite(
         &self,
         name: &ObjectName,
     ) -> Result<Option<Fetched>, RepositoryError> {
-        let Some((raw, seen)) = self.store.get_versioned(&name.key()).await? else {
-            return Ok(None);
-        };
-        let plain = self.decode_raw(name, raw.clone()).await?;
-        Ok(Some(Fetched { raw, plain, seen }))
+        Ok(self
+            .store
+            .get_versioned(&name.key())
+            .await?
+            .map(|(raw, seen)| Fetched { raw, seen }))
+    }
+
+    /// The stored object `raw` of `name` encrypted with the current key
+    /// instead of the ring's key it names, its compressed body kept
+    /// (see [`envelope::rekey`]: verified before, opened again after).
+    pub async fn reencrypt(&self, name: &ObjectName, raw: Bytes) -> Result<Bytes, RepositoryError> {
+        let (logical, ring) = (name.logical(), self.ring());
+        let rekeyed = on_cpu_lane(name, "re-encrypting", move || {
+            let Some(ring) = ring else {
+                return Err(EnvelopeError::KeyRequired {
+                    object_key_id: "none".into(),
+                });
+            };
+            let header = envelope::read_header(&raw)?;
+            // An unencrypted object is opened with the current key, which
+            // refuses it, as a read would.
+            let old = match header.encryption {
+                envelope::Encryption::None => ring.current(),
+                _ => ring
+                    .find(&header.key_id)
+                    .ok_or_else(|| EnvelopeError::WrongKey {
+                        object_key_id: hex::encode(header.key_id),
+                        configured_key_id: ring.ids_hex().join(", "),
+                    })?,
+            };
+            envelope::rekey(&logical, &raw, Some(old), ring.current()).map(Bytes::from)
+        })
+        .await?;
+        rekeyed.map_err(|source| RepositoryError::Envelope {
+            url: self.url_s(),
+            key: name.key(),
+            source,
+        })
     }
 
     /// `plain` encoded as `name` under the current key, then decoded again
@@ -856,7 +889,8 @@ impl Repository {
     }
 
     /// Replaces `name`, as [`Repository::fetch_for_rewrite`] saw it, with
-    /// `encoded` (from [`Repository::encode_checked`]) in one atomic step
+    /// `encoded` (from [`Repository::reencrypt`] or
+    /// [`Repository::encode_checked`]) in one atomic step
     /// (see [`Store::replace`]), then reads it back: what the name holds
     /// afterwards.
     pub async fn replace(
@@ -1327,10 +1361,8 @@ impl Repository {
 
 /// An object read for rewriting ([`Repository::fetch_for_rewrite`]).
 pub struct Fetched {
-    /// The stored bytes.
+    /// The stored bytes, not verified yet.
     pub raw: Bytes,
-    /// Their plaintext, verified.
-    pub plain: Vec<u8>,
     /// The version read.
     pub seen: store::Seen,
 }
