@@ -84,6 +84,35 @@ async fn raw_put(az: &AzureServer, prefix: &str, key: &str, bytes: Vec<u8>) {
 }
 
 #[tokio::test]
+async fn azurite_replace_swaps_only_the_blob_read_and_never_brings_one_back() {
+    let az = AzureServer::start();
+    let store = Store::open(&az.url(PREFIX), &az.repo_options(), 2).unwrap();
+    store
+        .put_if_absent("wal/r", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let (_, seen) = store.get_versioned("wal/r").await.unwrap().unwrap();
+    assert!(store
+        .replace("wal/r", &seen, Bytes::from_static(b"two"))
+        .await
+        .unwrap());
+    assert_eq!(raw_get(&az, PREFIX, "wal/r").await.unwrap(), b"two");
+    // The ETag read is gone: refused (If-Match).
+    assert!(!store
+        .replace("wal/r", &seen, Bytes::from_static(b"three"))
+        .await
+        .unwrap());
+    assert_eq!(raw_get(&az, PREFIX, "wal/r").await.unwrap(), b"two");
+    let (_, seen) = store.get_versioned("wal/r").await.unwrap().unwrap();
+    store.delete("wal/r").await.unwrap();
+    assert!(!store
+        .replace("wal/r", &seen, Bytes::from_static(b"four"))
+        .await
+        .unwrap());
+    assert_eq!(raw_get(&az, PREFIX, "wal/r").await, None);
+}
+
+#[tokio::test]
 async fn azurite_store_is_create_only_and_classifies_errors() {
     let az = AzureServer::start();
     let store = Store::open(&az.url(PREFIX), &az.repo_options(), 2).unwrap();
