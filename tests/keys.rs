@@ -309,6 +309,8 @@ fn rotate_rewrite_kill_and_retire(s: &Setup, file_repo: Option<&Path>, retire_se
     s.pg.psql("INSERT INTO t SELECT generate_series(2001, 3000)");
     s.pg.psql("SELECT pg_switch_wal()");
     agent.wait_archived(current_lsn(&s.pg), Duration::from_secs(60));
+    // A restore now spans a backup and WAL under both keys.
+    restore_counts(&s.config, "key-rotate-restore-midway", "3000");
     let o = if retire_separately {
         // The rewrite finished, the old key kept: the next run finds no
         // new key (the old one is not taken for one), then retires it.
@@ -355,10 +357,16 @@ fn rotate_rewrite_kill_and_retire(s: &Setup, file_repo: Option<&Path>, retire_se
     drop(agent);
 
     // A restore with the new key alone holds every row.
-    let work = TestDir::new("key-rotate-restore");
+    restore_counts(&s.config, "key-rotate-restore", "3000");
+}
+
+/// Restores the newest backup to the end of the archive and checks the
+/// row count of `t`.
+fn restore_counts(config: &Path, name: &str, rows: &str) {
+    let work = TestDir::new(name);
     let data = work.join("data");
     let o = walsafe(
-        &s.config,
+        config,
         &[
             "restore",
             data.to_str().unwrap(),
@@ -374,7 +382,7 @@ fn rotate_rewrite_kill_and_retire(s: &Setup, file_repo: Option<&Path>, retire_se
         "{}",
         restored.log_tail()
     );
-    assert_eq!(restored.psql("SELECT count(*) FROM t"), "3000");
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), rows);
 }
 
 #[test]
