@@ -41,6 +41,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::backup::record::{BackupRecord, StoredForm};
+use crate::backup::Progress;
 use crate::repository::object::{
     BACKUPS_PREFIX, CHUNKS_PREFIX, DRILLS_PREFIX, GAPS_PREFIX, WAL_PREFIX,
 };
@@ -158,8 +159,13 @@ pub struct Rewritten {
 }
 
 /// Re-encrypts every object of `census` that is not under the
-/// repository's current key (see the module doc).
-pub async fn rewrite(repo: &Repository, census: &Census) -> anyhow::Result<Rewritten> {
+/// repository's current key (see the module doc), telling `progress` the
+/// stored bytes done of those to do.
+pub async fn rewrite(
+    repo: &Repository,
+    census: &Census,
+    progress: &mut dyn Progress,
+) -> anyhow::Result<Rewritten> {
     let current = repo
         .key_id()
         .ok_or_else(|| anyhow!("{} is not encrypted: no key to rewrite under", repo.name()))?;
@@ -178,6 +184,9 @@ pub async fn rewrite(repo: &Repository, census: &Census) -> anyhow::Result<Rewri
             _ => {}
         }
     }
+    let total = census.not_under(&current).bytes;
+    let mut passed = 0;
+    progress.phase("re-encrypting base backups");
     for (backup, stale) in &backups {
         let r = rewrite_backup(repo, backup, stale)
             .await
@@ -186,18 +195,25 @@ pub async fn rewrite(repo: &Repository, census: &Census) -> anyhow::Result<Rewri
         done.bytes += r.bytes;
         done.gone += r.gone;
         done.skipped += r.skipped;
+        passed += census
+            .objects
+            .iter()
+            .filter(|o| stale.contains(&o.name.key()))
+            .map(|o| o.size)
+            .sum::<u64>();
+        progress.update(passed, Some(total));
     }
-    let outcomes: Vec<(Outcome, u64)> = futures::stream::iter(plain)
+    progress.phase("re-encrypting WAL and the other objects");
+    let mut outcomes = futures::stream::iter(plain)
         .map(|o| async move {
             let outcome = rewrite_object(repo, &o.name)
                 .await
                 .with_context(|| format!("re-encrypting {}", o.name))?;
             anyhow::Ok((outcome, o.size))
         })
-        .buffer_unordered(REWRITES_AT_ONCE)
-        .try_collect()
-        .await?;
-    for (outcome, size) in outcomes {
+        .buffer_unordered(REWRITES_AT_ONCE);
+    while let Some(r) = outcomes.next().await {
+        let (outcome, size) = r?;
         match outcome {
             Outcome::Rewritten => {
                 done.objects += 1;
@@ -206,6 +222,8 @@ pub async fn rewrite(repo: &Repository, census: &Census) -> anyhow::Result<Rewri
             Outcome::Gone => done.gone += 1,
             Outcome::AlreadyCurrent => {}
         }
+        passed += size;
+        progress.update(passed, Some(total));
     }
     Ok(done)
 }

@@ -217,7 +217,9 @@ async fn rotate(
     }
     reload_agent(cfg, &rc.name, &target).await?;
     if asked.rewrite {
-        let done = rekey::rewrite(&repo, &census).await?;
+        let mut progress = super::progress::on_stderr("key rotation");
+        let done = rekey::rewrite(&repo, &census, progress.as_mut()).await?;
+        drop(progress);
         println!(
             "  re-encrypted {} objects ({}) under key {target} in {:.1} s{}{}",
             done.objects,
