@@ -458,13 +458,19 @@ mod tests {
         assert_eq!(loaded, k);
     }
 
-    #[test]
-    fn a_ring_decrypts_with_every_key_and_encrypts_with_the_first() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("ring.key");
+    /// A key file of key `a` with key `b` added.
+    fn ring_of_two(d: &Path) -> (PathBuf, Key, Key) {
+        let p = d.join("ring.key");
         let (a, b) = (Key::generate(), Key::generate());
         write_key_file(&p, &a).unwrap();
         add_key(&p, &b).unwrap();
+        (p, a, b)
+    }
+
+    #[test]
+    fn a_ring_decrypts_with_every_key_and_encrypts_with_the_first() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, a, b) = ring_of_two(d.path());
         let ring = load_key_ring(&p).unwrap();
         assert_eq!(ring.current(), &a, "adding never changes the current key");
         assert_eq!(ring.find(&b.key_id()), Some(&b));
@@ -488,10 +494,7 @@ mod tests {
     #[test]
     fn rewriting_a_ring_reorders_or_drops_keys_and_keeps_mode_0600() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("ring.key");
-        let (a, b) = (Key::generate(), Key::generate());
-        write_key_file(&p, &a).unwrap();
-        add_key(&p, &b).unwrap();
+        let (p, a, b) = ring_of_two(d.path());
         let ring = load_key_ring(&p).unwrap();
         let rotated = ring.with_current(&b.key_id_hex()).unwrap();
         rewrite_key_file(&p, &rotated).unwrap();

@@ -545,19 +545,7 @@ impl Repository {
             let Some(ring) = ring else {
                 return envelope::decode(&logical, &object, None);
             };
-            // The key the object names; the current one for an
-            // unencrypted object (which decode then refuses).
-            let header = envelope::read_header(&object)?;
-            let key = match header.encryption {
-                envelope::Encryption::None => ring.current(),
-                _ => ring
-                    .find(&header.key_id)
-                    .ok_or_else(|| EnvelopeError::WrongKey {
-                        object_key_id: hex::encode(header.key_id),
-                        configured_key_id: ring.ids_hex().join(", "),
-                    })?,
-            };
-            envelope::decode(&logical, &object, Some(key))
+            envelope::decode(&logical, &object, Some(opening_key(&ring, &object)?))
         })
         .await
     }
@@ -848,18 +836,7 @@ impl Repository {
                     object_key_id: "none".into(),
                 });
             };
-            let header = envelope::read_header(&raw)?;
-            // An unencrypted object is opened with the current key, which
-            // refuses it, as a read would.
-            let old = match header.encryption {
-                envelope::Encryption::None => ring.current(),
-                _ => ring
-                    .find(&header.key_id)
-                    .ok_or_else(|| EnvelopeError::WrongKey {
-                        object_key_id: hex::encode(header.key_id),
-                        configured_key_id: ring.ids_hex().join(", "),
-                    })?,
-            };
+            let old = opening_key(&ring, &raw)?;
             envelope::rekey(&logical, &raw, Some(old), ring.current()).map(Bytes::from)
         })
         .await?;
@@ -1356,6 +1333,22 @@ impl Repository {
                 })),
             },
         }
+    }
+}
+
+/// The key of `ring` that opens `object`: the one its header names; the
+/// current one for an unencrypted object (which opening then refuses:
+/// it may have been planted).
+fn opening_key<'a>(ring: &'a KeyRing, object: &[u8]) -> Result<&'a Key, EnvelopeError> {
+    let header = envelope::read_header(object)?;
+    match header.encryption {
+        envelope::Encryption::None => Ok(ring.current()),
+        _ => ring
+            .find(&header.key_id)
+            .ok_or_else(|| EnvelopeError::WrongKey {
+                object_key_id: hex::encode(header.key_id),
+                configured_key_id: ring.ids_hex().join(", "),
+            }),
     }
 }
 

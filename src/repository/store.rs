@@ -635,32 +635,7 @@ impl Store {
 
     /// The object under `key`; `None` when there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let path = self.path(key)?;
-        self.retried("get", key, || {
-            let path = &path;
-            async move {
-                let r = match self.inner.get(path).await {
-                    Ok(r) => r,
-                    Err(object_store::Error::NotFound { source, .. })
-                        if !mentions_missing_bucket(&source.to_string()) =>
-                    {
-                        return Ok(None)
-                    }
-                    Err(e) => return Err(self.classify("get", key, e)),
-                };
-                match r.bytes().await {
-                    Ok(b) => {
-                        self.traffic.received(b.len() as u64);
-                        Ok(Some(b))
-                    }
-                    // Vanished between the response and the body (local
-                    // file deleted): as if it had not been there.
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(self.classify("get", key, e)),
-                }
-            }
-        })
-        .await
+        Ok(self.get_versioned(key).await?.map(|(bytes, _)| bytes))
     }
 
     /// The object under `key` and the version read (for
@@ -688,6 +663,8 @@ impl Store {
                         self.traffic.received(b.len() as u64);
                         Ok(Some((b, seen)))
                     }
+                    // Vanished between the response and the body (local
+                    // file deleted): as if it had not been there.
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
                     Err(e) => Err(self.classify("get", key, e)),
                 }
