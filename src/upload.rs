@@ -176,6 +176,10 @@ pub struct Uploader {
     /// The newest segment closed by the writer (end of a timeline, or before
     /// a gap): a durable position inside it or before it is old news.
     last_closed: Option<SegmentName>,
+    /// The newest segment the spool said is complete: a durable position
+    /// inside it, read after that, is old news (it must not make the
+    /// segment the filling one again).
+    last_completed: Option<SegmentName>,
     /// Every closed partial known to this run (recovered or closed since):
     /// while a timeline's history is not stored, the closed end of the
     /// timeline before it does not count as archived.
@@ -276,6 +280,7 @@ impl Uploader {
             chunked: BTreeMap::new(),
             frames: BTreeMap::new(),
             last_closed: None,
+            last_completed: None,
             whole: BTreeSet::new(),
             closed,
             flushed,
@@ -384,6 +389,7 @@ impl Uploader {
         match ev {
             SpoolEvent::Completed(s) => {
                 self.jobs.entry(Job::Segment(s)).or_insert(State::Queued);
+                self.last_completed = self.last_completed.max(Some(s));
                 if self.filling.is_some_and(|f| f.seg == s) {
                     self.filling = None;
                 }
@@ -439,6 +445,9 @@ impl Uploader {
         let seg = SegmentName::containing(timeline, flushed, self.segment_size);
         if self.last_closed.is_some_and(|c| seg <= c) {
             return; // closed already: shipped as a .partial
+        }
+        if self.last_completed.is_some_and(|c| seg <= c) {
+            return; // complete already: shipped whole
         }
         match &mut self.filling {
             Some(f) if f.seg == seg => f.flushed = f.flushed.max(off),
@@ -1192,6 +1201,71 @@ mod tests {
             task,
             writer,
         }
+    }
+
+    /// A durable position inside a segment already complete (read late,
+    /// after the spool said the segment is complete) must not make it the
+    /// filling segment again: with nothing new after it (a switch on an
+    /// idle cluster, a spool full at a segment's end) its chunk would be
+    /// stored and deleted every interval, forever, and the repository's
+    /// archived position would never be final.
+    #[tokio::test]
+    async fn a_late_durable_position_inside_a_completed_segment_does_not_reopen_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
+        let spool = Arc::new(spool);
+        let store = Store::open(
+            &format!("file://{}", d.path().join("repo").display()),
+            &Default::default(),
+            1,
+        )
+        .unwrap()
+        .with_fsync(Fsync::Off);
+        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
+        let positions = Positions::default();
+        let release = Release::new(Arc::new(Retention::new(spool.clone(), 1)), 0);
+        let (mut uploader, _) = Uploader::new(
+            repo,
+            me(),
+            spool,
+            release,
+            positions.add_archive("test"),
+            &recovered,
+            &ArchiveConfig {
+                partial_interval: Duration::from_millis(50),
+                ack: crate::config::AckMode::Local,
+                upload_concurrency: 2,
+                stall_alarm: Duration::from_millis(500),
+            },
+        );
+        let t = TimelineId(1);
+        let seg = SegmentName {
+            timeline: t,
+            segno: 3,
+        };
+        uploader.on_durable(Durable {
+            timeline: t,
+            flushed: Lsn(3 * SEG + 4096),
+        });
+        assert!(uploader.filling.is_some_and(|f| f.seg == seg));
+        uploader.on_event(SpoolEvent::Completed(seg));
+        assert!(uploader.filling.is_none());
+        uploader.on_durable(Durable {
+            timeline: t,
+            flushed: Lsn(3 * SEG + 8192),
+        });
+        assert!(
+            uploader.filling.is_none(),
+            "a completed segment is not filling"
+        );
+        // Also once it is stored whole and forgotten by the job table.
+        uploader.jobs.clear();
+        uploader.whole.insert(seg);
+        uploader.on_durable(Durable {
+            timeline: t,
+            flushed: Lsn(3 * SEG + 9000),
+        });
+        assert!(uploader.filling.is_none());
     }
 
     /// Stops a [`Rig`]'s uploader and writer, as the agent does.
