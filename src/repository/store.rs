@@ -588,25 +588,34 @@ impl Store {
 
     /// Stores `data` under `key` unless an object already exists there.
     pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutResult, StoreError> {
+        Ok(match self.put_mode(key, data, PutMode::Create).await? {
+            true => PutResult::Created,
+            false => PutResult::AlreadyExists,
+        })
+    }
+
+    /// A conditional write: `Ok(false)` when its condition does not hold
+    /// (`Create`: the name is taken; `Update`: the object is gone or
+    /// changed), nothing written.
+    async fn put_mode(&self, key: &str, data: Bytes, mode: PutMode) -> Result<bool, StoreError> {
         if let Some(root) = &self.local_root {
             let root = root.clone();
             let rel = key.trim_matches('/').to_string();
+            let create = matches!(mode, PutMode::Create);
             return self
                 .retried("put", key, || {
                     let (root, rel, data) = (root.clone(), rel.clone(), data.clone());
                     let fsync = self.fsync;
                     async move {
                         self.traffic.sent(data.len() as u64);
-                        let r = tokio::task::spawn_blocking(move || {
-                            local_create(&root, &rel, &data, fsync)
+                        tokio::task::spawn_blocking(move || match create {
+                            true => local_create(&root, &rel, &data, fsync),
+                            false => local_replace(&root, &rel, &data, fsync),
                         })
                         .await
-                        .map_err(|e| io::Error::other(e.to_string()));
-                        match r.and_then(|r| r) {
-                            Ok(true) => Ok(PutResult::Created),
-                            Ok(false) => Ok(PutResult::AlreadyExists),
-                            Err(e) => Err(self.io_error("put", key, e)),
-                        }
+                        .map_err(|e| io::Error::other(e.to_string()))
+                        .and_then(|r| r)
+                        .map_err(|e| self.io_error("put", key, e))
                     }
                 })
                 .await;
@@ -616,16 +625,19 @@ impl Store {
             let payload = PutPayload::from(data.clone());
             let path = &path;
             let len = data.len() as u64;
+            let mode = mode.clone();
             async move {
                 self.traffic.sent(len);
+                let create = matches!(mode, PutMode::Create);
                 let opts = PutOptions {
-                    mode: PutMode::Create,
+                    mode,
                     ..Default::default()
                 };
                 match self.inner.put_opts(path, payload, opts).await {
-                    Ok(_) => Ok(PutResult::Created),
-                    Err(object_store::Error::AlreadyExists { .. }) => Ok(PutResult::AlreadyExists),
-                    Err(object_store::Error::Precondition { .. }) => Ok(PutResult::AlreadyExists),
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::AlreadyExists { .. })
+                    | Err(object_store::Error::Precondition { .. }) => Ok(false),
+                    Err(object_store::Error::NotFound { .. }) if !create => Ok(false),
                     Err(e) => Err(self.classify("put", key, e)),
                 }
             }
@@ -717,46 +729,8 @@ impl Store {
     /// plaintext under another key (`walsafe key-rotate --rewrite`) or a
     /// re-signed descriptor.
     pub async fn replace(&self, key: &str, seen: &Seen, data: Bytes) -> Result<bool, StoreError> {
-        if let Some(root) = &self.local_root {
-            let root = root.clone();
-            let rel = key.trim_matches('/').to_string();
-            return self
-                .retried("put", key, || {
-                    let (root, rel, data) = (root.clone(), rel.clone(), data.clone());
-                    let fsync = self.fsync;
-                    async move {
-                        self.traffic.sent(data.len() as u64);
-                        tokio::task::spawn_blocking(move || {
-                            local_replace(&root, &rel, &data, fsync)
-                        })
-                        .await
-                        .map_err(|e| io::Error::other(e.to_string()))
-                        .and_then(|r| r)
-                        .map_err(|e| self.io_error("put", key, e))
-                    }
-                })
-                .await;
-        }
-        let path = self.path(key)?;
-        self.retried("put", key, || {
-            let payload = PutPayload::from(data.clone());
-            let path = &path;
-            let len = data.len() as u64;
-            async move {
-                self.traffic.sent(len);
-                let opts = PutOptions {
-                    mode: PutMode::Update(seen.0.clone()),
-                    ..Default::default()
-                };
-                match self.inner.put_opts(path, payload, opts).await {
-                    Ok(_) => Ok(true),
-                    Err(object_store::Error::Precondition { .. })
-                    | Err(object_store::Error::NotFound { .. }) => Ok(false),
-                    Err(e) => Err(self.classify("put", key, e)),
-                }
-            }
-        })
-        .await
+        self.put_mode(key, data, PutMode::Update(seen.0.clone()))
+            .await
     }
 
     /// Every object whose key starts with the directory `prefix` (e.g.
