@@ -170,14 +170,16 @@ pub async fn rewrite(
         .key_id()
         .ok_or_else(|| anyhow!("{} is not encrypted: no key to rewrite under", repo.name()))?;
     let mut done = Rewritten::default();
-    let mut backups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // Per backup: the keys of its objects under older keys, and their bytes.
+    let mut backups: BTreeMap<String, (BTreeSet<String>, u64)> = BTreeMap::new();
     let mut plain = Vec::new();
     for o in &census.objects {
         match &o.name {
             ObjectName::BackupPart { backup, .. } | ObjectName::BackupRecord(backup) => {
-                let stale = backups.entry(backup.clone()).or_default();
+                let (stale, bytes) = backups.entry(backup.clone()).or_default();
                 if o.key != current {
                     stale.insert(o.name.key());
+                    *bytes += o.size;
                 }
             }
             _ if o.key != current => plain.push(o),
@@ -187,7 +189,7 @@ pub async fn rewrite(
     let total = census.not_under(&current).bytes;
     let mut passed = 0;
     progress.phase("re-encrypting base backups");
-    for (backup, stale) in &backups {
+    for (backup, (stale, bytes)) in &backups {
         let r = rewrite_backup(repo, backup, stale)
             .await
             .with_context(|| format!("re-encrypting backup {backup}"))?;
@@ -195,12 +197,7 @@ pub async fn rewrite(
         done.bytes += r.bytes;
         done.gone += r.gone;
         done.skipped += r.skipped;
-        passed += census
-            .objects
-            .iter()
-            .filter(|o| stale.contains(&o.name.key()))
-            .map(|o| o.size)
-            .sum::<u64>();
+        passed += bytes;
         progress.update(passed, Some(total));
     }
     progress.phase("re-encrypting WAL and the other objects");

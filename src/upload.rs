@@ -1156,38 +1156,15 @@ mod tests {
         request_timeout: Duration,
     ) -> Rig {
         let d = tempfile::tempdir().unwrap();
-        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
-        let spool = Arc::new(spool);
-        let mut store = Store::open(
-            &format!("file://{}", d.path().join("repo").display()),
-            &Default::default(),
-            1,
-        )
-        .unwrap()
-        .with_fsync(Fsync::Off)
-        .with_request_timeout(request_timeout);
-        if let Some(f) = faults {
-            store = store.with_faults(f);
-        }
-        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
-        let positions = Positions::default();
+        let Parts {
+            spool,
+            repo,
+            positions,
+            uploader,
+            archived,
+        } = parts(d.path(), faults, ack, interval, request_timeout);
         let (publisher, feed) = crate::spool::feed(Durable::default());
         positions.follow_durable(feed.durable.clone());
-        let release = Release::new(Arc::new(Retention::new(spool.clone(), 1)), 0);
-        let (uploader, archived) = Uploader::new(
-            repo.clone(),
-            me(),
-            spool.clone(),
-            release,
-            positions.add_archive("test"),
-            &recovered,
-            &ArchiveConfig {
-                partial_interval: interval,
-                ack,
-                upload_concurrency: 2,
-                stall_alarm: Duration::from_millis(500),
-            },
-        );
         let cancel = CancellationToken::new();
         let task = tokio::spawn(uploader.run(feed, cancel.clone()));
         let writer = WriterHandle::start(spool.writer(), publisher, positions.clone());
@@ -1212,32 +1189,14 @@ mod tests {
     #[tokio::test]
     async fn a_late_durable_position_inside_a_completed_segment_does_not_reopen_it() {
         let d = tempfile::tempdir().unwrap();
-        let (spool, recovered) = Spool::open(&d.path().join("spool"), SEG, Fsync::Off).unwrap();
-        let spool = Arc::new(spool);
-        let store = Store::open(
-            &format!("file://{}", d.path().join("repo").display()),
-            &Default::default(),
-            1,
+        let mut uploader = parts(
+            d.path(),
+            None,
+            crate::config::AckMode::Local,
+            Duration::from_millis(50),
+            Duration::from_millis(300),
         )
-        .unwrap()
-        .with_fsync(Fsync::Off);
-        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
-        let positions = Positions::default();
-        let release = Release::new(Arc::new(Retention::new(spool.clone(), 1)), 0);
-        let (mut uploader, _) = Uploader::new(
-            repo,
-            me(),
-            spool,
-            release,
-            positions.add_archive("test"),
-            &recovered,
-            &ArchiveConfig {
-                partial_interval: Duration::from_millis(50),
-                ack: crate::config::AckMode::Local,
-                upload_concurrency: 2,
-                stall_alarm: Duration::from_millis(500),
-            },
-        );
+        .uploader;
         let t = TimelineId(1);
         let seg = SegmentName {
             timeline: t,
@@ -1266,6 +1225,62 @@ mod tests {
             flushed: Lsn(3 * SEG + 9000),
         });
         assert!(uploader.filling.is_none());
+    }
+
+    /// A spool in `dir` and an uploader (not started) to a `file://`
+    /// repository beside it, with `faults`, if any.
+    struct Parts {
+        spool: Arc<Spool>,
+        repo: Arc<Repository>,
+        positions: Positions,
+        uploader: Uploader,
+        archived: watch::Receiver<Lsn>,
+    }
+
+    fn parts(
+        dir: &std::path::Path,
+        faults: Option<Arc<Faults>>,
+        ack: crate::config::AckMode,
+        interval: Duration,
+        request_timeout: Duration,
+    ) -> Parts {
+        let (spool, recovered) = Spool::open(&dir.join("spool"), SEG, Fsync::Off).unwrap();
+        let spool = Arc::new(spool);
+        let mut store = Store::open(
+            &format!("file://{}", dir.join("repo").display()),
+            &Default::default(),
+            1,
+        )
+        .unwrap()
+        .with_fsync(Fsync::Off)
+        .with_request_timeout(request_timeout);
+        if let Some(f) = faults {
+            store = store.with_faults(f);
+        }
+        let repo = Arc::new(Repository::from_parts(store, None, Compression::Zstd, 1));
+        let positions = Positions::default();
+        let release = Release::new(Arc::new(Retention::new(spool.clone(), 1)), 0);
+        let (uploader, archived) = Uploader::new(
+            repo.clone(),
+            me(),
+            spool.clone(),
+            release,
+            positions.add_archive("test"),
+            &recovered,
+            &ArchiveConfig {
+                partial_interval: interval,
+                ack,
+                upload_concurrency: 2,
+                stall_alarm: Duration::from_millis(500),
+            },
+        );
+        Parts {
+            spool,
+            repo,
+            positions,
+            uploader,
+            archived,
+        }
     }
 
     /// Stops a [`Rig`]'s uploader and writer, as the agent does.

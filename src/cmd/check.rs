@@ -1032,12 +1032,8 @@ fn check_key(
                     format!("walsafe.repo names key id {id} but its HMAC does not verify: it was modified without the key"),
                     "investigate who can write to the repository; restore walsafe.repo from a copy",
                 ),
-                Some(_) if d.keys_in_use().iter().any(|u| k.find_hex(u).is_none()) => {
-                    let missing: Vec<String> = d
-                        .keys_in_use()
-                        .into_iter()
-                        .filter(|u| k.find_hex(u).is_none())
-                        .collect();
+                Some(_) if !k.lacking(d.keys_in_use()).is_empty() => {
+                    let missing = k.lacking(d.keys_in_use());
                     Item::failed(
                         K,
                         format!("walsafe.repo lists key id(s) {} as needed by the repository's objects, and the key file lacks them", missing.join(", ")),
@@ -1073,11 +1069,7 @@ async fn check_keys_in_use(repo: &Repository, ring: &KeyRing) -> Item {
         let t = census.of(id);
         format!("{} objects ({})", t.objects, human_bytes(t.bytes))
     };
-    let missing: Vec<String> = census
-        .keys()
-        .into_iter()
-        .filter(|id| ring.find_hex(id).is_none())
-        .collect();
+    let missing = ring.lacking(census.keys());
     if !missing.is_empty() {
         let what: Vec<String> = missing
             .iter()

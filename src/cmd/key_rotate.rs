@@ -149,11 +149,7 @@ async fn rotate(
     };
     let census = rekey::census(&repo).await?;
     print_keys(&census, &ring, &current, &target);
-    let unreadable: Vec<String> = census
-        .keys()
-        .into_iter()
-        .filter(|id| ring.find_hex(id).is_none())
-        .collect();
+    let unreadable = ring.lacking(census.keys());
     if !unreadable.is_empty() {
         bail!(
             "objects need key id(s) {} which {} lacks: add the key(s) back (from your copy off this host) before rotating",
@@ -281,10 +277,8 @@ fn print_keys(census: &Census, ring: &key::KeyRing, current: &str, target: &str)
         };
         line(&id, role);
     }
-    for id in census.keys() {
-        if ring.find_hex(&id).is_none() {
-            line(&id, "NOT IN THE KEY FILE");
-        }
+    for id in ring.lacking(census.keys()) {
+        line(&id, "NOT IN THE KEY FILE");
     }
     if census.of(UNENCRYPTED).objects > 0 {
         line(UNENCRYPTED, "unencrypted");

@@ -194,6 +194,13 @@ impl KeyRing {
         self.0.iter().find(|k| k.key_id_hex() == id)
     }
 
+    /// The ids among `ids` (hex) that the ring does not hold.
+    pub fn lacking(&self, ids: impl IntoIterator<Item = String>) -> Vec<String> {
+        ids.into_iter()
+            .filter(|id| self.find_hex(id).is_none())
+            .collect()
+    }
+
     /// Every key id, current first, as hex.
     pub fn ids_hex(&self) -> Vec<String> {
         self.0.iter().map(Key::key_id_hex).collect()
